@@ -1,0 +1,165 @@
+//! Issue #2, tests 2 and 3: containers attached through rootless-cni talk to
+//! each other, and to the host's loopback only when the config allows it.
+
+mod common;
+
+use common::{
+    example_conflist, host_global_ipv4, outer, result_ipv4, HostServer, Lab, GATEWAY, NET,
+    SLIRP_HOST,
+};
+
+/// Two containers on bridge + host-local + portmap + firewall + tuning.
+#[test]
+fn two_containers_ping_each_other() {
+    let Some(lab) = Lab::new("two_containers") else {
+        return;
+    };
+    lab.write_netconf(NET, &example_conflist());
+    let (c1, c2) = (lab.container(), lab.container());
+
+    let mut ips = Vec::new();
+    for c in [&c1, &c2] {
+        let add = lab.cnitool("add", NET, &c.netns());
+        assert!(add.ok(), "ADD {}: {add}", c.netns());
+        let result = add
+            .json()
+            .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
+        let ip = result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
+        assert!(
+            ip.starts_with("10.89.0."),
+            "address {ip} not in 10.89.0.0/24"
+        );
+        assert_eq!(
+            lab.ipv4(c, "eth0").as_deref(),
+            Some(ip.as_str()),
+            "eth0 of {c:?}"
+        );
+        // The runtime's netns, not the path the inner plugins were given.
+        let sandboxes: Vec<&str> = result["interfaces"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|i| i["sandbox"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            sandboxes,
+            vec![c.netns().as_str()],
+            "interfaces[].sandbox: {result}"
+        );
+        ips.push(ip);
+    }
+    assert_ne!(ips[0], ips[1], "both containers got the same address");
+
+    let ping = lab.ping(&c1, &ips[1]);
+    assert!(ping.ok(), "c1 -> c2: {ping}");
+    let ping = lab.ping(&c2, &ips[0]);
+    assert!(ping.ok(), "c2 -> c1: {ping}");
+    let ping = lab.ping(&c1, GATEWAY);
+    assert!(ping.ok(), "c1 -> gateway: {ping}");
+
+    for c in [&c1, &c2] {
+        let check = lab.cnitool("check", NET, &c.netns());
+        assert!(check.ok(), "CHECK {}: {check}", c.netns());
+    }
+
+    let cached = Lab::list(&lab.var_lib_cni().join("results"));
+    assert_eq!(cached.len(), 2, "cnitool's result cache: {cached:?}");
+
+    let status = lab.status();
+    assert!(status["infra"].is_object(), "no infra in status: {status}");
+    let attachments = status["attachments"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(attachments.len(), 2, "status attachments: {status}");
+    for ip in &ips {
+        let listed = attachments.iter().any(|a| {
+            a["network"] == NET
+                && a["ifname"] == "eth0"
+                && a["containerId"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("cnitool-"))
+                && a["addresses"].as_array().is_some_and(|addrs| {
+                    addrs
+                        .iter()
+                        .any(|x| x.as_str().is_some_and(|x| x.starts_with(ip.as_str())))
+                })
+        });
+        assert!(listed, "{ip} not among status attachments: {status}");
+    }
+    assert_eq!(lab.attachment_files().len(), 2, "attachment records");
+
+    for c in [&c1, &c2] {
+        let del = lab.cnitool("del", NET, &c.netns());
+        assert!(del.ok(), "DEL {}: {del}", c.netns());
+    }
+}
+
+/// With `allowHostLoopback: true` (the example), 10.0.2.2 is the host's
+/// 127.0.0.1.
+#[test]
+fn host_loopback_reachable_when_allowed() {
+    let Some(lab) = Lab::new("loopback_allowed") else {
+        return;
+    };
+    let server = HostServer::start("127.0.0.1");
+    let conf = example_conflist();
+    assert_eq!(conf["plugins"][0]["allowHostLoopback"], true);
+    lab.write_netconf(NET, &conf);
+    let c = lab.container();
+
+    let add = lab.cnitool("add", NET, &c.netns());
+    assert!(add.ok(), "ADD: {add}");
+    let url = format!("http://{SLIRP_HOST}:{}/", server.port);
+    let got = lab.curl(&c, &url);
+    assert!(got.ok(), "container -> host loopback: {got}");
+    assert_eq!(got.stdout, HostServer::BODY, "{got}");
+    assert!(server.connections() >= 1);
+
+    let del = lab.cnitool("del", NET, &c.netns());
+    assert!(del.ok(), "DEL: {del}");
+}
+
+/// With `allowHostLoopback: false` the same fetch fails, while the network
+/// itself works.
+#[test]
+fn host_loopback_unreachable_when_not_allowed() {
+    let Some(lab) = Lab::new("loopback_denied") else {
+        return;
+    };
+    let server = HostServer::start("127.0.0.1");
+    let mut conf = example_conflist();
+    outer(&mut conf).insert("allowHostLoopback".into(), false.into());
+    lab.write_netconf(NET, &conf);
+    let c = lab.container();
+
+    let add = lab.cnitool("add", NET, &c.netns());
+    assert!(add.ok(), "ADD: {add}");
+    let ping = lab.ping(&c, GATEWAY);
+    assert!(ping.ok(), "container -> gateway: {ping}");
+
+    let url = format!("http://{SLIRP_HOST}:{}/", server.port);
+    let got = lab.curl(&c, &url);
+    assert!(
+        !got.ok(),
+        "host loopback reached although not allowed: {got}"
+    );
+    assert_eq!(
+        server.connections(),
+        0,
+        "the loopback server was connected to"
+    );
+
+    // The way out through slirp4netns works: the host's own global address
+    // is reachable (when the machine has one).
+    match host_global_ipv4() {
+        Some(ip) => {
+            let outside = HostServer::start(&ip);
+            let got = lab.curl(&c, &format!("http://{ip}:{}/", outside.port));
+            assert!(got.ok(), "container -> host {ip}: {got}");
+            assert_eq!(got.stdout, HostServer::BODY, "{got}");
+        }
+        None => eprintln!("no global IPv4 on this host: outbound check skipped"),
+    }
+
+    let del = lab.cnitool("del", NET, &c.netns());
+    assert!(del.ok(), "DEL: {del}");
+}

@@ -1,0 +1,984 @@
+//! The rootless lab shared by the integration tests.
+//!
+//! Every test builds its own lab, as root: an unused unprivileged uid, a lab
+//! dir under /tmp that is that user's home and `XDG_RUNTIME_DIR` parent, and
+//! a *session*: a process of that uid in its own user namespace (uid mapped
+//! to root) and mount namespace, exactly what a rootless runtime has. Inside
+//! the session `/dev/net/tun` is a usable node of the lab's own and
+//! `/var/lib/cni` is writable (libcni's result cache). Commands run inside
+//! the session through `setpriv` + `nsenter`, with a clean environment.
+//!
+//! Containers are `unshare --net sleep infinity` processes started inside the
+//! session, referenced as `/proc/PID/ns/net`.
+//!
+//! Dropping the lab kills every process of its uid and removes its dir; all
+//! mounts live in the session's mount namespace and die with it.
+//!
+//! Prerequisites missing (not root, no cnitool, no slirp4netns, no reference
+//! plugins): with `CI=true` the test fails naming them, else it is skipped.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use serde_json::Value;
+use std::cell::RefCell;
+use std::fmt;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The network of conf-examples/rootless.conflist (outer and inner name).
+pub const NET: &str = "rootless";
+/// The gateway of that network's bridge.
+pub const GATEWAY: &str = "10.89.0.1";
+/// The host's loopback as seen through slirp4netns.
+pub const SLIRP_HOST: &str = "10.0.2.2";
+
+/// The PATH everything inside the lab gets (no root-only dirs: see LAB.md).
+const LAB_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+/// The plugins the example network uses.
+const REFERENCE_PLUGINS: &[&str] = &["bridge", "host-local", "portmap", "firewall", "tuning"];
+/// Host tools the lab itself needs.
+const LAB_TOOLS: &[&str] = &[
+    "setpriv", "nsenter", "unshare", "mknod", "sh", "sleep", "env", "ip", "busybox", "curl",
+    "findmnt",
+];
+/// How long a command inside the lab may take before it is killed.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a command's stdout/stderr may stay open after it exited.
+const PIPE_GRACE: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------
+// Command output
+
+/// What a command run in the lab did.
+#[derive(Debug, Clone)]
+pub struct Out {
+    /// The command line, for messages.
+    pub what: String,
+    /// Exit code; None when killed by a signal or by the lab's timeout.
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Out {
+    pub fn ok(&self) -> bool {
+        self.status == Some(0)
+    }
+
+    /// stdout as JSON.
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_str(self.stdout.trim()).ok()
+    }
+
+    /// stdout as a CNI error object.
+    pub fn cni_error(&self) -> Option<CniError> {
+        let v = self.json()?;
+        let code = v.get("code")?.as_u64()?;
+        let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        Some(CniError {
+            code,
+            msg: text("msg"),
+            details: text("details"),
+        })
+    }
+}
+
+impl fmt::Display for Out {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let status = match self.status {
+            Some(c) => format!("exit {c}"),
+            None => "no exit status".to_string(),
+        };
+        write!(
+            f,
+            "`{}`: {status}\n--- stdout\n{}\n--- stderr\n{}\n---",
+            self.what,
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// A CNI error object (`{"code":..,"msg":..,"details":..}`).
+#[derive(Debug, Clone)]
+pub struct CniError {
+    pub code: u64,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    /// Whether msg or details names `what`.
+    pub fn mentions(&self, what: &str) -> bool {
+        self.msg.contains(what) || self.details.contains(what)
+    }
+}
+
+/// Runs `cmd` with `stdin`, collecting stdout/stderr; kills it after
+/// `timeout`. If a descendant keeps stdout/stderr open after the command
+/// exited (the "inherited pipes" trap), that is reported in stderr and the
+/// status is None.
+fn run_command(mut cmd: Command, what: String, stdin: Option<&[u8]>, timeout: Duration) -> Out {
+    let failed = |e: String| Out {
+        what: what.clone(),
+        status: None,
+        stdout: String::new(),
+        stderr: e,
+    };
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return failed(format!("[lab] cannot spawn: {e}")),
+    };
+    if let (Some(mut pipe), Some(input)) = (child.stdin.take(), stdin) {
+        let input = input.to_vec();
+        thread::spawn(move || {
+            let _ = pipe.write_all(&input);
+        });
+    }
+    let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+    let readers: Vec<(bool, Box<dyn Read + Send>)> = [
+        child
+            .stdout
+            .take()
+            .map(|p| (true, Box::new(p) as Box<dyn Read + Send>)),
+        child
+            .stderr
+            .take()
+            .map(|p| (false, Box::new(p) as Box<dyn Read + Send>)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for (is_stdout, mut pipe) in readers {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            let _ = tx.send((is_stdout, buf));
+        });
+    }
+    drop(tx);
+
+    let deadline = Instant::now() + timeout;
+    let mut note = String::new();
+    let mut status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st.code(),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                note.push_str(&format!("\n[lab] killed after {}s\n", timeout.as_secs()));
+                break None;
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(10)),
+            Err(e) => return failed(format!("[lab] wait: {e}")),
+        }
+    };
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        match rx.recv_timeout(PIPE_GRACE) {
+            Ok((true, b)) => stdout = b,
+            Ok((false, b)) => stderr = b,
+            Err(_) => {
+                note.push_str(&format!(
+                    "\n[lab] exited ({status:?}) but stdout/stderr are still held open \
+                     by a descendant {}s later\n",
+                    PIPE_GRACE.as_secs()
+                ));
+                status = None;
+                break;
+            }
+        }
+    }
+    let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
+    stderr.push_str(&note);
+    Out {
+        what,
+        status,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prerequisites
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    LAB_PATH
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// cnitool: `$CNITOOL`, else `<manifest>/.tools/bin/cnitool`.
+pub fn cnitool_path() -> PathBuf {
+    match std::env::var_os("CNITOOL").filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/cnitool"),
+    }
+}
+
+/// What the lab needs and this machine lacks.
+fn missing_prerequisites() -> Vec<String> {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root (the lab creates users' namespaces and device nodes)".to_string());
+    }
+    let cnitool = cnitool_path();
+    if !is_executable(&cnitool) {
+        missing.push(format!(
+            "cnitool at {} (run scripts/build-cnitool or set CNITOOL)",
+            cnitool.display()
+        ));
+    }
+    if find_in_path("slirp4netns").is_none() {
+        missing.push("slirp4netns".to_string());
+    }
+    for p in REFERENCE_PLUGINS {
+        if !is_executable(&Path::new("/usr/lib/cni").join(p)) {
+            missing.push(format!("/usr/lib/cni/{p} (containernetworking-plugins)"));
+        }
+    }
+    for t in LAB_TOOLS {
+        if find_in_path(t).is_none() {
+            missing.push(t.to_string());
+        }
+    }
+    missing
+}
+
+// ---------------------------------------------------------------------------
+// Configs
+
+/// conf-examples/rootless.conflist.
+pub fn example_conflist() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/rootless.conflist");
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// The rootless-cni plugin entry of a conflist, mutable.
+pub fn outer(conflist: &mut Value) -> &mut serde_json::Map<String, Value> {
+    conflist["plugins"][0]
+        .as_object_mut()
+        .expect("conflist has plugins[0] as an object")
+}
+
+/// What a runtime feeds the first plugin of `conflist` on stdin: its entry
+/// with `cniVersion` and `name` of the list.
+pub fn plugin_stdin(conflist: &Value) -> Value {
+    let mut conf = conflist["plugins"][0].clone();
+    conf["cniVersion"] = conflist["cniVersion"].clone();
+    conf["name"] = conflist["name"].clone();
+    conf
+}
+
+/// The first IPv4 address (without prefix) of a CNI result.
+pub fn result_ipv4(result: &Value) -> Option<String> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        let a = ip["address"].as_str()?;
+        let addr = a.split('/').next()?;
+        addr.contains('.').then(|| addr.to_string())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// A TCP server on the host's loopback
+
+/// Answers every HTTP request with `BODY`, counting connections.
+pub struct HostServer {
+    pub port: u16,
+    connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl HostServer {
+    pub const BODY: &'static str = "hello from the host loopback\n";
+
+    /// Listens on `ip`, port chosen by the kernel.
+    pub fn start(ip: &str) -> HostServer {
+        let listener = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("binding {ip}:0: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let port = listener.local_addr().expect("local addr").port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (connections.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut req = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match conn.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => req.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+                            Self::BODY.len(),
+                            Self::BODY
+                        );
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        HostServer {
+            port,
+            connections,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for HostServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A global IPv4 address of the host (not loopback), if it has one.
+pub fn host_global_ipv4() -> Option<String> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let i = fields.iter().position(|f| *f == "inet")?;
+    Some(fields.get(i + 1)?.split('/').next()?.to_string())
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// The real uid of a process, None if it is gone.
+fn real_uid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn proc_state(pid: u32) -> Option<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("State:"))?;
+    Some(line["State:".len()..].trim().to_string())
+}
+
+fn describe_process(pid: u32) -> String {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .split('\0')
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    format!(
+        "pid {pid} ({}) [{}] {cmdline}",
+        comm.trim(),
+        proc_state(pid).unwrap_or_else(|| "gone".into())
+    )
+}
+
+/// Pids of all processes whose real uid is `uid`.
+fn pids_of_uid(uid: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| real_uid(pid) == Some(uid))
+        .collect()
+}
+
+fn sigkill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// A uid nobody uses: not in /etc/passwd, no process.
+fn fresh_uid() -> u32 {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let taken: Vec<u32> = passwd
+        .lines()
+        .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+        .collect();
+    loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let uid = 1_600_000_000 + (std::process::id() % 100_000) * 1000 + n % 1000;
+        if !taken.contains(&uid) && pids_of_uid(uid).is_empty() {
+            return uid;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The lab
+
+/// A container: a process holding a network namespace inside the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Container {
+    pub pid: u32,
+}
+
+impl Container {
+    /// The netns path a runtime would pass (`/proc/PID/ns/net`).
+    pub fn netns(&self) -> String {
+        format!("/proc/{}/ns/net", self.pid)
+    }
+}
+
+pub struct Lab {
+    pub uid: u32,
+    /// The lab dir: the user's HOME; XDG_RUNTIME_DIR is `run/` in it.
+    pub dir: PathBuf,
+    /// The session holder: a process in the session's user + mount namespace.
+    pub holder: u32,
+    /// Holder and containers, killed and reaped on drop.
+    children: RefCell<Vec<Child>>,
+}
+
+impl Lab {
+    /// A new lab, or None (after saying why) when this machine cannot run it
+    /// and CI is not set. With `CI=true` missing prerequisites fail the test.
+    pub fn new(name: &str) -> Option<Lab> {
+        let missing = missing_prerequisites();
+        if !missing.is_empty() {
+            let list = missing.join(", ");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("the rootless lab cannot run here (CI=true), missing: {list}");
+            }
+            eprintln!("skipping {name}: the rootless lab needs: {list}");
+            return None;
+        }
+        match Lab::build(name) {
+            Ok(lab) => Some(lab),
+            Err(e) => panic!("setting up the rootless lab for {name}: {e}"),
+        }
+    }
+
+    fn build(name: &str) -> Result<Lab, String> {
+        let uid = fresh_uid();
+        let dir = PathBuf::from(format!("/tmp/rootless-cni-lab.{name}.{uid}"));
+        if dir.exists() {
+            fs::remove_dir_all(&dir)
+                .map_err(|e| format!("removing stale {}: {e}", dir.display()))?;
+        }
+        let mut lab = Lab {
+            uid,
+            dir: dir.clone(),
+            holder: 0,
+            children: RefCell::new(Vec::new()),
+        };
+        // From here on, Drop cleans up whatever was made.
+        let sh = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .map_err(|e| format!("{args:?}: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        };
+        let mkdir = |rel: &str, mode: u32, owned: bool| -> Result<PathBuf, String> {
+            let p = dir.join(rel);
+            fs::create_dir_all(&p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("chmod {}: {e}", p.display()))?;
+            if owned {
+                std::os::unix::fs::chown(&p, Some(uid), Some(uid))
+                    .map_err(|e| format!("chown {}: {e}", p.display()))?;
+            }
+            Ok(p)
+        };
+        mkdir("", 0o755, true)?;
+        mkdir("run", 0o700, true)?;
+        mkdir("bin", 0o755, false)?;
+        mkdir("tools", 0o755, false)?;
+        mkdir("net.d", 0o755, false)?;
+        mkdir("cni", 0o755, true)?; // bound onto /var/lib/cni in the session
+        mkdir("varlib/upper", 0o755, true)?;
+        mkdir("varlib/work", 0o755, true)?;
+
+        let copy = |from: &Path, to: PathBuf| -> Result<(), String> {
+            fs::copy(from, &to)
+                .map_err(|e| format!("copy {} to {}: {e}", from.display(), to.display()))?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("chmod {}: {e}", to.display()))
+        };
+        copy(
+            Path::new(env!("CARGO_BIN_EXE_rootless-cni")),
+            lab.bin().join("rootless-cni"),
+        )?;
+        copy(&cnitool_path(), lab.dir.join("tools/cnitool"))?;
+
+        let tun = dir.join("tun");
+        sh(&[
+            "mknod",
+            "-m",
+            "0666",
+            &tun.to_string_lossy(),
+            "c",
+            "10",
+            "200",
+        ])?;
+
+        let d = dir.to_string_lossy();
+        let setup = format!(
+            "set -e
+             mount --bind '{d}/tun' /dev/net/tun
+             mount -t overlay overlay -o 'lowerdir=/var/lib,upperdir={d}/varlib/upper,workdir={d}/varlib/work' /var/lib
+             mkdir -p /var/lib/cni
+             mount --bind '{d}/cni' /var/lib/cni
+             touch '{d}/ready'
+             exec sleep infinity"
+        );
+        let stderr =
+            fs::File::create(dir.join("holder.err")).map_err(|e| format!("holder.err: {e}"))?;
+        let u = uid.to_string();
+        let child = Command::new("/usr/bin/setpriv")
+            .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
+            .args([
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
+            .args(["sh", "-c", &setup])
+            .env_clear()
+            .env("PATH", LAB_PATH)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("starting the session holder: {e}"))?;
+        lab.holder = child.id();
+        lab.children.borrow_mut().push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dir.join("ready").exists() {
+            let exited = lab.children.borrow_mut()[0].try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let err = fs::read_to_string(dir.join("holder.err")).unwrap_or_default();
+                return Err(format!(
+                    "the session holder did not come up ({exited:?}): {err}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(lab)
+    }
+
+    // --- paths -------------------------------------------------------------
+
+    /// XDG_RUNTIME_DIR.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    /// The plugin's default state dir.
+    pub fn state_dir(&self) -> PathBuf {
+        self.run_dir().join("rootless-cni")
+    }
+    /// NETCONFPATH for cnitool.
+    pub fn netconf_dir(&self) -> PathBuf {
+        self.dir.join("net.d")
+    }
+    /// The lab's CNI dir (our binary); CNI_PATH is this, then /usr/lib/cni.
+    pub fn bin(&self) -> PathBuf {
+        self.dir.join("bin")
+    }
+    pub fn cni_path(&self) -> String {
+        format!("{}:/usr/lib/cni", self.bin().display())
+    }
+    /// What the session sees as /var/lib/cni (libcni's result cache).
+    pub fn var_lib_cni(&self) -> PathBuf {
+        self.dir.join("cni")
+    }
+    /// host-local's leases for an inner network, in the default state dir.
+    pub fn lease_dir(&self, network: &str) -> PathBuf {
+        self.state_dir().join("var-lib-cni/networks").join(network)
+    }
+
+    // --- files ---------------------------------------------------------------
+
+    /// Writes `<lab>/net.d/<name>.conflist`.
+    pub fn write_netconf(&self, name: &str, conf: &Value) {
+        self.write_file(&format!("net.d/{name}.conflist"), &conf.to_string());
+    }
+
+    /// Writes a file (dirs created, readable by the lab user).
+    pub fn write_file(&self, rel: &str, contents: &str) {
+        let p = self.dir.join(rel);
+        let parent = p.parent().expect("a file path has a parent");
+        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
+        fs::write(&p, contents).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
+    }
+
+    /// Names of the entries of a dir, sorted; empty if it does not exist.
+    pub fn list(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// The attachment records in the default state dir.
+    pub fn attachment_files(&self) -> Vec<String> {
+        Lab::list(&self.state_dir().join("attachments"))
+    }
+
+    /// host-local's lease files (named by IP) for an inner network.
+    pub fn lease_files(&self, network: &str) -> Vec<String> {
+        Lab::list(&self.lease_dir(network))
+            .into_iter()
+            .filter(|n| !n.starts_with("last_reserved_ip") && n != "lock")
+            .collect()
+    }
+
+    // --- commands in the session --------------------------------------------
+
+    /// Runs `argv` inside the session as the lab user, with only PATH, HOME,
+    /// XDG_RUNTIME_DIR and `env` set.
+    pub fn exec(&self, env: &[(&str, &str)], stdin: Option<&[u8]>, argv: &[&str]) -> Out {
+        let u = self.uid.to_string();
+        let mut cmd = Command::new("/usr/bin/setpriv");
+        cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
+            .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
+            .arg(format!("--target={}", self.holder))
+            .args(["--", "env", "-i"])
+            .arg(format!("PATH={LAB_PATH}"))
+            .arg(format!("HOME={}", self.dir.display()))
+            .arg(format!("XDG_RUNTIME_DIR={}", self.run_dir().display()));
+        for (k, v) in env {
+            cmd.arg(format!("{k}={v}"));
+        }
+        cmd.args(argv).env_clear().env("PATH", LAB_PATH);
+        let what = env
+            .iter()
+            .map(|(k, v)| format!("{k}={v} "))
+            .collect::<String>()
+            + &argv.join(" ");
+        run_command(cmd, what, stdin, COMMAND_TIMEOUT)
+    }
+
+    /// Runs `argv` in the session with the lab's NETCONFPATH and CNI_PATH.
+    pub fn run(&self, argv: &[&str]) -> Out {
+        let netconf = self.netconf_dir().display().to_string();
+        let cni_path = self.cni_path();
+        self.exec(
+            &[("NETCONFPATH", &netconf), ("CNI_PATH", &cni_path)],
+            None,
+            argv,
+        )
+    }
+
+    /// `cnitool CMD NET NETNS` (add, check, del) with the lab's config dir.
+    pub fn cnitool(&self, cmd: &str, net: &str, netns: &str) -> Out {
+        self.cnitool_env(&[], cmd, net, netns)
+    }
+
+    /// `cnitool` with extra environment (CNI_IFNAME, CAP_ARGS, CNI_PATH, ...).
+    pub fn cnitool_env(&self, extra: &[(&str, &str)], cmd: &str, net: &str, netns: &str) -> Out {
+        let netconf = self.netconf_dir().display().to_string();
+        let cni_path = self.cni_path();
+        let mut env: Vec<(&str, &str)> = vec![("NETCONFPATH", &netconf), ("CNI_PATH", &cni_path)];
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, v));
+        }
+        let cnitool = self.dir.join("tools/cnitool").display().to_string();
+        self.exec(&env, None, &[&cnitool, cmd, net, netns])
+    }
+
+    /// Our binary in plugin mode: `env` is the whole CNI environment (plus
+    /// PATH, HOME, XDG_RUNTIME_DIR), `stdin` the network config.
+    pub fn plugin<K: AsRef<str>, V: AsRef<str>>(&self, env: &[(K, V)], stdin: &str) -> Out {
+        let bin = self.bin().join("rootless-cni").display().to_string();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_ref(), v.as_ref())).collect();
+        self.exec(&env, Some(stdin.as_bytes()), &[&bin])
+    }
+
+    /// The usual environment of a plugin call on `netns`, to adjust in tests.
+    pub fn plugin_env(
+        &self,
+        command: &str,
+        container_id: &str,
+        netns: &str,
+    ) -> Vec<(String, String)> {
+        vec![
+            ("CNI_COMMAND".into(), command.into()),
+            ("CNI_CONTAINERID".into(), container_id.into()),
+            ("CNI_NETNS".into(), netns.into()),
+            ("CNI_IFNAME".into(), "eth0".into()),
+            ("CNI_PATH".into(), self.cni_path()),
+        ]
+    }
+
+    /// Our binary in CLI mode.
+    pub fn cli(&self, args: &[&str]) -> Out {
+        let bin = self.bin().join("rootless-cni").display().to_string();
+        let mut argv = vec![bin.as_str()];
+        argv.extend_from_slice(args);
+        self.exec(&[], None, &argv)
+    }
+
+    /// `rootless-cni status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.ok(), "status --json failed: {out}");
+        out.json()
+            .unwrap_or_else(|| panic!("status --json is not JSON: {out}"))
+    }
+
+    /// The sandbox pid of the running infra: `infra.sandbox.pid` of
+    /// `status --json`, else `sandbox.pid` of `<state>/infra.json`.
+    pub fn sandbox_pid(&self) -> Option<u32> {
+        let from_status = self.status()["infra"]["sandbox"]["pid"].as_u64();
+        let from_file = || {
+            let text = fs::read_to_string(self.state_dir().join("infra.json")).ok()?;
+            let v: Value = serde_json::from_str(&text).ok()?;
+            v["sandbox"]["pid"].as_u64()
+        };
+        from_status.or_else(from_file).map(|p| p as u32)
+    }
+
+    // --- containers ----------------------------------------------------------
+
+    /// Starts a container (a netns held by `sleep`) inside the session.
+    pub fn container(&self) -> Container {
+        let u = self.uid.to_string();
+        let child = Command::new("/usr/bin/setpriv")
+            .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
+            .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
+            .arg(format!("--target={}", self.holder))
+            .args(["--", "unshare", "--net", "sleep", "infinity"])
+            .env_clear()
+            .env("PATH", LAB_PATH)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("lab: starting a container: {e}"));
+        let pid = child.id();
+        self.children.borrow_mut().push(child);
+        // setpriv, nsenter and unshare exec: the pid ends up as `sleep`, in
+        // a netns of its own (before that it is in the host's).
+        let host_net = fs::read_link("/proc/self/ns/net").ok();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let net = fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+            if comm.trim() == "sleep" && net.is_some() && net != host_net {
+                return Container { pid };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lab: container {pid} did not come up"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills a container's holder and reaps it: its netns is gone after.
+    pub fn kill_container(&self, c: &Container) {
+        let mut children = self.children.borrow_mut();
+        if let Some(i) = children.iter().position(|ch| ch.id() == c.pid) {
+            let mut child = children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs `argv` in a container's netns (inside the session).
+    pub fn in_netns(&self, c: &Container, argv: &[&str]) -> Out {
+        let net = format!("--net={}", c.netns());
+        let mut full = vec!["nsenter", net.as_str(), "--"];
+        full.extend_from_slice(argv);
+        self.exec(&[], None, &full)
+    }
+
+    /// One ping from a container.
+    pub fn ping(&self, c: &Container, ip: &str) -> Out {
+        self.in_netns(c, &["busybox", "ping", "-c1", "-W2", ip])
+    }
+
+    /// curl from a container.
+    pub fn curl(&self, c: &Container, url: &str) -> Out {
+        self.in_netns(c, &["curl", "-sS", "--max-time", "3", url])
+    }
+
+    /// The IPv4 address of `ifname` in a container, if any.
+    pub fn ipv4(&self, c: &Container, ifname: &str) -> Option<String> {
+        let out = self.in_netns(c, &["ip", "-o", "-4", "addr", "show", "dev", ifname]);
+        let fields: Vec<&str> = out.stdout.split_whitespace().collect();
+        let i = fields.iter().position(|f| *f == "inet")?;
+        Some(fields.get(i + 1)?.split('/').next()?.to_string())
+    }
+
+    /// The interface names in a container (`ip -o link`).
+    pub fn links(&self, c: &Container) -> Vec<String> {
+        let out = self.in_netns(c, &["ip", "-o", "link", "show"]);
+        out.stdout
+            .lines()
+            .filter_map(|l| {
+                let name = l.split(':').nth(1)?.trim();
+                Some(name.split('@').next()?.to_string())
+            })
+            .collect()
+    }
+
+    // --- leaks -----------------------------------------------------------------
+
+    /// Processes of the lab uid other than the lab's own (session holder and
+    /// containers), described.
+    pub fn leftovers(&self) -> Vec<String> {
+        let own: Vec<u32> = self.children.borrow().iter().map(Child::id).collect();
+        pids_of_uid(self.uid)
+            .into_iter()
+            .filter(|p| !own.contains(p))
+            .map(describe_process)
+            .collect()
+    }
+
+    /// `leftovers()`, after giving them up to `grace` to go away.
+    pub fn leftovers_after(&self, grace: Duration) -> Vec<String> {
+        let deadline = Instant::now() + grace;
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Mounts in the session's mount namespace that an infra could have left:
+    /// anything under XDG_RUNTIME_DIR, and nsfs mounts (bound namespaces).
+    pub fn session_mount_leftovers(&self) -> Vec<String> {
+        let out = self.exec(&[], None, &["findmnt", "-rn", "-o", "TARGET,FSTYPE"]);
+        let run = self.run_dir().display().to_string();
+        out.stdout
+            .lines()
+            .filter(|l| l.starts_with(&run) || l.ends_with(" nsfs"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Asserts that nothing of an infra is left: status says no infra, no
+    /// record, no process of the uid but the lab's, no mount.
+    pub fn assert_no_infra(&self, when: &str) {
+        let status = self.status();
+        assert!(
+            status["infra"].is_null(),
+            "{when}: infra still running: {status}"
+        );
+        let records = self.attachment_files();
+        assert!(
+            records.is_empty(),
+            "{when}: attachment records left: {records:?}"
+        );
+        let left = self.leftovers_after(Duration::from_secs(3));
+        assert!(
+            left.is_empty(),
+            "{when}: processes left:\n{}",
+            left.join("\n")
+        );
+        let mounts = self.session_mount_leftovers();
+        assert!(mounts.is_empty(), "{when}: mounts left: {mounts:?}");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for mut child in self.children.borrow_mut().drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Everything else of the uid (infra, strays): kill until none is
+        // left; re-parented zombies are reaped by init.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pids: Vec<u32> = pids_of_uid(self.uid)
+                .into_iter()
+                .filter(|&p| !proc_state(p).unwrap_or_default().starts_with('Z'))
+                .collect();
+            let all = pids_of_uid(self.uid);
+            if all.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let left: Vec<String> = all.into_iter().map(describe_process).collect();
+                eprintln!(
+                    "lab {}: processes of uid {} survive: {left:?}",
+                    self.dir.display(),
+                    self.uid
+                );
+                break;
+            }
+            for p in pids {
+                sigkill(p);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        if std::env::var_os("LAB_KEEP").is_some() {
+            eprintln!("LAB_KEEP: leaving {}", self.dir.display());
+            return;
+        }
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            eprintln!("lab: removing {}: {e}", self.dir.display());
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Issue #2, tests 5 and 6: the `network` key, and bad input refused with
+//! the right CNI error, leaving nothing behind.
+
+mod common;
+
+use common::{example_conflist, outer, plugin_stdin, result_ipv4, Lab, GATEWAY, NET};
+use serde_json::Value;
+
+/// The example's delegate as a conflist of its own named "inner", and an
+/// outer conflist that references it by name (plus `confDir` if given).
+fn by_name(conf_dir: Option<&str>) -> (Value, Value) {
+    let mut conf = example_conflist();
+    let mut inner = outer(&mut conf)
+        .remove("delegate")
+        .expect("the example has a delegate");
+    inner["name"] = "inner".into();
+    outer(&mut conf).insert("network".into(), "inner".into());
+    if let Some(dir) = conf_dir {
+        outer(&mut conf).insert("confDir".into(), dir.into());
+    }
+    (conf, inner)
+}
+
+/// ADD, ping, DEL through a config that names its inner network.
+fn attach_by_name(lab: &Lab, conf: &Value) {
+    lab.write_netconf(NET, conf);
+    let c = lab.container();
+    let add = lab.cnitool("add", NET, &c.netns());
+    assert!(add.ok(), "ADD: {add}");
+    let ip = add.json().as_ref().and_then(result_ipv4);
+    let ip = ip.unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
+    assert!(
+        ip.starts_with("10.89.0."),
+        "address {ip} not in 10.89.0.0/24"
+    );
+    assert_eq!(
+        lab.lease_files("inner"),
+        vec![ip.clone()],
+        "leases of network inner"
+    );
+    let ping = lab.ping(&c, GATEWAY);
+    assert!(ping.ok(), "container -> gateway: {ping}");
+    let check = lab.cnitool("check", NET, &c.netns());
+    assert!(check.ok(), "CHECK: {check}");
+
+    let del = lab.cnitool("del", NET, &c.netns());
+    assert!(del.ok(), "DEL: {del}");
+    assert_eq!(
+        lab.lease_files("inner"),
+        Vec::<String>::new(),
+        "leases after DEL"
+    );
+    lab.assert_no_infra("after DEL");
+}
+
+/// `"network": "inner"` found in ~/.config/cni/net.d (XDG_CONFIG_HOME unset).
+#[test]
+fn network_by_name_in_default_conf_dir() {
+    let Some(lab) = Lab::new("network_default_dir") else {
+        return;
+    };
+    let (conf, inner) = by_name(None);
+    lab.write_file(".config/cni/net.d/inner.conflist", &inner.to_string());
+    attach_by_name(&lab, &conf);
+}
+
+/// `"network": "inner"` found in the `confDir` the config gives.
+#[test]
+fn network_by_name_in_conf_dir() {
+    let Some(lab) = Lab::new("network_conf_dir") else {
+        return;
+    };
+    let dir = lab.dir.join("my-networks").display().to_string();
+    let (conf, inner) = by_name(Some(&dir));
+    lab.write_file("my-networks/inner.conflist", &inner.to_string());
+    attach_by_name(&lab, &conf);
+}
+
+/// Missing environment, malformed JSON, bad config: the right code, the
+/// culprit named, nothing started.
+#[test]
+fn bad_input_is_refused_with_the_culprit_named() {
+    let Some(lab) = Lab::new("bad_input") else {
+        return;
+    };
+    let c = lab.container();
+    let good = plugin_stdin(&example_conflist());
+    let env = lab.plugin_env("ADD", "bad-input-1", &c.netns());
+
+    struct Case {
+        name: String,
+        env: Vec<(String, String)>,
+        stdin: String,
+        code: u64,
+        /// Named in msg or details.
+        culprit: &'static str,
+    }
+    let case = |name: &str, env: &[(String, String)], stdin: &Value, code, culprit| Case {
+        name: name.to_string(),
+        env: env.to_vec(),
+        stdin: stdin.to_string(),
+        code,
+        culprit,
+    };
+    let mut cases = Vec::new();
+    for var in [
+        "CNI_COMMAND",
+        "CNI_CONTAINERID",
+        "CNI_NETNS",
+        "CNI_IFNAME",
+        "CNI_PATH",
+    ] {
+        let mut e = env.clone();
+        e.retain(|(k, _)| k != var);
+        cases.push(case(&format!("{var} missing"), &e, &good, 4, var));
+    }
+    let mut malformed = case("malformed JSON", &env, &good, 6, "");
+    malformed.stdin = r#"{"cniVersion": "1.0.0", "name": "rootless", "type": "#.into();
+    cases.push(malformed);
+    let mut unknown = good.clone();
+    unknown["bogusKnob"] = true.into();
+    cases.push(case("unknown key", &env, &unknown, 7, "bogusKnob"));
+    let mut no_delegate = good.clone();
+    if let Some(o) = no_delegate.as_object_mut() {
+        o.remove("delegate");
+    }
+    cases.push(case("no delegate", &env, &no_delegate, 7, "delegate"));
+
+    let mut failures = Vec::new();
+    for c in &cases {
+        let out = lab.plugin(&c.env, &c.stdin);
+        let name = &c.name;
+        match out.cni_error() {
+            _ if out.ok() => failures.push(format!("{name}: succeeded: {out}")),
+            None => failures.push(format!("{name}: no CNI error object on stdout: {out}")),
+            Some(e) if e.code != c.code => failures.push(format!(
+                "{name}: code {} instead of {}: {out}",
+                e.code, c.code
+            )),
+            Some(e) if !e.mentions(c.culprit) => {
+                failures.push(format!("{name}: {} not named: {out}", c.culprit))
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert_eq!(lab.links(&c), vec!["lo"], "the container got something");
+    lab.assert_no_infra("after refused input");
+}
+
+/// An inner plugin that is not in CNI_PATH: an error, and nothing left.
+#[test]
+fn inner_plugin_not_in_cni_path() {
+    let Some(lab) = Lab::new("inner_plugin_missing") else {
+        return;
+    };
+    let c = lab.container();
+    let mut env = lab.plugin_env("ADD", "no-bridge-1", &c.netns());
+    let only_ours = lab.bin().display().to_string();
+    for (k, v) in env.iter_mut() {
+        if k == "CNI_PATH" {
+            *v = only_ours.clone();
+        }
+    }
+    let out = lab.plugin(&env, &plugin_stdin(&example_conflist()).to_string());
+    assert!(!out.ok(), "ADD without the bridge plugin succeeded: {out}");
+    let err = out
+        .cni_error()
+        .unwrap_or_else(|| panic!("no CNI error object on stdout: {out}"));
+    assert!(err.code != 0, "{out}");
+    assert!(
+        err.mentions("bridge"),
+        "the missing plugin is not named: {out}"
+    );
+
+    assert_eq!(lab.links(&c), vec!["lo"], "the container got something");
+    assert_eq!(lab.lease_files(NET), Vec::<String>::new(), "leases");
+    lab.assert_no_infra("after a failed ADD");
+}
+
+/// The example network with an IPAM plugin that does not exist: the bridge
+/// plugin creates the bridge and a veth, then fails.
+fn bad_ipam_stdin() -> String {
+    let mut conf = example_conflist();
+    outer(&mut conf)["delegate"]["plugins"][0]["ipam"] =
+        serde_json::json!({ "type": "no-such-ipam" });
+    plugin_stdin(&conf).to_string()
+}
+
+/// The bridge plugin's own error (code 999, "failed to find plugin ...").
+fn assert_bad_ipam_error(out: &common::Out) {
+    assert!(!out.ok(), "ADD with a missing IPAM plugin succeeded: {out}");
+    let err = out
+        .cni_error()
+        .unwrap_or_else(|| panic!("no CNI error object on stdout: {out}"));
+    assert_eq!(
+        err.code, 999,
+        "the bridge plugin's error code is not passed through: {out}"
+    );
+    assert!(
+        err.mentions("no-such-ipam"),
+        "the bridge plugin's message is lost: {out}"
+    );
+}
+
+/// A bad-IPAM ADD that started the infra: rolled back, infra stopped, and
+/// a good ADD afterwards works.
+#[test]
+fn bad_ipam_on_first_add_leaves_nothing_behind() {
+    let Some(lab) = Lab::new("bad_ipam_first") else {
+        return;
+    };
+    lab.write_netconf(NET, &example_conflist());
+    let c = lab.container();
+    let env = lab.plugin_env("ADD", "bad-ipam-1", &c.netns());
+    let out = lab.plugin(&env, &bad_ipam_stdin());
+    assert_bad_ipam_error(&out);
+    assert_eq!(lab.links(&c), vec!["lo"], "the container kept an interface");
+    assert_eq!(lab.lease_files(NET), Vec::<String>::new(), "leases");
+    lab.assert_no_infra("after the failed ADD");
+
+    let add = lab.cnitool("add", NET, &c.netns());
+    assert!(add.ok(), "good ADD after the failed one: {add}");
+    let ping = lab.ping(&c, GATEWAY);
+    assert!(ping.ok(), "container -> gateway: {ping}");
+    let del = lab.cnitool("del", NET, &c.netns());
+    assert!(del.ok(), "DEL: {del}");
+}
+
+/// A bad-IPAM ADD on a running infra whose bridge is in use: rolled back
+/// (plugins#620: the half-made veth must go), the other attachment is
+/// unharmed, and a good ADD on the same bridge works.
+#[test]
+fn bad_ipam_on_a_live_bridge_leaves_it_usable() {
+    let Some(lab) = Lab::new("bad_ipam_live") else {
+        return;
+    };
+    lab.write_netconf(NET, &example_conflist());
+    let (c1, c2) = (lab.container(), lab.container());
+    let add = lab.cnitool("add", NET, &c1.netns());
+    assert!(add.ok(), "ADD c1: {add}");
+    let ip1 = add.json().as_ref().and_then(result_ipv4);
+    let ip1 = ip1.unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
+    let sandbox = lab.sandbox_pid();
+
+    let env = lab.plugin_env("ADD", "bad-ipam-2", &c2.netns());
+    let out = lab.plugin(&env, &bad_ipam_stdin());
+    assert_bad_ipam_error(&out);
+    assert_eq!(
+        lab.links(&c2),
+        vec!["lo"],
+        "c2 kept the half-made interface"
+    );
+    assert_eq!(lab.lease_files(NET), vec![ip1.clone()], "leases");
+    assert_eq!(lab.attachment_files().len(), 1, "records");
+    assert_eq!(lab.sandbox_pid(), sandbox, "the infra was replaced");
+    let ping = lab.ping(&c1, GATEWAY);
+    assert!(ping.ok(), "c1 -> gateway after the failed ADD: {ping}");
+
+    let add = lab.cnitool("add", NET, &c2.netns());
+    assert!(add.ok(), "good ADD of c2 on the same bridge: {add}");
+    let ping = lab.ping(&c2, &ip1);
+    assert!(ping.ok(), "c2 -> c1: {ping}");
+    for c in [&c1, &c2] {
+        let del = lab.cnitool("del", NET, &c.netns());
+        assert!(del.ok(), "DEL {}: {del}", c.netns());
+    }
+    lab.assert_no_infra("after the last DEL");
+}

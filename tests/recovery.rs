@@ -1,0 +1,97 @@
+//! Issue #2, test 7: the sandbox is SIGKILLed under live attachments.
+
+mod common;
+
+use common::{example_conflist, plugin_stdin, result_ipv4, Lab, GATEWAY, NET};
+use std::time::{Duration, Instant};
+
+#[test]
+fn killed_sandbox_is_reported_and_replaced() {
+    let Some(lab) = Lab::new("killed_sandbox") else {
+        return;
+    };
+    lab.write_netconf(NET, &example_conflist());
+    let c = lab.container();
+    let add = lab.cnitool("add", NET, &c.netns());
+    assert!(add.ok(), "ADD: {add}");
+    let result = add
+        .json()
+        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
+    assert!(result_ipv4(&result).is_some(), "no IPv4 in result: {add}");
+    let status = lab.status();
+    let container_id = status["attachments"][0]["containerId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no attachment in status: {status}"))
+        .to_string();
+    let sandbox = lab
+        .sandbox_pid()
+        .unwrap_or_else(|| panic!("no sandbox pid in status or infra.json: {status}"));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sandbox as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("killing sandbox {sandbox}: {e}"));
+    // Its netns is gone once the kernel has torn it down: so is c's veth.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lab.links(&c) != vec!["lo"] {
+        assert!(
+            Instant::now() < deadline,
+            "c kept eth0 after the sandbox died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // CHECK through cnitool fails, and says so.
+    let check = lab.cnitool("check", NET, &c.netns());
+    assert!(!check.ok(), "CHECK of a lost attachment succeeded: {check}");
+    assert!(
+        !check.stderr.trim().is_empty(),
+        "CHECK failed silently: {check}"
+    );
+    // The same CHECK as the runtime sends it: one of our own codes.
+    let mut stdin = plugin_stdin(&example_conflist());
+    stdin["prevResult"] = result.clone();
+    let env = lab.plugin_env("CHECK", &container_id, &c.netns());
+    let out = lab.plugin(&env, &stdin.to_string());
+    assert!(
+        !out.ok(),
+        "direct CHECK of a lost attachment succeeded: {out}"
+    );
+    let err = out
+        .cni_error()
+        .unwrap_or_else(|| panic!("no CNI error object on stdout: {out}"));
+    assert!(
+        err.code >= 100,
+        "CHECK of a lost attachment: code {}: {out}",
+        err.code
+    );
+
+    // DEL of the lost attachment succeeds and forgets it.
+    let del = lab.cnitool("del", NET, &c.netns());
+    assert!(del.ok(), "DEL of a lost attachment: {del}");
+    assert!(
+        lab.attachment_files().is_empty(),
+        "records: {:?}",
+        lab.attachment_files()
+    );
+
+    // The next ADD gets a fresh infra that works.
+    let c2 = lab.container();
+    for c in [&c, &c2] {
+        let add = lab.cnitool("add", NET, &c.netns());
+        assert!(add.ok(), "ADD after the sandbox died: {add}");
+        let ping = lab.ping(c, GATEWAY);
+        assert!(ping.ok(), "container -> gateway on the fresh infra: {ping}");
+    }
+    let fresh = lab.sandbox_pid();
+    assert!(
+        fresh.is_some() && fresh != Some(sandbox),
+        "sandbox {fresh:?}, killed was {sandbox}"
+    );
+    for c in [&c, &c2] {
+        let del = lab.cnitool("del", NET, &c.netns());
+        assert!(del.ok(), "DEL: {del}");
+    }
+    lab.assert_no_infra("after the last DEL");
+}

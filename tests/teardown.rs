@@ -1,0 +1,110 @@
+//! Issue #2, test 4: DEL removes everything an ADD made, the last DEL stops
+//! the infra, and DEL succeeds when there is nothing (left) to delete.
+
+mod common;
+
+use common::{example_conflist, plugin_stdin, result_ipv4, Lab, GATEWAY, NET};
+
+fn add(lab: &Lab, c: &common::Container) -> String {
+    let add = lab.cnitool("add", NET, &c.netns());
+    assert!(add.ok(), "ADD {}: {add}", c.netns());
+    let result = add
+        .json()
+        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
+    result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in result: {add}"))
+}
+
+#[test]
+fn del_removes_everything_and_the_last_stops_the_infra() {
+    let Some(lab) = Lab::new("del_everything") else {
+        return;
+    };
+    lab.write_netconf(NET, &example_conflist());
+    let (c1, c2) = (lab.container(), lab.container());
+    let ip1 = add(&lab, &c1);
+    let ip2 = add(&lab, &c2);
+    let leases = lab.lease_files(NET);
+    assert!(
+        leases.contains(&ip1) && leases.contains(&ip2),
+        "leases {leases:?} lack {ip1} or {ip2}"
+    );
+    assert_eq!(lab.attachment_files().len(), 2);
+
+    // The first DEL: c1 is detached, c2 and the infra live on.
+    let del = lab.cnitool("del", NET, &c1.netns());
+    assert!(del.ok(), "DEL c1: {del}");
+    assert_eq!(lab.links(&c1), vec!["lo"], "c1 still has interfaces");
+    let leases = lab.lease_files(NET);
+    assert!(!leases.contains(&ip1), "lease of {ip1} left: {leases:?}");
+    assert!(leases.contains(&ip2), "lease of {ip2} lost: {leases:?}");
+    assert_eq!(lab.attachment_files().len(), 1, "records after one DEL");
+    let status = lab.status();
+    assert!(
+        status["infra"].is_object(),
+        "infra stopped with c2 attached: {status}"
+    );
+    let ping = lab.ping(&c2, GATEWAY);
+    assert!(ping.ok(), "c2 -> gateway after c1's DEL: {ping}");
+
+    // The last DEL stops the infra.
+    let del = lab.cnitool("del", NET, &c2.netns());
+    assert!(del.ok(), "DEL c2: {del}");
+    assert_eq!(lab.links(&c2), vec!["lo"], "c2 still has interfaces");
+    let leases = lab.lease_files(NET);
+    assert!(leases.is_empty(), "leases left: {leases:?}");
+    lab.assert_no_infra("after the last DEL");
+
+    // DEL again: nothing to do, success.
+    let del = lab.cnitool("del", NET, &c2.netns());
+    assert!(del.ok(), "second DEL of c2: {del}");
+    lab.assert_no_infra("after a second DEL");
+}
+
+/// The runtime deletes after the container's netns is gone (cnitool uses the
+/// path only to derive the container id).
+#[test]
+fn del_with_the_netns_gone_via_cnitool() {
+    let Some(lab) = Lab::new("del_netns_gone_cnitool") else {
+        return;
+    };
+    lab.write_netconf(NET, &example_conflist());
+    let c = lab.container();
+    let ip = add(&lab, &c);
+    let netns = c.netns();
+    lab.kill_container(&c);
+    assert!(
+        !std::path::Path::new(&netns).exists(),
+        "{netns} still exists"
+    );
+
+    let del = lab.cnitool("del", NET, &netns);
+    assert!(del.ok(), "DEL with the netns gone: {del}");
+    let leases = lab.lease_files(NET);
+    assert!(!leases.contains(&ip), "lease of {ip} left: {leases:?}");
+    lab.assert_no_infra("after DEL of a gone netns");
+}
+
+/// The same, our binary called directly with CNI_NETNS pointing nowhere.
+#[test]
+fn del_with_the_netns_gone_direct() {
+    let Some(lab) = Lab::new("del_netns_gone_direct") else {
+        return;
+    };
+    let stdin = plugin_stdin(&example_conflist()).to_string();
+    let c = lab.container();
+    let netns = c.netns();
+    let env = lab.plugin_env("ADD", "direct-del-1", &netns);
+    let add = lab.plugin(&env, &stdin);
+    assert!(add.ok(), "direct ADD: {add}");
+    let ip = add.json().as_ref().and_then(result_ipv4);
+    let ip = ip.unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
+    lab.kill_container(&c);
+
+    let env = lab.plugin_env("DEL", "direct-del-1", &netns);
+    let del = lab.plugin(&env, &stdin);
+    assert!(del.ok(), "direct DEL with the netns gone: {del}");
+    assert!(del.stdout.trim().is_empty(), "DEL printed something: {del}");
+    let leases = lab.lease_files(NET);
+    assert!(!leases.contains(&ip), "lease of {ip} left: {leases:?}");
+    lab.assert_no_infra("after a direct DEL of a gone netns");
+}
