@@ -1,0 +1,186 @@
+//! The inner chain with libcni's semantics: plugins in order with the
+//! previous result threaded through, runtimeConfig only for declared
+//! capabilities, DEL in reverse with the cached result, CHECK with it too.
+
+use crate::cni::config::InnerList;
+use crate::cni::env::Command as Verb;
+use crate::error::{code, Error, Result};
+use crate::exec::{self, ContainerNetns, InfraNs, Invocation};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+
+pub struct Chain<'a> {
+    pub list: &'a InnerList,
+    pub binaries: Vec<PathBuf>,
+    pub infra: &'a InfraNs,
+    pub netns: &'a ContainerNetns,
+    pub container_id: &'a str,
+    pub ifname: &'a str,
+    pub args: &'a str,
+    pub cni_path: &'a [PathBuf],
+    pub capability_args: &'a Map<String, Value>,
+}
+
+/// Every plugin of the list, found in CNI_PATH before anything runs.
+pub fn find_binaries(list: &InnerList, cni_path: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    list.plugins
+        .iter()
+        .map(|p| exec::find_plugin(InnerList::plugin_type(p), cni_path))
+        .collect()
+}
+
+impl Chain<'_> {
+    /// ADD through the whole list. On failure, what ran is undone (DEL of
+    /// every plugin, in reverse) before the error is returned. The result
+    /// carries the inner CNI_NETNS; see `to_runtime`.
+    pub fn add(&self) -> Result<Value> {
+        let mut prev: Option<Value> = None;
+        for i in 0..self.list.plugins.len() {
+            match self.run(Verb::Add, i, prev.as_ref()) {
+                Ok(out) => {
+                    let result = serde_json::from_slice(&out).map_err(|e| {
+                        Error::new(
+                            code::INNER_PLUGIN,
+                            format!(
+                                "inner plugin {} printed a result that is not JSON: {e}",
+                                self.name(i)
+                            ),
+                        )
+                    });
+                    match result {
+                        Ok(r) => prev = Some(r),
+                        Err(e) => return Err(self.rolled_back(e, prev.as_ref())),
+                    }
+                }
+                Err(e) => return Err(self.rolled_back(e, prev.as_ref())),
+            }
+        }
+        prev.ok_or_else(|| Error::internal("empty inner chain"))
+    }
+
+    fn rolled_back(&self, err: Error, prev: Option<&Value>) -> Error {
+        log::info!("ADD failed ({err}); rolling back");
+        if let Err(e) = self.del(prev) {
+            log::warn!("rollback of the failed ADD: {e}");
+        }
+        err
+    }
+
+    /// DEL through every plugin in reverse. Every plugin is tried; the first
+    /// failure is returned.
+    pub fn del(&self, cached: Option<&Value>) -> Result<()> {
+        let prev = if supports_prev_result_on_del(&self.list.cni_version) {
+            cached
+        } else {
+            None
+        };
+        let mut errors = crate::error::ErrorList::default();
+        for i in (0..self.list.plugins.len()).rev() {
+            errors.push_if_err(self.run(Verb::Del, i, prev).map(|_| ()));
+        }
+        errors.into_result()
+    }
+
+    pub fn check(&self, cached: &Value) -> Result<()> {
+        for i in 0..self.list.plugins.len() {
+            self.run(Verb::Check, i, Some(cached))?;
+        }
+        Ok(())
+    }
+
+    fn name(&self, i: usize) -> &str {
+        InnerList::plugin_type(&self.list.plugins[i])
+    }
+
+    fn run(&self, verb: Verb, i: usize, prev: Option<&Value>) -> Result<Vec<u8>> {
+        let config = self.plugin_config(i, prev);
+        let stdin = serde_json::to_vec(&config).map_err(|e| Error::internal(e.to_string()))?;
+        log::debug!("{} {} in the infra", verb.as_str(), self.name(i));
+        exec::run_plugin(
+            self.infra,
+            &self.binaries[i],
+            &Invocation {
+                verb,
+                container_id: self.container_id,
+                ifname: self.ifname,
+                args: self.args,
+                cni_path: self.cni_path,
+            },
+            self.netns,
+            &stdin,
+        )
+    }
+
+    /// libcni's buildOneConfig: name and cniVersion from the list, the
+    /// previous result, and the runtime's capability args the plugin declares.
+    fn plugin_config(&self, i: usize, prev: Option<&Value>) -> Value {
+        let mut conf = self.list.plugins[i].clone();
+        conf.insert("name".into(), Value::String(self.list.name.clone()));
+        conf.insert(
+            "cniVersion".into(),
+            Value::String(self.list.cni_version.clone()),
+        );
+        if let Some(prev) = prev {
+            conf.insert("prevResult".into(), prev.clone());
+        }
+        let declared = conf.get("capabilities").and_then(Value::as_object).cloned();
+        let runtime_config: Map<String, Value> = declared
+            .iter()
+            .flatten()
+            .filter(|(_, on)| on.as_bool() == Some(true))
+            .filter_map(|(cap, _)| {
+                self.capability_args
+                    .get(cap)
+                    .map(|v| (cap.clone(), v.clone()))
+            })
+            .collect();
+        if !runtime_config.is_empty() {
+            conf.insert("runtimeConfig".into(), Value::Object(runtime_config));
+        }
+        Value::Object(conf)
+    }
+}
+
+/// libcni hands the cached result to DEL from 0.4.0 on.
+fn supports_prev_result_on_del(version: &str) -> bool {
+    !matches!(version, "0.1.0" | "0.2.0" | "0.3.0" | "0.3.1")
+}
+
+/// Replaces `interfaces[].sandbox` equal to `from` by `to`: inner plugins
+/// know the container netns as /proc/self/fd/N, the runtime by its own path.
+pub fn rewrite_sandbox(result: &mut Value, from: &str, to: &str) {
+    let Some(ifaces) = result.get_mut("interfaces").and_then(Value::as_array_mut) else {
+        return;
+    };
+    for iface in ifaces {
+        if let Some(sandbox) = iface.get_mut("sandbox") {
+            if sandbox.as_str() == Some(from) {
+                *sandbox = Value::String(to.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sandbox_is_rewritten_only_where_it_matches() {
+        let mut r = json!({"interfaces":[
+            {"name":"rcni0","mac":"aa"},
+            {"name":"veth1","mac":"bb"},
+            {"name":"eth0","mac":"cc","sandbox":"/proc/self/fd/5"}]});
+        rewrite_sandbox(&mut r, "/proc/self/fd/5", "/run/netns/c1");
+        assert_eq!(r["interfaces"][2]["sandbox"], "/run/netns/c1");
+        assert!(r["interfaces"][0].get("sandbox").is_none());
+    }
+
+    #[test]
+    fn prev_result_on_del_from_0_4_0() {
+        assert!(!supports_prev_result_on_del("0.3.1"));
+        assert!(supports_prev_result_on_del("0.4.0"));
+        assert!(supports_prev_result_on_del("1.0.0"));
+    }
+}

@@ -1,0 +1,438 @@
+//! Our network config (stdin) and the inner conflist it delegates to.
+
+use crate::error::{Context, Error, Result};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The slirp4netns MTU podman uses: fastest, see the README for the trade-off.
+pub const DEFAULT_MTU: u32 = 65520;
+
+/// Keys libcni injects or the spec defines for every plugin config.
+const SPEC_KEYS: &[&str] = &[
+    "cniVersion",
+    "name",
+    "type",
+    "capabilities",
+    "runtimeConfig",
+    "prevResult",
+    "args",
+];
+/// Our own keys.
+const OWN_KEYS: &[&str] = &[
+    "delegate",
+    "network",
+    "confDir",
+    "stateDir",
+    "mtu",
+    "allowHostLoopback",
+    "idleTimeout",
+    "logLevel",
+];
+
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    pub inner: InnerSource,
+    pub state_dir: Option<PathBuf>,
+    pub mtu: u32,
+    pub allow_host_loopback: bool,
+    /// None: stop the infra as soon as the last attachment leaves.
+    pub idle_timeout: Option<Duration>,
+    pub log_level: Option<log::LevelFilter>,
+    /// Capability args the runtime gave us, handed on to the inner plugins
+    /// that declare them.
+    pub runtime_config: Map<String, Value>,
+}
+
+#[derive(Debug, Clone)]
+pub enum InnerSource {
+    Delegate(Value),
+    Network {
+        name: String,
+        conf_dir: Option<PathBuf>,
+    },
+}
+
+/// The inner chain, normalised to a conflist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InnerList {
+    pub cni_version: String,
+    pub name: String,
+    pub disable_check: bool,
+    pub plugins: Vec<Map<String, Value>>,
+}
+
+impl NetConf {
+    pub fn parse(stdin: &[u8]) -> Result<Self> {
+        let value: Value = serde_json::from_slice(stdin).map_err(|e| {
+            Error::new(
+                crate::error::code::DECODE,
+                format!("network config on stdin is not valid JSON: {e}"),
+            )
+        })?;
+        let Value::Object(obj) = value else {
+            return Err(Error::new(
+                crate::error::code::DECODE,
+                "network config on stdin is not a JSON object",
+            ));
+        };
+        for key in obj.keys() {
+            if !SPEC_KEYS.contains(&key.as_str()) && !OWN_KEYS.contains(&key.as_str()) {
+                return Err(Error::config(format!(
+                    "unknown key {key:?} in the rootless-cni config (known: {})",
+                    OWN_KEYS.join(", ")
+                )));
+            }
+        }
+        let cni_version = string(&obj, "cniVersion")?.unwrap_or_else(|| "0.4.0".into());
+        let name = string(&obj, "name")?.ok_or_else(|| Error::config("config has no \"name\""))?;
+        crate::cni::env::validate_network_name(&name)?;
+
+        let inner = match (obj.get("delegate"), string(&obj, "network")?) {
+            (Some(_), Some(_)) => {
+                return Err(Error::config(
+                    "config has both \"delegate\" and \"network\"; give one",
+                ))
+            }
+            (Some(d @ Value::Object(_)), None) => InnerSource::Delegate(d.clone()),
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "\"delegate\" must be an object: an inner conflist or one plugin config",
+                ))
+            }
+            (None, Some(network)) => {
+                crate::cni::env::validate_network_name(&network)
+                    .map_err(|e| e.context("\"network\""))?;
+                InnerSource::Network {
+                    name: network,
+                    conf_dir: string(&obj, "confDir")?.map(PathBuf::from),
+                }
+            }
+            (None, None) => {
+                return Err(Error::config(
+                    "config has neither \"delegate\" (an inner conflist) nor \"network\" (the name of one)",
+                ))
+            }
+        };
+        let mtu = match obj.get("mtu") {
+            None => DEFAULT_MTU,
+            Some(v) => v
+                .as_u64()
+                .filter(|m| (576..=65520).contains(m))
+                .map(|m| m as u32)
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "\"mtu\" must be a number from 576 to 65520, not {v}"
+                    ))
+                })?,
+        };
+        let allow_host_loopback = match obj.get("allowHostLoopback") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(Error::config(format!(
+                    "\"allowHostLoopback\" must be true or false, not {v}"
+                )))
+            }
+        };
+        let idle_timeout = match obj.get("idleTimeout") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(parse_duration(v).ok_or_else(|| {
+                Error::config(format!(
+                    "\"idleTimeout\" must be a number of seconds or a string like \"30s\", \"5m\", not {v}"
+                ))
+            })?),
+        };
+        let log_level = match string(&obj, "logLevel")? {
+            None => None,
+            Some(l) => Some(l.parse::<log::LevelFilter>().map_err(|_| {
+                Error::config(format!(
+                    "\"logLevel\" {l:?} is not one of off, error, warn, info, debug, trace"
+                ))
+            })?),
+        };
+        let runtime_config = match obj.get("runtimeConfig") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(v) => {
+                return Err(Error::config(format!(
+                    "\"runtimeConfig\" must be an object, not {v}"
+                )))
+            }
+        };
+        Ok(NetConf {
+            cni_version,
+            name,
+            inner,
+            state_dir: string(&obj, "stateDir")?.map(PathBuf::from),
+            mtu,
+            allow_host_loopback,
+            idle_timeout,
+            log_level,
+            runtime_config,
+        })
+    }
+
+    /// The inner conflist, from `delegate` or from the file naming `network`.
+    pub fn inner_list(&self) -> Result<InnerList> {
+        match &self.inner {
+            InnerSource::Delegate(value) => {
+                InnerList::from_value(value, &self.cni_version, &self.name)
+                    .map_err(|e| e.context("\"delegate\""))
+            }
+            InnerSource::Network { name, conf_dir } => {
+                let dir = match conf_dir {
+                    Some(d) => d.clone(),
+                    None => default_conf_dir()?,
+                };
+                find_network(&dir, name)
+            }
+        }
+    }
+}
+
+fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(Error::config(format!("{key:?} must be a string, not {v}"))),
+    }
+}
+
+/// Seconds as a number, or a string with an s/m/h suffix.
+fn parse_duration(v: &Value) -> Option<Duration> {
+    if let Some(secs) = v.as_u64() {
+        return Some(Duration::from_secs(secs));
+    }
+    let s = v.as_str()?.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n.checked_mul(mult)?))
+}
+
+fn default_conf_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("cni/net.d"));
+    }
+    match std::env::var_os("HOME").filter(|x| !x.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(".config/cni/net.d")),
+        None => Err(Error::config(
+            "\"network\" needs a confDir: none given and neither XDG_CONFIG_HOME nor HOME is set",
+        )),
+    }
+}
+
+/// libcni's rule: the first file (by name) of *.conflist, *.conf, *.json in
+/// the dir whose "name" matches.
+fn find_network(dir: &Path, name: &str) -> Result<InnerList> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| {
+            format!(
+                "\"network\" {name:?}: cannot read confDir {}",
+                dir.display()
+            )
+        })
+        .map_err(|e| Error::config(e.msg))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("conflist" | "conf" | "json")
+            )
+        })
+        .collect();
+    files.sort();
+    for file in files {
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        let Ok(value) = serde_json::from_slice::<Value>(&bytes) else {
+            continue;
+        };
+        if value.get("name").and_then(Value::as_str) != Some(name) {
+            continue;
+        }
+        return InnerList::from_value(&value, "", name)
+            .map_err(|e| e.context(format!("network {name:?} in {}", file.display())));
+    }
+    Err(Error::config(format!(
+        "\"network\" {name:?}: no conflist with that name in {}",
+        dir.display()
+    )))
+}
+
+impl InnerList {
+    /// A conflist, or a single plugin config turned into a one-plugin list
+    /// the way libcni's ConfListFromConf does.
+    pub fn from_value(value: &Value, default_version: &str, default_name: &str) -> Result<Self> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| Error::config("must be a JSON object"))?;
+        let cni_version = string(obj, "cniVersion")?
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| default_version.to_string());
+        if cni_version.is_empty() {
+            return Err(Error::config("has no \"cniVersion\""));
+        }
+        let name = string(obj, "name")?.unwrap_or_else(|| default_name.to_string());
+        crate::cni::env::validate_network_name(&name)?;
+        let disable_check = obj
+            .get("disableCheck")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let plugins: Vec<Map<String, Value>> = match obj.get("plugins") {
+            Some(Value::Array(list)) => list
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    p.as_object()
+                        .cloned()
+                        .ok_or_else(|| Error::config(format!("plugins[{i}] is not an object")))
+                })
+                .collect::<Result<_>>()?,
+            Some(v) => {
+                return Err(Error::config(format!(
+                    "\"plugins\" must be a list, not {v}"
+                )))
+            }
+            None if obj.contains_key("type") => vec![obj.clone()],
+            None => {
+                return Err(Error::config(
+                    "is neither a conflist (\"plugins\") nor a plugin config (\"type\")",
+                ))
+            }
+        };
+        if plugins.is_empty() {
+            return Err(Error::config("has an empty \"plugins\" list"));
+        }
+        for (i, p) in plugins.iter().enumerate() {
+            match p.get("type").and_then(Value::as_str) {
+                Some(t) if is_plugin_name(t) => {}
+                Some(t) => {
+                    return Err(Error::config(format!(
+                        "plugins[{i}] \"type\" {t:?} is not a plugin file name"
+                    )))
+                }
+                None => return Err(Error::config(format!("plugins[{i}] has no \"type\""))),
+            }
+        }
+        Ok(InnerList {
+            cni_version,
+            name,
+            disable_check,
+            plugins,
+        })
+    }
+
+    pub fn plugin_type(plugin: &Map<String, Value>) -> &str {
+        plugin.get("type").and_then(Value::as_str).unwrap_or("")
+    }
+
+    pub fn to_value(&self) -> Value {
+        serde_json::json!({
+            "cniVersion": self.cni_version,
+            "name": self.name,
+            "disableCheck": self.disable_check,
+            "plugins": self.plugins,
+        })
+    }
+}
+
+/// A bare file name: `type` is looked up in CNI_PATH, never a path.
+fn is_plugin_name(t: &str) -> bool {
+    !t.is_empty() && t != "." && t != ".." && !t.contains('/') && !t.contains('\0')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(extra: &str) -> String {
+        format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","type":"rootless-cni",
+                "delegate":{{"plugins":[{{"type":"bridge"}}]}}{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn defaults() {
+        let c = NetConf::parse(conf("").as_bytes()).unwrap();
+        assert_eq!(c.mtu, DEFAULT_MTU);
+        assert!(!c.allow_host_loopback);
+        assert!(c.idle_timeout.is_none());
+        let inner = c.inner_list().unwrap();
+        assert_eq!(inner.cni_version, "1.0.0");
+        assert_eq!(inner.name, "n");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = NetConf::parse(conf(r#","bogusKey":1"#).as_bytes()).unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.msg.contains("bogusKey"));
+    }
+
+    #[test]
+    fn malformed_json_is_decode_error() {
+        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, 6);
+    }
+
+    #[test]
+    fn missing_delegate() {
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"rootless-cni"}"#)
+            .unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.msg.contains("delegate"));
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        for (extra, key) in [
+            (r#","mtu":"big""#, "mtu"),
+            (r#","allowHostLoopback":"yes""#, "allowHostLoopback"),
+            (r#","idleTimeout":"soon""#, "idleTimeout"),
+            (r#","logLevel":"loud""#, "logLevel"),
+            (r#","stateDir":5"#, "stateDir"),
+        ] {
+            let e = NetConf::parse(conf(extra).as_bytes()).unwrap_err();
+            assert_eq!(e.code, 7, "{key}");
+            assert!(e.msg.contains(key), "{key}: {}", e.msg);
+        }
+    }
+
+    #[test]
+    fn single_plugin_delegate_becomes_a_list() {
+        let v: Value = serde_json::from_str(r#"{"type":"bridge","bridge":"b0"}"#).unwrap();
+        let l = InnerList::from_value(&v, "0.4.0", "x").unwrap();
+        assert_eq!(l.plugins.len(), 1);
+        assert_eq!(l.cni_version, "0.4.0");
+    }
+
+    #[test]
+    fn plugin_type_must_be_a_file_name() {
+        let v: Value = serde_json::from_str(r#"{"plugins":[{"type":"../bin/sh"}]}"#).unwrap();
+        assert_eq!(InnerList::from_value(&v, "1.0.0", "x").unwrap_err().code, 7);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration(&serde_json::json!(5)),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            parse_duration(&serde_json::json!("2m")),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_duration(&serde_json::json!("x")), None);
+    }
+}

@@ -1,0 +1,246 @@
+//! The CNI_* environment, validated before anything is touched.
+
+use crate::error::{Error, Result};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Version,
+}
+
+impl Command {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Version => "VERSION",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CniEnv {
+    pub command: Command,
+    pub container_id: String,
+    /// Empty only for DEL, where the spec lets the runtime omit it.
+    pub netns: Option<PathBuf>,
+    pub ifname: String,
+    pub args: String,
+    pub path: Vec<PathBuf>,
+}
+
+/// Longest container id we accept: it becomes part of a file name.
+const MAX_CONTAINER_ID: usize = 128;
+/// Linux IFNAMSIZ less the terminating NUL.
+const MAX_IFNAME: usize = 15;
+
+impl CniEnv {
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()))
+    }
+
+    /// Reads the environment through `get`, so it can be tested without
+    /// touching the process environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let command = match get("CNI_COMMAND").as_deref() {
+            None | Some("") => return Err(Error::env("CNI_COMMAND is not set")),
+            Some("ADD") => Command::Add,
+            Some("DEL") => Command::Del,
+            Some("CHECK") => Command::Check,
+            Some("VERSION") => Command::Version,
+            Some(other) => {
+                return Err(Error::env(format!(
+                    "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION"
+                )))
+            }
+        };
+        let mut env = CniEnv {
+            command,
+            container_id: String::new(),
+            netns: None,
+            ifname: String::new(),
+            args: get("CNI_ARGS").unwrap_or_default(),
+            path: Vec::new(),
+        };
+        if command == Command::Version {
+            return Ok(env);
+        }
+        env.container_id = required(&get, "CNI_CONTAINERID")?;
+        validate_container_id(&env.container_id)?;
+        env.ifname = required(&get, "CNI_IFNAME")?;
+        validate_ifname(&env.ifname)?;
+        let path = required(&get, "CNI_PATH")?;
+        env.path = path
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .collect();
+        match get("CNI_NETNS").filter(|n| !n.is_empty()) {
+            Some(netns) => {
+                let netns = PathBuf::from(netns);
+                if !netns.is_absolute() {
+                    return Err(Error::env(format!(
+                        "CNI_NETNS {:?} is not an absolute path",
+                        netns.display().to_string()
+                    )));
+                }
+                env.netns = Some(netns);
+            }
+            None if command != Command::Del => {
+                return Err(Error::env("CNI_NETNS is not set"));
+            }
+            None => {}
+        }
+        Ok(env)
+    }
+
+    /// The container netns, which every verb but DEL requires.
+    pub fn netns(&self) -> &std::path::Path {
+        self.netns.as_deref().unwrap_or(std::path::Path::new(""))
+    }
+}
+
+fn required(get: &impl Fn(&str) -> Option<String>, key: &str) -> Result<String> {
+    match get(key) {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(Error::env(format!("{key} is not set"))),
+    }
+}
+
+/// The spec's rule, as libcni enforces it: an alphanumeric first character,
+/// then alphanumerics, `_`, `.` or `-`.
+pub fn validate_container_id(id: &str) -> Result<()> {
+    let mut chars = id.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !first_ok || !rest_ok {
+        return Err(Error::env(format!(
+            "CNI_CONTAINERID {:?} is invalid: it must start with a letter or digit followed by letters, digits, '_', '.' or '-'",
+            shorten(id)
+        )));
+    }
+    if id.len() > MAX_CONTAINER_ID {
+        return Err(Error::env(format!(
+            "CNI_CONTAINERID is {} characters long, more than the {MAX_CONTAINER_ID} we accept",
+            id.len()
+        )));
+    }
+    Ok(())
+}
+
+pub fn validate_ifname(name: &str) -> Result<()> {
+    if name.len() > MAX_IFNAME {
+        return Err(Error::env(format!(
+            "CNI_IFNAME {:?} is longer than {MAX_IFNAME} bytes",
+            shorten(name)
+        )));
+    }
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
+    {
+        return Err(Error::env(format!(
+            "CNI_IFNAME {name:?} is not a valid interface name"
+        )));
+    }
+    Ok(())
+}
+
+/// libcni's rule for network names, which also keeps them safe in file names.
+pub fn validate_network_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !first_ok || !rest_ok || name.len() > 64 {
+        return Err(Error::config(format!(
+            "network name {:?} is invalid: at most 64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            shorten(name)
+        )));
+    }
+    Ok(())
+}
+
+/// Keeps hostile input from flooding an error message.
+pub fn shorten(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<CniEnv> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        CniEnv::from_lookup(|k| map.get(k).cloned())
+    }
+
+    const FULL: &[(&str, &str)] = &[
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "abc-1"),
+        ("CNI_NETNS", "/proc/1/ns/net"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+    ];
+
+    #[test]
+    fn each_missing_variable_is_named() {
+        for (missing, _) in FULL {
+            let pairs: Vec<_> = FULL.iter().filter(|(k, _)| k != missing).cloned().collect();
+            let err = parse(&pairs).unwrap_err();
+            assert_eq!(err.code, 4);
+            assert!(err.msg.contains(missing), "{missing}: {}", err.msg);
+        }
+    }
+
+    #[test]
+    fn del_does_not_need_netns() {
+        let pairs: Vec<_> = FULL
+            .iter()
+            .filter(|(k, _)| *k != "CNI_NETNS")
+            .map(|(k, v)| {
+                if *k == "CNI_COMMAND" {
+                    (*k, "DEL")
+                } else {
+                    (*k, *v)
+                }
+            })
+            .collect();
+        assert!(parse(&pairs).unwrap().netns.is_none());
+    }
+
+    #[test]
+    fn hostile_values_are_rejected() {
+        let long = "a".repeat(4096);
+        for (key, value) in [
+            ("CNI_CONTAINERID", "../x"),
+            ("CNI_CONTAINERID", "a/b"),
+            ("CNI_CONTAINERID", "a\0b"),
+            ("CNI_CONTAINERID", long.as_str()),
+            ("CNI_IFNAME", "a-very-long-interface"),
+            ("CNI_IFNAME", ".."),
+            ("CNI_NETNS", "relative/ns"),
+        ] {
+            let pairs: Vec<_> = FULL
+                .iter()
+                .map(|(k, v)| if *k == key { (*k, value) } else { (*k, *v) })
+                .collect();
+            let err = parse(&pairs).unwrap_err();
+            assert_eq!(err.code, 4, "{key}={value}");
+            assert!(err.msg.contains(key), "{}", err.msg);
+        }
+    }
+}

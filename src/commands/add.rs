@@ -1,0 +1,117 @@
+//! ADD: validate, make sure the infra runs, record a pending attachment,
+//! run the inner chain without the lock, then record the result.
+
+use super::attachment_key;
+use crate::chain::{self, Chain};
+use crate::cni::config::NetConf;
+use crate::cni::env::CniEnv;
+use crate::error::{code, Error, Result};
+use crate::exec::{ContainerNetns, InfraNs};
+use crate::infra::{self, InfraInfo, Settings};
+use crate::procfs::ProcessId;
+use crate::state::{self, Attachment, AttachmentState, StateDir};
+use serde_json::Value;
+
+pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
+    // Everything that can be checked is checked before anything changes.
+    let list = conf.inner_list()?;
+    let binaries = chain::find_binaries(&list, &env.path)?;
+    let netns = ContainerNetns::open(env.netns())?;
+    let state = StateDir::create(StateDir::resolve(conf.state_dir.as_deref())?)?;
+    let key = attachment_key(env, conf);
+    let me = ProcessId::of(std::process::id() as i32);
+
+    let mut record = Attachment {
+        state: AttachmentState::Pending,
+        network: key.network.clone(),
+        container_id: key.container_id.clone(),
+        ifname: key.ifname.clone(),
+        netns: Some(netns.runtime_str()),
+        infra: ProcessId {
+            pid: 0,
+            start_time: 0,
+        },
+        owner: me,
+        config: list.to_value(),
+        cni_args: env.args.clone(),
+        capability_args: conf.runtime_config.clone(),
+        result: None,
+        created: state::now_secs(),
+    };
+    let (info, started) = {
+        let lock = state.lock()?;
+        let existing = state.read_attachment(&key, &lock).unwrap_or(None);
+        let (info, started) = infra::ensure_running(&state, &lock, &Settings::from_conf(conf))?;
+        if let Some(old) = existing.filter(|old| still_attached(old, &info)) {
+            return Err(Error::new(
+                code::ALREADY_ATTACHED,
+                format!(
+                    "container {} is already attached to network {} as {} (state {:?}); DEL it first",
+                    old.container_id, old.network, old.ifname, old.state
+                ),
+            ));
+        }
+        record.infra = info.sandbox;
+        state.write_attachment(&record, &lock)?;
+        (info, started)
+    };
+
+    let outcome = run_chain(&info, &list, binaries, &netns, env, conf);
+
+    let lock = state.lock()?;
+    match outcome {
+        Ok(result) => {
+            record.state = AttachmentState::Ready;
+            record.owner = None;
+            record.result = Some(result.clone());
+            state.write_attachment(&record, &lock)?;
+            Ok(result)
+        }
+        Err(e) => {
+            // The chain rolled itself back; forget the attachment and do not
+            // leave an infra this call started for nothing.
+            if let Err(cleanup) = state
+                .remove_attachment(&key, &lock)
+                .and_then(|_| infra::stop_if_idle(&state, &lock, started))
+            {
+                log::warn!("cleaning up after the failed ADD: {cleanup}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn run_chain(
+    info: &InfraInfo,
+    list: &crate::cni::config::InnerList,
+    binaries: Vec<std::path::PathBuf>,
+    netns: &ContainerNetns,
+    env: &CniEnv,
+    conf: &NetConf,
+) -> Result<Value> {
+    let infra_ns = InfraNs::open(info)?;
+    let chain = Chain {
+        list,
+        binaries,
+        infra: &infra_ns,
+        netns,
+        container_id: &env.container_id,
+        ifname: &env.ifname,
+        args: &env.args,
+        cni_path: &env.path,
+        capability_args: &conf.runtime_config,
+    };
+    let mut result = chain.add()?;
+    chain::rewrite_sandbox(&mut result, &netns.inner_path(), &netns.runtime_str());
+    Ok(result)
+}
+
+/// A record blocks a new ADD only while its infra lives and it is either
+/// done or still being made by a live call.
+fn still_attached(old: &Attachment, info: &InfraInfo) -> bool {
+    old.infra == info.sandbox
+        && match old.state {
+            AttachmentState::Ready => true,
+            AttachmentState::Pending => old.owner.is_some_and(|o| o.is_alive()),
+        }
+}

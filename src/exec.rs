@@ -1,0 +1,285 @@
+//! Running an inner plugin inside the infra: `setns` into the sandbox's
+//! mount and network namespaces between fork and exec. The container netns
+//! is opened here, in the caller's namespaces, and inherited as a fd, so no
+//! path has to be visible inside the infra.
+
+use crate::cni::env::Command as Verb;
+use crate::error::{code, Error, Result};
+use crate::infra::InfraInfo;
+use crate::sys;
+use nix::sched::{setns, CloneFlags};
+use serde_json::Value;
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Handles on the infra's namespaces, checked against infra.json.
+pub struct InfraNs {
+    net: OwnedFd,
+    mnt: OwnedFd,
+}
+
+impl InfraNs {
+    pub fn open(info: &InfraInfo) -> Result<Self> {
+        let open = |kind: &str, want: u64| -> Result<OwnedFd> {
+            let path = format!("/proc/{}/ns/{kind}", info.sandbox.pid);
+            let file = std::fs::File::open(&path).map_err(|e| {
+                Error::internal(format!("opening the infra's {kind} namespace {path}: {e}"))
+            })?;
+            if file.metadata()?.ino() != want {
+                return Err(Error::internal(format!(
+                    "the infra's {kind} namespace changed under us (sandbox {} is gone)",
+                    info.sandbox.pid
+                )));
+            }
+            Ok(OwnedFd::from(file))
+        };
+        Ok(InfraNs {
+            net: open("net", info.netns)?,
+            mnt: open("mnt", info.mntns)?,
+        })
+    }
+}
+
+/// The runtime's container netns, and the name inner plugins know it by.
+pub struct ContainerNetns {
+    /// What the runtime gave us as CNI_NETNS.
+    pub runtime_path: Option<PathBuf>,
+    fd: Option<OwnedFd>,
+}
+
+impl ContainerNetns {
+    /// Opens the netns for ADD and CHECK, where it must exist.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| {
+            Error::env(format!("CNI_NETNS {}: cannot open it: {e}", path.display()))
+        })?;
+        check_owned_by_our_userns(&file, path)?;
+        Ok(ContainerNetns {
+            runtime_path: Some(path.to_path_buf()),
+            fd: Some(OwnedFd::from(file)),
+        })
+    }
+
+    /// For DEL: the netns may be gone, or not given at all.
+    pub fn open_if_present(path: Option<&Path>) -> Self {
+        let fd = path
+            .and_then(|p| std::fs::File::open(p).ok())
+            .map(OwnedFd::from);
+        ContainerNetns {
+            runtime_path: path.map(Path::to_path_buf),
+            fd,
+        }
+    }
+
+    /// CNI_NETNS as the inner plugins see it.
+    pub fn inner_path(&self) -> String {
+        match (&self.fd, &self.runtime_path) {
+            (Some(fd), _) => format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            // Gone: hand on the runtime's path, which the plugins then find
+            // missing and tolerate, as the spec asks of DEL.
+            (None, Some(p)) => p.display().to_string(),
+            (None, None) => String::new(),
+        }
+    }
+
+    pub fn runtime_str(&self) -> String {
+        self.runtime_path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// The inner plugins need CAP_NET_ADMIN over the container netns, which they
+/// have only if our user namespace owns it (or an ancestor of its owner is
+/// ours). Say so plainly instead of failing deep inside a plugin.
+fn check_owned_by_our_userns(netns: &std::fs::File, path: &Path) -> Result<()> {
+    const NS_GET_USERNS: libc::c_ulong = 0xb701;
+    const NS_GET_PARENT: libc::c_ulong = 0xb702;
+    let ours = crate::procfs::self_ns_inode("user").unwrap_or(0);
+    // SAFETY: the ioctl takes no argument and returns a new fd or -1.
+    let fd = unsafe { libc::ioctl(netns.as_raw_fd(), NS_GET_USERNS) };
+    if fd < 0 {
+        // Not a namespace file at all, or a kernel without the ioctl.
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOTTY) || err.raw_os_error() == Some(libc::EINVAL) {
+            return Err(Error::env(format!(
+                "CNI_NETNS {} is not a network namespace",
+                path.display()
+            )));
+        }
+        return Ok(());
+    }
+    // SAFETY: fd was just returned to us by the kernel and is ours to own.
+    let mut owner = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    loop {
+        let ino = std::fs::File::from(owner.try_clone()?).metadata()?.ino();
+        if ino == ours {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        let parent = unsafe { libc::ioctl(owner.as_raw_fd(), NS_GET_PARENT) };
+        if parent < 0 {
+            return Err(Error::new(
+                code::FOREIGN_NETNS,
+                format!(
+                    "CNI_NETNS {} belongs to user namespace {ino}, which is not ours ({ours}) nor inside it: the inner plugins could not configure it. Run the runtime in the user namespace that created the container",
+                    path.display()
+                ),
+            ));
+        }
+        // SAFETY: as above.
+        owner = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(parent) };
+    }
+}
+
+/// One inner plugin invocation.
+pub struct Invocation<'a> {
+    pub verb: Verb,
+    pub container_id: &'a str,
+    pub ifname: &'a str,
+    pub args: &'a str,
+    pub cni_path: &'a [PathBuf],
+}
+
+/// The plugin binary for `plugin_type`, first match in CNI_PATH.
+pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
+    for dir in cni_path {
+        let candidate = dir.join(plugin_type);
+        if let Ok(meta) = std::fs::metadata(&candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    let dirs: Vec<String> = cni_path.iter().map(|d| d.display().to_string()).collect();
+    Err(Error::new(
+        code::INNER_PLUGIN,
+        format!(
+            "inner plugin {plugin_type:?} not found in CNI_PATH [{}]",
+            dirs.join(":")
+        ),
+    ))
+}
+
+/// Runs `binary` inside the infra. Ok(stdout) on success; an inner error
+/// object is passed through unchanged.
+pub fn run_plugin(
+    infra: &InfraNs,
+    binary: &Path,
+    inv: &Invocation,
+    netns: &ContainerNetns,
+    stdin: &[u8],
+) -> Result<Vec<u8>> {
+    let name = binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("plugin")
+        .to_string();
+    let mut cmd = Command::new(binary);
+    cmd.env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| !k.to_string_lossy().starts_with("CNI_")))
+        .env("PATH", plugin_path_var())
+        .env("CNI_COMMAND", inv.verb.as_str())
+        .env("CNI_CONTAINERID", inv.container_id)
+        .env("CNI_NETNS", netns.inner_path())
+        .env("CNI_IFNAME", inv.ifname)
+        .env("CNI_ARGS", inv.args)
+        .env("CNI_PATH", join_paths(inv.cni_path))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let (net, mnt) = (infra.net.as_raw_fd(), infra.mnt.as_raw_fd());
+    let keep = netns.fd.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: runs between fork and exec in the single-threaded child, where
+    // setns into a mount namespace is allowed; setns, chdir and fcntl are
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            use std::os::fd::BorrowedFd;
+            let mnt = BorrowedFd::borrow_raw(mnt);
+            let net = BorrowedFd::borrow_raw(net);
+            setns(mnt.as_fd(), CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
+            setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+            nix::unistd::chdir("/").map_err(std::io::Error::from)?;
+            if let Some(fd) = keep {
+                sys::keep_on_exec(fd)?;
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::new(
+            code::INNER_PLUGIN,
+            format!(
+                "running inner plugin {name} ({}) in the infra: {e}",
+                binary.display()
+            ),
+        )
+    })?;
+    if let Some(mut input) = child.stdin.take() {
+        // A plugin that exits without reading its config is judged by its
+        // exit status below, so a broken pipe here is not an error.
+        let _ = input.write_all(stdin);
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        return Ok(out.stdout);
+    }
+    Err(inner_error(&name, inv.verb, &out.stdout, out.status))
+}
+
+/// The plugin's own error object when it printed one, else ours naming it.
+fn inner_error(name: &str, verb: Verb, stdout: &[u8], status: std::process::ExitStatus) -> Error {
+    if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(stdout) {
+        if let Some(c) = obj.get("code").and_then(Value::as_u64) {
+            let msg = obj
+                .get("msg")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let details = obj
+                .get("details")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let mut e = Error::new(c as u32, format!("{name}: {msg}")).with_details(details);
+            e.passthrough = Some(stdout.to_vec());
+            return e;
+        }
+    }
+    let text = String::from_utf8_lossy(stdout);
+    Error::new(
+        code::INNER_PLUGIN,
+        format!(
+            "inner plugin {name} {} failed ({status}) without an error object",
+            verb.as_str()
+        ),
+    )
+    .with_details(crate::cni::env::shorten(text.trim()))
+}
+
+/// The caller's PATH plus /usr/sbin and /sbin, where iptables lives: an
+/// ordinary user's PATH lacks them, and bridge, portmap and firewall exec it.
+fn plugin_path_var() -> String {
+    let mut path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
+        if !path.split(':').any(|p| p == dir) {
+            path.push(':');
+            path.push_str(dir);
+        }
+    }
+    path
+}
+
+fn join_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":")
+}

@@ -1,0 +1,304 @@
+//! The infra: one per (user, user namespace). Its lifecycle runs under the
+//! state lock; its processes are the supervisor (in the caller's
+//! namespaces), the sandbox (whose network and mount namespaces *are* the
+//! infra) and slirp4netns.
+
+pub mod sandbox;
+pub mod slirp;
+pub mod supervisor;
+
+use crate::error::{code, Error, Result};
+use crate::procfs::{self, ProcessId};
+use crate::state::{self, StateDir, StateLock};
+use crate::sys;
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Starting takes a few ms; this only bounds a broken start.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// infra.log is truncated at start when it grew past this.
+const MAX_LOG: u64 = 1 << 20;
+
+/// How the infra is set up; fixed by the ADD that starts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    pub mtu: u32,
+    pub allow_host_loopback: bool,
+    pub idle_timeout_secs: Option<u64>,
+    pub log_level: String,
+}
+
+impl Settings {
+    pub fn from_conf(conf: &crate::cni::config::NetConf) -> Self {
+        Settings {
+            mtu: conf.mtu,
+            allow_host_loopback: conf.allow_host_loopback,
+            idle_timeout_secs: conf.idle_timeout.map(|d| d.as_secs()),
+            log_level: log::max_level().to_string().to_lowercase(),
+        }
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--mtu".to_string(),
+            self.mtu.to_string(),
+            "--log-level".into(),
+            self.log_level.clone(),
+        ];
+        if self.allow_host_loopback {
+            args.push("--allow-host-loopback".into());
+        }
+        if let Some(secs) = self.idle_timeout_secs {
+            args.push("--idle-timeout".into());
+            args.push(secs.to_string());
+        }
+        args
+    }
+}
+
+/// infra.json.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InfraInfo {
+    pub supervisor: ProcessId,
+    pub sandbox: ProcessId,
+    pub netns: u64,
+    pub mntns: u64,
+    pub slirp4netns: Option<ProcessId>,
+    pub userns: u64,
+    /// Seconds since the epoch.
+    pub started: u64,
+    pub settings: Settings,
+}
+
+impl InfraInfo {
+    /// The recorded infra, if the record is readable. A corrupt record is a
+    /// dead infra, never an error: a crash may have left it.
+    pub fn load(state: &StateDir) -> Option<Self> {
+        match state::read_json::<InfraInfo>(&state.file(state::INFRA_FILE)) {
+            Ok(info) => info,
+            Err(e) => {
+                log::warn!("ignoring {e}");
+                None
+            }
+        }
+    }
+
+    /// Supervisor and sandbox are the recorded processes, and the sandbox
+    /// still holds the recorded network namespace.
+    pub fn is_alive(&self) -> bool {
+        self.supervisor.is_alive()
+            && self.sandbox.is_alive()
+            && procfs::ns_inode(format!("/proc/{}/ns/net", self.sandbox.pid)) == Some(self.netns)
+    }
+
+    pub fn save(&self, state: &StateDir) -> Result<()> {
+        state::write_json_atomic(&state.file(state::INFRA_FILE), self)
+    }
+
+    fn processes(&self) -> impl Iterator<Item = ProcessId> {
+        [Some(self.supervisor), Some(self.sandbox), self.slirp4netns]
+            .into_iter()
+            .flatten()
+    }
+}
+
+/// The running infra, or None. A dead infra's leftovers are cleaned up.
+pub fn running(state: &StateDir, _lock: &StateLock) -> Result<Option<InfraInfo>> {
+    let Some(info) = InfraInfo::load(state) else {
+        return Ok(None);
+    };
+    if info.is_alive() {
+        let mine = procfs::self_ns_inode("user").unwrap_or(0);
+        if info.userns != mine {
+            return Err(Error::new(
+                code::UNSAFE_STATE_DIR,
+                format!(
+                    "state dir {} belongs to the infra of another user namespace ({} , ours is {mine}); give this runtime its own \"stateDir\"",
+                    state.path.display(),
+                    info.userns
+                ),
+            ));
+        }
+        return Ok(Some(info));
+    }
+    log::info!(
+        "infra recorded in {} is gone; cleaning up",
+        state.path.display()
+    );
+    kill_and_reap(&info);
+    state::remove_if_exists(&state.file(state::INFRA_FILE))?;
+    Ok(None)
+}
+
+/// The running infra, started when there is none. The bool says whether
+/// this call started it.
+pub fn ensure_running(
+    state: &StateDir,
+    lock: &StateLock,
+    settings: &Settings,
+) -> Result<(InfraInfo, bool)> {
+    if let Some(info) = running(state, lock)? {
+        if info.settings.mtu != settings.mtu
+            || info.settings.allow_host_loopback != settings.allow_host_loopback
+        {
+            log::warn!(
+                "infra already running with mtu {} allowHostLoopback {}; this config's settings apply from the next infra start",
+                info.settings.mtu,
+                info.settings.allow_host_loopback
+            );
+        }
+        return Ok((info, false));
+    }
+    Ok((start(state, lock, settings)?, true))
+}
+
+/// Spawns the supervisor, detached from the caller (own session, stdio on
+/// /dev/null and the log: a runtime reads our stdout until EOF), and waits
+/// for it to report the infra ready.
+pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result<InfraInfo> {
+    let started = Instant::now();
+    for dir in [state::RUN_DIR, state::VAR_LIB_CNI_DIR, state::OVERLAY_DIR] {
+        state::reset_dir(&state.file(dir))?;
+    }
+    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
+    let log_path = state.file(state::LOG_FILE);
+    let log = open_log(&log_path)?;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::new(code::INFRA_START, format!("finding our own binary: {e}")))?;
+    let (ready_r, ready_w) = sys::pipe()?;
+    let ready_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
+    let mut cmd = Command::new(exe);
+    cmd.arg(supervisor::ENTRY)
+        .arg("--state-dir")
+        .arg(&state.path)
+        .arg("--ready-fd")
+        .arg(ready_fd.to_string())
+        .args(settings.to_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .current_dir("/");
+    // SAFETY: runs between fork and exec; setsid and fcntl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            sys::keep_on_exec(ready_fd)
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::new(
+            code::INFRA_START,
+            format!("starting the infra supervisor: {e}"),
+        )
+    })?;
+    drop(ready_w);
+    let report = sys::read_to_end_timeout(ready_r, START_TIMEOUT)?;
+    let failure = match report.as_deref().map(str::trim) {
+        Some("ok") => match InfraInfo::load(state) {
+            Some(info) if info.is_alive() => {
+                log::info!("infra started in {:?}", started.elapsed());
+                return Ok(info);
+            }
+            _ => "the supervisor reported ready but the infra is not running".to_string(),
+        },
+        Some(msg) if !msg.is_empty() => msg.trim_start_matches("error: ").to_string(),
+        Some(_) => "the supervisor exited without a word".to_string(),
+        None => format!(
+            "the infra was not ready within {}s",
+            START_TIMEOUT.as_secs()
+        ),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Some(info) = InfraInfo::load(state) {
+        kill_and_reap(&info);
+    }
+    let _ = state::remove_if_exists(&state.file(state::INFRA_FILE));
+    Err(
+        Error::new(code::INFRA_START, format!("starting the infra: {failure}")).with_details(
+            format!("{}:\n{}", log_path.display(), sys::tail(&log_path, 10)),
+        ),
+    )
+}
+
+fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
+    let too_big = std::fs::metadata(path)
+        .map(|m| m.len() > MAX_LOG)
+        .unwrap_or(false);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    if too_big {
+        opts.write(true).truncate(true);
+    } else {
+        opts.append(true);
+    }
+    opts.open(path)
+        .map_err(|e| Error::from(e).context(format!("opening {}", path.display())))
+}
+
+/// Asks the supervisor to stop everything and waits until it has; what
+/// still runs after STOP_TIMEOUT is killed. Removes infra.json.
+pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()> {
+    info.supervisor.signal(nix::sys::signal::Signal::SIGTERM);
+    if !wait_gone(&[info.supervisor, info.sandbox], STOP_TIMEOUT) {
+        log::warn!(
+            "infra supervisor {} did not stop in time; killing",
+            info.supervisor.pid
+        );
+        kill_and_reap(info);
+    }
+    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
+    state::remove_if_exists(&state.file(state::INFRA_FILE))
+}
+
+/// SIGKILL to every recorded process that is still the one recorded; the
+/// supervisor first, so it does not restart slirp4netns.
+fn kill_and_reap(info: &InfraInfo) {
+    let procs: Vec<ProcessId> = info.processes().collect();
+    for p in &procs {
+        p.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+    if !wait_gone(&procs, STOP_TIMEOUT) {
+        log::warn!(
+            "infra processes of {} still present after SIGKILL",
+            info.supervisor.pid
+        );
+    }
+}
+
+fn wait_gone(procs: &[ProcessId], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_micros(100);
+    loop {
+        if procs.iter().all(|p| !p.is_alive()) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// Stops the infra when no attachment is left and no idle timeout keeps it
+/// warm (or `force`, for a failed ADD that started it).
+pub fn stop_if_idle(state: &StateDir, lock: &StateLock, force: bool) -> Result<()> {
+    if state.has_attachments(lock)? {
+        return Ok(());
+    }
+    let Some(info) = running(state, lock)? else {
+        return Ok(());
+    };
+    if info.settings.idle_timeout_secs.is_some() && !force {
+        return Ok(());
+    }
+    log::info!("no attachment left; stopping the infra");
+    stop(state, lock, &info)
+}

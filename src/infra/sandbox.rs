@@ -1,0 +1,96 @@
+//! The sandbox: a process that only waits. It is started (by the supervisor)
+//! in new network and mount namespaces, which are the infra. Here it makes
+//! them fit for the reference plugins, then reports ready.
+
+use crate::error::{Context, Error, Result};
+use crate::state;
+use crate::sys;
+use nix::mount::{mount, MsFlags};
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+
+pub const ENTRY: &str = "__sandbox";
+
+/// Entry of the hidden `__sandbox` command.
+pub fn main(state_dir: &Path, ready_fd: i32) -> i32 {
+    // SAFETY: the supervisor handed us this fd for our exclusive use.
+    let ready = unsafe { OwnedFd::from_raw_fd(ready_fd) };
+    let mut ready = std::fs::File::from(ready);
+    match setup(state_dir) {
+        Ok(()) => {
+            let _ = ready.write_all(b"ok\n");
+        }
+        Err(e) => {
+            let _ = writeln!(ready, "error: sandbox: {e}");
+            return 1;
+        }
+    }
+    drop(ready);
+    loop {
+        nix::unistd::pause();
+    }
+}
+
+fn setup(state_dir: &Path) -> Result<()> {
+    // Nothing we mount may leak back to the caller's mount namespace.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / private")?;
+    // /var/lib first: the state dir may live under /run, which is covered next.
+    mount_var_lib_cni(state_dir)?;
+    bind(&state_dir.join(state::RUN_DIR), Path::new("/run"))?;
+    sys::loopback_up()?;
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling ip_forward")?;
+    Ok(())
+}
+
+fn bind(src: &Path, dst: &Path) -> Result<()> {
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("bind-mounting {} on {}", src.display(), dst.display()))
+}
+
+/// /var/lib/cni from the state dir. When the host has no /var/lib/cni (and
+/// the user cannot create it), /var/lib gets an overlay to make room.
+fn mount_var_lib_cni(state_dir: &Path) -> Result<()> {
+    let target = Path::new("/var/lib/cni");
+    if !target.is_dir() {
+        let overlay = state_dir.join(state::OVERLAY_DIR);
+        let (upper, work) = (overlay.join("upper"), overlay.join("work"));
+        state::ensure_dir(&upper)?;
+        state::ensure_dir(&work)?;
+        let (u, w) = (upper.display().to_string(), work.display().to_string());
+        if [&u, &w].iter().any(|p| p.contains([',', ':', '\\'])) {
+            return Err(Error::config(format!(
+                "state dir {} holds a ',' or ':', which an overlay mount cannot take",
+                state_dir.display()
+            )));
+        }
+        let opts = format!("lowerdir=/var/lib,upperdir={u},workdir={w}");
+        let with_userxattr = format!("{opts},userxattr");
+        mount(
+            Some("overlay"),
+            "/var/lib",
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .or_else(|_| {
+            mount(
+                Some("overlay"),
+                "/var/lib",
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(with_userxattr.as_str()),
+            )
+        })
+        .context("mounting an overlay on /var/lib to make room for /var/lib/cni")?;
+        std::fs::create_dir_all(target).context("creating /var/lib/cni in the overlay")?;
+    }
+    bind(&state_dir.join(state::VAR_LIB_CNI_DIR), target)
+}

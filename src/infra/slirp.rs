@@ -1,0 +1,114 @@
+//! slirp4netns: the infra's way out, attached to the sandbox's netns.
+
+use crate::error::{code, Error, Result};
+use crate::procfs::ProcessId;
+use crate::sys;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The addresses slirp4netns gives the infra (its defaults, set by
+/// `--configure`): tap0 10.0.2.100/24, gateway 10.0.2.2, DNS 10.0.2.3.
+pub const TAP: &str = "tap0";
+
+pub struct Slirp {
+    pub child: Child,
+    pub id: ProcessId,
+    /// slirp4netns exits when this, our end of its exit pipe, closes.
+    _exit_w: OwnedFd,
+}
+
+pub struct SlirpOptions<'a> {
+    pub sandbox_pid: i32,
+    pub mtu: u32,
+    pub allow_host_loopback: bool,
+    pub api_socket: &'a Path,
+}
+
+/// Starts slirp4netns and waits until tap0 is configured.
+pub fn start(opts: &SlirpOptions) -> Result<Slirp> {
+    let (ready_r, ready_w) = sys::pipe()?;
+    let (exit_r, exit_w) = sys::pipe()?;
+    let (ready_fd, exit_fd) = (ready_w.as_raw_fd(), exit_r.as_raw_fd());
+    let mut cmd = Command::new("slirp4netns");
+    cmd.arg("--configure")
+        .arg(format!("--mtu={}", opts.mtu))
+        .arg(format!("--ready-fd={ready_fd}"))
+        .arg(format!("--exit-fd={exit_fd}"))
+        .arg("--api-socket")
+        .arg(opts.api_socket)
+        .arg("--enable-sandbox")
+        .arg("--enable-seccomp");
+    if !opts.allow_host_loopback {
+        cmd.arg("--disable-host-loopback");
+    }
+    cmd.arg(opts.sandbox_pid.to_string())
+        .arg(TAP)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: runs between fork and exec; prctl and fcntl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::die_with_parent()?;
+            sys::keep_on_exec(ready_fd)?;
+            sys::keep_on_exec(exit_fd)
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::new(
+            code::INFRA_START,
+            format!("starting slirp4netns: {e} (is it installed?)"),
+        )
+    })?;
+    drop(ready_w);
+    drop(exit_r);
+    // slirp4netns writes "1" once tap0 is up, and closes the fd only on exit.
+    let ready = read_byte_timeout(ready_r, READY_TIMEOUT);
+    if !ready {
+        let _ = child.kill();
+        let status = child.wait().ok();
+        return Err(Error::new(
+            code::INFRA_START,
+            format!(
+                "slirp4netns did not become ready ({})",
+                status.map_or("still running".into(), |s| s.to_string())
+            ),
+        ));
+    }
+    let id = ProcessId::of(child.id() as i32)
+        .ok_or_else(|| Error::new(code::INFRA_START, "slirp4netns exited right after start"))?;
+    Ok(Slirp {
+        child,
+        id,
+        _exit_w: exit_w,
+    })
+}
+
+fn read_byte_timeout(fd: OwnedFd, timeout: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut file = std::fs::File::from(fd);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(
+            std::os::fd::AsFd::as_fd(&file),
+            PollFlags::POLLIN,
+        )];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+            Ok(_) => {}
+        }
+        let mut b = [0u8; 1];
+        return matches!(file.read(&mut b), Ok(1));
+    }
+}

@@ -1,0 +1,336 @@
+//! The supervisor: stays in the caller's namespaces, starts the sandbox and
+//! slirp4netns, restarts slirp4netns when it dies, and tears everything
+//! down on SIGTERM, when the sandbox dies, or when idle.
+
+use super::slirp::{self, Slirp, SlirpOptions};
+use super::{sandbox, InfraInfo, Settings};
+use crate::error::{code, Error, Result};
+use crate::procfs::{self, ProcessId};
+use crate::state::{self, StateDir};
+use crate::sys;
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ENTRY: &str = "__supervise";
+
+const SANDBOX_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause before restarting a slirp4netns that died, so a broken one does
+/// not spin.
+const RESTART_PAUSE: Duration = Duration::from_millis(100);
+const IDLE_TICK_MS: u16 = 1000;
+
+pub struct Args {
+    pub state_dir: PathBuf,
+    pub ready_fd: i32,
+    pub settings: Settings,
+}
+
+impl Args {
+    /// The hidden command line `start` builds; not for people.
+    pub fn parse(args: &[String]) -> Result<Self> {
+        let mut state_dir = None;
+        let mut ready_fd = None;
+        let mut settings = Settings {
+            mtu: crate::cni::config::DEFAULT_MTU,
+            allow_host_loopback: false,
+            idle_timeout_secs: None,
+            log_level: "warn".into(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = || {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| Error::internal(format!("{a} needs a value")))
+            };
+            match a.as_str() {
+                "--state-dir" => state_dir = Some(PathBuf::from(value()?)),
+                "--ready-fd" => ready_fd = value()?.parse().ok(),
+                "--mtu" => {
+                    settings.mtu = value()?.parse().map_err(|_| Error::internal("bad --mtu"))?
+                }
+                "--log-level" => settings.log_level = value()?,
+                "--idle-timeout" => settings.idle_timeout_secs = value()?.parse().ok(),
+                "--allow-host-loopback" => settings.allow_host_loopback = true,
+                other => return Err(Error::internal(format!("unknown argument {other}"))),
+            }
+        }
+        Ok(Args {
+            state_dir: state_dir.ok_or_else(|| Error::internal("--state-dir is required"))?,
+            ready_fd: ready_fd.ok_or_else(|| Error::internal("--ready-fd is required"))?,
+            settings,
+        })
+    }
+}
+
+struct Supervisor {
+    state: StateDir,
+    settings: Settings,
+    sandbox: Child,
+    sandbox_id: ProcessId,
+    slirp: Option<Slirp>,
+    info: InfraInfo,
+}
+
+/// Entry of the hidden `__supervise` command.
+pub fn main(args: Args) -> i32 {
+    // SAFETY: the plugin handed us this fd for our exclusive use.
+    let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(args.ready_fd) });
+    let signals = match block_signals() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(ready, "error: {e}");
+            return 1;
+        }
+    };
+    let mut sup = match Supervisor::start(args.state_dir, args.settings) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = writeln!(ready, "error: {e}");
+            return 1;
+        }
+    };
+    let _ = ready.write_all(b"ok\n");
+    drop(ready);
+    log::info!(
+        "infra up: supervisor {}, sandbox {}, slirp4netns {:?}",
+        sup.info.supervisor.pid,
+        sup.info.sandbox.pid,
+        sup.info.slirp4netns.map(|p| p.pid)
+    );
+    sup.run(signals);
+    0
+}
+
+fn block_signals() -> Result<SignalFd> {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block()?;
+    Ok(SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)?)
+}
+
+impl Supervisor {
+    fn start(state_dir: PathBuf, settings: Settings) -> Result<Self> {
+        let state = StateDir { path: state_dir };
+        let (sandbox, sandbox_id) = spawn_sandbox(&state)?;
+        let ns = |kind: &str| procfs::ns_inode(format!("/proc/{}/ns/{kind}", sandbox_id.pid));
+        let (Some(netns), Some(mntns)) = (ns("net"), ns("mnt")) else {
+            return Err(Error::new(
+                code::INFRA_START,
+                "the sandbox vanished after start",
+            ));
+        };
+        let info = InfraInfo {
+            supervisor: ProcessId::of(std::process::id() as i32)
+                .ok_or_else(|| Error::internal("cannot read our own /proc entry"))?,
+            sandbox: sandbox_id,
+            netns,
+            mntns,
+            slirp4netns: None,
+            userns: procfs::self_ns_inode("user").unwrap_or(0),
+            started: state::now_secs(),
+            settings: settings.clone(),
+        };
+        let mut sup = Supervisor {
+            state,
+            settings,
+            sandbox,
+            sandbox_id,
+            slirp: None,
+            info,
+        };
+        if let Err(e) = sup.start_slirp() {
+            sup.kill_children();
+            return Err(e);
+        }
+        Ok(sup)
+    }
+
+    fn start_slirp(&mut self) -> Result<()> {
+        let socket = self.state.file(state::SLIRP_SOCKET);
+        let _ = state::remove_if_exists(&socket);
+        let slirp = slirp::start(&SlirpOptions {
+            sandbox_pid: self.sandbox_id.pid,
+            mtu: self.settings.mtu,
+            allow_host_loopback: self.settings.allow_host_loopback,
+            api_socket: &socket,
+        })?;
+        self.info.slirp4netns = Some(slirp.id);
+        self.slirp = Some(slirp);
+        self.info.save(&self.state)
+    }
+
+    fn run(&mut self, signals: SignalFd) {
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            let timeout = match self.settings.idle_timeout_secs {
+                Some(_) => nix::poll::PollTimeout::from(IDLE_TICK_MS),
+                None => nix::poll::PollTimeout::NONE,
+            };
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&signals),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(&mut fds, timeout) {
+                Ok(0) => {
+                    if self.idle_expired(&mut idle_since) {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    log::error!("poll: {e}; stopping the infra");
+                    self.shutdown();
+                    return;
+                }
+            }
+            let Ok(Some(sig)) = signals.read_signal() else {
+                continue;
+            };
+            match Signal::try_from(sig.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => {
+                    if !self.reap_children() {
+                        return;
+                    }
+                }
+                Ok(s) => {
+                    log::info!("{s}: stopping the infra");
+                    self.shutdown();
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Reaps what exited. False when the sandbox died: the infra is gone.
+    fn reap_children(&mut self) -> bool {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return true,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else { return true };
+                    if pid.as_raw() == self.sandbox_id.pid {
+                        log::error!("sandbox exited ({status:?}); the infra is gone");
+                        self.shutdown();
+                        return false;
+                    }
+                    if Some(pid.as_raw()) == self.info.slirp4netns.map(|p| p.pid) {
+                        log::warn!("slirp4netns exited ({status:?}); restarting it");
+                        self.slirp = None;
+                        std::thread::sleep(RESTART_PAUSE);
+                        if let Err(e) = self.start_slirp() {
+                            log::error!("restarting slirp4netns: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// With an idle timeout, stops the infra once no attachment was seen for
+    /// that long. Only when the lock is free, so never under a running call.
+    fn idle_expired(&mut self, idle_since: &mut Option<Instant>) -> bool {
+        let Some(secs) = self.settings.idle_timeout_secs else {
+            return false;
+        };
+        let Ok(Some(lock)) = self.state.try_lock() else {
+            return false;
+        };
+        match self.state.has_attachments(&lock) {
+            Ok(false) => {}
+            _ => {
+                *idle_since = None;
+                return false;
+            }
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < Duration::from_secs(secs) {
+            return false;
+        }
+        log::info!("idle for {secs}s: stopping the infra");
+        self.shutdown();
+        let _ = state::remove_if_exists(&self.state.file(state::INFRA_FILE));
+        drop(lock);
+        true
+    }
+
+    fn shutdown(&mut self) {
+        self.kill_children();
+        let _ = state::remove_if_exists(&self.state.file(state::SLIRP_SOCKET));
+    }
+
+    /// The sandbox first: everything in the infra dies with its namespaces.
+    fn kill_children(&mut self) {
+        let _ = self.sandbox.kill();
+        let _ = self.sandbox.wait();
+        if let Some(mut slirp) = self.slirp.take() {
+            let _ = slirp.child.kill();
+            let _ = slirp.child.wait();
+        }
+    }
+}
+
+/// The sandbox is our own binary, exec'd after `unshare` of the network and
+/// mount namespaces; it dies with us.
+fn spawn_sandbox(state: &StateDir) -> Result<(Child, ProcessId)> {
+    let exe = std::env::current_exe()?;
+    let (ready_r, ready_w) = sys::pipe()?;
+    let ready_fd = ready_w.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg(sandbox::ENTRY)
+        .arg("--state-dir")
+        .arg(&state.path)
+        .arg("--ready-fd")
+        .arg(ready_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    // SAFETY: runs between fork and exec in the single-threaded child;
+    // prctl, unshare and fcntl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::die_with_parent()?;
+            nix::sched::unshare(
+                nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS,
+            )
+            .map_err(std::io::Error::from)?;
+            sys::keep_on_exec(ready_fd)
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::new(code::INFRA_START, format!("starting the sandbox: {e}")))?;
+    drop(ready_w);
+    let report = sys::read_to_end_timeout(ready_r, SANDBOX_TIMEOUT)?;
+    let id = ProcessId::of(child.id() as i32);
+    match (report.as_deref().map(str::trim), id) {
+        (Some("ok"), Some(id)) => Ok((child, id)),
+        (report, _) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let why = match report {
+                Some(r) if !r.is_empty() => r.trim_start_matches("error: ").to_string(),
+                Some(_) => "the sandbox exited during setup".into(),
+                None => "the sandbox was not ready in time".into(),
+            };
+            Err(Error::new(code::INFRA_START, why))
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! What /proc says about a process: enough to tell "our process, still
+//! running" from a zombie or a reused PID.
+
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// A process as we recorded it: a PID alone is not an identity once the
+/// machine has rebooted or the PID was reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessId {
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat, in clock ticks since boot.
+    pub start_time: u64,
+}
+
+impl ProcessId {
+    pub fn of(pid: i32) -> Option<Self> {
+        let (_, start_time) = stat(pid)?;
+        Some(ProcessId { pid, start_time })
+    }
+
+    /// Exists, is not a zombie, and is the very process we recorded.
+    pub fn is_alive(&self) -> bool {
+        matches!(stat(self.pid), Some((state, start)) if start == self.start_time && state != 'Z' && state != 'X')
+    }
+
+    /// Sends `sig` only if the PID still belongs to the recorded process.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if self.is_alive() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig);
+        }
+    }
+}
+
+/// (state, start time) from /proc/PID/stat. The command name may hold
+/// spaces and parentheses, so fields are counted after the last ')'.
+pub fn stat(pid: i32) -> Option<(char, u64)> {
+    if pid <= 0 {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &text[text.rfind(')')? + 1..];
+    let mut fields = after.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // After the state come fields 4..; the start time is field 22.
+    let start = fields.nth(22 - 4)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Inode of a namespace file such as /proc/PID/ns/net: equal inodes mean the
+/// same namespace.
+pub fn ns_inode(path: impl AsRef<Path>) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+pub fn self_ns_inode(kind: &str) -> Option<u64> {
+    ns_inode(format!("/proc/self/ns/{kind}"))
+}
+
+/// Seconds since boot, to turn a start time into an uptime.
+pub fn uptime_seconds(p: &ProcessId) -> Option<u64> {
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks <= 0 {
+        return None;
+    }
+    let started = p.start_time as f64 / ticks as f64;
+    Some((uptime - started).max(0.0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_is_alive_and_a_fake_start_time_is_not() {
+        let me = ProcessId::of(std::process::id() as i32).unwrap();
+        assert!(me.is_alive());
+        let other = ProcessId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!other.is_alive());
+        assert!(!ProcessId {
+            pid: 0,
+            start_time: 0
+        }
+        .is_alive());
+    }
+}

@@ -1,0 +1,404 @@
+//! The state dir: its lock, the infra record and one record per attachment.
+//! Every file is written to a temporary name, synced, then renamed, so a
+//! crash never leaves half a record.
+
+use crate::error::{code, Context, Error, Result};
+use crate::procfs::ProcessId;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const LOCK_FILE: &str = "rootless-cni-infra.lck";
+pub const INFRA_FILE: &str = "infra.json";
+pub const ATTACHMENTS_DIR: &str = "attachments";
+pub const RUN_DIR: &str = "run";
+pub const VAR_LIB_CNI_DIR: &str = "var-lib-cni";
+pub const OVERLAY_DIR: &str = "var-lib-overlay";
+pub const SLIRP_SOCKET: &str = "slirp.sock";
+pub const LOG_FILE: &str = "infra.log";
+
+/// How long a call waits for the lock before answering "try again later".
+const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub path: PathBuf,
+}
+
+impl StateDir {
+    /// The config's `stateDir`, else `$XDG_RUNTIME_DIR/rootless-cni`.
+    pub fn resolve(configured: Option<&Path>) -> Result<PathBuf> {
+        if let Some(p) = configured {
+            if !p.is_absolute() {
+                return Err(Error::config(format!(
+                    "\"stateDir\" {:?} is not an absolute path",
+                    p.display().to_string()
+                )));
+            }
+            return Ok(p.to_path_buf());
+        }
+        match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+            Some(run) => Ok(PathBuf::from(run).join("rootless-cni")),
+            None => Err(Error::config(
+                "XDG_RUNTIME_DIR is not set: set it, or give \"stateDir\" in the config",
+            )),
+        }
+    }
+
+    /// Creates the dir if needed (0700) and refuses one that another user
+    /// could tamper with.
+    pub fn create(path: PathBuf) -> Result<Self> {
+        match fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::from(e).context(format!("creating state dir {}", path.display())))
+            }
+        }
+        let dir = StateDir { path };
+        dir.check_safe()?;
+        for sub in [ATTACHMENTS_DIR] {
+            ensure_dir(&dir.path.join(sub))?;
+        }
+        Ok(dir)
+    }
+
+    /// Opens an existing state dir; None when there is none (nothing was
+    /// ever attached, so there is nothing to do).
+    pub fn open_existing(path: PathBuf) -> Result<Option<Self>> {
+        match fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::from(e).context(format!("state dir {}", path.display()))),
+            Ok(_) => {
+                let dir = StateDir { path };
+                dir.check_safe()?;
+                Ok(Some(dir))
+            }
+        }
+    }
+
+    fn check_safe(&self) -> Result<()> {
+        let meta = fs::symlink_metadata(&self.path)
+            .with_context(|| format!("state dir {}", self.path.display()))?;
+        let unsafe_dir = |why: String| {
+            Err(Error::new(
+                code::UNSAFE_STATE_DIR,
+                format!(
+                    "state dir {} is not safe to use: {why}",
+                    self.path.display()
+                ),
+            ))
+        };
+        if meta.file_type().is_symlink() {
+            return unsafe_dir("it is a symlink".into());
+        }
+        if !meta.is_dir() {
+            return unsafe_dir("it is not a directory".into());
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return unsafe_dir(format!(
+                "it is owned by uid {}, not by us ({me})",
+                meta.uid()
+            ));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return unsafe_dir(format!(
+                "its mode {:o} lets others write to it",
+                meta.mode() & 0o7777
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Takes the lifecycle lock, waiting at most LOCK_TIMEOUT.
+    pub fn lock(&self) -> Result<StateLock> {
+        let path = self.file(LOCK_FILE);
+        let mut file = fslock::LockFile::open(&path)
+            .map_err(|e| Error::internal(format!("opening lock {}: {e}", path.display())))?;
+        let deadline = Instant::now() + LOCK_TIMEOUT;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match file.try_lock() {
+                Ok(true) => return Ok(StateLock { _file: file }),
+                Ok(false) if Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+                Ok(false) => {
+                    return Err(Error::new(
+                        code::TRY_AGAIN_LATER,
+                        format!(
+                            "lock {} still held after {}s by another call; try again later",
+                            path.display(),
+                            LOCK_TIMEOUT.as_secs()
+                        ),
+                    ))
+                }
+                Err(e) => return Err(Error::internal(format!("locking {}: {e}", path.display()))),
+            }
+        }
+    }
+
+    /// The lock if it is free right now; None if another call holds it.
+    pub fn try_lock(&self) -> Result<Option<StateLock>> {
+        let path = self.file(LOCK_FILE);
+        let mut file = fslock::LockFile::open(&path)
+            .map_err(|e| Error::internal(format!("opening lock {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(true) => Ok(Some(StateLock { _file: file })),
+            Ok(false) => Ok(None),
+            Err(e) => Err(Error::internal(format!("locking {}: {e}", path.display()))),
+        }
+    }
+
+    pub fn attachment_path(&self, key: &AttachmentKey) -> PathBuf {
+        self.path.join(ATTACHMENTS_DIR).join(key.file_name())
+    }
+
+    pub fn read_attachment(
+        &self,
+        key: &AttachmentKey,
+        _lock: &StateLock,
+    ) -> Result<Option<Attachment>> {
+        read_json(&self.attachment_path(key))
+    }
+
+    pub fn write_attachment(&self, rec: &Attachment, _lock: &StateLock) -> Result<()> {
+        write_json_atomic(&self.attachment_path(&rec.key()), rec)
+    }
+
+    pub fn remove_attachment(&self, key: &AttachmentKey, _lock: &StateLock) -> Result<()> {
+        remove_if_exists(&self.attachment_path(key))
+    }
+
+    /// Every record, unreadable ones skipped with a warning.
+    pub fn list_attachments(&self) -> Result<Vec<Attachment>> {
+        let dir = self.path.join(ATTACHMENTS_DIR);
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(Error::from(e).context(format!("reading {}", dir.display()))),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            match read_json::<Attachment>(&path) {
+                Ok(Some(a)) => out.push(a),
+                Ok(None) => {}
+                Err(e) => log::warn!("skipping unreadable record {}: {e}", path.display()),
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created));
+        Ok(out)
+    }
+
+    /// True when no record is left: the infra may stop. Reads the dir only,
+    /// never the records.
+    pub fn has_attachments(&self, _lock: &StateLock) -> Result<bool> {
+        let dir = self.path.join(ATTACHMENTS_DIR);
+        match fs::read_dir(&dir) {
+            Ok(mut entries) => Ok(entries.any(|e| {
+                e.ok()
+                    .and_then(|e| {
+                        e.file_name()
+                            .to_str()
+                            .map(|n| n.ends_with(".json") && !n.starts_with('.'))
+                    })
+                    .unwrap_or(false)
+            })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::from(e).context(format!("reading {}", dir.display()))),
+        }
+    }
+}
+
+/// Held while lifecycle and records change; released on drop.
+pub struct StateLock {
+    _file: fslock::LockFile,
+}
+
+/// An attachment's identity, as the spec defines it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentKey {
+    pub network: String,
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl AttachmentKey {
+    /// Each part escaped, so no input can become a path or collide.
+    pub fn file_name(&self) -> String {
+        format!(
+            "{}+{}+{}.json",
+            escape(&self.network),
+            escape(&self.container_id),
+            escape(&self.ifname)
+        )
+    }
+}
+
+/// Percent-encodes everything but letters, digits, '-' and '_'.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachmentState {
+    /// An ADD is running the inner plugins; `owner` is that call.
+    Pending,
+    Ready,
+}
+
+/// What the successor of podman's `attached/` and `attached-args/` keeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    pub state: AttachmentState,
+    pub network: String,
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: Option<String>,
+    /// The sandbox of the infra the attachment lives in.
+    pub infra: ProcessId,
+    pub owner: Option<ProcessId>,
+    pub config: Value,
+    pub cni_args: String,
+    pub capability_args: Map<String, Value>,
+    pub result: Option<Value>,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
+impl Attachment {
+    pub fn key(&self) -> AttachmentKey {
+        AttachmentKey {
+            network: self.network.clone(),
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+        }
+    }
+
+    /// IP addresses from the result, for `status`.
+    pub fn addresses(&self) -> Vec<String> {
+        self.result
+            .as_ref()
+            .and_then(|r| r.get("ips"))
+            .and_then(Value::as_array)
+            .map(|ips| {
+                ips.iter()
+                    .filter_map(|ip| ip.get("address").and_then(Value::as_str).map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn ensure_dir(path: &Path) -> Result<()> {
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::from(e).context(format!("creating {}", path.display()))),
+    }
+}
+
+/// Empties a dir by replacing it: what an old infra left is meaningless to
+/// a new one.
+pub fn reset_dir(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::from(e).context(format!("removing {}", path.display()))),
+    }
+    ensure_dir(path)
+}
+
+pub fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::from(e).context(format!("removing {}", path.display()))),
+    }
+}
+
+/// None when the file does not exist; an empty or truncated file is an
+/// error the caller can treat as stale.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::internal(format!("{} is corrupt: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::from(e).context(format!("reading {}", path.display()))),
+    }
+}
+
+/// Write to a fresh temporary file (O_EXCL|O_NOFOLLOW), fsync, rename.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(|e| Error::internal(e.to_string()))?;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("record");
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::from(e).context(format!("writing {}", path.display()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_file_names_cannot_escape() {
+        let k = AttachmentKey {
+            network: "net.a".into(),
+            container_id: "../../etc".into(),
+            ifname: "eth0".into(),
+        };
+        let name = k.file_name();
+        assert!(!name.contains('/'));
+        assert_eq!(name, "net%2Ea+%2E%2E%2F%2E%2E%2Fetc+eth0.json");
+    }
+}
