@@ -71,17 +71,21 @@ fn two_containers_ping_each_other() {
         .unwrap_or_default();
     assert_eq!(attachments.len(), 2, "status attachments: {status}");
     for ip in &ips {
+        let has_ip = |a: &serde_json::Value| {
+            let addrs = a["addresses"].as_array().cloned().unwrap_or_default();
+            addrs.iter().filter_map(|x| x.as_str()).any(|x| {
+                x == ip.as_str()
+                    || x.strip_prefix(ip.as_str())
+                        .is_some_and(|r| r.starts_with('/'))
+            })
+        };
         let listed = attachments.iter().any(|a| {
             a["network"] == NET
                 && a["ifname"] == "eth0"
                 && a["containerId"]
                     .as_str()
                     .is_some_and(|id| id.starts_with("cnitool-"))
-                && a["addresses"].as_array().is_some_and(|addrs| {
-                    addrs
-                        .iter()
-                        .any(|x| x.as_str().is_some_and(|x| x.starts_with(ip.as_str())))
-                })
+                && has_ip(a)
         });
         assert!(listed, "{ip} not among status attachments: {status}");
     }

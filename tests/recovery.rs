@@ -32,16 +32,6 @@ fn killed_sandbox_is_reported_and_replaced() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap_or_else(|e| panic!("killing sandbox {sandbox}: {e}"));
-    // Its netns is gone once the kernel has torn it down: so is c's veth.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while lab.links(&c) != vec!["lo"] {
-        assert!(
-            Instant::now() < deadline,
-            "c kept eth0 after the sandbox died"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
     // CHECK through cnitool fails, and says so.
     let check = lab.cnitool("check", NET, &c.netns());
     assert!(!check.ok(), "CHECK of a lost attachment succeeded: {check}");
@@ -75,6 +65,17 @@ fn killed_sandbox_is_reported_and_replaced() {
         "records: {:?}",
         lab.attachment_files()
     );
+
+    // With the infra's netns gone, so is the container's end of the veth.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lab.links(&c) != vec!["lo"] {
+        assert!(
+            Instant::now() < deadline,
+            "c still has {:?} 5 s after the DEL of its lost attachment",
+            lab.links(&c)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // The next ADD gets a fresh infra that works.
     let c2 = lab.container();
