@@ -20,6 +20,13 @@ pub fn keep_on_exec(fd: RawFd) -> std::io::Result<()> {
         .map_err(std::io::Error::from)
 }
 
+/// Closes `fd` on exec again: a fd we were handed must not leak on to the
+/// processes we start.
+pub fn close_on_exec(fd: RawFd) -> Result<()> {
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok(())
+}
+
 /// Dies with the parent: the infra's helpers must never outlive the
 /// supervisor. Meant for `pre_exec`.
 pub fn die_with_parent() -> std::io::Result<()> {

@@ -180,6 +180,8 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
         .arg("--ready-fd")
         .arg(ready_fd.to_string())
         .args(settings.to_args())
+        // Without CNI_COMMAND our binary is the CLI, not a plugin.
+        .env_remove("CNI_COMMAND")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -14,6 +14,7 @@ pub const ENTRY: &str = "__sandbox";
 
 /// Entry of the hidden `__sandbox` command.
 pub fn main(state_dir: &Path, ready_fd: i32) -> i32 {
+    let _ = sys::close_on_exec(ready_fd);
     // SAFETY: the supervisor handed us this fd for our exclusive use.
     let ready = unsafe { OwnedFd::from_raw_fd(ready_fd) };
     let mut ready = std::fs::File::from(ready);

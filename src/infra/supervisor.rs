@@ -82,6 +82,9 @@ struct Supervisor {
 
 /// Entry of the hidden `__supervise` command.
 pub fn main(args: Args) -> i32 {
+    // The plugin waits for EOF on this pipe: the sandbox and slirp4netns
+    // must not inherit it.
+    let _ = sys::close_on_exec(args.ready_fd);
     // SAFETY: the plugin handed us this fd for our exclusive use.
     let mut ready = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(args.ready_fd) });
     let signals = match block_signals() {
