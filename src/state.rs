@@ -61,9 +61,7 @@ impl StateDir {
         }
         let dir = StateDir { path };
         dir.check_safe()?;
-        for sub in [ATTACHMENTS_DIR] {
-            ensure_dir(&dir.path.join(sub))?;
-        }
+        ensure_dir(&dir.path.join(ATTACHMENTS_DIR))?;
         Ok(dir)
     }
 
@@ -200,7 +198,7 @@ impl StateDir {
                 Err(e) => log::warn!("skipping unreadable record {}: {e}", path.display()),
             }
         }
-        out.sort_by(|a, b| a.created.cmp(&b.created));
+        out.sort_by_key(|a| a.created);
         Ok(out)
     }
 
