@@ -26,12 +26,22 @@ const MAX_STDIN: u64 = 1 << 20;
 
 fn main() {
     init_logging();
-    let code = if std::env::var_os("CNI_COMMAND").is_some() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let code = if is_plugin_call(&args) {
         plugin_main()
     } else {
-        cli::main(std::env::args().skip(1).collect())
+        cli::main(args)
     };
     std::process::exit(code);
+}
+
+/// A runtime sets CNI_COMMAND. Called with no arguments and other CNI_*
+/// variables but no CNI_COMMAND, it is a runtime's mistake, answered with an
+/// error object that names the missing variable.
+fn is_plugin_call(args: &[String]) -> bool {
+    std::env::var_os("CNI_COMMAND").is_some()
+        || (args.is_empty()
+            && std::env::vars_os().any(|(k, _)| k.to_string_lossy().starts_with("CNI_")))
 }
 
 /// Logs go to stderr only: stdout belongs to the CNI result. The level is
