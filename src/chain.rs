@@ -9,6 +9,12 @@ use crate::exec::{self, ContainerNetns, InfraNs, Invocation};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 
+/// The last plugin's result, parsed and as printed.
+pub struct AddResult {
+    pub value: Value,
+    pub raw: Vec<u8>,
+}
+
 pub struct Chain<'a> {
     pub list: &'a InnerList,
     pub binaries: Vec<PathBuf>,
@@ -32,30 +38,29 @@ pub fn find_binaries(list: &InnerList, cni_path: &[PathBuf]) -> Result<Vec<PathB
 impl Chain<'_> {
     /// ADD through the whole list. On failure, what ran is undone (DEL of
     /// every plugin, in reverse) before the error is returned. The result
-    /// carries the inner CNI_NETNS; see `to_runtime`.
-    pub fn add(&self) -> Result<Value> {
-        let mut prev: Option<Value> = None;
+    /// carries the inner CNI_NETNS; see `rewrite_sandbox`.
+    pub fn add(&self) -> Result<AddResult> {
+        let mut last: Option<AddResult> = None;
         for i in 0..self.list.plugins.len() {
-            match self.run(Verb::Add, i, prev.as_ref()) {
-                Ok(out) => {
-                    let result = serde_json::from_slice(&out).map_err(|e| {
-                        Error::new(
-                            code::INNER_PLUGIN,
-                            format!(
-                                "inner plugin {} printed a result that is not JSON: {e}",
-                                self.name(i)
-                            ),
-                        )
-                    });
-                    match result {
-                        Ok(r) => prev = Some(r),
-                        Err(e) => return Err(self.rolled_back(e, prev.as_ref())),
-                    }
-                }
-                Err(e) => return Err(self.rolled_back(e, prev.as_ref())),
+            let prev = last.as_ref().map(|r| &r.value);
+            let step = self.run(Verb::Add, i, prev).and_then(|raw| {
+                let value = serde_json::from_slice(&raw).map_err(|e| {
+                    Error::new(
+                        code::INNER_PLUGIN,
+                        format!(
+                            "inner plugin {} printed a result that is not JSON: {e}",
+                            self.name(i)
+                        ),
+                    )
+                })?;
+                Ok(AddResult { value, raw })
+            });
+            match step {
+                Ok(r) => last = Some(r),
+                Err(e) => return Err(self.rolled_back(e, prev)),
             }
         }
-        prev.ok_or_else(|| Error::internal("empty inner chain"))
+        last.ok_or_else(|| Error::internal("empty inner chain"))
     }
 
     fn rolled_back(&self, err: Error, prev: Option<&Value>) -> Error {
@@ -161,6 +166,24 @@ pub fn rewrite_sandbox(result: &mut Value, from: &str, to: &str) {
     }
 }
 
+/// The same replacement on the result as a plugin printed it, so the
+/// runtime gets the inner result byte for byte but for the sandbox path.
+/// The inner path is a JSON string token that only `sandbox` can hold.
+pub fn rewrite_sandbox_raw(raw: &[u8], from: &str, to: &str) -> Vec<u8> {
+    let (Ok(from), Ok(to)) = (serde_json::to_vec(from), serde_json::to_vec(to)) else {
+        return raw.to_vec();
+    };
+    let mut out = Vec::with_capacity(raw.len() + to.len());
+    let mut rest = raw;
+    while let Some(pos) = rest.windows(from.len()).position(|w| w == from.as_slice()) {
+        out.extend_from_slice(&rest[..pos]);
+        out.extend_from_slice(&to);
+        rest = &rest[pos + from.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +198,16 @@ mod tests {
         rewrite_sandbox(&mut r, "/proc/self/fd/5", "/run/netns/c1");
         assert_eq!(r["interfaces"][2]["sandbox"], "/run/netns/c1");
         assert!(r["interfaces"][0].get("sandbox").is_none());
+    }
+
+    #[test]
+    fn raw_result_keeps_its_bytes() {
+        let raw = b"{\n    \"interfaces\": [{\"sandbox\": \"/proc/self/fd/5\"}],\n    \"x\": \"/proc/self/fd/55\"\n}";
+        let out = rewrite_sandbox_raw(raw, "/proc/self/fd/5", "/run/netns/a\"b");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\n    \"interfaces\": [{\"sandbox\": \"/run/netns/a\\\"b\"}],\n    \"x\": \"/proc/self/fd/55\"\n}"
+        );
     }
 
     #[test]

@@ -10,9 +10,9 @@ use crate::exec::{ContainerNetns, InfraNs};
 use crate::infra::{self, InfraInfo, Settings};
 use crate::procfs::ProcessId;
 use crate::state::{self, Attachment, AttachmentState, StateDir};
-use serde_json::Value;
 
-pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
+/// The result for the runtime, as the last inner plugin printed it.
+pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     // Everything that can be checked is checked before anything changes.
     let list = conf.inner_list()?;
     let binaries = chain::find_binaries(&list, &env.path)?;
@@ -63,9 +63,9 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Value> {
         Ok(result) => {
             record.state = AttachmentState::Ready;
             record.owner = None;
-            record.result = Some(result.clone());
+            record.result = Some(result.value);
             state.write_attachment(&record, &lock)?;
-            Ok(result)
+            Ok(result.raw)
         }
         Err(e) => {
             // The chain rolled itself back; forget the attachment and do not
@@ -88,7 +88,7 @@ fn run_chain(
     netns: &ContainerNetns,
     env: &CniEnv,
     conf: &NetConf,
-) -> Result<Value> {
+) -> Result<chain::AddResult> {
     let infra_ns = InfraNs::open(info)?;
     let chain = Chain {
         list,
@@ -102,7 +102,9 @@ fn run_chain(
         capability_args: &conf.runtime_config,
     };
     let mut result = chain.add()?;
-    chain::rewrite_sandbox(&mut result, &netns.inner_path(), &netns.runtime_str());
+    let (inner, runtime) = (netns.inner_path(), netns.runtime_str());
+    chain::rewrite_sandbox(&mut result.value, &inner, &runtime);
+    result.raw = chain::rewrite_sandbox_raw(&result.raw, &inner, &runtime);
     Ok(result)
 }
 
