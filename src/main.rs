@@ -114,13 +114,7 @@ fn run_verb(stdin: &[u8], version: &str) -> error::Result<Vec<u8>> {
         env.ifname
     );
     match env.command {
-        Command::Add => {
-            let result = commands::add::add(&env, &conf)?;
-            let mut out =
-                serde_json::to_vec(&result).map_err(|e| Error::internal(e.to_string()))?;
-            out.push(b'\n');
-            Ok(out)
-        }
+        Command::Add => commands::add::add(&env, &conf),
         Command::Del => commands::del::del(&env, &conf).map(|_| Vec::new()),
         Command::Check => commands::check::check(&env, &conf).map(|_| Vec::new()),
         Command::Version => Ok(commands::version::version(version).into_bytes()),
