@@ -77,14 +77,18 @@ fn run(args: Vec<String>) -> Result<()> {
             }
             supervisor::ENTRY => {
                 let args = supervisor::Args::parse(&rest.collect::<Vec<_>>())?;
-                if let Ok(level) = args.settings.log_level.parse() {
+                if let Ok(level) = args.settings.log_level.parse::<log::LevelFilter>() {
                     log::set_max_level(level);
                 }
                 std::process::exit(supervisor::main(args));
             }
             sandbox::ENTRY => {
                 let args = supervisor::Args::parse(&rest.collect::<Vec<_>>())?;
-                std::process::exit(sandbox::main(&args.state_dir, args.ready_fd));
+                std::process::exit(sandbox::main(
+                    &args.state_dir,
+                    args.ready_fd,
+                    &args.settings,
+                ));
             }
             other => return Err(usage(&format!("unknown command or option {other:?}"))),
         }

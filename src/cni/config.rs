@@ -26,6 +26,8 @@ const OWN_KEYS: &[&str] = &[
     "stateDir",
     "mtu",
     "allowHostLoopback",
+    "ipv6",
+    "portDriver",
     "idleTimeout",
     "logLevel",
 ];
@@ -38,12 +40,26 @@ pub struct NetConf {
     pub state_dir: Option<PathBuf>,
     pub mtu: u32,
     pub allow_host_loopback: bool,
+    /// slirp4netns's IPv6 (fd00::100/64 on tap0, gateway fd00::2).
+    pub ipv6: bool,
+    pub port_driver: PortDriver,
     /// None: stop the infra as soon as the last attachment leaves.
     pub idle_timeout: Option<Duration>,
     pub log_level: Option<log::LevelFilter>,
     /// Capability args the runtime gave us, handed on to the inner plugins
     /// that declare them.
     pub runtime_config: Map<String, Value>,
+}
+
+/// How a published port gets from the host into the infra.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortDriver {
+    /// The supervisor accepts on the host and connects from inside the infra.
+    #[default]
+    Builtin,
+    /// slirp4netns's add_hostfwd.
+    Slirp4netns,
 }
 
 #[derive(Debug, Clone)]
@@ -128,12 +144,14 @@ impl NetConf {
                     ))
                 })?,
         };
-        let allow_host_loopback = match obj.get("allowHostLoopback") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => {
+        let allow_host_loopback = boolean(&obj, "allowHostLoopback")?;
+        let ipv6 = boolean(&obj, "ipv6")?;
+        let port_driver = match string(&obj, "portDriver")?.as_deref() {
+            None | Some("builtin") => PortDriver::Builtin,
+            Some("slirp4netns") => PortDriver::Slirp4netns,
+            Some(other) => {
                 return Err(Error::config(format!(
-                    "\"allowHostLoopback\" must be true or false, not {v}"
+                    "\"portDriver\" {other:?} is not one of builtin, slirp4netns"
                 )))
             }
         };
@@ -169,6 +187,8 @@ impl NetConf {
             state_dir: string(&obj, "stateDir")?.map(PathBuf::from),
             mtu,
             allow_host_loopback,
+            ipv6,
+            port_driver,
             idle_timeout,
             log_level,
             runtime_config,
@@ -198,6 +218,16 @@ fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(v) => Err(Error::config(format!("{key:?} must be a string, not {v}"))),
+    }
+}
+
+fn boolean(obj: &Map<String, Value>, key: &str) -> Result<bool> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(Error::config(format!(
+            "{key:?} must be true or false, not {v}"
+        ))),
     }
 }
 
@@ -402,6 +432,8 @@ mod tests {
             (r#","idleTimeout":"soon""#, "idleTimeout"),
             (r#","logLevel":"loud""#, "logLevel"),
             (r#","stateDir":5"#, "stateDir"),
+            (r#","ipv6":1"#, "ipv6"),
+            (r#","portDriver":"fast""#, "portDriver"),
         ] {
             let e = NetConf::parse(conf(extra).as_bytes()).unwrap_err();
             assert_eq!(e.code, 7, "{key}");

@@ -12,6 +12,8 @@ use crate::procfs::{self, ProcessId};
 use crate::state::{self, StateDir, StateLock};
 use crate::sys;
 use serde::{Deserialize, Serialize};
+
+pub use crate::cni::config::PortDriver;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -29,6 +31,8 @@ const MAX_LOG: u64 = 1 << 20;
 pub struct Settings {
     pub mtu: u32,
     pub allow_host_loopback: bool,
+    pub ipv6: bool,
+    pub port_driver: PortDriver,
     pub idle_timeout_secs: Option<u64>,
     pub log_level: String,
 }
@@ -38,26 +42,20 @@ impl Settings {
         Settings {
             mtu: conf.mtu,
             allow_host_loopback: conf.allow_host_loopback,
+            ipv6: conf.ipv6,
+            port_driver: conf.port_driver,
             idle_timeout_secs: conf.idle_timeout.map(|d| d.as_secs()),
             log_level: log::max_level().to_string().to_lowercase(),
         }
     }
 
-    fn to_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--mtu".to_string(),
-            self.mtu.to_string(),
-            "--log-level".into(),
-            self.log_level.clone(),
-        ];
-        if self.allow_host_loopback {
-            args.push("--allow-host-loopback".into());
-        }
-        if let Some(secs) = self.idle_timeout_secs {
-            args.push("--idle-timeout".into());
-            args.push(secs.to_string());
-        }
-        args
+    /// Handed to the supervisor and the sandbox as one JSON argument.
+    pub fn to_arg(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_arg(arg: &str) -> Result<Self> {
+        serde_json::from_str(arg).map_err(|e| Error::internal(format!("bad --settings: {e}")))
     }
 }
 
@@ -146,11 +144,12 @@ pub fn ensure_running(
     if let Some(info) = running(state, lock)? {
         if info.settings.mtu != settings.mtu
             || info.settings.allow_host_loopback != settings.allow_host_loopback
+            || info.settings.ipv6 != settings.ipv6
+            || info.settings.port_driver != settings.port_driver
         {
             log::warn!(
-                "infra already running with mtu {} allowHostLoopback {}; this config's settings apply from the next infra start",
-                info.settings.mtu,
-                info.settings.allow_host_loopback
+                "infra already running with {}; this config's settings apply from the next infra start",
+                info.settings.to_arg()
             );
         }
         return Ok((info, false));
@@ -179,7 +178,8 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
         .arg(&state.path)
         .arg("--ready-fd")
         .arg(ready_fd.to_string())
-        .args(settings.to_args())
+        .arg("--settings")
+        .arg(settings.to_arg())
         // Without CNI_COMMAND our binary is the CLI, not a plugin.
         .env_remove("CNI_COMMAND")
         .stdin(Stdio::null())

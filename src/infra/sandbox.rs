@@ -13,12 +13,12 @@ use std::path::Path;
 pub const ENTRY: &str = "__sandbox";
 
 /// Entry of the hidden `__sandbox` command.
-pub fn main(state_dir: &Path, ready_fd: i32) -> i32 {
+pub fn main(state_dir: &Path, ready_fd: i32, settings: &super::Settings) -> i32 {
     let _ = sys::close_on_exec(ready_fd);
     // SAFETY: the supervisor handed us this fd for our exclusive use.
     let ready = unsafe { OwnedFd::from_raw_fd(ready_fd) };
     let mut ready = std::fs::File::from(ready);
-    match setup(state_dir) {
+    match setup(state_dir, settings) {
         Ok(()) => {
             let _ = ready.write_all(b"ok\n");
         }
@@ -33,7 +33,7 @@ pub fn main(state_dir: &Path, ready_fd: i32) -> i32 {
     }
 }
 
-fn setup(state_dir: &Path) -> Result<()> {
+fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
     // Nothing we mount may leak back to the caller's mount namespace.
     mount(
         None::<&str>,
@@ -47,8 +47,19 @@ fn setup(state_dir: &Path) -> Result<()> {
     mount_var_lib_cni(state_dir)?;
     bind(&state_dir.join(state::RUN_DIR), Path::new("/run"))?;
     sys::loopback_up()?;
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling ip_forward")?;
+    sysctl("net/ipv4/ip_forward", "1")?;
+    if settings.ipv6 {
+        // Forwarding turns off router advertisements unless accept_ra is 2,
+        // and slirp4netns's tap0 gets its IPv6 address from one.
+        sysctl("net/ipv6/conf/default/accept_ra", "2")?;
+        sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    }
     Ok(())
+}
+
+fn sysctl(key: &str, value: &str) -> Result<()> {
+    std::fs::write(format!("/proc/sys/{key}"), value)
+        .with_context(|| format!("setting {key} to {value}"))
 }
 
 fn bind(src: &Path, dst: &Path) -> Result<()> {

@@ -24,8 +24,7 @@ pub struct Slirp {
 
 pub struct SlirpOptions<'a> {
     pub sandbox_pid: i32,
-    pub mtu: u32,
-    pub allow_host_loopback: bool,
+    pub settings: &'a super::Settings,
     pub api_socket: &'a Path,
 }
 
@@ -36,15 +35,18 @@ pub fn start(opts: &SlirpOptions) -> Result<Slirp> {
     let (ready_fd, exit_fd) = (ready_w.as_raw_fd(), exit_r.as_raw_fd());
     let mut cmd = Command::new("slirp4netns");
     cmd.arg("--configure")
-        .arg(format!("--mtu={}", opts.mtu))
+        .arg(format!("--mtu={}", opts.settings.mtu))
         .arg(format!("--ready-fd={ready_fd}"))
         .arg(format!("--exit-fd={exit_fd}"))
         .arg("--api-socket")
         .arg(opts.api_socket)
         .arg("--enable-sandbox")
         .arg("--enable-seccomp");
-    if !opts.allow_host_loopback {
+    if !opts.settings.allow_host_loopback {
         cmd.arg("--disable-host-loopback");
+    }
+    if opts.settings.ipv6 {
+        cmd.arg("--enable-ipv6");
     }
     cmd.arg(opts.sandbox_pid.to_string())
         .arg(TAP)

@@ -36,37 +36,23 @@ pub struct Args {
 impl Args {
     /// The hidden command line `start` builds; not for people.
     pub fn parse(args: &[String]) -> Result<Self> {
-        let mut state_dir = None;
-        let mut ready_fd = None;
-        let mut settings = Settings {
-            mtu: crate::cni::config::DEFAULT_MTU,
-            allow_host_loopback: false,
-            idle_timeout_secs: None,
-            log_level: "warn".into(),
-        };
+        let (mut state_dir, mut ready_fd, mut settings) = (None, None, None);
         let mut it = args.iter();
         while let Some(a) = it.next() {
-            let mut value = || {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| Error::internal(format!("{a} needs a value")))
-            };
+            let value = it
+                .next()
+                .ok_or_else(|| Error::internal(format!("{a} needs a value")))?;
             match a.as_str() {
-                "--state-dir" => state_dir = Some(PathBuf::from(value()?)),
-                "--ready-fd" => ready_fd = value()?.parse().ok(),
-                "--mtu" => {
-                    settings.mtu = value()?.parse().map_err(|_| Error::internal("bad --mtu"))?
-                }
-                "--log-level" => settings.log_level = value()?,
-                "--idle-timeout" => settings.idle_timeout_secs = value()?.parse().ok(),
-                "--allow-host-loopback" => settings.allow_host_loopback = true,
+                "--state-dir" => state_dir = Some(PathBuf::from(value)),
+                "--ready-fd" => ready_fd = value.parse().ok(),
+                "--settings" => settings = Some(Settings::from_arg(value)?),
                 other => return Err(Error::internal(format!("unknown argument {other}"))),
             }
         }
         Ok(Args {
             state_dir: state_dir.ok_or_else(|| Error::internal("--state-dir is required"))?,
             ready_fd: ready_fd.ok_or_else(|| Error::internal("--ready-fd is required"))?,
-            settings,
+            settings: settings.ok_or_else(|| Error::internal("--settings is required"))?,
         })
     }
 }
@@ -130,7 +116,7 @@ fn block_signals() -> Result<SignalFd> {
 impl Supervisor {
     fn start(state_dir: PathBuf, settings: Settings) -> Result<Self> {
         let state = StateDir { path: state_dir };
-        let (sandbox, sandbox_id) = spawn_sandbox(&state)?;
+        let (sandbox, sandbox_id) = spawn_sandbox(&state, &settings)?;
         let ns = |kind: &str| procfs::ns_inode(format!("/proc/{}/ns/{kind}", sandbox_id.pid));
         let (Some(netns), Some(mntns)) = (ns("net"), ns("mnt")) else {
             return Err(Error::new(
@@ -169,8 +155,7 @@ impl Supervisor {
         let _ = state::remove_if_exists(&socket);
         let slirp = slirp::start(&SlirpOptions {
             sandbox_pid: self.sandbox_id.pid,
-            mtu: self.settings.mtu,
-            allow_host_loopback: self.settings.allow_host_loopback,
+            settings: &self.settings,
             api_socket: &socket,
         })?;
         self.info.slirp4netns = Some(slirp.id);
@@ -293,7 +278,7 @@ impl Supervisor {
 
 /// The sandbox is our own binary, exec'd after `unshare` of the network and
 /// mount namespaces; it dies with us.
-fn spawn_sandbox(state: &StateDir) -> Result<(Child, ProcessId)> {
+fn spawn_sandbox(state: &StateDir, settings: &Settings) -> Result<(Child, ProcessId)> {
     let exe = std::env::current_exe()?;
     let (ready_r, ready_w) = sys::pipe()?;
     let ready_fd = ready_w.as_raw_fd();
@@ -303,6 +288,8 @@ fn spawn_sandbox(state: &StateDir) -> Result<(Child, ProcessId)> {
         .arg(&state.path)
         .arg("--ready-fd")
         .arg(ready_fd.to_string())
+        .arg("--settings")
+        .arg(settings.to_arg())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     // SAFETY: runs between fork and exec in the single-threaded child;
