@@ -129,15 +129,12 @@ impl Chain<'_> {
             conf.insert("prevResult".into(), prev.clone());
         }
         let declared = conf.get("capabilities").and_then(Value::as_object).cloned();
+        let capability_args = crate::ports::inner_capability_args(self.capability_args);
         let runtime_config: Map<String, Value> = declared
             .iter()
             .flatten()
             .filter(|(_, on)| on.as_bool() == Some(true))
-            .filter_map(|(cap, _)| {
-                self.capability_args
-                    .get(cap)
-                    .map(|v| (cap.clone(), v.clone()))
-            })
+            .filter_map(|(cap, _)| capability_args.get(cap).map(|v| (cap.clone(), v.clone())))
             .collect();
         if !runtime_config.is_empty() {
             conf.insert("runtimeConfig".into(), Value::Object(runtime_config));

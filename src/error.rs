@@ -24,6 +24,8 @@ pub mod code {
     pub const UNSAFE_STATE_DIR: u32 = 105;
     /// The container netns cannot be handled from the caller's user namespace.
     pub const FOREIGN_NETNS: u32 = 106;
+    /// A published host port cannot be had (in use, privileged, no such address).
+    pub const HOST_PORT: u32 = 107;
 }
 
 #[derive(Debug)]

@@ -11,6 +11,7 @@ mod commands;
 mod error;
 mod exec;
 mod infra;
+mod ports;
 mod procfs;
 mod state;
 mod sys;

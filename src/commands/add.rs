@@ -7,15 +7,18 @@ use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
 use crate::exec::{ContainerNetns, InfraNs};
+use crate::infra::control::{self, Request};
 use crate::infra::{self, InfraInfo, Settings};
+use crate::ports::{self, PortMapping};
 use crate::procfs::ProcessId;
-use crate::state::{self, Attachment, AttachmentState, StateDir};
+use crate::state::{self, Attachment, AttachmentKey, AttachmentState, StateDir};
 
 /// The result for the runtime, as the last inner plugin printed it.
 pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     // Everything that can be checked is checked before anything changes.
     let list = conf.inner_list()?;
     let binaries = chain::find_binaries(&list, &env.path)?;
+    let mappings = ports::from_runtime_config(&conf.runtime_config)?;
     let netns = ContainerNetns::open(env.netns())?;
     let state = StateDir::create(StateDir::resolve(conf.state_dir.as_deref())?)?;
     let key = attachment_key(env, conf);
@@ -56,7 +59,13 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         (info, started)
     };
 
-    let outcome = run_chain(&info, &list, binaries, &netns, env, conf);
+    let outcome = publish_ports(&state, &key, &mappings).and_then(|()| {
+        let result = run_chain(&info, &list, binaries, &netns, env, conf);
+        if result.is_err() {
+            unpublish_ports(&state, &key, &mappings);
+        }
+        result
+    });
 
     let lock = state.lock()?;
     match outcome {
@@ -106,6 +115,34 @@ fn run_chain(
     chain::rewrite_sandbox(&mut result.value, &inner, &runtime);
     result.raw = chain::rewrite_sandbox_raw(&result.raw, &inner, &runtime);
     Ok(result)
+}
+
+/// Opens the host side of the published ports through the supervisor: a
+/// port that cannot be had fails the ADD before the network is touched.
+fn publish_ports(state: &StateDir, key: &AttachmentKey, mappings: &[PortMapping]) -> Result<()> {
+    if mappings.is_empty() {
+        return Ok(());
+    }
+    control::call(
+        state,
+        &Request::AddPorts {
+            key: key.file_name(),
+            mappings: mappings.to_vec(),
+        },
+    )
+}
+
+/// Best effort: the caller is already failing or tearing down.
+pub fn unpublish_ports(state: &StateDir, key: &AttachmentKey, mappings: &[PortMapping]) {
+    if mappings.is_empty() {
+        return;
+    }
+    let req = Request::RemovePorts {
+        key: key.file_name(),
+    };
+    if let Err(e) = control::call(state, &req) {
+        log::warn!("closing the published ports of {}: {e}", key.container_id);
+    }
 }
 
 /// A record blocks a new ADD only while its infra lives and it is either

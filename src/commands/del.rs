@@ -53,6 +53,10 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
                     ),
                 ));
             }
+            // A broken record must not block the DEL: no ports then.
+            let mappings =
+                crate::ports::from_runtime_config(&record.capability_args).unwrap_or_default();
+            super::add::unpublish_ports(&state, &key, &mappings);
             let list = recorded_list(&record)?;
             let binaries = chain::find_binaries(&list, &env.path)?;
             let netns = ContainerNetns::open_if_present(env.netns.as_deref());

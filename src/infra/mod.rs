@@ -3,6 +3,7 @@
 //! namespaces), the sandbox (whose network and mount namespaces *are* the
 //! infra) and slirp4netns.
 
+pub mod control;
 pub mod sandbox;
 pub mod slirp;
 pub mod supervisor;

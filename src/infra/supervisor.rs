@@ -3,8 +3,9 @@
 //! down on SIGTERM, when the sandbox dies, or when idle.
 
 use super::slirp::{self, Slirp, SlirpOptions};
-use super::{sandbox, InfraInfo, Settings};
+use super::{control, sandbox, InfraInfo, PortDriver, Settings};
 use crate::error::{code, Error, Result};
+use crate::ports::{self, builtin::Builtin, Driver};
 use crate::procfs::{self, ProcessId};
 use crate::state::{self, StateDir};
 use crate::sys;
@@ -13,7 +14,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -59,6 +61,9 @@ impl Args {
 
 struct Supervisor {
     state: StateDir,
+    /// Published ports, by the configured driver.
+    ports: Box<dyn Driver>,
+    control: UnixListener,
     settings: Settings,
     sandbox: Child,
     sandbox_id: ProcessId,
@@ -135,8 +140,20 @@ impl Supervisor {
             started: state::now_secs(),
             settings: settings.clone(),
         };
+        let ports: Box<dyn Driver> = match settings.port_driver {
+            PortDriver::Builtin => {
+                let netns = std::fs::File::open(format!("/proc/{}/ns/net", sandbox_id.pid))?;
+                Box::new(Builtin::new(OwnedFd::from(netns)))
+            }
+            PortDriver::Slirp4netns => {
+                Box::new(ports::slirp::Slirp::new(state.file(state::SLIRP_SOCKET)))
+            }
+        };
+        let control = control::listen(&state)?;
         let mut sup = Supervisor {
             state,
+            ports,
+            control,
             settings,
             sandbox,
             sandbox_id,
@@ -160,6 +177,7 @@ impl Supervisor {
         })?;
         self.info.slirp4netns = Some(slirp.id);
         self.slirp = Some(slirp);
+        self.ports.slirp_restarted(&socket);
         self.info.save(&self.state)
     }
 
@@ -170,11 +188,16 @@ impl Supervisor {
                 Some(_) => nix::poll::PollTimeout::from(IDLE_TICK_MS),
                 None => nix::poll::PollTimeout::NONE,
             };
-            let mut fds = [nix::poll::PollFd::new(
-                std::os::fd::AsFd::as_fd(&signals),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            match nix::poll::poll(&mut fds, timeout) {
+            let mut fds = [
+                nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN),
+                nix::poll::PollFd::new(self.control.as_fd(), nix::poll::PollFlags::POLLIN),
+            ];
+            let polled = nix::poll::poll(&mut fds, timeout);
+            let control_ready = fds[1].any().unwrap_or(false);
+            if control_ready {
+                control::serve_one(&self.control, self.ports.as_mut());
+            }
+            match polled {
                 Ok(0) => {
                     if self.idle_expired(&mut idle_since) {
                         return;
@@ -188,6 +211,9 @@ impl Supervisor {
                     self.shutdown();
                     return;
                 }
+            }
+            if control_ready && !fds[0].any().unwrap_or(false) {
+                continue;
             }
             let Ok(Some(sig)) = signals.read_signal() else {
                 continue;
@@ -262,7 +288,9 @@ impl Supervisor {
 
     fn shutdown(&mut self) {
         self.kill_children();
+        self.ports.close_all();
         let _ = state::remove_if_exists(&self.state.file(state::SLIRP_SOCKET));
+        let _ = state::remove_if_exists(&self.state.file(control::SOCKET));
     }
 
     /// The sandbox first: everything in the infra dies with its namespaces.

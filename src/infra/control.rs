@@ -1,0 +1,108 @@
+//! The supervisor's control socket: how a plugin call asks the running
+//! infra to open or close an attachment's published ports. One JSON
+//! request, one JSON answer, per connection.
+
+use crate::error::{code, Error, Result};
+use crate::ports::{Driver, PortMapping};
+use crate::state::{self, StateDir};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+pub const SOCKET: &str = "control.sock";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum Request {
+    AddPorts {
+        key: String,
+        mappings: Vec<PortMapping>,
+    },
+    RemovePorts {
+        key: String,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Response {
+    pub error: Option<String>,
+    pub code: Option<u32>,
+}
+
+/// Sends `req` to the supervisor of the infra in `state`.
+pub fn call(state: &StateDir, req: &Request) -> Result<()> {
+    let path = state.file(SOCKET);
+    let fail = |e: std::io::Error| {
+        Error::internal(format!("infra control socket {}: {e}", path.display()))
+    };
+    let mut conn = UnixStream::connect(&path).map_err(fail)?;
+    conn.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| Error::internal(e.to_string()))?;
+    line.push(b'\n');
+    conn.write_all(&line).map_err(fail)?;
+    let mut answer = String::new();
+    BufReader::new(&conn).read_line(&mut answer).map_err(fail)?;
+    let resp: Response = serde_json::from_str(&answer).map_err(|e| {
+        Error::internal(format!("infra control socket: bad answer {answer:?}: {e}"))
+    })?;
+    match resp.error {
+        None => Ok(()),
+        Some(msg) => Err(Error::new(resp.code.unwrap_or(code::INTERNAL), msg)),
+    }
+}
+
+/// The supervisor's end. The socket lives in the 0700 state dir, so only
+/// the user can reach it.
+pub fn listen(state: &StateDir) -> Result<UnixListener> {
+    let path = state.file(SOCKET);
+    state::remove_if_exists(&path)?;
+    let listener = UnixListener::bind(&path)
+        .map_err(|e| Error::internal(format!("binding {}: {e}", path.display())))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Answers one waiting request, if any.
+pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver) {
+    let Ok((conn, _)) = listener.accept() else {
+        return;
+    };
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(TIMEOUT));
+    let mut line = String::new();
+    let response = match BufReader::new(&conn).read_line(&mut line) {
+        Err(e) => Response {
+            error: Some(format!("reading the request: {e}")),
+            code: None,
+        },
+        Ok(_) => match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response {
+                error: Some(format!("bad request: {e}")),
+                code: None,
+            },
+            Ok(req) => handle(req, driver),
+        },
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    out.push(b'\n');
+    let _ = (&conn).write_all(&out);
+}
+
+fn handle(req: Request, driver: &mut dyn Driver) -> Response {
+    let outcome = match req {
+        Request::AddPorts { key, mappings } => driver.add(&key, &mappings),
+        Request::RemovePorts { key } => {
+            driver.remove(&key);
+            Ok(())
+        }
+    };
+    match outcome {
+        Ok(()) => Response::default(),
+        Err(e) => Response {
+            error: Some(e.to_string()),
+            code: Some(e.code),
+        },
+    }
+}
