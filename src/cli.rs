@@ -155,18 +155,19 @@ fn status(state_dir: Option<PathBuf>, as_json: bool) -> Result<()> {
     println!("attachments: {}", attachments.len());
     if !attachments.is_empty() {
         println!(
-            "\n{:<20} {:<8} {:<16} {:<8} ADDRESSES",
-            "CONTAINER", "IFNAME", "NETWORK", "STATE"
+            "\n{:<20} {:<8} {:<16} {:<8} {:<18} PORTS",
+            "CONTAINER", "IFNAME", "NETWORK", "STATE", "ADDRESSES"
         );
         for a in &attachments {
             let id: String = a.container_id.chars().take(20).collect();
             println!(
-                "{:<20} {:<8} {:<16} {:<8} {}",
+                "{:<20} {:<8} {:<16} {:<8} {:<18} {}",
                 id,
                 a.ifname,
                 a.network,
                 attachment_state(a, info.as_ref()),
-                a.addresses().join(", ")
+                a.addresses().join(", "),
+                a.ports().join(", ")
             );
         }
     }
@@ -201,6 +202,7 @@ fn attachment_json(a: &Attachment, info: Option<&InfraInfo>) -> Value {
         "network": a.network,
         "netns": a.netns,
         "addresses": a.addresses(),
+        "ports": a.ports(),
         "state": attachment_state(a, info),
         "created": a.created,
     })

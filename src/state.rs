@@ -297,6 +297,15 @@ impl Attachment {
         }
     }
 
+    /// Published ports, for `status`.
+    pub fn ports(&self) -> Vec<String> {
+        crate::ports::from_runtime_config(&self.capability_args)
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m.describe())
+            .collect()
+    }
+
     /// IP addresses from the result, for `status`.
     pub fn addresses(&self) -> Vec<String> {
         self.result
