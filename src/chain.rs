@@ -3,11 +3,12 @@
 //! capabilities, DEL in reverse with the cached result, CHECK with it too.
 
 use crate::cni::config::InnerList;
-use crate::cni::env::Command as Verb;
+use crate::cni::env::{CniEnv, Command as Verb};
 use crate::error::{code, Error, Result};
 use crate::exec::{self, ContainerNetns, InfraNs, Invocation};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The last plugin's result, parsed and as printed.
 pub struct AddResult {
@@ -20,11 +21,9 @@ pub struct Chain<'a> {
     pub binaries: Vec<PathBuf>,
     pub infra: &'a InfraNs,
     pub netns: &'a ContainerNetns,
-    pub container_id: &'a str,
-    pub ifname: &'a str,
-    pub args: &'a str,
-    pub cni_path: &'a [PathBuf],
+    pub env: &'a CniEnv,
     pub capability_args: &'a Map<String, Value>,
+    pub timeout: Duration,
 }
 
 /// Every plugin of the list, found in CNI_PATH before anything runs.
@@ -106,10 +105,11 @@ impl Chain<'_> {
             &self.binaries[i],
             &Invocation {
                 verb,
-                container_id: self.container_id,
-                ifname: self.ifname,
-                args: self.args,
-                cni_path: self.cni_path,
+                container_id: &self.env.container_id,
+                ifname: &self.env.ifname,
+                args: &self.env.args,
+                cni_path: &self.env.path,
+                timeout: self.timeout,
             },
             self.netns,
             &stdin,

@@ -144,6 +144,7 @@ pub struct Invocation<'a> {
     pub ifname: &'a str,
     pub args: &'a str,
     pub cni_path: &'a [PathBuf],
+    pub timeout: std::time::Duration,
 }
 
 /// The plugin binary for `plugin_type`, first match in CNI_PATH.
@@ -221,16 +222,40 @@ pub fn run_plugin(
             ),
         )
     })?;
-    if let Some(mut input) = child.stdin.take() {
+    // A config larger than the pipe buffer must not deadlock against a
+    // plugin that writes before it has read everything.
+    let writer = child.stdin.take().map(|mut input| {
+        let stdin = stdin.to_vec();
         // A plugin that exits without reading its config is judged by its
-        // exit status below, so a broken pipe here is not an error.
-        let _ = input.write_all(stdin);
+        // exit status, so a broken pipe here is not an error.
+        std::thread::spawn(move || drop(input.write_all(&stdin)))
+    });
+    let stdout = child
+        .stdout
+        .take()
+        .map(OwnedFd::from)
+        .ok_or_else(|| Error::internal("no stdout pipe"))?;
+    let output = sys::read_to_end_timeout(stdout, inv.timeout)?;
+    let Some(output) = output else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(Error::new(
+            code::INNER_PLUGIN,
+            format!(
+                "inner plugin {name} {} did not finish within {}s and was killed (pluginTimeout)",
+                inv.verb.as_str(),
+                inv.timeout.as_secs()
+            ),
+        ));
+    };
+    let status = child.wait()?;
+    if let Some(w) = writer {
+        let _ = w.join();
     }
-    let out = child.wait_with_output()?;
-    if out.status.success() {
-        return Ok(out.stdout);
+    if status.success() {
+        return Ok(output);
     }
-    Err(inner_error(&name, inv.verb, &out.stdout, out.status))
+    Err(inner_error(&name, inv.verb, &output, status))
 }
 
 /// The plugin's own error object when it printed one, else ours naming it.

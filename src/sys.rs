@@ -38,12 +38,18 @@ pub fn die_with_parent() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reads a report line from a child until EOF or the deadline; None on
+/// timeout.
+pub fn read_report(fd: OwnedFd, timeout: Duration) -> Result<Option<String>> {
+    Ok(read_to_end_timeout(fd, timeout)?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+}
+
 /// Reads until EOF or the deadline; None on timeout.
-pub fn read_to_end_timeout(fd: OwnedFd, timeout: Duration) -> Result<Option<String>> {
+pub fn read_to_end_timeout(fd: OwnedFd, timeout: Duration) -> Result<Option<Vec<u8>>> {
     let deadline = Instant::now() + timeout;
     let mut file = std::fs::File::from(fd);
     let mut out = Vec::new();
-    let mut buf = [0u8; 512];
+    let mut buf = [0u8; 8192];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -58,7 +64,7 @@ pub fn read_to_end_timeout(fd: OwnedFd, timeout: Duration) -> Result<Option<Stri
             Err(e) => return Err(e.into()),
         }
         match file.read(&mut buf) {
-            Ok(0) => return Ok(Some(String::from_utf8_lossy(&out).into_owned())),
+            Ok(0) => return Ok(Some(out)),
             Ok(n) => out.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),

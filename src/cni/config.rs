@@ -8,6 +8,10 @@ use std::time::Duration;
 /// The slirp4netns MTU podman uses: fastest, see the README for the trade-off.
 pub const DEFAULT_MTU: u32 = 65520;
 
+/// Far beyond any healthy plugin (bridge ADD takes tens of ms), short of
+/// hanging a runtime forever.
+pub const DEFAULT_PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Keys libcni injects or the spec defines for every plugin config.
 const SPEC_KEYS: &[&str] = &[
     "cniVersion",
@@ -29,6 +33,7 @@ const OWN_KEYS: &[&str] = &[
     "ipv6",
     "portDriver",
     "idleTimeout",
+    "pluginTimeout",
     "logLevel",
 ];
 
@@ -45,6 +50,8 @@ pub struct NetConf {
     pub port_driver: PortDriver,
     /// None: stop the infra as soon as the last attachment leaves.
     pub idle_timeout: Option<Duration>,
+    /// An inner plugin still running after this is killed and the call fails.
+    pub plugin_timeout: Duration,
     pub log_level: Option<log::LevelFilter>,
     /// Capability args the runtime gave us, handed on to the inner plugins
     /// that declare them.
@@ -155,14 +162,10 @@ impl NetConf {
                 )))
             }
         };
-        let idle_timeout = match obj.get("idleTimeout") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(parse_duration(v).ok_or_else(|| {
-                Error::config(format!(
-                    "\"idleTimeout\" must be a number of seconds or a string like \"30s\", \"5m\", not {v}"
-                ))
-            })?),
-        };
+        let idle_timeout = duration(&obj, "idleTimeout")?;
+        let plugin_timeout = duration(&obj, "pluginTimeout")?
+            .filter(|d| !d.is_zero())
+            .unwrap_or(DEFAULT_PLUGIN_TIMEOUT);
         let log_level = match string(&obj, "logLevel")? {
             None => None,
             Some(l) => Some(l.parse::<log::LevelFilter>().map_err(|_| {
@@ -190,6 +193,7 @@ impl NetConf {
             ipv6,
             port_driver,
             idle_timeout,
+            plugin_timeout,
             log_level,
             runtime_config,
         })
@@ -228,6 +232,17 @@ fn boolean(obj: &Map<String, Value>, key: &str) -> Result<bool> {
         Some(v) => Err(Error::config(format!(
             "{key:?} must be true or false, not {v}"
         ))),
+    }
+}
+
+fn duration(obj: &Map<String, Value>, key: &str) -> Result<Option<Duration>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => parse_duration(v).map(Some).ok_or_else(|| {
+            Error::config(format!(
+                "{key:?} must be a number of seconds or a string like \"30s\", \"5m\", not {v}"
+            ))
+        }),
     }
 }
 
@@ -430,6 +445,7 @@ mod tests {
             (r#","mtu":"big""#, "mtu"),
             (r#","allowHostLoopback":"yes""#, "allowHostLoopback"),
             (r#","idleTimeout":"soon""#, "idleTimeout"),
+            (r#","pluginTimeout":[]"#, "pluginTimeout"),
             (r#","logLevel":"loud""#, "logLevel"),
             (r#","stateDir":5"#, "stateDir"),
             (r#","ipv6":1"#, "ipv6"),

@@ -104,11 +104,9 @@ fn run_chain(
         binaries,
         infra: &infra_ns,
         netns,
-        container_id: &env.container_id,
-        ifname: &env.ifname,
-        args: &env.args,
-        cni_path: &env.path,
+        env,
         capability_args: &conf.runtime_config,
+        timeout: conf.plugin_timeout,
     };
     let mut result = chain.add()?;
     let (inner, runtime) = (netns.inner_path(), netns.runtime_str());

@@ -62,11 +62,9 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
         binaries,
         infra: &infra_ns,
         netns: &netns,
-        container_id: &env.container_id,
-        ifname: &env.ifname,
-        args: &env.args,
-        cni_path: &env.path,
+        env,
         capability_args: &record.capability_args,
+        timeout: conf.plugin_timeout,
     }
     .check(&cached)
 }

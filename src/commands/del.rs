@@ -67,11 +67,9 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
                 binaries,
                 infra: &infra_ns,
                 netns: &netns,
-                container_id: &env.container_id,
-                ifname: &env.ifname,
-                args: &record.cni_args,
-                cni_path: &env.path,
+                env,
                 capability_args: &record.capability_args,
+                timeout: conf.plugin_timeout,
             }
             .del(cached.as_ref())?;
         }

@@ -201,7 +201,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
         )
     })?;
     drop(ready_w);
-    let report = sys::read_to_end_timeout(ready_r, START_TIMEOUT)?;
+    let report = sys::read_report(ready_r, START_TIMEOUT)?;
     let failure = match report.as_deref().map(str::trim) {
         Some("ok") => match InfraInfo::load(state) {
             Some(info) if info.is_alive() => {

@@ -336,7 +336,7 @@ fn spawn_sandbox(state: &StateDir, settings: &Settings) -> Result<(Child, Proces
         .spawn()
         .map_err(|e| Error::new(code::INFRA_START, format!("starting the sandbox: {e}")))?;
     drop(ready_w);
-    let report = sys::read_to_end_timeout(ready_r, SANDBOX_TIMEOUT)?;
+    let report = sys::read_report(ready_r, SANDBOX_TIMEOUT)?;
     let id = ProcessId::of(child.id() as i32);
     match (report.as_deref().map(str::trim), id) {
         (Some("ok"), Some(id)) => Ok((child, id)),
