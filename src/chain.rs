@@ -4,6 +4,7 @@
 
 use crate::cni::config::InnerList;
 use crate::cni::env::{CniEnv, Command as Verb};
+use crate::cni::version;
 use crate::error::{code, Error, Result};
 use crate::exec::{self, ContainerNetns, InfraNs, Invocation};
 use serde_json::{Map, Value};
@@ -73,7 +74,8 @@ impl Chain<'_> {
     /// DEL through every plugin in reverse. Every plugin is tried; the first
     /// failure is returned.
     pub fn del(&self, cached: Option<&Value>) -> Result<()> {
-        let prev = if supports_prev_result_on_del(&self.list.cni_version) {
+        // libcni hands the cached result to DEL from 0.4.0 on.
+        let prev = if version::at_least(&self.list.cni_version, "0.4.0") {
             cached
         } else {
             None
@@ -96,9 +98,33 @@ impl Chain<'_> {
         InnerList::plugin_type(&self.list.plugins[i])
     }
 
+    /// GC and STATUS for the plugins whose version knows them (1.1.0 on);
+    /// `extra` is added to each config (GC's valid attachments).
+    pub fn network_verb(&self, verb: Verb, extra: Option<(&str, Value)>) -> Result<()> {
+        if !version::at_least(&self.list.cni_version, "1.1.0") {
+            log::debug!(
+                "inner chain at {} knows no {}",
+                self.list.cni_version,
+                verb.as_str()
+            );
+            return Ok(());
+        }
+        for i in 0..self.list.plugins.len() {
+            let mut config = self.plugin_config(i, None);
+            if let (Some((key, value)), Some(obj)) = (&extra, config.as_object_mut()) {
+                obj.insert(key.to_string(), value.clone());
+            }
+            self.invoke(verb, i, &config)?;
+        }
+        Ok(())
+    }
+
     fn run(&self, verb: Verb, i: usize, prev: Option<&Value>) -> Result<Vec<u8>> {
-        let config = self.plugin_config(i, prev);
-        let stdin = serde_json::to_vec(&config).map_err(|e| Error::internal(e.to_string()))?;
+        self.invoke(verb, i, &self.plugin_config(i, prev))
+    }
+
+    fn invoke(&self, verb: Verb, i: usize, config: &Value) -> Result<Vec<u8>> {
+        let stdin = serde_json::to_vec(config).map_err(|e| Error::internal(e.to_string()))?;
         log::debug!("{} {} in the infra", verb.as_str(), self.name(i));
         exec::run_plugin(
             self.infra,
@@ -141,11 +167,6 @@ impl Chain<'_> {
         }
         Value::Object(conf)
     }
-}
-
-/// libcni hands the cached result to DEL from 0.4.0 on.
-fn supports_prev_result_on_del(version: &str) -> bool {
-    !matches!(version, "0.1.0" | "0.2.0" | "0.3.0" | "0.3.1")
 }
 
 /// Replaces `interfaces[].sandbox` equal to `from` by `to`: inner plugins
@@ -205,12 +226,5 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "{\n    \"interfaces\": [{\"sandbox\": \"/run/netns/a\\\"b\"}],\n    \"x\": \"/proc/self/fd/55\"\n}"
         );
-    }
-
-    #[test]
-    fn prev_result_on_del_from_0_4_0() {
-        assert!(!supports_prev_result_on_del("0.3.1"));
-        assert!(supports_prev_result_on_del("0.4.0"));
-        assert!(supports_prev_result_on_del("1.0.0"));
     }
 }

@@ -6,10 +6,13 @@ use std::fmt;
 
 /// Codes from the CNI spec ("Error" section) and our own, 100 and up.
 pub mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
     pub const INVALID_ENV: u32 = 4;
     pub const DECODE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
     pub const TRY_AGAIN_LATER: u32 = 11;
+    /// STATUS: the plugin cannot serve ADDs now.
+    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
     /// An I/O or system call failure of our own.
     pub const INTERNAL: u32 = 100;
     /// The infra (supervisor, sandbox, slirp4netns) could not be started.

@@ -105,6 +105,22 @@ fn run_verb(stdin: &[u8], version: &str) -> error::Result<Vec<u8>> {
         return Ok(commands::version::version(version).into_bytes());
     }
     let conf = NetConf::parse(stdin)?;
+    cni::version::check_supported(&conf.cni_version)?;
+    let needs = match env.command {
+        Command::Check => "0.4.0",
+        Command::Gc | Command::Status => "1.1.0",
+        _ => "0.0.0",
+    };
+    if !cni::version::at_least(&conf.cni_version, needs) {
+        return Err(Error::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "cniVersion {} does not know {}; it needs {needs} or later",
+                conf.cni_version,
+                env.command.as_str()
+            ),
+        ));
+    }
     if let Some(level) = conf.log_level {
         log::set_max_level(level);
     }
@@ -118,6 +134,8 @@ fn run_verb(stdin: &[u8], version: &str) -> error::Result<Vec<u8>> {
         Command::Add => commands::add::add(&env, &conf),
         Command::Del => commands::del::del(&env, &conf).map(|_| Vec::new()),
         Command::Check => commands::check::check(&env, &conf).map(|_| Vec::new()),
+        Command::Gc => commands::gc::gc(&env, &conf).map(|_| Vec::new()),
+        Command::Status => commands::status::status(&env, &conf).map(|_| Vec::new()),
         Command::Version => Ok(commands::version::version(version).into_bytes()),
     }
 }

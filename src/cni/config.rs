@@ -21,6 +21,8 @@ const SPEC_KEYS: &[&str] = &[
     "runtimeConfig",
     "prevResult",
     "args",
+    "cni.dev/valid-attachments",
+    "cni.dev/attachments",
 ];
 /// Our own keys.
 const OWN_KEYS: &[&str] = &[
@@ -56,6 +58,8 @@ pub struct NetConf {
     /// Capability args the runtime gave us, handed on to the inner plugins
     /// that declare them.
     pub runtime_config: Map<String, Value>,
+    /// GC's list of attachments to keep: (container id, ifname).
+    pub valid_attachments: Option<Vec<(String, String)>>,
 }
 
 /// How a published port gets from the host into the infra.
@@ -84,6 +88,7 @@ pub struct InnerList {
     pub cni_version: String,
     pub name: String,
     pub disable_check: bool,
+    pub disable_gc: bool,
     pub plugins: Vec<Map<String, Value>>,
 }
 
@@ -183,7 +188,15 @@ impl NetConf {
                 )))
             }
         };
+        let valid_attachments = match obj
+            .get("cni.dev/valid-attachments")
+            .or_else(|| obj.get("cni.dev/attachments"))
+        {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(parse_attachments(v)?),
+        };
         Ok(NetConf {
+            valid_attachments,
             cni_version,
             name,
             inner,
@@ -223,6 +236,25 @@ fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>> {
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(v) => Err(Error::config(format!("{key:?} must be a string, not {v}"))),
     }
+}
+
+fn parse_attachments(v: &Value) -> Result<Vec<(String, String)>> {
+    let bad = || {
+        Error::config(
+            "\"cni.dev/valid-attachments\" must be a list of {\"containerID\", \"ifname\"}",
+        )
+    };
+    v.as_array()
+        .ok_or_else(bad)?
+        .iter()
+        .map(|a| {
+            let field = |k: &str| a.get(k).and_then(Value::as_str).map(String::from);
+            match (field("containerID"), field("ifname")) {
+                (Some(id), Some(ifname)) => Ok((id, ifname)),
+                _ => Err(bad()),
+            }
+        })
+        .collect()
 }
 
 fn boolean(obj: &Map<String, Value>, key: &str) -> Result<bool> {
@@ -330,10 +362,8 @@ impl InnerList {
         }
         let name = string(obj, "name")?.unwrap_or_else(|| default_name.to_string());
         crate::cni::env::validate_network_name(&name)?;
-        let disable_check = obj
-            .get("disableCheck")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let (disable_check, disable_gc) = (flag("disableCheck"), flag("disableGC"));
         let plugins: Vec<Map<String, Value>> = match obj.get("plugins") {
             Some(Value::Array(list)) => list
                 .iter()
@@ -374,6 +404,7 @@ impl InnerList {
             cni_version,
             name,
             disable_check,
+            disable_gc,
             plugins,
         })
     }
@@ -387,6 +418,7 @@ impl InnerList {
             "cniVersion": self.cni_version,
             "name": self.name,
             "disableCheck": self.disable_check,
+            "disableGC": self.disable_gc,
             "plugins": self.plugins,
         })
     }

@@ -9,6 +9,8 @@ pub enum Command {
     Del,
     Check,
     Version,
+    Gc,
+    Status,
 }
 
 impl Command {
@@ -18,6 +20,8 @@ impl Command {
             Command::Del => "DEL",
             Command::Check => "CHECK",
             Command::Version => "VERSION",
+            Command::Gc => "GC",
+            Command::Status => "STATUS",
         }
     }
 }
@@ -52,9 +56,11 @@ impl CniEnv {
             Some("DEL") => Command::Del,
             Some("CHECK") => Command::Check,
             Some("VERSION") => Command::Version,
+            Some("GC") => Command::Gc,
+            Some("STATUS") => Command::Status,
             Some(other) => {
                 return Err(Error::env(format!(
-                    "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION"
+                    "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"
                 )))
             }
         };
@@ -69,16 +75,16 @@ impl CniEnv {
         if command == Command::Version {
             return Ok(env);
         }
+        if matches!(command, Command::Gc | Command::Status) {
+            // Verbs about the whole network: no container.
+            env.path = split_path(&required(&get, "CNI_PATH")?);
+            return Ok(env);
+        }
         env.container_id = required(&get, "CNI_CONTAINERID")?;
         validate_container_id(&env.container_id)?;
         env.ifname = required(&get, "CNI_IFNAME")?;
         validate_ifname(&env.ifname)?;
-        let path = required(&get, "CNI_PATH")?;
-        env.path = path
-            .split(':')
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from)
-            .collect();
+        env.path = split_path(&required(&get, "CNI_PATH")?);
         match get("CNI_NETNS").filter(|n| !n.is_empty()) {
             Some(netns) => {
                 let netns = PathBuf::from(netns);
@@ -102,6 +108,13 @@ impl CniEnv {
     pub fn netns(&self) -> &std::path::Path {
         self.netns.as_deref().unwrap_or(std::path::Path::new(""))
     }
+}
+
+fn split_path(path: &str) -> Vec<PathBuf> {
+    path.split(':')
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect()
 }
 
 fn required(get: &impl Fn(&str) -> Option<String>, key: &str) -> Result<String> {

@@ -3,19 +3,16 @@
 
 pub mod config;
 pub mod env;
+pub mod version;
 
 use crate::error::Error;
 use serde_json::json;
-
-/// What we answer to VERSION. The inner chain may run at another version;
-/// see the README for why we do not use the `cni-plugin` crate's list.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0"];
 
 /// Version assumed for error objects when the config could not be read.
 pub const DEFAULT_VERSION: &str = "1.0.0";
 
 pub fn version_reply(cni_version: &str) -> String {
-    json!({ "cniVersion": cni_version, "supportedVersions": SUPPORTED_VERSIONS }).to_string()
+    json!({ "cniVersion": cni_version, "supportedVersions": version::SUPPORTED }).to_string()
 }
 
 /// The spec's error object. An inner plugin's own object is passed through

@@ -5,6 +5,7 @@ use super::attachment_key;
 use crate::chain::{self, Chain};
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
+use crate::cni::version;
 use crate::error::{code, Error, Result};
 use crate::exec::{ContainerNetns, InfraNs};
 use crate::infra::control::{self, Request};
@@ -17,6 +18,7 @@ use crate::state::{self, Attachment, AttachmentKey, AttachmentState, StateDir};
 pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     // Everything that can be checked is checked before anything changes.
     let list = conf.inner_list()?;
+    version::check_convertible(&list.cni_version, &conf.cni_version)?;
     let binaries = chain::find_binaries(&list, &env.path)?;
     let mappings = ports::from_runtime_config(&conf.runtime_config)?;
     let netns = ContainerNetns::open(env.netns())?;
@@ -72,9 +74,18 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         Ok(result) => {
             record.state = AttachmentState::Ready;
             record.owner = None;
+            // The record keeps the inner version: inner DEL and CHECK get it.
+            let reply = if list.cni_version == conf.cni_version {
+                result.raw
+            } else {
+                let converted =
+                    version::convert_result(&result.value, &list.cni_version, &conf.cni_version)?;
+                serde_json::to_vec(&converted)
+                    .map_err(|e| crate::error::Error::internal(e.to_string()))?
+            };
             record.result = Some(result.value);
             state.write_attachment(&record, &lock)?;
-            Ok(result.raw)
+            Ok(reply)
         }
         Err(e) => {
             // The chain rolled itself back; forget the attachment and do not

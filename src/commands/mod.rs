@@ -3,6 +3,8 @@
 pub mod add;
 pub mod check;
 pub mod del;
+pub mod gc;
+pub mod status;
 pub mod version;
 
 use crate::cni::config::{InnerList, NetConf};

@@ -1,0 +1,129 @@
+//! GC (spec 1.1.0): forget every attachment of this network that the
+//! runtime no longer lists, running the inner DEL with what was recorded at
+//! ADD; then pass GC on to inner plugins that know it.
+
+use super::{cached_result_for, recorded_list};
+use crate::chain::{self, Chain};
+use crate::cni::config::NetConf;
+use crate::cni::env::{CniEnv, Command as Verb};
+use crate::error::{Error, ErrorList, Result};
+use crate::exec::{ContainerNetns, InfraNs};
+use crate::infra::{self, InfraInfo};
+use crate::state::{Attachment, AttachmentState, StateDir};
+use serde_json::json;
+use std::collections::HashSet;
+
+pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<()> {
+    let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
+        Error::config("GC needs \"cni.dev/valid-attachments\" (the attachments to keep)")
+    })?;
+    let Some(state) = StateDir::open_existing(StateDir::resolve(conf.state_dir.as_deref())?)?
+    else {
+        return Ok(());
+    };
+    let keep: HashSet<(&str, &str)> = valid
+        .iter()
+        .map(|(c, i)| (c.as_str(), i.as_str()))
+        .collect();
+    let stale: Vec<Attachment> = state
+        .list_attachments()?
+        .into_iter()
+        .filter(|a| {
+            a.network == conf.name && !keep.contains(&(a.container_id.as_str(), a.ifname.as_str()))
+        })
+        .collect();
+    collect(&state, env, conf, &stale)?;
+
+    let info = infra::running(&state, &state.lock()?)?;
+    if let Some(info) = info {
+        let list = conf.inner_list()?;
+        if !list.disable_gc {
+            let attachments: Vec<_> = valid
+                .iter()
+                .map(|(c, i)| json!({"containerID": c, "ifname": i}))
+                .collect();
+            let infra_ns = InfraNs::open(&info)?;
+            let netns = ContainerNetns::open_if_present(None);
+            Chain {
+                binaries: chain::find_binaries(&list, &env.path)?,
+                list: &list,
+                infra: &infra_ns,
+                netns: &netns,
+                env,
+                capability_args: &conf.runtime_config,
+                timeout: conf.plugin_timeout,
+            }
+            .network_verb(
+                Verb::Gc,
+                Some(("cni.dev/valid-attachments", json!(attachments))),
+            )?;
+        }
+    }
+    infra::stop_if_idle(&state, &state.lock()?, false)
+}
+
+/// Runs the inner DEL of each stale attachment and forgets it. Used by the
+/// GC verb and by `rootless-cni gc`.
+pub fn collect(state: &StateDir, env: &CniEnv, conf: &NetConf, stale: &[Attachment]) -> Result<()> {
+    let info = infra::running(state, &state.lock()?)?;
+    let mut errors = ErrorList::default();
+    for rec in stale {
+        if rec.state == AttachmentState::Pending && rec.owner.is_some_and(|o| o.is_alive()) {
+            log::info!("GC: {} is being added right now; kept", rec.container_id);
+            continue;
+        }
+        log::info!(
+            "GC: removing {} {} from network {}",
+            rec.container_id,
+            rec.ifname,
+            rec.network
+        );
+        let deleted = match &info {
+            Some(info) if info.sandbox == rec.infra => delete_recorded(state, info, env, conf, rec),
+            // Gone with its infra: nothing to undo.
+            _ => Ok(()),
+        };
+        match deleted {
+            Ok(()) => errors.push_if_err(state.remove_attachment(&rec.key(), &state.lock()?)),
+            Err(e) => {
+                errors.push_if_err::<()>(Err(e.context(format!("GC of {}", rec.container_id))))
+            }
+        }
+    }
+    errors.into_result()
+}
+
+fn delete_recorded(
+    state: &StateDir,
+    info: &InfraInfo,
+    env: &CniEnv,
+    conf: &NetConf,
+    rec: &Attachment,
+) -> Result<()> {
+    let key = rec.key();
+    let mappings = crate::ports::from_runtime_config(&rec.capability_args).unwrap_or_default();
+    super::add::unpublish_ports(state, &key, &mappings);
+    let list = recorded_list(rec)?;
+    let netns_path = rec.netns.as_deref().map(std::path::Path::new);
+    let netns = ContainerNetns::open_if_present(netns_path);
+    let del_env = CniEnv {
+        command: Verb::Del,
+        container_id: rec.container_id.clone(),
+        netns: netns_path.map(|p| p.to_path_buf()),
+        ifname: rec.ifname.clone(),
+        args: rec.cni_args.clone(),
+        path: env.path.clone(),
+    };
+    let infra_ns = InfraNs::open(info)?;
+    let cached = cached_result_for(rec, &netns.inner_path());
+    Chain {
+        binaries: chain::find_binaries(&list, &env.path)?,
+        list: &list,
+        infra: &infra_ns,
+        netns: &netns,
+        env: &del_env,
+        capability_args: &rec.capability_args,
+        timeout: conf.plugin_timeout,
+    }
+    .del(cached.as_ref())
+}

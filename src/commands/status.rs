@@ -1,0 +1,76 @@
+//! STATUS (spec 1.1.0): success when an ADD would work now; otherwise code
+//! 50 saying what is missing.
+
+use crate::chain::{self, Chain};
+use crate::cni::config::NetConf;
+use crate::cni::env::{CniEnv, Command as Verb};
+use crate::error::{code, Error, Result};
+use crate::exec::{ContainerNetns, InfraNs};
+use crate::infra;
+use crate::state::StateDir;
+use std::os::unix::process::CommandExt;
+
+pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
+    let unavailable =
+        |e: Error| Error::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details);
+    let list = conf.inner_list().map_err(unavailable)?;
+    let binaries = chain::find_binaries(&list, &env.path).map_err(unavailable)?;
+    let state = StateDir::resolve(conf.state_dir.as_deref())
+        .and_then(StateDir::create)
+        .map_err(unavailable)?;
+    match infra::running(&state, &state.lock()?)? {
+        Some(info) => {
+            let infra_ns = InfraNs::open(&info)?;
+            let netns = ContainerNetns::open_if_present(None);
+            Chain {
+                binaries,
+                list: &list,
+                infra: &infra_ns,
+                netns: &netns,
+                env,
+                capability_args: &conf.runtime_config,
+                timeout: conf.plugin_timeout,
+            }
+            .network_verb(Verb::Status, None)
+        }
+        None => can_start_infra().map_err(|msg| Error::new(code::PLUGIN_NOT_AVAILABLE, msg)),
+    }
+}
+
+/// What starting the infra needs, checked without starting it.
+pub fn can_start_infra() -> std::result::Result<(), String> {
+    find_in_path("slirp4netns")
+        .ok_or("slirp4netns is not in PATH (Debian/Ubuntu: apt-get install slirp4netns)")?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| format!("cannot open /dev/net/tun ({e}); slirp4netns needs it"))?;
+    let mut probe = std::process::Command::new("/bin/true");
+    // SAFETY: runs between fork and exec; unshare is async-signal-safe.
+    unsafe {
+        probe.pre_exec(|| {
+            nix::sched::unshare(
+                nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS,
+            )
+            .map_err(std::io::Error::from)
+        });
+    }
+    match probe.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(_) | Err(_) => Err(
+            "cannot create network and mount namespaces here: run the runtime inside a user namespace (rootless podman, rootlesskit, unshare -Ur)"
+                .into(),
+        ),
+    }
+}
+
+pub fn find_in_path(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|f| f.is_file())
+        })
+        .unwrap_or(None)
+}
