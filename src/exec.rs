@@ -44,6 +44,31 @@ impl InfraNs {
     }
 }
 
+impl InfraNs {
+    /// Makes `cmd` start inside the infra: `setns` into its mount and
+    /// network namespaces between fork and exec. `keep` is a fd to pass on.
+    pub fn enter(&self, cmd: &mut Command, keep: Option<std::os::fd::RawFd>) {
+        let (net, mnt) = (self.net.as_raw_fd(), self.mnt.as_raw_fd());
+        // SAFETY: runs between fork and exec in the single-threaded child,
+        // where setns into a mount namespace is allowed; setns, chdir and
+        // fcntl are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                use std::os::fd::BorrowedFd;
+                let mnt = BorrowedFd::borrow_raw(mnt);
+                let net = BorrowedFd::borrow_raw(net);
+                setns(mnt.as_fd(), CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
+                setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                nix::unistd::chdir("/").map_err(std::io::Error::from)?;
+                if let Some(fd) = keep {
+                    sys::keep_on_exec(fd)?;
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// The runtime's container netns, and the name inner plugins know it by.
 pub struct ContainerNetns {
     /// What the runtime gave us as CNI_NETNS.
@@ -84,6 +109,11 @@ impl ContainerNetns {
             (None, Some(p)) => p.display().to_string(),
             (None, None) => String::new(),
         }
+    }
+
+    pub fn inode(&self) -> Option<u64> {
+        let fd = self.fd.as_ref()?.try_clone().ok()?;
+        std::fs::File::from(fd).metadata().ok().map(|m| m.ino())
     }
 
     pub fn runtime_str(&self) -> String {
@@ -184,7 +214,7 @@ pub fn run_plugin(
     let mut cmd = Command::new(binary);
     cmd.env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !k.to_string_lossy().starts_with("CNI_")))
-        .env("PATH", plugin_path_var())
+        .env("PATH", path_with_sbin())
         .env("CNI_COMMAND", inv.verb.as_str())
         .env("CNI_CONTAINERID", inv.container_id)
         .env("CNI_NETNS", netns.inner_path())
@@ -194,25 +224,7 @@ pub fn run_plugin(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let (net, mnt) = (infra.net.as_raw_fd(), infra.mnt.as_raw_fd());
-    let keep = netns.fd.as_ref().map(|f| f.as_raw_fd());
-    // SAFETY: runs between fork and exec in the single-threaded child, where
-    // setns into a mount namespace is allowed; setns, chdir and fcntl are
-    // async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            use std::os::fd::BorrowedFd;
-            let mnt = BorrowedFd::borrow_raw(mnt);
-            let net = BorrowedFd::borrow_raw(net);
-            setns(mnt.as_fd(), CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
-            setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-            nix::unistd::chdir("/").map_err(std::io::Error::from)?;
-            if let Some(fd) = keep {
-                sys::keep_on_exec(fd)?;
-            }
-            Ok(())
-        });
-    }
+    infra.enter(&mut cmd, netns.fd.as_ref().map(|f| f.as_raw_fd()));
     let mut child = cmd.spawn().map_err(|e| {
         Error::new(
             code::INNER_PLUGIN,
@@ -290,7 +302,7 @@ fn inner_error(name: &str, verb: Verb, stdout: &[u8], status: std::process::Exit
 
 /// The caller's PATH plus /usr/sbin and /sbin, where iptables lives: an
 /// ordinary user's PATH lacks them, and bridge, portmap and firewall exec it.
-fn plugin_path_var() -> String {
+pub fn path_with_sbin() -> String {
     let mut path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
     for dir in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
         if !path.split(':').any(|p| p == dir) {

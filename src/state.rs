@@ -277,6 +277,10 @@ pub struct Attachment {
     pub container_id: String,
     pub ifname: String,
     pub netns: Option<String>,
+    /// Inode of the container netns at ADD: a path reused for another
+    /// netns is not ours.
+    #[serde(default)]
+    pub netns_inode: Option<u64>,
     /// The sandbox of the infra the attachment lives in.
     pub infra: ProcessId,
     pub owner: Option<ProcessId>,

@@ -32,6 +32,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         container_id: key.container_id.clone(),
         ifname: key.ifname.clone(),
         netns: Some(netns.runtime_str()),
+        netns_inode: netns.inode(),
         infra: ProcessId {
             pid: 0,
             start_time: 0,

@@ -12,6 +12,8 @@ use crate::infra::{self, InfraInfo};
 use crate::state::{Attachment, AttachmentState, StateDir};
 use serde_json::json;
 use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
 
 pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
@@ -32,7 +34,7 @@ pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<()> {
             a.network == conf.name && !keep.contains(&(a.container_id.as_str(), a.ifname.as_str()))
         })
         .collect();
-    collect(&state, env, conf, &stale)?;
+    collect(&state, &env.path, conf.plugin_timeout, &stale)?;
 
     let info = infra::running(&state, &state.lock()?)?;
     if let Some(info) = info {
@@ -64,7 +66,12 @@ pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<()> {
 
 /// Runs the inner DEL of each stale attachment and forgets it. Used by the
 /// GC verb and by `rootless-cni gc`.
-pub fn collect(state: &StateDir, env: &CniEnv, conf: &NetConf, stale: &[Attachment]) -> Result<()> {
+pub fn collect(
+    state: &StateDir,
+    cni_path: &[PathBuf],
+    timeout: Duration,
+    stale: &[Attachment],
+) -> Result<()> {
     let info = infra::running(state, &state.lock()?)?;
     let mut errors = ErrorList::default();
     for rec in stale {
@@ -79,7 +86,9 @@ pub fn collect(state: &StateDir, env: &CniEnv, conf: &NetConf, stale: &[Attachme
             rec.network
         );
         let deleted = match &info {
-            Some(info) if info.sandbox == rec.infra => delete_recorded(state, info, env, conf, rec),
+            Some(info) if info.sandbox == rec.infra => {
+                delete_recorded(state, info, cni_path, timeout, rec)
+            }
             // Gone with its infra: nothing to undo.
             _ => Ok(()),
         };
@@ -96,8 +105,8 @@ pub fn collect(state: &StateDir, env: &CniEnv, conf: &NetConf, stale: &[Attachme
 fn delete_recorded(
     state: &StateDir,
     info: &InfraInfo,
-    env: &CniEnv,
-    conf: &NetConf,
+    cni_path: &[PathBuf],
+    timeout: Duration,
     rec: &Attachment,
 ) -> Result<()> {
     let key = rec.key();
@@ -112,18 +121,18 @@ fn delete_recorded(
         netns: netns_path.map(|p| p.to_path_buf()),
         ifname: rec.ifname.clone(),
         args: rec.cni_args.clone(),
-        path: env.path.clone(),
+        path: cni_path.to_vec(),
     };
     let infra_ns = InfraNs::open(info)?;
     let cached = cached_result_for(rec, &netns.inner_path());
     Chain {
-        binaries: chain::find_binaries(&list, &env.path)?,
+        binaries: chain::find_binaries(&list, cni_path)?,
         list: &list,
         infra: &infra_ns,
         netns: &netns,
         env: &del_env,
         capability_args: &rec.capability_args,
-        timeout: conf.plugin_timeout,
+        timeout,
     }
     .del(cached.as_ref())
 }

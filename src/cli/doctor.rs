@@ -1,0 +1,265 @@
+//! `doctor`: every prerequisite, checked, with the fix for each failure.
+
+use super::DEFAULT_CNI_PATH;
+use crate::commands::status::{can_start_infra, find_in_path};
+use crate::state::StateDir;
+use serde_json::json;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+    fix: String,
+}
+
+pub fn doctor(state_dir: Option<PathBuf>, as_json: bool) -> i32 {
+    let checks = vec![
+        user_namespaces(),
+        inside_user_namespace(),
+        sub_ids(),
+        tun(),
+        program(
+            "slirp4netns",
+            &["slirp4netns"],
+            "apt-get install slirp4netns",
+        ),
+        program(
+            "iptables",
+            &["iptables", "/usr/sbin/iptables", "/sbin/iptables"],
+            "apt-get install iptables",
+        ),
+        reference_plugins(),
+        runtime_dir(state_dir),
+        namespaces(),
+    ];
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    if as_json {
+        let list: Vec<_> = checks
+            .iter()
+            .map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail, "fix": c.fix}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "checks": list, "failed": failed }))
+                .unwrap_or_default()
+        );
+    } else {
+        for c in &checks {
+            println!(
+                "{:<4} {:<22} {}",
+                if c.ok { "ok" } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+            if !c.ok {
+                println!("     {:<22} fix: {}", "", c.fix);
+            }
+        }
+        match failed {
+            0 => println!("\nall {} checks passed", checks.len()),
+            n => println!("\n{n} of {} checks failed", checks.len()),
+        }
+    }
+    i32::from(failed > 0)
+}
+
+fn check(name: &'static str, result: Result<String, (String, String)>) -> Check {
+    match result {
+        Ok(detail) => Check {
+            name,
+            ok: true,
+            detail,
+            fix: String::new(),
+        },
+        Err((detail, fix)) => Check {
+            name,
+            ok: false,
+            detail,
+            fix,
+        },
+    }
+}
+
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn user_namespaces() -> Check {
+    let max = read_sysctl("/proc/sys/user/max_user_namespaces");
+    let debian = read_sysctl("/proc/sys/kernel/unprivileged_userns_clone");
+    let apparmor = read_sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
+    check("user namespaces", match (max.as_deref(), debian.as_deref(), apparmor.as_deref()) {
+        (Some("0"), _, _) => Err(("user.max_user_namespaces is 0".into(), "sysctl -w user.max_user_namespaces=15000 (as root)".into())),
+        (_, Some("0"), _) => Err(("kernel.unprivileged_userns_clone is 0".into(), "sysctl -w kernel.unprivileged_userns_clone=1 (as root)".into())),
+        (_, _, Some("1")) => Err((
+            "AppArmor restricts unprivileged user namespaces".into(),
+            "give the runtime an AppArmor profile that allows userns, or sysctl -w kernel.apparmor_restrict_unprivileged_userns=0".into(),
+        )),
+        _ => Ok(format!("allowed (max {})", max.unwrap_or_else(|| "?".into()))),
+    })
+}
+
+/// The plugin must run where the runtime's user namespace makes it root.
+fn inside_user_namespace() -> Check {
+    let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let initial = map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
+    check(
+        "in a user namespace",
+        if initial && !nix::unistd::geteuid().is_root() {
+            Err((
+            "running as an ordinary user in the initial user namespace".into(),
+            "run inside the runtime's user namespace: podman unshare rootless-cni doctor, or unshare -Ur".into(),
+        ))
+        } else if initial {
+            Ok("real root: rootless-cni works, but a rootful runtime does not need it".into())
+        } else {
+            Ok(format!(
+                "uid map: {}",
+                map.split_whitespace().collect::<Vec<_>>().join(" ")
+            ))
+        },
+    )
+}
+
+fn sub_ids() -> Check {
+    let uid = outside_uid();
+    let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let listed = |file: &str| {
+        std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                let owner = l.split(':').next().unwrap_or("");
+                owner == uid.to_string() || Some(owner) == name.as_deref()
+            })
+    };
+    check(
+        "subuid/subgid",
+        if uid == 0 || (listed("/etc/subuid") && listed("/etc/subgid")) {
+            Ok(format!("uid {uid} has ranges (or is root)"))
+        } else {
+            Err((
+            format!("uid {uid} has no range in /etc/subuid and /etc/subgid; rootless runtimes need one"),
+            format!("usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {}", name.unwrap_or_else(|| uid.to_string())),
+        ))
+        },
+    )
+}
+
+/// Our uid as the machine sees it, through the user namespace's map.
+fn outside_uid() -> u32 {
+    let me = nix::unistd::getuid().as_raw();
+    std::fs::read_to_string("/proc/self/uid_map")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<u32> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (f.len() == 3 && me >= f[0] && me < f[0] + f[2]).then(|| f[1] + (me - f[0]))
+        })
+        .unwrap_or(me)
+}
+
+fn tun() -> Check {
+    check("/dev/net/tun", match std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun") {
+        Ok(_) => Ok("can be opened".into()),
+        Err(e) => Err((
+            format!("cannot open it: {e}"),
+            "slirp4netns needs it: a desktop distribution makes it 0666; as root: chmod 0666 /dev/net/tun (or a udev rule)".into(),
+        )),
+    })
+}
+
+fn program(name: &'static str, candidates: &[&str], fix: &str) -> Check {
+    let found = candidates.iter().find_map(|c| {
+        if c.starts_with('/') {
+            Path::new(c).is_file().then(|| PathBuf::from(c))
+        } else {
+            find_in_path(c)
+        }
+    });
+    check(
+        name,
+        match found {
+            Some(p) => Ok(p.display().to_string()),
+            None => Err((format!("{name} not found"), fix.to_string())),
+        },
+    )
+}
+
+fn reference_plugins() -> Check {
+    let path = std::env::var("CNI_PATH").unwrap_or_else(|_| DEFAULT_CNI_PATH.into());
+    let dirs: Vec<PathBuf> = path
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    let missing: Vec<&str> = ["bridge", "host-local", "portmap", "firewall", "tuning"]
+        .into_iter()
+        .filter(|p| crate::exec::find_plugin(p, &dirs).is_err())
+        .collect();
+    check(
+        "reference plugins",
+        if missing.is_empty() {
+            Ok(format!(
+                "bridge, host-local, portmap, firewall, tuning in {path}"
+            ))
+        } else {
+            Err((
+                format!("missing in {path}: {}", missing.join(", ")),
+                "apt-get install containernetworking-plugins (or set CNI_PATH)".into(),
+            ))
+        },
+    )
+}
+
+fn runtime_dir(state_dir: Option<PathBuf>) -> Check {
+    let resolved = StateDir::resolve(state_dir.as_deref());
+    check(
+        "state dir",
+        match resolved {
+            Err(e) => Err((
+                e.msg,
+                "export XDG_RUNTIME_DIR=/run/user/$(id -u) (a 0700 dir of yours), or set stateDir"
+                    .into(),
+            )),
+            Ok(path) => {
+                let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                match std::fs::metadata(&parent) {
+                    Err(e) => Err((
+                        format!("{}: {e}", parent.display()),
+                        format!("mkdir -m 0700 {}", parent.display()),
+                    )),
+                    Ok(m) if m.uid() != nix::unistd::geteuid().as_raw() => Err((
+                        format!(
+                            "{} is owned by uid {}, not by us",
+                            parent.display(),
+                            m.uid()
+                        ),
+                        "use a runtime dir of your own".into(),
+                    )),
+                    Ok(_) => Ok(path.display().to_string()),
+                }
+            }
+        },
+    )
+}
+
+fn namespaces() -> Check {
+    check(
+        "namespaces",
+        match can_start_infra() {
+            Ok(()) => Ok("network and mount namespaces can be created".into()),
+            Err(msg) => Err((msg, "see the checks above".into())),
+        },
+    )
+}

@@ -1,0 +1,30 @@
+//! `exec -- CMD`: a command inside the infra, like `podman unshare
+//! --rootless-netns`, for looking at the bridge, routes and rules.
+
+use super::{open_state, usage};
+use crate::error::{Error, Result};
+use crate::exec::InfraNs;
+use crate::infra;
+use std::path::PathBuf;
+use std::process::Command;
+
+pub fn exec(state_dir: Option<PathBuf>, args: &[String]) -> Result<i32> {
+    let args = match args.first().map(String::as_str) {
+        Some("--") => &args[1..],
+        _ => args,
+    };
+    let Some((program, rest)) = args.split_first() else {
+        return Err(usage("exec needs a command: rootless-cni exec -- ip addr"));
+    };
+    let no_infra = || Error::internal("no infra is running (the first ADD starts it)");
+    let state = open_state(state_dir)?.ok_or_else(no_infra)?;
+    let info = infra::running(&state, &state.lock()?)?.ok_or_else(no_infra)?;
+    let infra_ns = InfraNs::open(&info)?;
+    let mut cmd = Command::new(program);
+    cmd.args(rest).env("PATH", crate::exec::path_with_sbin());
+    infra_ns.enter(&mut cmd, None);
+    let status = cmd
+        .status()
+        .map_err(|e| Error::internal(format!("running {program:?} in the infra: {e}")))?;
+    Ok(status.code().unwrap_or(1))
+}
