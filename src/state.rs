@@ -21,12 +21,14 @@ pub const OVERLAY_DIR: &str = "var-lib-overlay";
 pub const SLIRP_SOCKET: &str = "slirp.sock";
 pub const LOG_FILE: &str = "infra.log";
 
-/// How long a call waits for the lock before answering "try again later".
-const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a call waits for the lock before answering "try again later",
+/// unless the config's `lockTimeout` says otherwise.
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct StateDir {
     pub path: PathBuf,
+    pub lock_timeout: Duration,
 }
 
 impl StateDir {
@@ -49,6 +51,15 @@ impl StateDir {
         }
     }
 
+    /// The dir at `path`, unchecked: for the infra's own processes, which
+    /// the plugin started on a dir it checked.
+    pub fn at(path: PathBuf) -> Self {
+        StateDir {
+            path,
+            lock_timeout: LOCK_TIMEOUT,
+        }
+    }
+
     /// Creates the dir if needed (0700) and refuses one that another user
     /// could tamper with.
     pub fn create(path: PathBuf) -> Result<Self> {
@@ -59,7 +70,7 @@ impl StateDir {
                 return Err(Error::from(e).context(format!("creating state dir {}", path.display())))
             }
         }
-        let dir = StateDir { path };
+        let dir = StateDir::at(path);
         dir.check_safe()?;
         ensure_dir(&dir.path.join(ATTACHMENTS_DIR))?;
         Ok(dir)
@@ -72,7 +83,7 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::from(e).context(format!("state dir {}", path.display()))),
             Ok(_) => {
-                let dir = StateDir { path };
+                let dir = StateDir::at(path);
                 dir.check_safe()?;
                 Ok(Some(dir))
             }
@@ -117,12 +128,12 @@ impl StateDir {
         self.path.join(name)
     }
 
-    /// Takes the lifecycle lock, waiting at most LOCK_TIMEOUT.
+    /// Takes the lifecycle lock, waiting at most `lock_timeout`.
     pub fn lock(&self) -> Result<StateLock> {
         let path = self.file(LOCK_FILE);
         let mut file = fslock::LockFile::open(&path)
             .map_err(|e| Error::internal(format!("opening lock {}: {e}", path.display())))?;
-        let deadline = Instant::now() + LOCK_TIMEOUT;
+        let deadline = Instant::now() + self.lock_timeout;
         let mut pause = Duration::from_micros(200);
         loop {
             match file.try_lock() {
@@ -135,9 +146,9 @@ impl StateDir {
                     return Err(Error::new(
                         code::TRY_AGAIN_LATER,
                         format!(
-                            "lock {} still held after {}s by another call; try again later",
+                            "lock {} still held after {}s by another call; try again later (lockTimeout)",
                             path.display(),
-                            LOCK_TIMEOUT.as_secs()
+                            self.lock_timeout.as_secs_f32()
                         ),
                     ))
                 }

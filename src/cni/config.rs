@@ -36,6 +36,7 @@ const OWN_KEYS: &[&str] = &[
     "portDriver",
     "idleTimeout",
     "pluginTimeout",
+    "lockTimeout",
     "logLevel",
 ];
 
@@ -54,6 +55,8 @@ pub struct NetConf {
     pub idle_timeout: Option<Duration>,
     /// An inner plugin still running after this is killed and the call fails.
     pub plugin_timeout: Duration,
+    /// How long a call waits for the state lock before code 11.
+    pub lock_timeout: Duration,
     pub log_level: Option<log::LevelFilter>,
     /// Capability args the runtime gave us, handed on to the inner plugins
     /// that declare them.
@@ -171,6 +174,7 @@ impl NetConf {
         let plugin_timeout = duration(&obj, "pluginTimeout")?
             .filter(|d| !d.is_zero())
             .unwrap_or(DEFAULT_PLUGIN_TIMEOUT);
+        let lock_timeout = duration(&obj, "lockTimeout")?.unwrap_or(crate::state::LOCK_TIMEOUT);
         let log_level = match string(&obj, "logLevel")? {
             None => None,
             Some(l) => Some(l.parse::<log::LevelFilter>().map_err(|_| {
@@ -207,6 +211,7 @@ impl NetConf {
             port_driver,
             idle_timeout,
             plugin_timeout,
+            lock_timeout,
             log_level,
             runtime_config,
         })

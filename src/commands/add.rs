@@ -22,7 +22,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     let binaries = chain::find_binaries(&list, &env.path)?;
     let mappings = ports::from_runtime_config(&conf.runtime_config)?;
     let netns = ContainerNetns::open(env.netns())?;
-    let state = StateDir::create(StateDir::resolve(conf.state_dir.as_deref())?)?;
+    let state = super::state_dir(conf, true)?.ok_or_else(|| Error::internal("no state dir"))?;
     let key = attachment_key(env, conf);
     let me = ProcessId::of(std::process::id() as i32);
 

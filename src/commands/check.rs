@@ -8,7 +8,7 @@ use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
 use crate::exec::{ContainerNetns, InfraNs};
 use crate::infra;
-use crate::state::{AttachmentState, StateDir};
+use crate::state::AttachmentState;
 
 pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let key = attachment_key(env, conf);
@@ -21,8 +21,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             ),
         )
     };
-    let state = StateDir::open_existing(StateDir::resolve(conf.state_dir.as_deref())?)?
-        .ok_or_else(unknown)?;
+    let state = super::state_dir(conf, false)?.ok_or_else(unknown)?;
     let (record, info) = {
         let lock = state.lock()?;
         (

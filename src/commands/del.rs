@@ -9,11 +9,10 @@ use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
 use crate::exec::{ContainerNetns, InfraNs};
 use crate::infra;
-use crate::state::{AttachmentState, StateDir};
+use crate::state::AttachmentState;
 
 pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
-    let Some(state) = StateDir::open_existing(StateDir::resolve(conf.state_dir.as_deref())?)?
-    else {
+    let Some(state) = super::state_dir(conf, false)? else {
         return Ok(());
     };
     let key = attachment_key(env, conf);

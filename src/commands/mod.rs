@@ -10,8 +10,23 @@ pub mod version;
 use crate::cni::config::{InnerList, NetConf};
 use crate::cni::env::CniEnv;
 use crate::error::Result;
-use crate::state::{Attachment, AttachmentKey};
+use crate::state::{Attachment, AttachmentKey, StateDir};
 use serde_json::Value;
+
+/// The state dir the config names, created when `create`, else None when
+/// there is none yet; with the config's lock timeout.
+fn state_dir(conf: &NetConf, create: bool) -> Result<Option<StateDir>> {
+    let path = StateDir::resolve(conf.state_dir.as_deref())?;
+    let dir = if create {
+        Some(StateDir::create(path)?)
+    } else {
+        StateDir::open_existing(path)?
+    };
+    Ok(dir.map(|d| StateDir {
+        lock_timeout: conf.lock_timeout,
+        ..d
+    }))
+}
 
 fn attachment_key(env: &CniEnv, conf: &NetConf) -> AttachmentKey {
     AttachmentKey {

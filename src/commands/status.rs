@@ -7,7 +7,6 @@ use crate::cni::env::{CniEnv, Command as Verb};
 use crate::error::{code, Error, Result};
 use crate::exec::{ContainerNetns, InfraNs};
 use crate::infra;
-use crate::state::StateDir;
 use std::os::unix::process::CommandExt;
 
 pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
@@ -15,8 +14,8 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
         |e: Error| Error::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details);
     let list = conf.inner_list().map_err(unavailable)?;
     let binaries = chain::find_binaries(&list, &env.path).map_err(unavailable)?;
-    let state = StateDir::resolve(conf.state_dir.as_deref())
-        .and_then(StateDir::create)
+    let state = super::state_dir(conf, true)
+        .and_then(|d| d.ok_or_else(|| Error::internal("no state dir")))
         .map_err(unavailable)?;
     match infra::running(&state, &state.lock()?)? {
         Some(info) => {

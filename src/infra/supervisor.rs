@@ -120,7 +120,7 @@ fn block_signals() -> Result<SignalFd> {
 
 impl Supervisor {
     fn start(state_dir: PathBuf, settings: Settings) -> Result<Self> {
-        let state = StateDir { path: state_dir };
+        let state = StateDir::at(state_dir);
         let (sandbox, sandbox_id) = spawn_sandbox(&state, &settings)?;
         let ns = |kind: &str| procfs::ns_inode(format!("/proc/{}/ns/{kind}", sandbox_id.pid));
         let (Some(netns), Some(mntns)) = (ns("net"), ns("mnt")) else {
