@@ -124,46 +124,22 @@ impl ContainerNetns {
     }
 }
 
-/// The inner plugins need CAP_NET_ADMIN over the container netns, which they
-/// have only if our user namespace owns it (or an ancestor of its owner is
-/// ours). Say so plainly instead of failing deep inside a plugin.
+/// Makes sure our user namespace has the power over the container netns the
+/// inner plugins need: it owns it, or we join the one that does when it is
+/// ours (a runtime outside its own user namespace). Otherwise a clear error
+/// instead of a failure deep inside a plugin.
 fn check_owned_by_our_userns(netns: &std::fs::File, path: &Path) -> Result<()> {
-    const NS_GET_USERNS: libc::c_ulong = 0xb701;
-    const NS_GET_PARENT: libc::c_ulong = 0xb702;
-    let ours = crate::procfs::self_ns_inode("user").unwrap_or(0);
-    // SAFETY: the ioctl takes no argument and returns a new fd or -1.
-    let fd = unsafe { libc::ioctl(netns.as_raw_fd(), NS_GET_USERNS) };
-    if fd < 0 {
-        // Not a namespace file at all, or a kernel without the ioctl.
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ENOTTY) || err.raw_os_error() == Some(libc::EINVAL) {
-            return Err(Error::env(format!(
-                "CNI_NETNS {} is not a network namespace",
-                path.display()
-            )));
+    let what = format!("CNI_NETNS {}", path.display());
+    match crate::userns::owner_of(netns) {
+        Ok(crate::userns::Owner::Ours) => Ok(()),
+        Ok(crate::userns::Owner::Foreign { userns, .. }) => {
+            crate::userns::join_owned(&userns, &what)
         }
-        return Ok(());
-    }
-    // SAFETY: fd was just returned to us by the kernel and is ours to own.
-    let mut owner = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    loop {
-        let ino = std::fs::File::from(owner.try_clone()?).metadata()?.ino();
-        if ino == ours {
-            return Ok(());
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
+            Err(Error::env(format!("{what} is not a network namespace")))
         }
-        // SAFETY: as above.
-        let parent = unsafe { libc::ioctl(owner.as_raw_fd(), NS_GET_PARENT) };
-        if parent < 0 {
-            return Err(Error::new(
-                code::FOREIGN_NETNS,
-                format!(
-                    "CNI_NETNS {} belongs to user namespace {ino}, which is not ours ({ours}) nor inside it: the inner plugins could not configure it. Run the runtime in the user namespace that created the container",
-                    path.display()
-                ),
-            ));
-        }
-        // SAFETY: as above.
-        owner = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(parent) };
+        // A kernel without the ioctl: let the plugins find out.
+        Err(_) => Ok(()),
     }
 }
 

@@ -15,6 +15,7 @@ mod ports;
 mod procfs;
 mod state;
 mod sys;
+mod userns;
 
 use cni::config::NetConf;
 use cni::env::{CniEnv, Command};

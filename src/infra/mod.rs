@@ -115,14 +115,7 @@ pub fn running(state: &StateDir, _lock: &StateLock) -> Result<Option<InfraInfo>>
     if info.is_alive() {
         let mine = procfs::self_ns_inode("user").unwrap_or(0);
         if info.userns != mine {
-            return Err(Error::new(
-                code::UNSAFE_STATE_DIR,
-                format!(
-                    "state dir {} belongs to the infra of another user namespace ({} , ours is {mine}); give this runtime its own \"stateDir\"",
-                    state.path.display(),
-                    info.userns
-                ),
-            ));
+            join_infra_userns(state, &info, mine)?;
         }
         return Ok(Some(info));
     }
@@ -133,6 +126,28 @@ pub fn running(state: &StateDir, _lock: &StateLock) -> Result<Option<InfraInfo>>
     kill_and_reap(&info);
     state::remove_if_exists(&state.file(state::INFRA_FILE))?;
     Ok(None)
+}
+
+/// A caller outside the infra's user namespace joins it when it owns it;
+/// any other caller must use a state dir of its own.
+fn join_infra_userns(state: &StateDir, info: &InfraInfo, mine: u64) -> Result<()> {
+    let elsewhere = || {
+        Error::new(
+            code::UNSAFE_STATE_DIR,
+            format!(
+                "state dir {} belongs to the infra of another user namespace ({}, ours is {mine}); give this runtime its own \"stateDir\"",
+                state.path.display(),
+                info.userns
+            ),
+        )
+    };
+    let userns = std::fs::File::open(format!("/proc/{}/ns/user", info.supervisor.pid))
+        .map_err(|_| elsewhere())?;
+    if procfs::ns_inode(format!("/proc/{}/ns/user", info.supervisor.pid)) != Some(info.userns) {
+        return Err(elsewhere());
+    }
+    crate::userns::join_owned(&std::os::fd::OwnedFd::from(userns), "the infra")
+        .map_err(|e| elsewhere().with_details(e.msg))
 }
 
 /// The running infra, started when there is none. The bool says whether
