@@ -663,6 +663,17 @@ impl Lab {
         fs::write(&p, contents).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
     }
 
+    /// Makes the session see `contents` as /etc/resolv.conf: a lab file bound
+    /// over it in the session's mount namespace (the host's file untouched).
+    /// slirp4netns, started there by the infra, forwards what reaches
+    /// 10.0.2.3 to its first nameserver; call this before the first ADD.
+    pub fn bind_resolv_conf(&self, contents: &str) {
+        self.write_file("resolv.conf", contents);
+        let file = self.dir.join("resolv.conf").display().to_string();
+        let out = self.exec(&[], None, &["mount", "--bind", &file, "/etc/resolv.conf"]);
+        assert!(out.ok(), "binding {file} on /etc/resolv.conf: {out}");
+    }
+
     /// Names of the entries of a dir, sorted; empty if it does not exist.
     pub fn list(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(dir)

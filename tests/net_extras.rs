@@ -1,0 +1,419 @@
+//! Issue #3: DNS through the infra, the host's loopback over IPv6, and MTU.
+//!
+//! - IPv6: conf-examples/dual-stack.conflist gives containers addresses in
+//!   fd00:89::/64; they ping each other, and reach the host's `::1` as
+//!   `fd00::2` only when `allowHostLoopback` is true.
+//! - DNS: slirp4netns answers 10.0.2.3 by forwarding to the first nameserver
+//!   of /etc/resolv.conf as its mount namespace sees it (the session's). The
+//!   lab binds a resolv.conf naming a dnsmasq this test starts on a loopback
+//!   address: no query ever leaves the machine's loopback.
+//! - MTU: the infra's tap0 has the outer config's `mtu` (default 65520), a
+//!   container's eth0 the bridge's.
+
+mod common;
+
+use common::{example_conflist, outer, HostServer, Lab, Out, NET};
+use serde_json::Value;
+use std::fs;
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The network of conf-examples/dual-stack.conflist.
+const DUAL: &str = "dual-stack";
+/// The host's `::1` as seen through slirp4netns (with host loopback allowed).
+const SLIRP_HOST6: &str = "fd00::2";
+/// slirp4netns's DNS forwarder.
+const SLIRP_DNS: &str = "10.0.2.3";
+/// A name only the test's DNS server knows, and its answer.
+const LAB_NAME: &str = "only-the-lab.test";
+const LAB_NAME_IP: &str = "10.1.2.3";
+
+/// conf-examples/dual-stack.conflist.
+fn dual_stack_conflist() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/dual-stack.conflist");
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// The first IPv6 address (without prefix) of a CNI result.
+fn result_ipv6(result: &Value) -> Option<String> {
+    result["ips"].as_array()?.iter().find_map(|ip| {
+        let a = ip["address"].as_str()?;
+        let addr = a.split('/').next()?;
+        addr.contains(':').then(|| addr.to_string())
+    })
+}
+
+/// The `dns` a result carries.
+fn result_nameservers(result: &Value) -> Vec<String> {
+    result["dns"]["nameservers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// ADD through cnitool; the result, parsed.
+fn add(lab: &Lab, net: &str, netns: &str) -> Value {
+    let add = lab.cnitool("add", net, netns);
+    assert!(add.ok(), "ADD {netns}: {add}");
+    add.json()
+        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"))
+}
+
+fn del(lab: &Lab, net: &str, netns: &str) {
+    let del = lab.cnitool("del", net, netns);
+    assert!(del.ok(), "DEL {netns}: {del}");
+}
+
+/// Runs `f` until it succeeds or `within` has passed; the last output.
+fn retry(within: Duration, mut f: impl FnMut() -> Out) -> Out {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = f();
+        if out.ok() || Instant::now() >= deadline {
+            return out;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Runs `argv` in the infra's network namespace (from inside the session).
+fn in_infra(lab: &Lab, argv: &[&str]) -> Out {
+    let pid = lab.sandbox_pid().expect("no infra running");
+    let net = format!("--net=/proc/{pid}/ns/net");
+    let mut full = vec!["nsenter", net.as_str(), "--"];
+    full.extend_from_slice(argv);
+    lab.exec(&[], None, &full)
+}
+
+/// The `mtu` of `ip -o link show` output.
+fn link_mtu(out: &Out) -> Option<u32> {
+    let fields: Vec<&str> = out.stdout.split_whitespace().collect();
+    let i = fields.iter().position(|f| *f == "mtu")?;
+    fields.get(i + 1)?.parse().ok()
+}
+
+/// Waits until slirp4netns's router advertisement gave the infra's tap0 a
+/// usable fd00::/64 address (SLAAC, past duplicate address detection) and a
+/// default route. The infra is ready for IPv4 when the first ADD returns,
+/// but tap0's IPv6 address comes 3-4 s after the infra's start; until then
+/// replies to the infra's (masqueraded) IPv6 traffic are dropped. `since`:
+/// when the infra was started, for the message.
+fn wait_for_infra_slaac(lab: &Lab, since: Instant) {
+    let addr = retry(Duration::from_secs(10), || {
+        let mut out = in_infra(lab, &["ip", "-o", "-6", "addr", "show", "dev", "tap0"]);
+        let usable = out
+            .stdout
+            .lines()
+            .any(|l| l.contains("inet6 fd00::") && !l.contains("tentative"));
+        if !usable {
+            out.status = Some(1);
+        }
+        out
+    });
+    assert!(addr.ok(), "tap0 got no usable fd00::/64 address: {addr}");
+    let route = retry(Duration::from_secs(10), || {
+        let mut out = in_infra(lab, &["ip", "-6", "route", "show", "default"]);
+        if !out.stdout.contains("via fe80::2") {
+            out.status = Some(1);
+        }
+        out
+    });
+    assert!(route.ok(), "the infra has no IPv6 default route: {route}");
+    eprintln!(
+        "the infra's IPv6 (tap0 SLAAC) was ready {} ms after the first ADD began",
+        since.elapsed().as_millis()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// IPv6
+
+/// Two containers on the dual-stack example: distinct fd00:89:: addresses,
+/// ping both ways over IPv6, and the host's [::1] reached as [fd00::2].
+#[test]
+fn ipv6_containers_and_host_loopback() {
+    let Some(lab) = Lab::new("ipv6") else {
+        return;
+    };
+    let server = HostServer::start("::1");
+    let conf = dual_stack_conflist();
+    assert_eq!(conf["plugins"][0]["ipv6"], true, "{conf}");
+    assert_eq!(conf["plugins"][0]["allowHostLoopback"], true, "{conf}");
+    lab.write_netconf(DUAL, &conf);
+    let (c1, c2) = (lab.container(), lab.container());
+
+    let started = Instant::now();
+    let mut ips = Vec::new();
+    for c in [&c1, &c2] {
+        let result = add(&lab, DUAL, &c.netns());
+        let ip6 = result_ipv6(&result).unwrap_or_else(|| panic!("no IPv6 in result: {result}"));
+        assert!(ip6.starts_with("fd00:89::"), "{ip6} not in fd00:89::/64");
+        assert_eq!(
+            result_nameservers(&result),
+            [SLIRP_DNS],
+            "dns of the result: {result}"
+        );
+        let shown = lab.in_netns(c, &["ip", "-o", "-6", "addr", "show", "dev", "eth0"]);
+        assert!(
+            shown.stdout.contains(&format!("inet6 {ip6}/64")),
+            "eth0 lacks {ip6}: {shown}"
+        );
+        ips.push(ip6);
+    }
+    assert_ne!(ips[0], ips[1], "both containers got the same IPv6 address");
+
+    let ping = retry(Duration::from_secs(5), || lab.ping(&c1, &ips[1]));
+    assert!(ping.ok(), "c1 -> c2 over IPv6: {ping}");
+    let ping = retry(Duration::from_secs(5), || lab.ping(&c2, &ips[0]));
+    assert!(ping.ok(), "c2 -> c1 over IPv6: {ping}");
+
+    wait_for_infra_slaac(&lab, started);
+    let ping = retry(Duration::from_secs(5), || lab.ping(&c1, SLIRP_HOST6));
+    assert!(ping.ok(), "c1 -> {SLIRP_HOST6}: {ping}");
+
+    let url = format!("http://[{SLIRP_HOST6}]:{}/", server.port);
+    let got = retry(Duration::from_secs(5), || {
+        lab.in_netns(&c2, &["curl", "-g", "-sS", "--max-time", "3", &url])
+    });
+    assert!(got.ok(), "container -> host [::1] via {url}: {got}");
+    assert_eq!(got.stdout, HostServer::BODY, "{got}");
+    assert!(server.connections() >= 1, "the [::1] server saw nothing");
+
+    for c in [&c1, &c2] {
+        del(&lab, DUAL, &c.netns());
+    }
+    lab.assert_no_infra("after DEL of both");
+}
+
+/// With `allowHostLoopback: false`, [fd00::2]:PORT does not reach the host's
+/// [::1], while IPv6 through the infra works (slirp4netns itself answers
+/// pings to fd00::2).
+#[test]
+fn ipv6_host_loopback_unreachable_when_not_allowed() {
+    let Some(lab) = Lab::new("ipv6_denied") else {
+        return;
+    };
+    let server = HostServer::start("::1");
+    let mut conf = dual_stack_conflist();
+    outer(&mut conf).insert("allowHostLoopback".into(), false.into());
+    lab.write_netconf(DUAL, &conf);
+    let c = lab.container();
+
+    let started = Instant::now();
+    add(&lab, DUAL, &c.netns());
+    wait_for_infra_slaac(&lab, started);
+    let ping = retry(Duration::from_secs(5), || lab.ping(&c, SLIRP_HOST6));
+    assert!(
+        ping.ok(),
+        "container -> {SLIRP_HOST6} (slirp4netns): {ping}"
+    );
+
+    let url = format!("http://[{SLIRP_HOST6}]:{}/", server.port);
+    let got = lab.in_netns(&c, &["curl", "-g", "-sS", "--max-time", "3", &url]);
+    assert!(!got.ok(), "host [::1] reached although not allowed: {got}");
+    assert_eq!(server.connections(), 0, "the [::1] server was connected to");
+
+    del(&lab, DUAL, &c.netns());
+}
+
+// ---------------------------------------------------------------------------
+// DNS
+
+/// A dnsmasq on a loopback address, answering only `LAB_NAME`; it forwards
+/// nothing (`--no-resolv`, no servers). Killed by its PID on drop.
+struct Dnsmasq {
+    ip: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Dnsmasq {
+    const BIN: &'static str = "/usr/sbin/dnsmasq";
+
+    /// Starts one on the first of a few loopback addresses whose port 53 is
+    /// free; the log goes to `log`.
+    fn start(log: PathBuf) -> Dnsmasq {
+        let candidates = ["127.0.0.53", "127.53.0.1", "127.53.0.2", "127.53.0.3"];
+        for ip in candidates {
+            let free = UdpSocket::bind((ip, 53)).is_ok() && TcpListener::bind((ip, 53)).is_ok();
+            if !free {
+                continue;
+            }
+            let stderr = fs::File::create(&log)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+            let child = Command::new(Self::BIN)
+                .args(["--no-daemon", "--conf-file=/dev/null", "--port=53"])
+                .arg(format!("--listen-address={ip}"))
+                .args(["--bind-interfaces", "--no-resolv", "--no-hosts"])
+                .arg(format!("--address=/{LAB_NAME}/{LAB_NAME_IP}"))
+                .arg(format!("--local=/{LAB_NAME}/")) // AAAA: no data, not REFUSED
+                .args(["--log-queries", "--log-facility=-"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {}: {e}", Self::BIN));
+            let mut dns = Dnsmasq {
+                ip: ip.to_string(),
+                child,
+                log,
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Ok(Some(st)) = dns.child.try_wait() {
+                    panic!("dnsmasq on {ip} exited ({st}): {}", dns.log_text());
+                }
+                let probe = Command::new("busybox")
+                    .args(["nslookup", LAB_NAME, ip])
+                    .output();
+                if probe.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(LAB_NAME_IP)) {
+                    return dns;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "dnsmasq on {ip} does not answer: {}",
+                    dns.log_text()
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("port 53 is taken on every candidate loopback address {candidates:?}");
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The queries for `LAB_NAME` it logged, one line each.
+    fn queries(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("query[") && l.contains(LAB_NAME))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `busybox nslookup LAB_NAME 10.0.2.3` from a container.
+fn lookup(lab: &Lab, c: &common::Container) -> Out {
+    lab.in_netns(c, &["busybox", "nslookup", LAB_NAME, SLIRP_DNS])
+}
+
+/// A container resolves a name only the test's DNS server knows, through
+/// slirp4netns's forwarder 10.0.2.3, which forwards to the loopback
+/// nameserver of the session's /etc/resolv.conf; `allowHostLoopback: false`
+/// (slirp4netns --disable-host-loopback) does not stop that forwarding.
+#[test]
+fn dns_through_the_infra_forwarder() {
+    if !Path::new(Dnsmasq::BIN).exists() {
+        let why = format!("{} (apt-get install dnsmasq-base)", Dnsmasq::BIN);
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("dns_through_the_infra_forwarder needs {why}");
+        }
+        eprintln!("skipping dns_through_the_infra_forwarder: it needs {why}");
+        return;
+    }
+    let Some(lab) = Lab::new("dns") else {
+        return;
+    };
+    let dns = Dnsmasq::start(lab.dir.join("dnsmasq.log"));
+    lab.bind_resolv_conf(&format!("nameserver {}\n", dns.ip));
+    let c = lab.container();
+    let mut conf = example_conflist();
+    assert_eq!(conf["plugins"][0]["allowHostLoopback"], true, "{conf}");
+
+    for allow in [true, false] {
+        outer(&mut conf).insert("allowHostLoopback".into(), allow.into());
+        lab.write_netconf(NET, &conf);
+        let before = dns.queries().len();
+        let result = add(&lab, NET, &c.netns());
+        assert_eq!(
+            result_nameservers(&result),
+            [SLIRP_DNS],
+            "dns of the result: {result}"
+        );
+        let got = retry(Duration::from_secs(5), || {
+            let mut out = lookup(&lab, &c);
+            if !out.stdout.contains(LAB_NAME_IP) {
+                out.status = Some(1);
+            }
+            out
+        });
+        assert!(
+            got.ok(),
+            "allowHostLoopback {allow}: {LAB_NAME} through {SLIRP_DNS}: {got}\n\
+             dnsmasq log:\n{}",
+            dns.log_text()
+        );
+        // dnsmasq saw it, from slirp4netns's socket on the host's loopback.
+        let seen = dns.queries();
+        assert!(
+            seen.len() > before && seen[before..].iter().all(|l| l.contains("from 127.")),
+            "allowHostLoopback {allow}: dnsmasq's queries: {seen:?}"
+        );
+        if !allow {
+            // The setting took effect: the host's loopback itself is closed.
+            let server = HostServer::start("127.0.0.1");
+            let url = format!("http://10.0.2.2:{}/", server.port);
+            let got = lab.curl(&c, &url);
+            assert!(
+                !got.ok(),
+                "host loopback reached although not allowed: {got}"
+            );
+            assert_eq!(server.connections(), 0);
+        }
+        del(&lab, NET, &c.netns());
+        lab.assert_no_infra(&format!("after DEL (allowHostLoopback {allow})"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// MTU
+
+/// tap0 in the infra has the outer `mtu` (65520 by default, 1500 when set),
+/// a container's eth0 the bridge's `mtu`.
+#[test]
+fn mtu_of_tap0_and_eth0() {
+    let Some(lab) = Lab::new("mtu") else {
+        return;
+    };
+    let c = lab.container();
+    let mut conf = example_conflist();
+    assert!(outer(&mut conf).get("mtu").is_none(), "{conf}");
+    assert_eq!(conf["plugins"][0]["delegate"]["plugins"][0]["mtu"], 65520);
+
+    for (outer_mtu, bridge_mtu) in [(None, 65520), (Some(1500), 1500)] {
+        if let Some(m) = outer_mtu {
+            outer(&mut conf).insert("mtu".into(), m.into());
+            conf["plugins"][0]["delegate"]["plugins"][0]["mtu"] = m.into();
+        }
+        lab.write_netconf(NET, &conf);
+        add(&lab, NET, &c.netns());
+        let tap = in_infra(&lab, &["ip", "-o", "link", "show", "tap0"]);
+        assert_eq!(
+            link_mtu(&tap),
+            Some(outer_mtu.unwrap_or(65520)),
+            "tap0 (outer mtu {outer_mtu:?}): {tap}"
+        );
+        let eth0 = lab.in_netns(&c, &["ip", "-o", "link", "show", "eth0"]);
+        assert_eq!(link_mtu(&eth0), Some(bridge_mtu), "eth0: {eth0}");
+        del(&lab, NET, &c.netns());
+        lab.assert_no_infra(&format!("after DEL (outer mtu {outer_mtu:?})"));
+    }
+}
