@@ -58,8 +58,9 @@ impl Slirp {
         Err(Error::new(
             code::HOST_PORT,
             format!(
-                "cannot publish host port {} through slirp4netns: {desc}",
-                m.describe()
+                "cannot publish host port {} through slirp4netns: {desc}{}",
+                m.describe(),
+                why_unavailable(m)
             ),
         ))
     }
@@ -119,6 +120,18 @@ impl Driver for Slirp {
                 Err(e) => log::error!("re-applying the forwards of {key}: {e}"),
             }
         }
+    }
+}
+
+/// slirp4netns does not say why a forward failed; a bind of our own does.
+fn why_unavailable(m: &PortMapping) -> String {
+    let probe = match m.protocol {
+        Protocol::Tcp => std::net::TcpListener::bind(m.listen_addr()).map(drop),
+        Protocol::Udp => std::net::UdpSocket::bind(m.listen_addr()).map(drop),
+    };
+    match probe {
+        Ok(()) => String::new(),
+        Err(e) => format!(" ({e})"),
     }
 }
 
