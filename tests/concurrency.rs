@@ -1,0 +1,289 @@
+//! Issue #4, tests 1 and 2: a storm of concurrent ADDs and DELs shares one
+//! infra and keeps the records exact; a held state lock gives code 11.
+
+mod common;
+mod support;
+
+use common::{example_conflist, outer, plugin_stdin, result_ipv4, Container, Lab, NET};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+use support::{run_all, supervisors, Call};
+
+/// How long one storm phase may take before its calls are killed.
+const STORM_BOUND: Duration = Duration::from_secs(240);
+
+/// Runs `calls` all at once, sampling the number of supervisors of the lab
+/// uid meanwhile. Returns the outputs, the largest sample (with what was
+/// running then).
+fn storm(lab: &Lab, what: &str, calls: &[Call]) -> (Vec<common::Out>, usize, Vec<String>) {
+    let started = Instant::now();
+    let (mut max, mut worst, mut samples) = (0, Vec::new(), 0);
+    let outs = run_all(lab, calls, STORM_BOUND, || {
+        let now = supervisors(lab);
+        samples += 1;
+        if now.len() > max {
+            max = now.len();
+            worst = now;
+        }
+    });
+    eprintln!(
+        "{what}: {} calls took {:.1}s; {samples} samples of the supervisors, at most {max}",
+        calls.len(),
+        started.elapsed().as_secs_f64()
+    );
+    (outs, max, worst)
+}
+
+/// The records as (netns -> record), asserting they all parse.
+fn records_by_netns(lab: &Lab) -> BTreeMap<String, Value> {
+    lab.attachment_records()
+        .into_iter()
+        .map(|r| {
+            let netns = r["netns"]
+                .as_str()
+                .unwrap_or_else(|| panic!("record without netns: {r}"))
+                .to_string();
+            (netns, r)
+        })
+        .collect()
+}
+
+/// Every record is ready, in one infra (the running one), and the records
+/// are exactly `attached` (netns -> address).
+fn assert_records_match(lab: &Lab, attached: &BTreeMap<String, String>, when: &str) {
+    let records = records_by_netns(lab);
+    let recorded: BTreeSet<&String> = records.keys().collect();
+    let expected: BTreeSet<&String> = attached.keys().collect();
+    assert_eq!(recorded, expected, "{when}: records vs attached containers");
+    let status = lab.status();
+    let sandbox = status["infra"]["sandbox"]["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{when}: no running infra: {status}"));
+    for (netns, r) in &records {
+        assert_eq!(r["state"], "ready", "{when}: record of {netns}: {r}");
+        assert_eq!(
+            r["infra"]["pid"].as_u64(),
+            Some(sandbox),
+            "{when}: record of {netns} names another infra than sandbox {sandbox}: {r}"
+        );
+        let ip = result_ipv4(&r["result"]);
+        assert_eq!(
+            ip.as_ref(),
+            attached.get(netns),
+            "{when}: recorded address of {netns}: {r}"
+        );
+    }
+    let leases: BTreeSet<String> = lab.lease_files(NET).into_iter().collect();
+    let addresses: BTreeSet<String> = attached.values().cloned().collect();
+    assert_eq!(leases, addresses, "{when}: leases vs addresses handed out");
+    let listed = status["attachments"].as_array().map_or(0, Vec::len);
+    assert_eq!(listed, attached.len(), "{when}: status: {status}");
+}
+
+/// Collects the addresses of successful ADDs; every call must have
+/// succeeded.
+fn added(outs: &[common::Out], containers: &[Container], when: &str) -> BTreeMap<String, String> {
+    let mut failures = Vec::new();
+    let mut by_netns = BTreeMap::new();
+    for (out, c) in outs.iter().zip(containers) {
+        let ip = out.json().as_ref().and_then(result_ipv4);
+        match ip {
+            Some(ip) if out.ok() => {
+                by_netns.insert(c.netns(), ip);
+            }
+            _ => failures.push(format!("{out}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{when}: {} of {} ADDs failed:\n{}",
+        failures.len(),
+        outs.len(),
+        failures.join("\n\n")
+    );
+    let distinct: BTreeSet<&String> = by_netns.values().collect();
+    assert_eq!(
+        distinct.len(),
+        by_netns.len(),
+        "{when}: addresses not all distinct: {by_netns:?}"
+    );
+    by_netns
+}
+
+/// 64 ADDs at once, then 64 DELs interleaved with 16 new ADDs, then the
+/// last 16 DELs: every call succeeds, never more than one infra, distinct
+/// addresses, records exactly what is attached, nothing left at the end.
+#[test]
+fn storm_of_adds_and_dels_shares_one_infra() {
+    const FIRST: usize = 64;
+    const SECOND: usize = 16;
+    let Some(lab) = Lab::new("storm") else {
+        return;
+    };
+    let wall = Instant::now();
+    lab.write_netconf(NET, &example_conflist());
+    let first: Vec<Container> = (0..FIRST).map(|_| lab.container()).collect();
+    let second: Vec<Container> = (0..SECOND).map(|_| lab.container()).collect();
+    let cnitool = |cmd: &str, c: &Container| Call::cnitool(&lab, cmd, NET, &c.netns());
+
+    // Phase 1: 64 ADDs at once.
+    let calls: Vec<Call> = first.iter().map(|c| cnitool("add", c)).collect();
+    let (outs, max, worst) = storm(&lab, "phase 1 (64 ADDs)", &calls);
+    let attached = added(&outs, &first, "phase 1");
+    assert!(
+        max <= 1,
+        "phase 1: {max} supervisors at once:\n{}",
+        worst.join("\n")
+    );
+    assert_eq!(supervisors(&lab).len(), 1, "phase 1: one infra after");
+    assert_records_match(&lab, &attached, "after phase 1");
+    for c in &first {
+        assert_eq!(
+            lab.ipv4(c, "eth0").as_ref(),
+            attached.get(&c.netns()),
+            "eth0 of {c:?}"
+        );
+    }
+
+    // Phase 2: the 64 DELs and 16 new ADDs at once.
+    let mut calls: Vec<Call> = Vec::new();
+    for i in 0..FIRST {
+        calls.push(cnitool("del", &first[i]));
+        if i % (FIRST / SECOND) == 0 {
+            calls.push(cnitool("add", &second[i / (FIRST / SECOND)]));
+        }
+    }
+    let (outs, max, worst) = storm(&lab, "phase 2 (64 DELs + 16 ADDs)", &calls);
+    let (mut add_outs, mut failures) = (Vec::new(), Vec::new());
+    for (call, out) in calls.iter().zip(outs) {
+        if call.argv[1] == "add" {
+            add_outs.push(out);
+        } else if !out.ok() {
+            failures.push(format!("{out}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "phase 2: {} of {FIRST} DELs failed:\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    let attached = added(&add_outs, &second, "phase 2");
+    assert!(
+        max <= 1,
+        "phase 2: {max} supervisors at once:\n{}",
+        worst.join("\n")
+    );
+    assert_records_match(&lab, &attached, "after phase 2");
+    for c in &first {
+        assert_eq!(lab.links(c), vec!["lo"], "{c:?} kept interfaces after DEL");
+    }
+    for c in &second {
+        assert_eq!(
+            lab.ipv4(c, "eth0").as_ref(),
+            attached.get(&c.netns()),
+            "eth0 of {c:?}"
+        );
+    }
+
+    // Phase 3: the last 16 DELs at once.
+    let calls: Vec<Call> = second.iter().map(|c| cnitool("del", c)).collect();
+    let (outs, max, worst) = storm(&lab, "phase 3 (16 DELs)", &calls);
+    let failures: Vec<String> = outs
+        .iter()
+        .filter(|o| !o.ok())
+        .map(|o| o.to_string())
+        .collect();
+    assert!(failures.is_empty(), "phase 3:\n{}", failures.join("\n\n"));
+    assert!(
+        max <= 1,
+        "phase 3: {max} supervisors at once:\n{}",
+        worst.join("\n")
+    );
+    for c in &second {
+        assert_eq!(lab.links(c), vec!["lo"], "{c:?} kept interfaces after DEL");
+    }
+    let leases = lab.lease_files(NET);
+    assert!(leases.is_empty(), "leases left: {leases:?}");
+    lab.assert_no_infra("after the storm");
+    eprintln!("storm: wall time {:.1}s", wall.elapsed().as_secs_f64());
+}
+
+/// The state lock held by someone else (flock(1) as the lab user): an ADD
+/// with `lockTimeout: 1` gives up with code 11 within seconds and changes
+/// nothing; so does a DEL. Once the lock is free, ADD and DEL work.
+#[test]
+fn held_lock_gives_try_again_later() {
+    let Some(lab) = Lab::new("lock_timeout") else {
+        return;
+    };
+    let mut conf = example_conflist();
+    outer(&mut conf).insert("lockTimeout".into(), 1.into());
+    let stdin = plugin_stdin(&conf).to_string();
+    let c = lab.container();
+
+    // The state dir as the plugin makes it (0700, the user's), and its lock
+    // taken by flock(1) for long enough.
+    let state = lab.state_dir();
+    let out = lab.exec(
+        &[],
+        None,
+        &["mkdir", "-m", "0700", &state.display().to_string()],
+    );
+    assert!(out.ok(), "mkdir state dir: {out}");
+    let lock = state.join("rootless-cni-infra.lck").display().to_string();
+    let ready = lab.dir.join("locked").display().to_string();
+    let holder = support::spawn(
+        &lab,
+        &Call::argv(&[
+            "flock",
+            &lock,
+            "sh",
+            "-c",
+            &format!("touch {ready}; exec sleep 30"),
+        ]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::path::Path::new(&ready).exists() {
+        assert!(Instant::now() < deadline, "flock did not take {lock}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    for verb in ["ADD", "DEL", "CHECK"] {
+        let env = lab.plugin_env(verb, "locked-out-1", &c.netns());
+        let started = Instant::now();
+        let out = lab.plugin(&env, &stdin);
+        let took = started.elapsed();
+        eprintln!("{verb} with the lock held: {took:?}");
+        let err = out
+            .cni_error()
+            .unwrap_or_else(|| panic!("{verb}: no CNI error object: {out}"));
+        assert!(!out.ok(), "{verb} succeeded with the lock held: {out}");
+        assert_eq!(err.code, 11, "{verb} with the lock held: {out}");
+        assert!(
+            err.mentions("lock"),
+            "{verb}: the message does not say what is busy: {out}"
+        );
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+            "{verb} with lockTimeout 1 took {took:?}: {out}"
+        );
+    }
+    assert_eq!(lab.links(&c), vec!["lo"], "the container got something");
+    assert_eq!(supervisors(&lab), Vec::<String>::new(), "an infra started");
+    assert!(lab.attachment_files().is_empty(), "records were written");
+
+    holder.kill_group();
+    let _ = holder.wait(Duration::from_secs(5));
+    lab.assert_no_infra("after the lock was released");
+
+    // Free again: the same config works.
+    let env = lab.plugin_env("ADD", "locked-out-1", &c.netns());
+    let out = lab.plugin(&env, &stdin);
+    assert!(out.ok(), "ADD once the lock is free: {out}");
+    let env = lab.plugin_env("DEL", "locked-out-1", &c.netns());
+    let out = lab.plugin(&env, &stdin);
+    assert!(out.ok(), "DEL once the lock is free: {out}");
+    lab.assert_no_infra("after ADD and DEL");
+}

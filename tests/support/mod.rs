@@ -1,0 +1,339 @@
+//! What the reliability and security tests (issue #4) add to the lab: calls
+//! in the session that the test starts, watches and kills itself (each in a
+//! process group of its own), many calls at once, process start times for
+//! forged records, and a tiny deterministic PRNG.
+//!
+//! Used beside `common` (`mod common; mod support;`), so the shared harness
+//! stays as it is.
+#![allow(dead_code)] // each test file uses a different part
+
+use crate::common::{Lab, Out};
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The PATH the lab gives everything in the session (as in `common`).
+pub const LAB_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+/// The supervisor's hidden entry: one such process is one infra.
+pub const SUPERVISE: &str = "__supervise";
+/// How long a descendant may hold stdout/stderr open after the call exited.
+const PIPE_GRACE: Duration = Duration::from_secs(5);
+
+/// One call in the lab session: environment (on top of PATH, HOME,
+/// XDG_RUNTIME_DIR), stdin and argv.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub env: Vec<(String, String)>,
+    pub stdin: Option<Vec<u8>>,
+    pub argv: Vec<String>,
+}
+
+impl Call {
+    /// Our binary in plugin mode.
+    pub fn plugin(lab: &Lab, env: &[(String, String)], stdin: &str) -> Call {
+        Call {
+            env: env.to_vec(),
+            stdin: Some(stdin.as_bytes().to_vec()),
+            argv: vec![lab.bin().join("rootless-cni").display().to_string()],
+        }
+    }
+
+    /// `cnitool CMD NET NETNS` with the lab's config dir and CNI_PATH.
+    pub fn cnitool(lab: &Lab, cmd: &str, net: &str, netns: &str) -> Call {
+        Call {
+            env: vec![
+                (
+                    "NETCONFPATH".into(),
+                    lab.netconf_dir().display().to_string(),
+                ),
+                ("CNI_PATH".into(), lab.cni_path()),
+            ],
+            stdin: None,
+            argv: vec![
+                lab.dir.join("tools/cnitool").display().to_string(),
+                cmd.into(),
+                net.into(),
+                netns.into(),
+            ],
+        }
+    }
+
+    /// Any command in the session.
+    pub fn argv(argv: &[&str]) -> Call {
+        Call {
+            env: Vec::new(),
+            stdin: None,
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    /// For messages.
+    pub fn what(&self) -> String {
+        let env: String = self
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with("CNI_COMMAND") || k.starts_with("CNI_CONTAINERID"))
+            .map(|(k, v)| format!("{k}={v} "))
+            .collect();
+        env + &self.argv.join(" ")
+    }
+
+    /// setpriv + nsenter into the session, a clean environment, and a
+    /// process group of its own (so the whole call can be killed at once).
+    fn command(&self, lab: &Lab) -> Command {
+        let u = lab.uid.to_string();
+        let mut cmd = Command::new("/usr/bin/setpriv");
+        cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
+            .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
+            .arg(format!("--target={}", lab.holder))
+            .args(["--", "env", "-i"])
+            .arg(format!("PATH={LAB_PATH}"))
+            .arg(format!("HOME={}", lab.dir.display()))
+            .arg(format!("XDG_RUNTIME_DIR={}", lab.run_dir().display()));
+        for (k, v) in &self.env {
+            cmd.arg(format!("{k}={v}"));
+        }
+        cmd.args(&self.argv)
+            .env_clear()
+            .env("PATH", LAB_PATH)
+            .process_group(0);
+        cmd
+    }
+}
+
+/// A call started in the session, not yet waited for. setpriv, nsenter and
+/// env exec, so `pid` ends up as the called program and leads its group.
+pub struct Running {
+    pub what: String,
+    pub pid: u32,
+    child: Child,
+    output: mpsc::Receiver<(bool, Vec<u8>)>,
+}
+
+/// Starts `call`; its stdin is written (then closed) by a thread.
+pub fn spawn(lab: &Lab, call: &Call) -> Running {
+    let mut cmd = call.command(lab);
+    cmd.stdin(if call.stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", call.what()));
+    if let (Some(mut pipe), Some(input)) = (child.stdin.take(), call.stdin.clone()) {
+        thread::spawn(move || {
+            let _ = pipe.write_all(&input);
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    let pipes: Vec<(bool, Box<dyn Read + Send>)> = [
+        child
+            .stdout
+            .take()
+            .map(|p| (true, Box::new(p) as Box<dyn Read + Send>)),
+        child
+            .stderr
+            .take()
+            .map(|p| (false, Box::new(p) as Box<dyn Read + Send>)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for (is_stdout, mut pipe) in pipes {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            let _ = tx.send((is_stdout, buf));
+        });
+    }
+    Running {
+        what: call.what(),
+        pid: child.id(),
+        child,
+        output: rx,
+    }
+}
+
+impl Running {
+    /// SIGKILL to the call's whole process group (the program and every
+    /// child that did not leave the group: inner plugins, not the infra).
+    pub fn kill_group(&self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+
+    /// Whether it has exited (then `wait` returns at once).
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the exit (the group is killed after `timeout`), then for
+    /// stdout and stderr to close.
+    pub fn wait(mut self, timeout: Duration) -> Out {
+        let deadline = Instant::now() + timeout;
+        let mut note = String::new();
+        let mut status = loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => break st.code(),
+                Ok(None) if Instant::now() >= deadline => {
+                    self.kill_group();
+                    let _ = self.child.wait();
+                    note.push_str(&format!("\n[test] killed after {}s\n", timeout.as_secs()));
+                    break None;
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("waiting for {}: {e}", self.what),
+            }
+        };
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            match self.output.recv_timeout(PIPE_GRACE) {
+                Ok((true, b)) => stdout = b,
+                Ok((false, b)) => stderr = b,
+                Err(_) => {
+                    note.push_str(&format!(
+                        "\n[test] exited ({status:?}) but stdout/stderr are still held open \
+                         by a descendant {}s later\n",
+                        PIPE_GRACE.as_secs()
+                    ));
+                    status = None;
+                    break;
+                }
+            }
+        }
+        let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
+        stderr.push_str(&note);
+        Out {
+            what: self.what,
+            status,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr,
+        }
+    }
+}
+
+/// Starts every call at once, then waits for all; `tick` runs on this
+/// thread every few ms meanwhile (to sample the processes of the uid).
+/// Outputs are in the order of `calls`.
+pub fn run_all(lab: &Lab, calls: &[Call], timeout: Duration, mut tick: impl FnMut()) -> Vec<Out> {
+    let mut running: Vec<Running> = calls.iter().map(|c| spawn(lab, c)).collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        tick();
+        if running.iter_mut().all(Running::exited) || Instant::now() >= deadline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    running
+        .into_iter()
+        .map(|r| r.wait(Duration::ZERO))
+        .collect()
+}
+
+/// Runs one call to its end.
+pub fn run(lab: &Lab, call: &Call, timeout: Duration) -> Out {
+    spawn(lab, call).wait(timeout)
+}
+
+/// Live `__supervise` processes of the lab uid: the number of infras.
+pub fn supervisors(lab: &Lab) -> Vec<String> {
+    lab.processes_with_arg(SUPERVISE)
+}
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &text[text.rfind(')')? + 1..];
+    after.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Whether the output shows a panic of ours (Rust's exit code 101 or its
+/// message on stderr).
+pub fn panicked(out: &Out) -> bool {
+    out.status == Some(101) || out.stderr.contains("panicked")
+}
+
+/// Writes `contents` to `path` as the lab user would have (owner uid, 0600).
+pub fn write_as_user(lab: &Lab, path: &std::path::Path, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
+    }
+    fs::write(path, contents).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    std::os::unix::fs::chown(path, Some(lab.uid), Some(lab.uid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// The files of the state dir's attachments/ that are not a JSON record
+/// (a leftover temporary file), and the *.json ones that do not parse.
+pub fn bad_records(lab: &Lab) -> Vec<String> {
+    let dir = lab.state_dir().join("attachments");
+    let mut bad = Vec::new();
+    for name in Lab::list(&dir) {
+        if !name.ends_with(".json") || name.starts_with('.') {
+            bad.push(format!("{name}: not a record"));
+            continue;
+        }
+        let path = dir.join(&name);
+        let text = fs::read(&path).unwrap_or_default();
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&text) {
+            bad.push(format!("{name}: {e}: {:?}", String::from_utf8_lossy(&text)));
+        }
+    }
+    bad
+}
+
+/// splitmix64: small, deterministic, good enough to pick test inputs.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// The seed for a test: `$TEST_SEED` if set, else `default`. Printed, so a
+/// failure can be replayed.
+pub fn seed(name: &str, default: u64) -> u64 {
+    let seed = std::env::var("TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    eprintln!("{name}: seed {seed} (TEST_SEED to replay)");
+    seed
+}
