@@ -7,6 +7,8 @@ use crate::cni::env::{CniEnv, Command as Verb};
 use crate::cni::version;
 use crate::error::{code, Error, Result};
 use crate::exec::{self, ContainerNetns, InfraNs, Invocation};
+use crate::infra::InfraInfo;
+use crate::state::Attachment;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,13 +20,13 @@ pub struct AddResult {
 }
 
 pub struct Chain<'a> {
-    pub list: &'a InnerList,
-    pub binaries: Vec<PathBuf>,
-    pub infra: &'a InfraNs,
-    pub netns: &'a ContainerNetns,
-    pub env: &'a CniEnv,
-    pub capability_args: &'a Map<String, Value>,
-    pub timeout: Duration,
+    list: InnerList,
+    binaries: Vec<PathBuf>,
+    infra: InfraNs,
+    netns: &'a ContainerNetns,
+    env: &'a CniEnv,
+    capability_args: &'a Map<String, Value>,
+    timeout: Duration,
 }
 
 /// Every plugin of the list, found in CNI_PATH before anything runs.
@@ -35,7 +37,65 @@ pub fn find_binaries(list: &InnerList, cni_path: &[PathBuf]) -> Result<Vec<PathB
         .collect()
 }
 
-impl Chain<'_> {
+impl<'a> Chain<'a> {
+    /// `binaries` are the list's plugins, found by `find_binaries`.
+    pub fn new(
+        list: InnerList,
+        binaries: Vec<PathBuf>,
+        info: &InfraInfo,
+        netns: &'a ContainerNetns,
+        env: &'a CniEnv,
+        capability_args: &'a Map<String, Value>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        Ok(Chain {
+            infra: InfraNs::open(info)?,
+            list,
+            binaries,
+            netns,
+            env,
+            capability_args,
+            timeout,
+        })
+    }
+
+    /// The chain an attachment was made with: its recorded config and
+    /// capability args.
+    pub fn recorded(
+        rec: &'a Attachment,
+        info: &InfraInfo,
+        netns: &'a ContainerNetns,
+        env: &'a CniEnv,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let list = InnerList::from_value(&rec.config, "", &rec.network)
+            .map_err(|e| e.context(format!("record of {}", rec.container_id)))?;
+        let binaries = find_binaries(&list, &env.path)?;
+        Self::new(
+            list,
+            binaries,
+            info,
+            netns,
+            env,
+            &rec.capability_args,
+            timeout,
+        )
+    }
+
+    pub fn disable_check(&self) -> bool {
+        self.list.disable_check
+    }
+
+    /// The recorded result as the inner plugins must see it now: with the
+    /// container netns under the name this call gives it.
+    pub fn cached_result(&self, rec: &Attachment) -> Option<Value> {
+        let mut result = rec.result.clone()?;
+        if let Some(runtime) = &rec.netns {
+            rewrite_sandbox(&mut result, runtime, &self.netns.inner_path());
+        }
+        Some(result)
+    }
+
     /// ADD through the whole list. On failure, what ran is undone (DEL of
     /// every plugin, in reverse) before the error is returned. The result
     /// carries the inner CNI_NETNS; see `rewrite_sandbox`.
@@ -127,7 +187,7 @@ impl Chain<'_> {
         let stdin = serde_json::to_vec(config).map_err(|e| Error::internal(e.to_string()))?;
         log::debug!("{} {} in the infra", verb.as_str(), self.name(i));
         exec::run_plugin(
-            self.infra,
+            &self.infra,
             &self.binaries[i],
             &Invocation {
                 verb,

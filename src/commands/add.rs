@@ -7,7 +7,7 @@ use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::cni::version;
 use crate::error::{code, Error, Result};
-use crate::exec::{ContainerNetns, InfraNs};
+use crate::exec::ContainerNetns;
 use crate::infra::control::{self, Request};
 use crate::infra::{self, InfraInfo, Settings};
 use crate::ports::{self, PortMapping};
@@ -63,7 +63,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     };
 
     let outcome = publish_ports(&state, &key, &mappings).and_then(|()| {
-        let result = run_chain(&info, &list, binaries, &netns, env, conf);
+        let result = run_chain(&info, list.clone(), binaries, &netns, env, conf);
         if result.is_err() {
             unpublish_ports(&state, &key, &mappings);
         }
@@ -104,22 +104,21 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
 
 fn run_chain(
     info: &InfraInfo,
-    list: &crate::cni::config::InnerList,
+    list: crate::cni::config::InnerList,
     binaries: Vec<std::path::PathBuf>,
     netns: &ContainerNetns,
     env: &CniEnv,
     conf: &NetConf,
 ) -> Result<chain::AddResult> {
-    let infra_ns = InfraNs::open(info)?;
-    let chain = Chain {
+    let chain = Chain::new(
         list,
         binaries,
-        infra: &infra_ns,
+        info,
         netns,
         env,
-        capability_args: &conf.runtime_config,
-        timeout: conf.plugin_timeout,
-    };
+        &conf.runtime_config,
+        conf.plugin_timeout,
+    )?;
     let mut result = chain.add()?;
     let (inner, runtime) = (netns.inner_path(), netns.runtime_str());
     chain::rewrite_sandbox(&mut result.value, &inner, &runtime);

@@ -1,12 +1,12 @@
 //! CHECK: the attachment must exist in the running infra; then the inner
 //! plugins check it against the recorded result.
 
-use super::{attachment_key, cached_result_for, recorded_list};
-use crate::chain::{self, Chain};
+use super::attachment_key;
+use crate::chain::Chain;
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
-use crate::exec::{ContainerNetns, InfraNs};
+use crate::exec::ContainerNetns;
 use crate::infra;
 use crate::state::AttachmentState;
 
@@ -48,22 +48,11 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             ),
         ));
     }
-    let list = recorded_list(&record)?;
-    if list.disable_check {
+    let netns = ContainerNetns::open(env.netns())?;
+    let chain = Chain::recorded(&record, &info, &netns, env, conf.plugin_timeout)?;
+    if chain.disable_check() {
         return Ok(());
     }
-    let binaries = chain::find_binaries(&list, &env.path)?;
-    let netns = ContainerNetns::open(env.netns())?;
-    let infra_ns = InfraNs::open(&info)?;
-    let cached = cached_result_for(&record, &netns.inner_path()).ok_or_else(unknown)?;
-    Chain {
-        list: &list,
-        binaries,
-        infra: &infra_ns,
-        netns: &netns,
-        env,
-        capability_args: &record.capability_args,
-        timeout: conf.plugin_timeout,
-    }
-    .check(&cached)
+    let cached = chain.cached_result(&record).ok_or_else(unknown)?;
+    chain.check(&cached)
 }

@@ -2,12 +2,12 @@
 //! inner DEL with the recorded config and result, forgets the attachment,
 //! and stops the infra when it was the last one.
 
-use super::{attachment_key, cached_result_for, recorded_list};
-use crate::chain::{self, Chain};
+use super::attachment_key;
+use crate::chain::Chain;
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
-use crate::exec::{ContainerNetns, InfraNs};
+use crate::exec::ContainerNetns;
 use crate::infra;
 use crate::state::AttachmentState;
 
@@ -56,21 +56,9 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             let mappings =
                 crate::ports::from_runtime_config(&record.capability_args).unwrap_or_default();
             super::add::unpublish_ports(&state, &key, &mappings);
-            let list = recorded_list(&record)?;
-            let binaries = chain::find_binaries(&list, &env.path)?;
             let netns = ContainerNetns::open_if_present(env.netns.as_deref());
-            let infra_ns = InfraNs::open(&info)?;
-            let cached = cached_result_for(&record, &netns.inner_path());
-            Chain {
-                list: &list,
-                binaries,
-                infra: &infra_ns,
-                netns: &netns,
-                env,
-                capability_args: &record.capability_args,
-                timeout: conf.plugin_timeout,
-            }
-            .del(cached.as_ref())?;
+            let chain = Chain::recorded(&record, &info, &netns, env, conf.plugin_timeout)?;
+            chain.del(chain.cached_result(&record).as_ref())?;
         }
     }
 

@@ -2,12 +2,11 @@
 //! runtime no longer lists, running the inner DEL with what was recorded at
 //! ADD; then pass GC on to inner plugins that know it.
 
-use super::{cached_result_for, recorded_list};
 use crate::chain::{self, Chain};
 use crate::cni::config::NetConf;
 use crate::cni::env::{CniEnv, Command as Verb};
 use crate::error::{Error, ErrorList, Result};
-use crate::exec::{ContainerNetns, InfraNs};
+use crate::exec::ContainerNetns;
 use crate::infra::{self, InfraInfo};
 use crate::state::{Attachment, AttachmentState, StateDir};
 use serde_json::json;
@@ -43,17 +42,17 @@ pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<()> {
                 .iter()
                 .map(|(c, i)| json!({"containerID": c, "ifname": i}))
                 .collect();
-            let infra_ns = InfraNs::open(&info)?;
             let netns = ContainerNetns::open_if_present(None);
-            Chain {
-                binaries: chain::find_binaries(&list, &env.path)?,
-                list: &list,
-                infra: &infra_ns,
-                netns: &netns,
+            let binaries = chain::find_binaries(&list, &env.path)?;
+            Chain::new(
+                list,
+                binaries,
+                &info,
+                &netns,
                 env,
-                capability_args: &conf.runtime_config,
-                timeout: conf.plugin_timeout,
-            }
+                &conf.runtime_config,
+                conf.plugin_timeout,
+            )?
             .network_verb(
                 Verb::Gc,
                 Some(("cni.dev/valid-attachments", json!(attachments))),
@@ -111,7 +110,6 @@ fn delete_recorded(
     let key = rec.key();
     let mappings = crate::ports::from_runtime_config(&rec.capability_args).unwrap_or_default();
     super::add::unpublish_ports(state, &key, &mappings);
-    let list = recorded_list(rec)?;
     let netns_path = rec.netns.as_deref().map(std::path::Path::new);
     let netns = ContainerNetns::open_if_present(netns_path);
     let del_env = CniEnv {
@@ -122,16 +120,6 @@ fn delete_recorded(
         args: rec.cni_args.clone(),
         path: cni_path.to_vec(),
     };
-    let infra_ns = InfraNs::open(info)?;
-    let cached = cached_result_for(rec, &netns.inner_path());
-    Chain {
-        binaries: chain::find_binaries(&list, cni_path)?,
-        list: &list,
-        infra: &infra_ns,
-        netns: &netns,
-        env: &del_env,
-        capability_args: &rec.capability_args,
-        timeout,
-    }
-    .del(cached.as_ref())
+    let chain = Chain::recorded(rec, info, &netns, &del_env, timeout)?;
+    chain.del(chain.cached_result(rec).as_ref())
 }

@@ -7,11 +7,10 @@ pub mod gc;
 pub mod status;
 pub mod version;
 
-use crate::cni::config::{InnerList, NetConf};
+use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::error::Result;
-use crate::state::{Attachment, AttachmentKey, StateDir};
-use serde_json::Value;
+use crate::state::{AttachmentKey, StateDir};
 
 /// The state dir the config names, created when `create`, else None when
 /// there is none yet; with the config's lock timeout.
@@ -34,20 +33,4 @@ fn attachment_key(env: &CniEnv, conf: &NetConf) -> AttachmentKey {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
     }
-}
-
-/// The inner list an attachment was made with.
-fn recorded_list(rec: &Attachment) -> Result<InnerList> {
-    InnerList::from_value(&rec.config, "", &rec.network)
-        .map_err(|e| e.context(format!("record of {}", rec.container_id)))
-}
-
-/// The recorded result as the inner plugins must see it now: with the
-/// container netns under the name this call gives it.
-fn cached_result_for(rec: &Attachment, inner_netns: &str) -> Option<Value> {
-    let mut result = rec.result.clone()?;
-    if let Some(runtime) = &rec.netns {
-        crate::chain::rewrite_sandbox(&mut result, runtime, inner_netns);
-    }
-    Some(result)
 }

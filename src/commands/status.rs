@@ -5,7 +5,7 @@ use crate::chain::{self, Chain};
 use crate::cni::config::NetConf;
 use crate::cni::env::{CniEnv, Command as Verb};
 use crate::error::{code, Error, Result};
-use crate::exec::{ContainerNetns, InfraNs};
+use crate::exec::ContainerNetns;
 use crate::infra;
 use std::os::unix::process::CommandExt;
 
@@ -19,17 +19,16 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
         .map_err(unavailable)?;
     match infra::running(&state, &state.lock()?)? {
         Some(info) => {
-            let infra_ns = InfraNs::open(&info)?;
             let netns = ContainerNetns::open_if_present(None);
-            Chain {
+            Chain::new(
+                list,
                 binaries,
-                list: &list,
-                infra: &infra_ns,
-                netns: &netns,
+                &info,
+                &netns,
                 env,
-                capability_args: &conf.runtime_config,
-                timeout: conf.plugin_timeout,
-            }
+                &conf.runtime_config,
+                conf.plugin_timeout,
+            )?
             .network_verb(Verb::Status, None)
         }
         None => can_start_infra().map_err(|msg| Error::new(code::PLUGIN_NOT_AVAILABLE, msg)),

@@ -184,56 +184,35 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
     let log_path = state.file(state::LOG_FILE);
     let log = open_log(&log_path)?;
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::new(code::INFRA_START, format!("finding our own binary: {e}")))?;
-    let (ready_r, ready_w) = sys::pipe()?;
-    let ready_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
-    let mut cmd = Command::new(exe);
-    cmd.arg(supervisor::ENTRY)
-        .arg("--state-dir")
-        .arg(&state.path)
-        .arg("--ready-fd")
-        .arg(ready_fd.to_string())
-        .arg("--settings")
-        .arg(settings.to_arg())
-        // Without CNI_COMMAND our binary is the CLI, not a plugin.
-        .env_remove("CNI_COMMAND")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .current_dir("/");
-    // SAFETY: runs between fork and exec; setsid and fcntl are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            sys::keep_on_exec(ready_fd)
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| {
-        Error::new(
-            code::INFRA_START,
-            format!("starting the infra supervisor: {e}"),
-        )
-    })?;
-    drop(ready_w);
-    let report = sys::read_report(ready_r, START_TIMEOUT)?;
-    let failure = match report.as_deref().map(str::trim) {
-        Some("ok") => match InfraInfo::load(state) {
+    let spawned = spawn_own(
+        supervisor::ENTRY,
+        state,
+        settings,
+        |cmd| {
+            // Without CNI_COMMAND our binary is the CLI, not a plugin.
+            cmd.env_remove("CNI_COMMAND").stderr(log).current_dir("/");
+        },
+        || {
+            nix::unistd::setsid()
+                .map(drop)
+                .map_err(std::io::Error::from)
+        },
+        START_TIMEOUT,
+    );
+    let failure = match spawned {
+        Ok(mut child) => match InfraInfo::load(state) {
             Some(info) if info.is_alive() => {
                 log::info!("infra started in {:?}", started.elapsed());
                 return Ok(info);
             }
-            _ => "the supervisor reported ready but the infra is not running".to_string(),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                "the supervisor reported ready but the infra is not running".to_string()
+            }
         },
-        Some(msg) if !msg.is_empty() => msg.trim_start_matches("error: ").to_string(),
-        Some(_) => "the supervisor exited without a word".to_string(),
-        None => format!(
-            "the infra was not ready within {}s",
-            START_TIMEOUT.as_secs()
-        ),
+        Err(e) => e.msg,
     };
-    let _ = child.kill();
-    let _ = child.wait();
     if let Some(info) = InfraInfo::load(state) {
         kill_and_reap(&info);
     }
@@ -243,6 +222,59 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
             format!("{}:\n{}", log_path.display(), sys::tail(&log_path, 10)),
         ),
     )
+}
+
+/// Starts our own binary's hidden `entry` with the state dir, the settings
+/// and the write end of a pipe (`--ready-fd`), runs `child_setup` between
+/// fork and exec, and waits until the child closes the pipe: "ok" means
+/// ready, anything else says why not (the child is then killed).
+pub fn spawn_own(
+    entry: &str,
+    state: &StateDir,
+    settings: &Settings,
+    configure: impl FnOnce(&mut Command),
+    mut child_setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+    timeout: Duration,
+) -> Result<std::process::Child> {
+    let fail = |why: String| Error::new(code::INFRA_START, why);
+    let exe = std::env::current_exe().map_err(|e| fail(format!("finding our own binary: {e}")))?;
+    let (ready_r, ready_w) = sys::pipe()?;
+    let ready_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
+    let mut cmd = Command::new(exe);
+    cmd.arg(entry)
+        .arg("--state-dir")
+        .arg(&state.path)
+        .arg("--ready-fd")
+        .arg(ready_fd.to_string())
+        .arg("--settings")
+        .arg(settings.to_arg())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    configure(&mut cmd);
+    // SAFETY: runs between fork and exec; child_setup and fcntl must be, and
+    // are, async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            child_setup()?;
+            sys::keep_on_exec(ready_fd)
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("starting {entry}: {e}")))?;
+    drop(ready_w);
+    let why = match sys::read_report(ready_r, timeout)?
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("ok") => return Ok(child),
+        Some("") => format!("{entry} exited without a word"),
+        Some(msg) => msg.trim_start_matches("error: ").to_string(),
+        None => format!("{entry} was not ready within {}s", timeout.as_secs()),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(fail(why))
 }
 
 fn open_log(path: &std::path::Path) -> Result<std::fs::File> {

@@ -52,6 +52,9 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
         // Forwarding turns off router advertisements unless accept_ra is 2,
         // and slirp4netns's tap0 gets its IPv6 address from one.
         sysctl("net/ipv6/conf/default/accept_ra", "2")?;
+        // tap0 is alone on slirp4netns's link: duplicate address detection
+        // would only keep its address unusable for the first seconds.
+        sysctl("net/ipv6/conf/default/accept_dad", "0")?;
         sysctl("net/ipv6/conf/all/forwarding", "1")?;
     }
     Ok(())

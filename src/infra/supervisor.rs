@@ -14,11 +14,10 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 pub const ENTRY: &str = "__supervise";
@@ -307,48 +306,19 @@ impl Supervisor {
 /// The sandbox is our own binary, exec'd after `unshare` of the network and
 /// mount namespaces; it dies with us.
 fn spawn_sandbox(state: &StateDir, settings: &Settings) -> Result<(Child, ProcessId)> {
-    let exe = std::env::current_exe()?;
-    let (ready_r, ready_w) = sys::pipe()?;
-    let ready_fd = ready_w.as_raw_fd();
-    let mut cmd = Command::new(exe);
-    cmd.arg(sandbox::ENTRY)
-        .arg("--state-dir")
-        .arg(&state.path)
-        .arg("--ready-fd")
-        .arg(ready_fd.to_string())
-        .arg("--settings")
-        .arg(settings.to_arg())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    // SAFETY: runs between fork and exec in the single-threaded child;
-    // prctl, unshare and fcntl are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
+    let child = super::spawn_own(
+        sandbox::ENTRY,
+        state,
+        settings,
+        |_| {},
+        || {
             sys::die_with_parent()?;
-            nix::sched::unshare(
-                nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS,
-            )
-            .map_err(std::io::Error::from)?;
-            sys::keep_on_exec(ready_fd)
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::new(code::INFRA_START, format!("starting the sandbox: {e}")))?;
-    drop(ready_w);
-    let report = sys::read_report(ready_r, SANDBOX_TIMEOUT)?;
-    let id = ProcessId::of(child.id() as i32);
-    match (report.as_deref().map(str::trim), id) {
-        (Some("ok"), Some(id)) => Ok((child, id)),
-        (report, _) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            let why = match report {
-                Some(r) if !r.is_empty() => r.trim_start_matches("error: ").to_string(),
-                Some(_) => "the sandbox exited during setup".into(),
-                None => "the sandbox was not ready in time".into(),
-            };
-            Err(Error::new(code::INFRA_START, why))
-        }
-    }
+            let flags = nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS;
+            nix::sched::unshare(flags).map_err(std::io::Error::from)
+        },
+        SANDBOX_TIMEOUT,
+    )?;
+    let id = ProcessId::of(child.id() as i32)
+        .ok_or_else(|| Error::new(code::INFRA_START, "the sandbox exited during setup"))?;
+    Ok((child, id))
 }
