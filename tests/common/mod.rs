@@ -5,7 +5,8 @@
 //! a *session*: a process of that uid in its own user namespace (uid mapped
 //! to root) and mount namespace, exactly what a rootless runtime has. Inside
 //! the session `/dev/net/tun` is a usable node of the lab's own and
-//! `/var/lib/cni` is writable (libcni's result cache). Commands run inside
+//! `/var/lib/cni` is writable (libcni's result cache; `LabOptions` can leave
+//! it out, as on a host that never ran rootful CNI). Commands run inside
 //! the session through `setpriv` + `nsenter`, with a clean environment.
 //!
 //! Containers are `unshare --net sleep infinity` processes started inside the
@@ -28,7 +29,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -481,10 +482,31 @@ pub struct Lab {
     children: RefCell<Vec<Child>>,
 }
 
+/// How a lab's session differs from the default one.
+#[derive(Debug, Clone, Copy)]
+pub struct LabOptions {
+    /// The session overlays /var/lib and binds a lab dir on /var/lib/cni
+    /// (libcni's result cache, so cnitool works). Without it the session
+    /// sees the host's /var/lib as it is: a host that never ran rootful CNI
+    /// has no /var/lib/cni, and only our binary in plugin mode can be used.
+    pub var_lib_cni: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions { var_lib_cni: true }
+    }
+}
+
 impl Lab {
     /// A new lab, or None (after saying why) when this machine cannot run it
     /// and CI is not set. With `CI=true` missing prerequisites fail the test.
     pub fn new(name: &str) -> Option<Lab> {
+        Lab::new_with(name, LabOptions::default())
+    }
+
+    /// `new` with a session other than the default one.
+    pub fn new_with(name: &str, options: LabOptions) -> Option<Lab> {
         let missing = missing_prerequisites();
         if !missing.is_empty() {
             let list = missing.join(", ");
@@ -494,13 +516,13 @@ impl Lab {
             eprintln!("skipping {name}: the rootless lab needs: {list}");
             return None;
         }
-        match Lab::build(name) {
+        match Lab::build(name, options) {
             Ok(lab) => Some(lab),
             Err(e) => panic!("setting up the rootless lab for {name}: {e}"),
         }
     }
 
-    fn build(name: &str) -> Result<Lab, String> {
+    fn build(name: &str, options: LabOptions) -> Result<Lab, String> {
         let uid = fresh_uid();
         let dir = PathBuf::from(format!("/tmp/rootless-cni-lab.{name}.{uid}"));
         if dir.exists() {
@@ -572,12 +594,19 @@ impl Lab {
         ])?;
 
         let d = dir.to_string_lossy();
+        let var_lib_cni = if options.var_lib_cni {
+            format!(
+                "mount -t overlay overlay -o 'lowerdir=/var/lib,upperdir={d}/varlib/upper,workdir={d}/varlib/work' /var/lib
+                 mkdir -p /var/lib/cni
+                 mount --bind '{d}/cni' /var/lib/cni"
+            )
+        } else {
+            String::new()
+        };
         let setup = format!(
             "set -e
              mount --bind '{d}/tun' /dev/net/tun
-             mount -t overlay overlay -o 'lowerdir=/var/lib,upperdir={d}/varlib/upper,workdir={d}/varlib/work' /var/lib
-             mkdir -p /var/lib/cni
-             mount --bind '{d}/cni' /var/lib/cni
+             {var_lib_cni}
              touch '{d}/ready'
              exec sleep infinity"
         );
@@ -704,6 +733,12 @@ impl Lab {
     /// Runs `argv` inside the session as the lab user, with only PATH, HOME,
     /// XDG_RUNTIME_DIR and `env` set.
     pub fn exec(&self, env: &[(&str, &str)], stdin: Option<&[u8]>, argv: &[&str]) -> Out {
+        let (cmd, what) = self.command(env, argv);
+        run_command(cmd, what, stdin, COMMAND_TIMEOUT)
+    }
+
+    /// The command `exec` runs, and how to name it in messages.
+    fn command(&self, env: &[(&str, &str)], argv: &[&str]) -> (Command, String) {
         let u = self.uid.to_string();
         let mut cmd = Command::new("/usr/bin/setpriv");
         cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
@@ -722,7 +757,7 @@ impl Lab {
             .map(|(k, v)| format!("{k}={v} "))
             .collect::<String>()
             + &argv.join(" ");
-        run_command(cmd, what, stdin, COMMAND_TIMEOUT)
+        (cmd, what)
     }
 
     /// Runs `argv` in the session with the lab's NETCONFPATH and CNI_PATH.
@@ -739,6 +774,32 @@ impl Lab {
     /// `cnitool CMD NET NETNS` (add, check, del) with the lab's config dir.
     pub fn cnitool(&self, cmd: &str, net: &str, netns: &str) -> Out {
         self.cnitool_env(&[], cmd, net, netns)
+    }
+
+    /// `cnitool CMD NET NETNS` for every netns at once: one process each,
+    /// all started together (after a barrier), then all waited for. The
+    /// outputs are in the order of `netns`.
+    pub fn cnitool_parallel(&self, cmd: &str, net: &str, netns: &[String]) -> Vec<Out> {
+        let netconf = self.netconf_dir().display().to_string();
+        let cni_path = self.cni_path();
+        let cnitool = self.dir.join("tools/cnitool").display().to_string();
+        let env = [("NETCONFPATH", netconf.as_str()), ("CNI_PATH", &cni_path)];
+        let barrier = Arc::new(Barrier::new(netns.len()));
+        let threads: Vec<thread::JoinHandle<Out>> = netns
+            .iter()
+            .map(|ns| {
+                let (command, what) = self.command(&env, &[&cnitool, cmd, net, ns]);
+                let barrier = barrier.clone();
+                thread::spawn(move || {
+                    barrier.wait();
+                    run_command(command, what, None, COMMAND_TIMEOUT)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("a cnitool thread panicked"))
+            .collect()
     }
 
     /// `cnitool` with extra environment (CNI_IFNAME, CAP_ARGS, CNI_PATH, ...).
@@ -891,6 +952,57 @@ impl Lab {
             .collect()
     }
 
+    /// The attachment records (`*.json`, not the hidden temporary files of
+    /// an atomic write) in the default state dir, parsed. A record removed
+    /// between listing and reading is skipped; one that does not parse
+    /// panics (records are written atomically).
+    pub fn attachment_records(&self) -> Vec<Value> {
+        let dir = self.state_dir().join("attachments");
+        self.attachment_files()
+            .iter()
+            .filter(|name| name.ends_with(".json") && !name.starts_with('.'))
+            .filter_map(|name| {
+                let p = dir.join(name);
+                let text = match fs::read_to_string(&p) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+                    Err(e) => panic!("reading {}: {e}", p.display()),
+                };
+                Some(
+                    serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("parsing {}: {e}: {text}", p.display())),
+                )
+            })
+            .collect()
+    }
+
+    // --- processes -------------------------------------------------------------
+
+    /// Live (not zombie) processes of the lab uid with `arg` as one of their
+    /// argv elements (e.g. "__supervise"), described.
+    pub fn processes_with_arg(&self, arg: &str) -> Vec<String> {
+        pids_of_uid(self.uid)
+            .into_iter()
+            .filter(|&p| !proc_state(p).unwrap_or_default().starts_with('Z'))
+            .filter(|&p| {
+                fs::read(format!("/proc/{p}/cmdline"))
+                    .map(|b| b.split(|&c| c == 0).any(|a| a == arg.as_bytes()))
+                    .unwrap_or(false)
+            })
+            .map(describe_process)
+            .collect()
+    }
+
+    /// Whether `pid` is a live (not zombie) process of the lab uid.
+    pub fn is_running(&self, pid: u32) -> bool {
+        real_uid(pid) == Some(self.uid) && !proc_state(pid).unwrap_or_default().starts_with('Z')
+    }
+
+    /// `pid` described (command line and state), for messages.
+    pub fn describe(pid: u32) -> String {
+        describe_process(pid)
+    }
+
     // --- leaks -----------------------------------------------------------------
 
     /// Processes of the lab uid other than the lab's own (session holder and
@@ -921,9 +1033,18 @@ impl Lab {
     pub fn session_mount_leftovers(&self) -> Vec<String> {
         let out = self.exec(&[], None, &["findmnt", "-rn", "-o", "TARGET,FSTYPE"]);
         let run = self.run_dir().display().to_string();
+        // The session's mount namespace is a copy of the machine's: what
+        // the machine itself has mounted (another tool's netns) is not ours.
+        let host = Command::new("findmnt")
+            .args(["-rn", "-o", "TARGET,FSTYPE"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let host: Vec<&str> = host.lines().collect();
         out.stdout
             .lines()
             .filter(|l| l.starts_with(&run) || l.ends_with(" nsfs"))
+            .filter(|l| !host.contains(l))
             .map(str::to_string)
             .collect()
     }
