@@ -126,7 +126,7 @@ impl CniError {
 /// `timeout`. If a descendant keeps stdout/stderr open after the command
 /// exited (the "inherited pipes" trap), that is reported in stderr and the
 /// status is None.
-fn run_command(mut cmd: Command, what: String, stdin: Option<&[u8]>, timeout: Duration) -> Out {
+pub fn run_command(mut cmd: Command, what: String, stdin: Option<&[u8]>, timeout: Duration) -> Out {
     let failed = |e: String| Out {
         what: what.clone(),
         status: None,
@@ -734,6 +734,25 @@ impl Lab {
     /// XDG_RUNTIME_DIR and `env` set.
     pub fn exec(&self, env: &[(&str, &str)], stdin: Option<&[u8]>, argv: &[&str]) -> Out {
         let (cmd, what) = self.command(env, argv);
+        run_command(cmd, what, stdin, COMMAND_TIMEOUT)
+    }
+
+    /// Runs `argv` as the lab user OUTSIDE the session (setpriv only: the
+    /// initial user and mount namespaces), with the same clean environment
+    /// as `exec`.
+    pub fn exec_outside(&self, env: &[(&str, &str)], stdin: Option<&[u8]>, argv: &[&str]) -> Out {
+        let u = self.uid.to_string();
+        let mut cmd = Command::new("/usr/bin/setpriv");
+        cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
+            .args(["--", "env", "-i"])
+            .arg(format!("PATH={LAB_PATH}"))
+            .arg(format!("HOME={}", self.dir.display()))
+            .arg(format!("XDG_RUNTIME_DIR={}", self.run_dir().display()));
+        for (k, v) in env {
+            cmd.arg(format!("{k}={v}"));
+        }
+        cmd.args(argv).env_clear().env("PATH", LAB_PATH);
+        let what = format!("[outside the session] {}", argv.join(" "));
         run_command(cmd, what, stdin, COMMAND_TIMEOUT)
     }
 
