@@ -244,7 +244,11 @@ fn gc_case(name: &str, key: &str, keep_first: bool) {
         lab.links(&c2)
     );
     if keep_first {
-        assert_eq!(lab.lease_files(NET), [ip1.clone()], "leases after GC");
+        assert_eq!(
+            lab.lease_files(NET),
+            std::slice::from_ref(&ip1),
+            "leases after GC"
+        );
         let records = lab.attachment_records();
         let ids: Vec<&str> = records
             .iter()
