@@ -1,0 +1,548 @@
+//! Issue #4, tests 3 and 4: the plugin SIGKILLed at random points of ADD
+//! and DEL, and stale or broken state left by a "reboot": the next calls
+//! recover, no lock stays held, no record is half-written, and nothing of
+//! ours is left after the last DEL.
+
+mod common;
+mod support;
+
+use common::{example_conflist, outer, plugin_stdin, Container, Lab, Out, NET};
+use serde_json::Value;
+use std::fs;
+use std::thread;
+use std::time::{Duration, Instant};
+use support::{bad_records, panicked, supervisors, write_as_user, Call, Rng};
+
+/// The example network, with a short lock timeout: a lock left held by a
+/// killed call shows up as code 11 after 5 s instead of 30.
+fn stdin() -> String {
+    let mut conf = example_conflist();
+    outer(&mut conf).insert("lockTimeout".into(), 5.into());
+    plugin_stdin(&conf).to_string()
+}
+
+/// Our binary in plugin mode on `c` as container `id`.
+fn call(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str) -> Call {
+    Call::plugin(lab, &lab.plugin_env(verb, id, &c.netns()), stdin)
+}
+
+fn must(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str, when: &str) -> Out {
+    let out = support::run(lab, &call(lab, verb, id, c, stdin), Duration::from_secs(60));
+    assert!(out.ok(), "{when}: {verb} {id}: {out}");
+    out
+}
+
+/// The state lock is free right now (flock(1) as the lab user).
+fn assert_lock_free(lab: &Lab, when: &str) {
+    if !lab.state_dir().exists() {
+        return;
+    }
+    let lock = lab.state_dir().join("rootless-cni-infra.lck");
+    let out = lab.exec(
+        &[],
+        None,
+        &[
+            "flock",
+            "-n",
+            "-E",
+            "99",
+            &lock.display().to_string(),
+            "true",
+        ],
+    );
+    assert!(out.ok(), "{when}: the state lock is still held: {out}");
+}
+
+/// Runs a call to its end; a failure is a problem, not a panic, so one run
+/// reports every kind of failure.
+fn attempt(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str) -> Result<Out, String> {
+    let out = support::run(lab, &call(lab, verb, id, c, stdin), Duration::from_secs(60));
+    if out.ok() {
+        Ok(out)
+    } else {
+        Err(format!("{verb} {id} failed: {out}"))
+    }
+}
+
+/// iptables-save inside the running infra.
+fn infra_rules(lab: &Lab) -> String {
+    let out = lab.cli(&["exec", "--", "iptables-save"]);
+    assert!(out.ok(), "iptables-save in the infra: {out}");
+    out.stdout
+}
+
+/// SIGKILL at random points of ADD or DEL, `iterations` times: to the
+/// plugin's whole process group (inner plugins die too: the runtime was
+/// killed) or to the plugin alone (what libcni does on a timeout: the inner
+/// plugin runs on). After each kill the container's DEL and a fresh ADD+DEL
+/// must work. The second half runs with another container attached, so the
+/// infra is not started and stopped by the killed call, and what the
+/// killed call left in the infra (iptables rules of its address) shows.
+fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
+    let Some(lab) = Lab::new(name) else {
+        return;
+    };
+    let wall = Instant::now();
+    let mut rng = Rng::new(support::seed(name, seed));
+    let stdin = stdin();
+    let c = lab.container();
+    let witness = lab.container();
+    let mut witness_lease: Option<String> = None;
+    let (mut finished_before_kill, mut killed) = (0, 0);
+    let mut problems: Vec<String> = Vec::new();
+    // What a killed inner plugin left in a running infra: reported, not
+    // failed on (see the report of issue #4: partly the reference plugins').
+    let mut leaks: Vec<String> = Vec::new();
+
+    for i in 0..iterations {
+        if i == iterations / 2 {
+            must(&lab, "ADD", "witness", &witness, &stdin, "witness");
+            witness_lease = lab.lease_files(NET).pop();
+        }
+        let id = format!("crash-{i}");
+        let group = rng.chance(50);
+        let delay = rng.below(151);
+        let when = format!(
+            "iteration {i} ({verb} killed after {delay} ms, {})",
+            if group {
+                "process group"
+            } else {
+                "plugin only"
+            }
+        );
+        let mut problem = |p: String| problems.push(format!("{when}: {p}"));
+        if verb == "DEL" {
+            if let Err(e) = attempt(&lab, "ADD", &id, &c, &stdin) {
+                problem(e);
+                continue;
+            }
+        }
+        let running = support::spawn(&lab, &call(&lab, verb, &id, &c, &stdin));
+        thread::sleep(Duration::from_millis(delay));
+        if group {
+            running.kill_group();
+        } else {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(running.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let out = running.wait(Duration::from_secs(10));
+        if out.status.is_some() {
+            finished_before_kill += 1;
+        } else {
+            killed += 1;
+        }
+        eprintln!(
+            "{when}: {}",
+            match out.status {
+                Some(code) => format!("had already exited {code}"),
+                None => "was running".into(),
+            }
+        );
+        if panicked(&out) {
+            problem(format!("panic: {out}"));
+        }
+
+        // Right after the kill: no lock held, every record whole, at most
+        // one infra.
+        assert_lock_free(&lab, &when);
+        let bad: Vec<String> = bad_records(&lab)
+            .into_iter()
+            .filter(|b| !b.ends_with("not a record"))
+            .collect();
+        if !bad.is_empty() {
+            problem(format!("half-written records: {bad:?}"));
+        }
+        let sups = supervisors(&lab);
+        if sups.len() > 1 {
+            problem(format!("{} infras:\n{}", sups.len(), sups.join("\n")));
+        }
+        let crashed: Vec<String> = lab
+            .lease_files(NET)
+            .into_iter()
+            .filter(|l| Some(l) != witness_lease.as_ref())
+            .collect();
+
+        // Recovery: DEL of the container, then a fresh ADD and DEL.
+        if let Err(e) = attempt(&lab, "DEL", &id, &c, &stdin) {
+            problem(format!("recovery: {e}"));
+            continue;
+        }
+        if lab.links(&c) != vec!["lo"] {
+            problem(format!("after the recovery DEL: {:?}", lab.links(&c)));
+        }
+        if witness_lease.is_some() {
+            let rules = infra_rules(&lab);
+            let left: Vec<&str> = rules
+                .lines()
+                .filter(|l| {
+                    l.contains(&format!("id: \\\"{id}\\\""))
+                        || crashed.iter().any(|ip| l.contains(&format!("{ip}/32")))
+                })
+                .collect();
+            if !left.is_empty() {
+                leaks.push(format!(
+                    "{when}: iptables rules of {id} ({crashed:?}) left in the running infra \
+                     after its DEL:\n{}",
+                    left.join("\n")
+                ));
+            }
+        }
+        let fresh = format!("fresh-{i}");
+        for verb in ["ADD", "DEL"] {
+            if let Err(e) = attempt(&lab, verb, &fresh, &c, &stdin) {
+                problem(format!("fresh: {e}"));
+            }
+        }
+        if lab.links(&c) != vec!["lo"] {
+            problem(format!("after the fresh DEL: {:?}", lab.links(&c)));
+        }
+
+        let records = lab.attachment_files();
+        let leases = lab.lease_files(NET);
+        if witness_lease.is_some() {
+            if records != vec!["rootless+witness+eth0.json".to_string()] {
+                problem(format!("records: {records:?}"));
+            }
+            if leases != witness_lease.iter().cloned().collect::<Vec<_>>() {
+                problem(format!("leases: {leases:?}"));
+            }
+            let sups = supervisors(&lab);
+            if sups.len() != 1 {
+                problem(format!("infras:\n{}", sups.join("\n")));
+            }
+        } else {
+            if !records.is_empty() {
+                problem(format!("records: {records:?}"));
+            }
+            if !leases.is_empty() {
+                problem(format!("leases: {leases:?}"));
+            }
+            let left = lab.leftovers_after(Duration::from_secs(3));
+            if !left.is_empty() {
+                problem(format!("left running:\n{}", left.join("\n")));
+            }
+        }
+    }
+    eprintln!(
+        "{name}: {iterations} kills ({killed} while running, {finished_before_kill} after the \
+         call had finished) in {:.1}s",
+        wall.elapsed().as_secs_f64()
+    );
+    for leak in &leaks {
+        eprintln!("LEAK {leak}");
+    }
+    eprintln!("{name}: {} problems, {} leaks", problems.len(), leaks.len());
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n\n{}",
+        problems.len(),
+        problems.join("\n\n")
+    );
+    must(&lab, "DEL", "witness", &witness, &stdin, "witness");
+    lab.assert_no_infra("after the last DEL");
+}
+
+#[test]
+fn sigkill_during_add_then_recover() {
+    crash_loop("crash_add", "ADD", 25, 0xADD0_2024);
+}
+
+#[test]
+fn sigkill_during_del_then_recover() {
+    crash_loop("crash_del", "DEL", 25, 0xDE1_2024);
+}
+
+// ---------------------------------------------------------------------------
+// Stale state
+
+/// Each call with the checks every stale-state call must pass: no panic,
+/// exit 0 or 1, an error object on stdout when it failed.
+fn sane(lab: &Lab, call: &Call, when: &str) -> Out {
+    let out = support::run(lab, call, Duration::from_secs(60));
+    assert!(!panicked(&out), "{when}: panic: {out}");
+    assert!(
+        matches!(out.status, Some(0) | Some(1)),
+        "{when}: exit status: {out}"
+    );
+    out
+}
+
+fn sane_plugin(lab: &Lab, verb: &str, id: &str, c: &Container, when: &str) -> Out {
+    let out = sane(
+        lab,
+        &call(lab, verb, id, c, &stdin()),
+        &format!("{when}: {verb} {id}"),
+    );
+    if !out.ok() {
+        assert!(
+            out.cni_error().is_some(),
+            "{when}: {verb} {id} failed without an error object: {out}"
+        );
+    }
+    out
+}
+
+/// `status`, `status --json` and the STATUS verb (spec 1.1.0) on the state
+/// as it is: none may panic.
+fn all_status(lab: &Lab, when: &str) {
+    let bin = lab.bin().join("rootless-cni").display().to_string();
+    for args in [vec!["status"], vec!["status", "--json"]] {
+        let mut argv = vec![bin.as_str()];
+        argv.extend(args);
+        let out = sane(lab, &Call::argv(&argv), &format!("{when}: {argv:?}"));
+        assert!(out.ok(), "{when}: {argv:?}: {out}");
+    }
+    let mut conf = example_conflist();
+    conf["cniVersion"] = "1.1.0".into();
+    let env = vec![
+        ("CNI_COMMAND".to_string(), "STATUS".to_string()),
+        ("CNI_PATH".to_string(), lab.cni_path()),
+    ];
+    let out = sane(
+        lab,
+        &Call::plugin(lab, &env, &plugin_stdin(&conf).to_string()),
+        &format!("{when}: STATUS"),
+    );
+    if !out.ok() {
+        assert!(out.cni_error().is_some(), "{when}: STATUS: {out}");
+    }
+}
+
+/// A fresh ADD works and the container gets its interface.
+fn fresh_add(lab: &Lab, id: &str, c: &Container, when: &str) {
+    let out = sane_plugin(lab, "ADD", id, c, when);
+    assert!(out.ok(), "{when}: fresh ADD {id}: {out}");
+    assert!(
+        lab.links(c).contains(&"eth0".to_string()),
+        "{when}: no eth0 after ADD"
+    );
+}
+
+/// A live infra's record and one attachment record, as text.
+fn capture(lab: &Lab, c: &Container) -> (Value, Value) {
+    must(lab, "ADD", "capture-1", c, &stdin(), "capture");
+    let read = |p: std::path::PathBuf| -> Value {
+        let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    };
+    let infra = read(lab.state_dir().join("infra.json"));
+    let record = read(
+        lab.state_dir()
+            .join("attachments/rootless+capture-1+eth0.json"),
+    );
+    must(lab, "DEL", "capture-1", c, &stdin(), "capture");
+    lab.assert_no_infra("after capturing the state");
+    (infra, record)
+}
+
+/// Kills the running infra the way a reboot does: everything at once, the
+/// records left as they are.
+fn crash_infra(lab: &Lab) {
+    let text = fs::read_to_string(lab.state_dir().join("infra.json")).expect("infra.json");
+    let info: Value = serde_json::from_str(&text).expect("infra.json is JSON");
+    let pids: Vec<u32> = ["supervisor", "sandbox", "slirp4netns"]
+        .iter()
+        .filter_map(|k| info[k]["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect();
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|&p| lab.is_running(p)) {
+        assert!(Instant::now() < deadline, "the infra survived SIGKILL");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (a) infra.json and a record survive a "reboot": their PIDs are dead.
+#[test]
+fn stale_infra_record_with_dead_pids() {
+    let Some(lab) = Lab::new("stale_dead_pids") else {
+        return;
+    };
+    let (old, new) = (lab.container(), lab.container());
+    must(
+        &lab,
+        "ADD",
+        "before-reboot",
+        &old,
+        &stdin(),
+        "before the reboot",
+    );
+    crash_infra(&lab);
+    let when = "after the reboot";
+    all_status(&lab, when);
+    let check = sane_plugin(&lab, "CHECK", "before-reboot", &old, when);
+    let err = check
+        .cni_error()
+        .unwrap_or_else(|| panic!("{when}: CHECK of a lost attachment: {check}"));
+    assert_eq!(err.code, 103, "{when}: CHECK of a lost attachment: {check}");
+    fresh_add(&lab, "after-reboot", &new, when);
+    let out = sane_plugin(&lab, "DEL", "before-reboot", &old, when);
+    assert!(out.ok(), "{when}: DEL of the lost attachment: {out}");
+    let out = sane_plugin(&lab, "DEL", "after-reboot", &new, when);
+    assert!(out.ok(), "{when}: DEL: {out}");
+    lab.assert_no_infra(when);
+}
+
+/// (b) infra.json names live processes of the user that are not ours: the
+/// PID is right, the start time is not. They are never signalled.
+#[test]
+fn stale_infra_record_naming_live_processes() {
+    let Some(lab) = Lab::new("stale_live_pids") else {
+        return;
+    };
+    let c = lab.container();
+    let (infra, _) = capture(&lab, &c);
+    assert!(
+        infra["supervisor"].get("start_time").is_some(),
+        "infra.json's process format changed: {infra}"
+    );
+    // Unrelated processes of the lab uid (not counted as leftovers).
+    let bystanders: Vec<Container> = (0..3).map(|_| lab.container()).collect();
+    let starts: Vec<u64> = bystanders
+        .iter()
+        .map(|b| support::start_time(b.pid).expect("start time"))
+        .collect();
+    let variants: [(&str, [(usize, u64); 3]); 3] = [
+        // All three the same bystander, start time made up.
+        (
+            "one bystander, made-up start time",
+            [(0, 12345), (0, 12345), (0, 12345)],
+        ),
+        // One tick off: what a reused PID looks like.
+        (
+            "start times one tick off",
+            [(0, starts[0] + 1), (1, starts[1] + 1), (2, starts[2] + 1)],
+        ),
+        // PID right, start time zero or huge.
+        (
+            "start times 0 and u64::MAX",
+            [(1, 0), (2, u64::MAX), (0, 1)],
+        ),
+    ];
+    for (name, procs) in variants {
+        let when = format!("infra.json naming live processes ({name})");
+        let mut info = infra.clone();
+        for (key, (b, start)) in ["supervisor", "sandbox", "slirp4netns"].iter().zip(procs) {
+            info[*key] = serde_json::json!({ "pid": bystanders[b].pid, "start_time": start });
+        }
+        // The sandbox's namespace as the bystander's own: only the start
+        // time tells them apart.
+        let ns = fs::metadata(format!("/proc/{}/ns/net", bystanders[procs[1].0].pid))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .expect("bystander netns");
+        info["netns"] = ns.into();
+        write_as_user(
+            &lab,
+            &lab.state_dir().join("infra.json"),
+            info.to_string().as_bytes(),
+        );
+        all_status(&lab, &when);
+        fresh_add(&lab, "after-reboot", &c, &when);
+        let sups = supervisors(&lab);
+        assert_eq!(sups.len(), 1, "{when}: infras:\n{}", sups.join("\n"));
+        let out = sane_plugin(&lab, "DEL", "after-reboot", &c, &when);
+        assert!(out.ok(), "{when}: DEL: {out}");
+        for (b, start) in bystanders.iter().zip(&starts) {
+            assert!(
+                lab.is_running(b.pid) && support::start_time(b.pid) == Some(*start),
+                "{when}: bystander {} was killed",
+                Lab::describe(b.pid)
+            );
+            let state = fs::read_to_string(format!("/proc/{}/stat", b.pid)).unwrap_or_default();
+            assert!(
+                !state.contains(") T "),
+                "{when}: bystander {} was stopped",
+                Lab::describe(b.pid)
+            );
+        }
+        lab.assert_no_infra(&when);
+    }
+}
+
+/// (c) An empty and a truncated infra.json: treated as no infra.
+#[test]
+fn corrupt_infra_record() {
+    let Some(lab) = Lab::new("corrupt_infra") else {
+        return;
+    };
+    let c = lab.container();
+    let (infra, _) = capture(&lab, &c);
+    let text = infra.to_string();
+    for (name, contents) in [
+        ("empty", String::new()),
+        ("truncated", text[..text.len() / 2].to_string()),
+        ("not an object", "[1, 2, 3]".to_string()),
+    ] {
+        let when = format!("{name} infra.json");
+        write_as_user(
+            &lab,
+            &lab.state_dir().join("infra.json"),
+            contents.as_bytes(),
+        );
+        all_status(&lab, &when);
+        let out = sane_plugin(&lab, "CHECK", "x-1", &c, &when);
+        assert!(!out.ok(), "{when}: CHECK of nothing succeeded: {out}");
+        let out = sane_plugin(&lab, "DEL", "x-1", &c, &when);
+        assert!(out.ok(), "{when}: DEL of nothing: {out}");
+        fresh_add(&lab, "x-1", &c, &when);
+        let out = sane_plugin(&lab, "CHECK", "x-1", &c, &when);
+        assert!(out.ok(), "{when}: CHECK after the fresh ADD: {out}");
+        let out = sane_plugin(&lab, "DEL", "x-1", &c, &when);
+        assert!(out.ok(), "{when}: DEL: {out}");
+        lab.assert_no_infra(&when);
+    }
+}
+
+/// (d) Empty and truncated attachment records: never a panic; DEL forgets
+/// them, ADD replaces them, and the last DEL leaves nothing.
+#[test]
+fn corrupt_attachment_records() {
+    let Some(lab) = Lab::new("corrupt_records") else {
+        return;
+    };
+    let (c, other) = (lab.container(), lab.container());
+    let (_, record) = capture(&lab, &c);
+    let text = record.to_string();
+    let dir = lab.state_dir().join("attachments");
+    let empty = dir.join("rootless+stale-empty+eth0.json");
+    let truncated = dir.join("rootless+stale-cut+eth0.json");
+    let replaced = dir.join("rootless+stale-replaced+eth0.json");
+    write_as_user(&lab, &empty, b"");
+    write_as_user(&lab, &truncated, &text.as_bytes()[..text.len() / 2]);
+    write_as_user(&lab, &replaced, &text.as_bytes()[..text.len() / 3]);
+    let when = "with corrupt records";
+    all_status(&lab, when);
+    for id in ["stale-empty", "stale-cut"] {
+        let out = sane_plugin(&lab, "CHECK", id, &c, when);
+        assert!(!out.ok(), "{when}: CHECK {id} succeeded: {out}");
+    }
+    // ADD over a corrupt record replaces it.
+    fresh_add(&lab, "stale-replaced", &c, when);
+    let out = sane_plugin(&lab, "CHECK", "stale-replaced", &c, when);
+    assert!(out.ok(), "{when}: CHECK of the replaced record: {out}");
+    fresh_add(&lab, "other", &other, when);
+    let out = sane_plugin(&lab, "DEL", "stale-replaced", &c, when);
+    assert!(out.ok(), "{when}: DEL stale-replaced: {out}");
+    let out = sane_plugin(&lab, "DEL", "other", &other, when);
+    assert!(out.ok(), "{when}: DEL other: {out}");
+    // The runtime then deletes the containers it knew before the reboot:
+    // the last of these DELs is the last attachment.
+    for id in ["stale-empty", "stale-cut"] {
+        let out = sane_plugin(&lab, "DEL", id, &c, when);
+        assert!(out.ok(), "{when}: DEL {id}: {out}");
+    }
+    assert!(
+        bad_records(&lab).is_empty(),
+        "records: {:?}",
+        bad_records(&lab)
+    );
+    lab.assert_no_infra("after the last DEL");
+}

@@ -1,0 +1,641 @@
+//! Issue #4, tests 5, 6 and 7: inner plugins that hang or print garbage,
+//! hostile environment and config, and unsafe state dirs. Every one gives a
+//! CNI error object with the right code naming the culprit, and leaves
+//! nothing behind.
+
+mod common;
+mod support;
+
+use common::{example_conflist, outer, plugin_stdin, Container, Lab, Out, GATEWAY, NET};
+use serde_json::{json, Value};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+use support::{panicked, supervisors};
+
+/// Checks a refused call: non-zero exit (not a panic), an error object on
+/// stdout with `code`, naming `culprit`. Err(why) otherwise.
+fn refused(out: &Out, code: u64, culprit: &str) -> Result<(), String> {
+    if panicked(out) {
+        return Err(format!("panicked: {out}"));
+    }
+    if out.ok() {
+        return Err(format!("succeeded: {out}"));
+    }
+    if out.status.is_none() {
+        return Err(format!("no exit status: {out}"));
+    }
+    let Some(err) = out.cni_error() else {
+        return Err(format!("no CNI error object on stdout: {out}"));
+    };
+    if err.code != code {
+        return Err(format!("code {} instead of {code}: {out}", err.code));
+    }
+    if !err.mentions(culprit) {
+        return Err(format!("{culprit:?} not named: {out}"));
+    }
+    Ok(())
+}
+
+/// Nothing of ours exists: no infra, no process, no record, and the state
+/// dir is absent or holds nothing but the lock (and an empty attachments/).
+fn assert_untouched(lab: &Lab, c: &Container, when: &str) {
+    let state = lab.state_dir();
+    let entries: Vec<String> = Lab::list(&state)
+        .into_iter()
+        .filter(|e| e != "rootless-cni-infra.lck" && e != "attachments")
+        .collect();
+    assert!(entries.is_empty(), "{when}: state dir holds {entries:?}");
+    assert_eq!(
+        lab.links(c),
+        vec!["lo"],
+        "{when}: the container got something"
+    );
+    assert_eq!(supervisors(lab), Vec::<String>::new(), "{when}: an infra");
+    lab.assert_no_infra(when);
+}
+
+// ---------------------------------------------------------------------------
+// Test 5: inner plugins that hang or print garbage
+
+/// Writes an executable script into the lab's CNI dir.
+fn script_plugin(lab: &Lab, name: &str, body: &str) {
+    let path = lab.bin().join(name);
+    fs::write(&path, format!("#!/bin/sh\n{body}\n"))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// The example chain with `plugin` appended, and a 2 s pluginTimeout.
+fn chain_ending_in(plugin: &str) -> String {
+    let mut conf = example_conflist();
+    let o = outer(&mut conf);
+    o.insert("pluginTimeout".into(), 2.into());
+    o["delegate"]["plugins"]
+        .as_array_mut()
+        .expect("the example delegate has plugins")
+        .push(json!({ "type": plugin }));
+    plugin_stdin(&conf).to_string()
+}
+
+/// The ADD through a chain ending in `plugin` fails with code 102 naming
+/// it (and `also`), within `bound`, and leaves nothing: no lease, record,
+/// infra or process; a good ADD after it works on the same bridge.
+fn bad_inner_plugin(lab: &Lab, plugin: &str, also: &str, bound: Duration) {
+    let c = lab.container();
+    let env = lab.plugin_env("ADD", &format!("bad-{plugin}"), &c.netns());
+    let started = Instant::now();
+    let out = lab.plugin(&env, &chain_ending_in(plugin));
+    let took = started.elapsed();
+    eprintln!("ADD through {plugin}: failed after {took:?}");
+    let mut problems = Vec::new();
+    match out.cni_error() {
+        None => problems.push(format!("no CNI error object: {out}")),
+        Some(e) if e.code != 102 || !e.mentions(plugin) || !e.mentions(also) => problems.push(
+            format!("not code 102 naming {plugin:?} and {also:?}: {out}"),
+        ),
+        Some(_) => {}
+    }
+    if out.status != Some(1) || panicked(&out) {
+        problems.push(format!("exit status: {out}"));
+    }
+    if took >= bound {
+        problems.push(format!("took {took:?}: {out}"));
+    }
+    let leases = lab.lease_files(NET);
+    if !leases.is_empty() {
+        problems.push(format!("leases left: {leases:?}"));
+    }
+    let records = lab.attachment_files();
+    if !records.is_empty() {
+        problems.push(format!("records left: {records:?}"));
+    }
+    if lab.links(&c) != vec!["lo"] {
+        problems.push(format!("the container kept {:?}", lab.links(&c)));
+    }
+    if !lab.status()["infra"].is_null() {
+        problems.push(format!("an infra runs: {}", lab.status()));
+    }
+    let left = lab.leftovers_after(Duration::from_secs(3));
+    if !left.is_empty() {
+        problems.push(format!("processes left running:\n{}", left.join("\n")));
+    }
+    let when = format!("after the ADD through {plugin}");
+    assert!(problems.is_empty(), "{when}:\n{}", problems.join("\n"));
+
+    // The bridge is not left broken (plugins#620).
+    let good = plugin_stdin(&example_conflist()).to_string();
+    let env = lab.plugin_env("ADD", "good-1", &c.netns());
+    let out = lab.plugin(&env, &good);
+    assert!(out.ok(), "{when}: good ADD: {out}");
+    let ping = lab.ping(&c, GATEWAY);
+    assert!(ping.ok(), "{when}: container -> gateway: {ping}");
+    let env = lab.plugin_env("DEL", "good-1", &c.netns());
+    let out = lab.plugin(&env, &good);
+    assert!(out.ok(), "{when}: good DEL: {out}");
+    lab.assert_no_infra(&format!("{when}, good ADD and DEL"));
+}
+
+/// An inner plugin that never answers: killed after pluginTimeout, the ADD
+/// rolled back, nothing of it left running.
+#[test]
+fn hanging_inner_plugin_times_out_and_rolls_back() {
+    let Some(lab) = Lab::new("hang") else {
+        return;
+    };
+    script_plugin(&lab, "hang", "cat >/dev/null; sleep 600");
+    // Its own ADD and its DEL in the rollback hang: two timeouts.
+    bad_inner_plugin(&lab, "hang", "pluginTimeout", Duration::from_secs(15));
+}
+
+/// An inner plugin that prints garbage and exits 1 without an error object.
+#[test]
+fn garbage_and_failure_from_an_inner_plugin() {
+    let Some(lab) = Lab::new("garbage_exit1") else {
+        return;
+    };
+    script_plugin(
+        &lab,
+        "garbage1",
+        "cat >/dev/null; echo 'not JSON {'; exit 1",
+    );
+    bad_inner_plugin(&lab, "garbage1", "not JSON", Duration::from_secs(15));
+}
+
+/// An inner plugin that prints garbage and exits 0: not a result.
+#[test]
+fn garbage_and_success_from_an_inner_plugin() {
+    let Some(lab) = Lab::new("garbage_exit0") else {
+        return;
+    };
+    script_plugin(
+        &lab,
+        "garbage0",
+        "cat >/dev/null; echo 'not JSON {'; exit 0",
+    );
+    bad_inner_plugin(&lab, "garbage0", "JSON", Duration::from_secs(15));
+}
+
+// ---------------------------------------------------------------------------
+// Test 6: hostile input
+
+struct Case {
+    name: String,
+    env: Vec<(String, String)>,
+    stdin: Vec<u8>,
+    code: u64,
+    culprit: String,
+}
+
+/// Runs every case (our binary in plugin mode); a case that succeeded is
+/// undone with a DEL so the next ones start clean.
+fn run_cases(lab: &Lab, cases: &[Case]) -> Vec<String> {
+    let bin = lab.bin().join("rootless-cni").display().to_string();
+    let mut failures = Vec::new();
+    for case in cases {
+        let env: Vec<(&str, &str)> = case
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let out = lab.exec(&env, Some(&case.stdin), &[&bin]);
+        if let Err(why) = refused(&out, case.code, &case.culprit) {
+            failures.push(format!("{}: {why}", case.name));
+        }
+        if out.ok() {
+            let del: Vec<(&str, &str)> = env
+                .iter()
+                .map(|&(k, v)| {
+                    if k == "CNI_COMMAND" {
+                        (k, "DEL")
+                    } else {
+                        (k, v)
+                    }
+                })
+                .collect();
+            let _ = lab.exec(&del, Some(&case.stdin), &[&bin]);
+        }
+    }
+    failures
+}
+
+/// Every CNI_* variable missing, empty or invalid: code 4 naming it.
+#[test]
+fn hostile_environment_is_refused() {
+    let Some(lab) = Lab::new("hostile_env") else {
+        return;
+    };
+    let c = lab.container();
+    let good = plugin_stdin(&example_conflist()).to_string().into_bytes();
+    let base = lab.plugin_env("ADD", "hostile-1", &c.netns());
+    let mut cases = Vec::new();
+    let mut case = |name: String, var: &str, value: Option<&str>, command: &str| {
+        let mut env: Vec<(String, String)> = base
+            .iter()
+            .filter(|(k, _)| k != var)
+            .map(|(k, v)| {
+                let v = if k == "CNI_COMMAND" { command } else { v };
+                (k.clone(), v.to_string())
+            })
+            .collect();
+        if let Some(v) = value {
+            env.push((var.to_string(), v.to_string()));
+        }
+        cases.push(Case {
+            name,
+            env,
+            stdin: good.clone(),
+            code: 4,
+            culprit: var.to_string(),
+        });
+    };
+    for var in [
+        "CNI_COMMAND",
+        "CNI_CONTAINERID",
+        "CNI_NETNS",
+        "CNI_IFNAME",
+        "CNI_PATH",
+    ] {
+        case(format!("{var} missing"), var, None, "ADD");
+        case(format!("{var} empty"), var, Some(""), "ADD");
+    }
+    for value in ["FOO", "add", "ADD ", "VERSION\n"] {
+        case(
+            format!("CNI_COMMAND {value:?}"),
+            "CNI_COMMAND",
+            Some(value),
+            value,
+        );
+    }
+    let long_id = "a".repeat(4096);
+    for command in ["ADD", "DEL", "CHECK"] {
+        for value in [
+            "a/b",
+            "..",
+            "../x",
+            "-lead",
+            "a b",
+            "x\ty",
+            long_id.as_str(),
+        ] {
+            let shown: String = value.chars().take(16).collect();
+            case(
+                format!(
+                    "{command} CNI_CONTAINERID {shown:?} ({} bytes)",
+                    value.len()
+                ),
+                "CNI_CONTAINERID",
+                Some(value),
+                command,
+            );
+        }
+        for value in ["abcdefghijklmnop", "..", ".", "a/b", "eth 0", "eth0:1"] {
+            case(
+                format!("{command} CNI_IFNAME {value:?}"),
+                "CNI_IFNAME",
+                Some(value),
+                command,
+            );
+        }
+        case(
+            format!("{command} CNI_NETNS relative"),
+            "CNI_NETNS",
+            Some("proc/1/ns/net"),
+            command,
+        );
+    }
+    for command in ["ADD"] {
+        for value in ["/nonexistent/netns", "/etc/hostname", "/"] {
+            case(
+                format!("{command} CNI_NETNS {value}"),
+                "CNI_NETNS",
+                Some(value),
+                command,
+            );
+        }
+    }
+    let failures = run_cases(&lab, &cases);
+    eprintln!("{} environment cases", cases.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+    assert_untouched(&lab, &c, "after the hostile environments");
+}
+
+/// Malformed or oversized stdin: code 6.
+#[test]
+fn malformed_stdin_is_refused() {
+    let Some(lab) = Lab::new("hostile_stdin") else {
+        return;
+    };
+    let c = lab.container();
+    let env = lab.plugin_env("ADD", "hostile-1", &c.netns());
+    let mut huge = plugin_stdin(&example_conflist());
+    huge["args"] = json!({ "padding": "x".repeat(1100 * 1024) });
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let inputs: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", Vec::new(), "stdin"),
+        (
+            "truncated",
+            b"{\"cniVersion\":\"1.0.0\",\"na".to_vec(),
+            "stdin",
+        ),
+        ("null", b"null".to_vec(), "stdin"),
+        ("a list", b"[]".to_vec(), "stdin"),
+        ("a number", b"42".to_vec(), "stdin"),
+        ("a string", b"\"rootless\"".to_vec(), "stdin"),
+        (
+            "invalid UTF-8",
+            b"{\"name\":\"\xff\xfe\"}".to_vec(),
+            "stdin",
+        ),
+        ("trailing garbage", b"{}{".to_vec(), "stdin"),
+        ("double comma", b"{\"a\":1,,}".to_vec(), "stdin"),
+        ("nested 100000 deep", deep.into_bytes(), "stdin"),
+        ("NUL bytes", vec![0u8; 4096], "stdin"),
+        ("1.1 MiB", huge.to_string().into_bytes(), "1048576"),
+    ];
+    let cases: Vec<Case> = inputs
+        .into_iter()
+        .map(|(name, stdin, culprit)| Case {
+            name: name.to_string(),
+            env: env.clone(),
+            stdin,
+            code: 6,
+            culprit: culprit.to_string(),
+        })
+        .collect();
+    let failures = run_cases(&lab, &cases);
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+    assert_untouched(&lab, &c, "after the malformed configs");
+}
+
+/// A wrong type or value for every key of our config: code 7 naming the key.
+#[test]
+fn wrong_config_values_are_refused() {
+    let Some(lab) = Lab::new("hostile_config") else {
+        return;
+    };
+    let c = lab.container();
+    let env = lab.plugin_env("ADD", "hostile-1", &c.netns());
+    let empty_dir = lab.dir.join("no-networks");
+    fs::create_dir_all(&empty_dir).expect("mkdir");
+    let empty_dir = empty_dir.display().to_string();
+    let good = plugin_stdin(&example_conflist());
+    // (key, value, culprit): the key set to the value in the good config.
+    let bad: Vec<(&str, Value, &str)> = vec![
+        ("mtu", json!("1500"), "mtu"),
+        ("mtu", json!(1500.5), "mtu"),
+        ("mtu", json!(-1), "mtu"),
+        ("mtu", json!(100), "mtu"),
+        ("mtu", json!(70000), "mtu"),
+        ("mtu", json!(true), "mtu"),
+        ("allowHostLoopback", json!("yes"), "allowHostLoopback"),
+        ("allowHostLoopback", json!(1), "allowHostLoopback"),
+        ("allowHostLoopback", json!([]), "allowHostLoopback"),
+        ("ipv6", json!("true"), "ipv6"),
+        ("ipv6", json!(0), "ipv6"),
+        ("portDriver", json!(5), "portDriver"),
+        ("portDriver", json!("fast"), "portDriver"),
+        ("portDriver", json!(true), "portDriver"),
+        ("idleTimeout", json!("soon"), "idleTimeout"),
+        ("idleTimeout", json!(-5), "idleTimeout"),
+        ("idleTimeout", json!(true), "idleTimeout"),
+        ("idleTimeout", json!([]), "idleTimeout"),
+        ("idleTimeout", json!("5x"), "idleTimeout"),
+        ("idleTimeout", json!(""), "idleTimeout"),
+        ("pluginTimeout", json!("x"), "pluginTimeout"),
+        ("pluginTimeout", json!({}), "pluginTimeout"),
+        ("pluginTimeout", json!(-1), "pluginTimeout"),
+        ("lockTimeout", json!("x"), "lockTimeout"),
+        ("lockTimeout", json!([]), "lockTimeout"),
+        ("lockTimeout", json!(-1), "lockTimeout"),
+        ("logLevel", json!(3), "logLevel"),
+        ("logLevel", json!("loud"), "logLevel"),
+        ("logLevel", json!(["debug"]), "logLevel"),
+        ("stateDir", json!(5), "stateDir"),
+        ("stateDir", json!("relative/dir"), "stateDir"),
+        ("stateDir", json!(""), "stateDir"),
+        ("stateDir", json!({}), "stateDir"),
+        ("confDir", json!(5), "confDir"),
+        ("confDir", json!(["/etc"]), "confDir"),
+        ("delegate", json!("rootless"), "delegate"),
+        ("delegate", json!(5), "delegate"),
+        ("delegate", json!([]), "delegate"),
+        ("delegate", json!(true), "delegate"),
+        ("delegate", json!({}), "delegate"),
+        (
+            "delegate",
+            json!({ "name": "x", "cniVersion": "1.0.0" }),
+            "delegate",
+        ),
+        ("delegate", json!({ "plugins": "bridge" }), "delegate"),
+        ("delegate", json!({ "plugins": [] }), "delegate"),
+        ("delegate", json!({ "plugins": [5] }), "delegate"),
+        ("delegate", json!({ "plugins": [{}] }), "delegate"),
+        (
+            "delegate",
+            json!({ "plugins": [{ "type": 5 }] }),
+            "delegate",
+        ),
+        (
+            "delegate",
+            json!({ "plugins": [{ "type": "../../bin/sh" }] }),
+            "delegate",
+        ),
+        ("delegate", json!({ "type": "" }), "delegate"),
+        ("runtimeConfig", json!("x"), "runtimeConfig"),
+        ("runtimeConfig", json!([]), "runtimeConfig"),
+        ("runtimeConfig", json!(5), "runtimeConfig"),
+        ("name", json!(5), "name"),
+        ("name", json!("../x"), "name"),
+        ("name", json!(""), "name"),
+        ("cniVersion", json!(5), "cniVersion"),
+    ];
+    let mut cases = Vec::new();
+    for (key, value, culprit) in bad {
+        let mut stdin = good.clone();
+        stdin[key] = value.clone();
+        cases.push(Case {
+            name: format!("{key}: {value}"),
+            env: env.clone(),
+            stdin: stdin.to_string().into_bytes(),
+            code: 7,
+            culprit: culprit.to_string(),
+        });
+    }
+    // `network` instead of `delegate`.
+    let by_name = |network: Value, conf_dir: Option<Value>| {
+        let mut stdin = good.clone();
+        let o = stdin.as_object_mut().expect("object");
+        o.remove("delegate");
+        o.insert("network".into(), network);
+        if let Some(d) = conf_dir {
+            o.insert("confDir".into(), d);
+        }
+        stdin.to_string().into_bytes()
+    };
+    for (name, stdin) in [
+        ("network: 5", by_name(json!(5), None)),
+        ("network: \"../../x\"", by_name(json!("../../x"), None)),
+        ("network: \"\"", by_name(json!(""), None)),
+        ("network: [\"x\"]", by_name(json!(["x"]), None)),
+        (
+            "network: \"absent\" in an empty confDir",
+            by_name(json!("absent"), Some(json!(empty_dir))),
+        ),
+        (
+            "network with confDir: 5",
+            by_name(json!("inner"), Some(json!(5))),
+        ),
+    ] {
+        let culprit = if name.contains("confDir: 5") {
+            "confDir"
+        } else {
+            "network"
+        };
+        cases.push(Case {
+            name: name.to_string(),
+            env: env.clone(),
+            stdin,
+            code: 7,
+            culprit: culprit.to_string(),
+        });
+    }
+    let mut both = good.clone();
+    both["network"] = json!("rootless");
+    cases.push(Case {
+        name: "both delegate and network".into(),
+        env: env.clone(),
+        stdin: both.to_string().into_bytes(),
+        code: 7,
+        culprit: "network".into(),
+    });
+    let mut neither = good.clone();
+    neither.as_object_mut().expect("object").remove("delegate");
+    cases.push(Case {
+        name: "neither delegate nor network".into(),
+        env: env.clone(),
+        stdin: neither.to_string().into_bytes(),
+        code: 7,
+        culprit: "delegate".into(),
+    });
+
+    let failures = run_cases(&lab, &cases);
+    eprintln!("{} config cases", cases.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+    assert_untouched(&lab, &c, "after the wrong configs");
+}
+
+// ---------------------------------------------------------------------------
+// Test 7: unsafe state dirs
+
+/// A state dir that is a symlink, not a dir, owned by another uid, or
+/// writable by others: ADD, CHECK and DEL refuse it with code 105 naming
+/// it, and nothing is started or written.
+#[test]
+fn unsafe_state_dirs_are_refused() {
+    let Some(lab) = Lab::new("unsafe_state_dir") else {
+        return;
+    };
+    let c = lab.container();
+    let mine = |rel: &str, mode: u32, owner: u32| -> String {
+        let p = lab.dir.join(rel);
+        fs::create_dir_all(&p).expect("mkdir");
+        std::os::unix::fs::chown(&p, Some(owner), Some(owner)).expect("chown");
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).expect("chmod");
+        p.display().to_string()
+    };
+    let real = mine("state-real", 0o700, lab.uid);
+    let link = lab.dir.join("state-link");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    std::os::unix::fs::lchown(&link, Some(lab.uid), Some(lab.uid)).expect("lchown");
+    let file = lab.dir.join("state-file");
+    fs::write(&file, "").expect("write");
+    std::os::unix::fs::chown(&file, Some(lab.uid), Some(lab.uid)).expect("chown");
+
+    let dirs: Vec<(&str, String)> = vec![
+        ("a symlink to a good dir", link.display().to_string()),
+        ("a regular file", file.display().to_string()),
+        ("owned by root", mine("state-root", 0o700, 0)),
+        ("owned by root, 0755", mine("state-root-755", 0o755, 0)),
+        (
+            "owned by another uid",
+            mine("state-other", 0o700, lab.uid + 1),
+        ),
+        ("group-writable", mine("state-g+w", 0o770, lab.uid)),
+        ("world-writable", mine("state-o+w", 0o777, lab.uid)),
+        (
+            "world-writable, sticky",
+            mine("state-sticky", 0o1777, lab.uid),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, dir) in &dirs {
+        let mut conf = example_conflist();
+        outer(&mut conf).insert("stateDir".into(), dir.clone().into());
+        let stdin = plugin_stdin(&conf).to_string();
+        for verb in ["ADD", "CHECK", "DEL"] {
+            let env = lab.plugin_env(verb, "unsafe-1", &c.netns());
+            let out = lab.plugin(&env, &stdin);
+            if let Err(why) = refused(&out, 105, dir) {
+                failures.push(format!("{verb} with a state dir {what}: {why}"));
+            }
+            if verb == "ADD" && out.ok() {
+                let env = lab.plugin_env("DEL", "unsafe-1", &c.netns());
+                let _ = lab.plugin(&env, &stdin);
+            }
+        }
+    }
+    // The default state dir ($XDG_RUNTIME_DIR/rootless-cni) as a symlink.
+    std::os::unix::fs::symlink(&real, lab.state_dir()).expect("symlink");
+    std::os::unix::fs::lchown(lab.state_dir(), Some(lab.uid), Some(lab.uid)).expect("lchown");
+    let stdin = plugin_stdin(&example_conflist()).to_string();
+    let default = lab.state_dir().display().to_string();
+    for verb in ["ADD", "CHECK", "DEL"] {
+        let env = lab.plugin_env(verb, "unsafe-1", &c.netns());
+        let out = lab.plugin(&env, &stdin);
+        if let Err(why) = refused(&out, 105, &default) {
+            failures.push(format!(
+                "{verb} with the default state dir a symlink: {why}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    for (what, dir) in &dirs {
+        let entries = Lab::list(std::path::Path::new(dir));
+        assert!(
+            entries.is_empty(),
+            "the state dir {what} ({dir}) was written to: {entries:?}"
+        );
+    }
+    let entries = Lab::list(std::path::Path::new(&real));
+    assert!(entries.is_empty(), "the symlink's target got {entries:?}");
+    assert_eq!(lab.links(&c), vec!["lo"], "the container got something");
+    assert_eq!(supervisors(&lab), Vec::<String>::new(), "an infra started");
+    let left = lab.leftovers_after(Duration::from_secs(3));
+    assert!(left.is_empty(), "processes left:\n{}", left.join("\n"));
+    fs::remove_file(lab.state_dir()).expect("removing the symlink");
+}
