@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub const LOCK_FILE: &str = "rootless-cni-infra.lck";
+pub const FIRST_CHAIN_LOCK_FILE: &str = "first-chain.lck";
+/// Markers of the networks whose inner chain ran once in this infra.
+pub const WARM_DIR: &str = "warm";
 pub const INFRA_FILE: &str = "infra.json";
 pub const ATTACHMENTS_DIR: &str = "attachments";
 pub const RUN_DIR: &str = "run";
@@ -130,9 +133,32 @@ impl StateDir {
 
     /// Takes the lifecycle lock, waiting at most `lock_timeout`.
     pub fn lock(&self) -> Result<StateLock> {
-        let path = self.file(LOCK_FILE);
-        let mut file = fslock::LockFile::open(&path)
-            .map_err(|e| Error::internal(format!("opening lock {}: {e}", path.display())))?;
+        self.wait_for_lock(LOCK_FILE)
+    }
+
+    /// Taken by ADDs of a network whose inner chain has not yet succeeded
+    /// once in this infra: the reference plugins create their iptables
+    /// chains check-then-create, and two first ADDs at once race there
+    /// (`CHAIN_USER_ADD failed (File exists)`). Once the chains exist, ADDs
+    /// run in parallel without it.
+    pub fn first_chain_lock(&self) -> Result<StateLock> {
+        self.wait_for_lock(FIRST_CHAIN_LOCK_FILE)
+    }
+
+    /// The marker that a network's inner chain ran once in this infra (with
+    /// these capabilities: portmap makes its chains only for mappings).
+    pub fn warm_marker(&self, network: &str, capabilities: &Map<String, Value>) -> PathBuf {
+        let mut name = escape(network);
+        for cap in capabilities.keys() {
+            name.push('+');
+            name.push_str(&escape(cap));
+        }
+        self.path.join(WARM_DIR).join(name)
+    }
+
+    fn wait_for_lock(&self, name: &str) -> Result<StateLock> {
+        let path = self.file(name);
+        let mut file = open_lock(&path)?;
         let deadline = Instant::now() + self.lock_timeout;
         let mut pause = Duration::from_micros(200);
         loop {
@@ -160,8 +186,7 @@ impl StateDir {
     /// The lock if it is free right now; None if another call holds it.
     pub fn try_lock(&self) -> Result<Option<StateLock>> {
         let path = self.file(LOCK_FILE);
-        let mut file = fslock::LockFile::open(&path)
-            .map_err(|e| Error::internal(format!("opening lock {}: {e}", path.display())))?;
+        let mut file = open_lock(&path)?;
         match file.try_lock() {
             Ok(true) => Ok(Some(StateLock { _file: file })),
             Ok(false) => Ok(None),
@@ -231,6 +256,11 @@ impl StateDir {
             Err(e) => Err(Error::from(e).context(format!("reading {}", dir.display()))),
         }
     }
+}
+
+fn open_lock(path: &Path) -> Result<fslock::LockFile> {
+    fslock::LockFile::open(path)
+        .map_err(|e| Error::internal(format!("opening lock {}: {e}", path.display())))
 }
 
 /// Held while lifecycle and records change; released on drop.

@@ -62,6 +62,11 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         (info, started)
     };
 
+    let warm = state.warm_marker(&list.name, &conf.runtime_config);
+    let first_chain = match warm.exists() {
+        true => None,
+        false => Some(state.first_chain_lock()?),
+    };
     let outcome = publish_ports(&state, &key, &mappings).and_then(|()| {
         let result = run_chain(&info, list.clone(), binaries, &netns, env, conf);
         if result.is_err() {
@@ -69,6 +74,12 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         }
         result
     });
+    if first_chain.is_some() && outcome.is_ok() {
+        if let Err(e) = std::fs::write(&warm, b"") {
+            log::warn!("marking {} warm: {e}", list.name);
+        }
+    }
+    drop(first_chain);
 
     let lock = state.lock()?;
     match outcome {

@@ -178,7 +178,12 @@ pub fn ensure_running(
 /// for it to report the infra ready.
 pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result<InfraInfo> {
     let started = Instant::now();
-    for dir in [state::RUN_DIR, state::VAR_LIB_CNI_DIR, state::OVERLAY_DIR] {
+    for dir in [
+        state::RUN_DIR,
+        state::VAR_LIB_CNI_DIR,
+        state::OVERLAY_DIR,
+        state::WARM_DIR,
+    ] {
         state::reset_dir(&state.file(dir))?;
     }
     state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
