@@ -486,24 +486,24 @@ fn env_value(rng: &mut Rng, pool: &[&str]) -> Option<Vec<u8>> {
 }
 
 fn input(rng: &mut Rng, place: &Place) -> Input {
-    fn some(s: &str) -> Option<Vec<u8>> {
-        Some(s.as_bytes().to_vec())
+    fn some(s: impl AsRef<str>) -> Option<Vec<u8>> {
+        Some(s.as_ref().as_bytes().to_vec())
     }
     // Mostly a valid environment, so that the config is what is tested.
     let mut env = vec![
         (
             "CNI_COMMAND",
-            some(*rng.pick(&["ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS"])),
+            some(rng.pick(&["ADD", "DEL", "CHECK", "VERSION", "GC", "STATUS"])),
         ),
-        ("CNI_CONTAINERID", some(*rng.pick(&["c1", "c2"]))),
+        ("CNI_CONTAINERID", some(rng.pick(&["c1", "c2"]))),
         (
             "CNI_NETNS",
-            some(*rng.pick(&["/proc/self/ns/net", "/nonexistent/netns"])),
+            some(rng.pick(&["/proc/self/ns/net", "/nonexistent/netns"])),
         ),
         ("CNI_IFNAME", some("eth0")),
         (
             "CNI_ARGS",
-            some(*rng.pick(&["", "IgnoreUnknown=1;K8S_POD_NAME=x"])),
+            some(rng.pick(&["", "IgnoreUnknown=1;K8S_POD_NAME=x"])),
         ),
         ("CNI_PATH", some(NO_CNI_PATH)),
     ];
@@ -521,7 +521,7 @@ fn input(rng: &mut Rng, place: &Place) -> Input {
                 _ => match rng.below(4) {
                     0 => None,
                     1 => Some(Vec::new()),
-                    2 => some(&format!("{NO_CNI_PATH}:/nonexistent/also")),
+                    2 => some(format!("{NO_CNI_PATH}:/nonexistent/also")),
                     _ => some(":::"),
                 },
             };
