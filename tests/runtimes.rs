@@ -229,6 +229,36 @@ fn rootlesskit_net_host_runs_cnitool_through_rootless_cni() {
     );
 }
 
+/// The conflists of conf-examples/{podman,nerdctl,crio,kubernetes} work as
+/// they are: ADD, CHECK, a ping to the gateway and DEL through cnitool.
+#[test]
+fn the_runtime_examples_work_through_cnitool() {
+    let Some(lab) = Lab::new("runtime_examples") else {
+        return;
+    };
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples");
+    for rel in [
+        "podman/rootless.conflist",
+        "nerdctl/rootless.conflist",
+        "crio/10-rootless.conflist",
+        "kubernetes/10-rootless.conflist",
+    ] {
+        let conf = read_json(&examples.join(rel));
+        let name = conf["name"].as_str().expect("a network name").to_string();
+        lab.write_netconf(&name, &conf);
+        let c = lab.container();
+        let add = lab.cnitool("add", &name, &c.netns());
+        assert!(add.ok(), "{rel}: ADD: {add}");
+        let check = lab.cnitool("check", &name, &c.netns());
+        assert!(check.ok(), "{rel}: CHECK: {check}");
+        let ping = lab.ping(&c, common::GATEWAY);
+        assert!(ping.ok(), "{rel}: container -> gateway: {ping}");
+        let del = lab.cnitool("del", &name, &c.netns());
+        assert!(del.ok(), "{rel}: DEL: {del}");
+        lab.assert_no_infra(rel);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Real root: podman, and the infra in the initial user namespace
 
