@@ -91,8 +91,11 @@ impl ContainerNetns {
 
     /// For DEL: the netns may be gone, or not given at all.
     pub fn open_if_present(path: Option<&Path>) -> Self {
+        // A path that is no longer a netns (the runtime unmounted it and
+        // left the file) is as gone as a missing one.
         let fd = path
             .and_then(|p| std::fs::File::open(p).ok())
+            .filter(is_netns)
             .map(OwnedFd::from);
         ContainerNetns {
             runtime_path: path.map(Path::to_path_buf),
@@ -102,12 +105,13 @@ impl ContainerNetns {
 
     /// CNI_NETNS as the inner plugins see it.
     pub fn inner_path(&self) -> String {
-        match (&self.fd, &self.runtime_path) {
-            (Some(fd), _) => format!("/proc/self/fd/{}", fd.as_raw_fd()),
-            // Gone: hand on the runtime's path, which the plugins then find
-            // missing and tolerate, as the spec asks of DEL.
-            (None, Some(p)) => p.display().to_string(),
-            (None, None) => String::new(),
+        match &self.fd {
+            Some(fd) => format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            // Gone (or never given): DEL without a netns, which the spec
+            // allows and the plugins take as "clean up what is outside it".
+            // The runtime's path would not do: inside the infra's mount
+            // namespace it may not exist, or be something else.
+            None => String::new(),
         }
     }
 
@@ -124,6 +128,11 @@ impl ContainerNetns {
     }
 }
 
+fn is_netns(file: &std::fs::File) -> bool {
+    let nsfs = nix::sys::statfs::FsType(libc::NSFS_MAGIC as _);
+    nix::sys::statfs::fstatfs(file).is_ok_and(|s| s.filesystem_type() == nsfs)
+}
+
 /// Makes sure our user namespace has the power over the container netns the
 /// inner plugins need: it owns it, or we join the one that does when it is
 /// ours (a runtime outside its own user namespace). Otherwise a clear error
@@ -138,6 +147,13 @@ fn check_owned_by_our_userns(netns: &std::fs::File, path: &Path) -> Result<()> {
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
             Err(Error::env(format!("{what} is not a network namespace")))
         }
+        // The kernel will not even name the owner: it is outside ours.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(Error::new(
+            code::FOREIGN_NETNS,
+            format!(
+                "{what} belongs to a user namespace outside ours that we do not own: the inner plugins could not configure it; run the runtime in the user namespace that created the container"
+            ),
+        )),
         // A kernel without the ioctl: let the plugins find out.
         Err(_) => Ok(()),
     }
@@ -199,7 +215,8 @@ pub fn run_plugin(
         .env("CNI_PATH", join_paths(inv.cni_path))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::inherit())
+        .process_group(0);
     infra.enter(&mut cmd, netns.fd.as_ref().map(|f| f.as_raw_fd()));
     let mut child = cmd.spawn().map_err(|e| {
         Error::new(
@@ -225,7 +242,12 @@ pub fn run_plugin(
         .ok_or_else(|| Error::internal("no stdout pipe"))?;
     let output = sys::read_to_end_timeout(stdout, inv.timeout)?;
     let Some(output) = output else {
-        let _ = child.kill();
+        // The whole group: what the plugin started must not outlive it
+        // (nor hold the runtime's stderr open).
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = child.wait();
         return Err(Error::new(
             code::INNER_PLUGIN,

@@ -25,11 +25,23 @@ impl ProcessId {
         matches!(stat(self.pid), Some((state, start)) if start == self.start_time && state != 'Z' && state != 'X')
     }
 
-    /// Sends `sig` only if the PID still belongs to the recorded process.
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        if self.is_alive() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig);
-        }
+    /// Sends `sig` only if the PID still belongs to the recorded process
+    /// and it runs what we expect (`marker` is one of its arguments, or the
+    /// end of its program name): a record that names another process,
+    /// however it came about, never gets it killed.
+    /// True when it was signalled.
+    pub fn signal(&self, sig: nix::sys::signal::Signal, marker: &str) -> bool {
+        self.is_alive()
+            && self.runs(marker)
+            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig).is_ok()
+    }
+
+    fn runs(&self, marker: &str) -> bool {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
+        cmdline
+            .split(|b| *b == 0)
+            .map(String::from_utf8_lossy)
+            .any(|arg| arg == marker || arg.ends_with(&format!("/{marker}")))
     }
 }
 

@@ -159,7 +159,7 @@ impl StateDir {
     fn wait_for_lock(&self, name: &str) -> Result<StateLock> {
         let path = self.file(name);
         let mut file = open_lock(&path)?;
-        let deadline = Instant::now() + self.lock_timeout;
+        let deadline = crate::sys::deadline(self.lock_timeout);
         let mut pause = Duration::from_micros(200);
         loop {
             match file.try_lock() {
@@ -236,6 +236,22 @@ impl StateDir {
         }
         out.sort_by_key(|a| a.created);
         Ok(out)
+    }
+
+    /// Temporary files of record writes a killed call never renamed. Every
+    /// write happens under the lock, so with it held none is in progress.
+    pub fn remove_temp_files(&self, _lock: &StateLock) {
+        let Ok(entries) = fs::read_dir(self.path.join(ATTACHMENTS_DIR)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                log::info!("removing {name}, left by a call that was killed");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// True when no record is left: the infra may stop. Reads the dir only,

@@ -38,6 +38,35 @@ pub fn die_with_parent() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Moves the calling process into a new mount namespace whose mounts do not
+/// propagate back. Meant for `pre_exec`: it does not allocate.
+pub fn private_mount_namespace() -> std::io::Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
+    let root = b"/\0";
+    // SAFETY: root is a NUL-terminated string; the null pointers are the
+    // documented "none" for source, type and data.
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr().cast(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Now plus `timeout`, saturating instead of overflowing.
+pub fn deadline(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// Reads a report line from a child until EOF or the deadline; None on
 /// timeout.
 pub fn read_report(fd: OwnedFd, timeout: Duration) -> Result<Option<String>> {
@@ -46,7 +75,7 @@ pub fn read_report(fd: OwnedFd, timeout: Duration) -> Result<Option<String>> {
 
 /// Reads until EOF or the deadline; None on timeout.
 pub fn read_to_end_timeout(fd: OwnedFd, timeout: Duration) -> Result<Option<Vec<u8>>> {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::sys::deadline(timeout);
     let mut file = std::fs::File::from(fd);
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];

@@ -121,6 +121,7 @@ impl NetConf {
         let name = string(&obj, "name")?.ok_or_else(|| Error::config("config has no \"name\""))?;
         crate::cni::env::validate_network_name(&name)?;
 
+        let conf_dir = string(&obj, "confDir")?.map(PathBuf::from);
         let inner = match (obj.get("delegate"), string(&obj, "network")?) {
             (Some(_), Some(_)) => {
                 return Err(Error::config(
@@ -138,7 +139,7 @@ impl NetConf {
                     .map_err(|e| e.context("\"network\""))?;
                 InnerSource::Network {
                     name: network,
-                    conf_dir: string(&obj, "confDir")?.map(PathBuf::from),
+                    conf_dir: conf_dir.clone(),
                 }
             }
             (None, None) => {
@@ -275,13 +276,19 @@ fn boolean(obj: &Map<String, Value>, key: &str) -> Result<bool> {
 fn duration(obj: &Map<String, Value>, key: &str) -> Result<Option<Duration>> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => parse_duration(v).map(Some).ok_or_else(|| {
-            Error::config(format!(
-                "{key:?} must be a number of seconds or a string like \"30s\", \"5m\", not {v}"
-            ))
-        }),
+        Some(v) => parse_duration(v)
+            .filter(|d| *d <= MAX_DURATION)
+            .map(Some)
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "{key:?} must be a number of seconds or a string like \"30s\", \"5m\", at most a week, not {v}"
+                ))
+            }),
     }
 }
+
+/// The longest timeout we take: beyond it is a mistake, not a wish.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Seconds as a number, or a string with an s/m/h suffix.
 fn parse_duration(v: &Value) -> Option<Duration> {
@@ -519,5 +526,7 @@ mod tests {
             Some(Duration::from_secs(120))
         );
         assert_eq!(parse_duration(&serde_json::json!("x")), None);
+        let huge = format!(r#","lockTimeout":"{}s""#, u64::MAX);
+        assert_eq!(NetConf::parse(conf(&huge).as_bytes()).unwrap_err().code, 7);
     }
 }

@@ -34,7 +34,8 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             key.container_id,
             key.ifname
         );
-        return Ok(());
+        // An idle infra left by a crashed call still goes.
+        return infra::stop_if_idle(&state, &state.lock()?, false);
     };
 
     match info.filter(|i| i.sandbox == record.infra) {
@@ -58,7 +59,17 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             super::add::unpublish_ports(&state, &key, &mappings);
             let netns = ContainerNetns::open_if_present(env.netns.as_deref());
             let chain = Chain::recorded(&record, &info, &netns, env, conf.plugin_timeout)?;
-            chain.del(chain.cached_result(&record).as_ref())?;
+            let deleted = chain.del(chain.cached_result(&record).as_ref());
+            match (deleted, record.state) {
+                (Ok(()), _) => {}
+                // An ADD killed half-way leaves state the plugins' DEL may
+                // trip over (a chain never made); what could be undone was,
+                // and keeping the record would keep the infra forever.
+                (Err(e), AttachmentState::Pending) => {
+                    log::warn!("DEL of the interrupted ADD of {}: {e}", key.container_id)
+                }
+                (Err(e), AttachmentState::Ready) => return Err(e),
+            }
         }
     }
 

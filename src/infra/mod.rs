@@ -100,10 +100,15 @@ impl InfraInfo {
         state::write_json_atomic(&state.file(state::INFRA_FILE), self)
     }
 
-    fn processes(&self) -> impl Iterator<Item = ProcessId> {
-        [Some(self.supervisor), Some(self.sandbox), self.slirp4netns]
-            .into_iter()
-            .flatten()
+    /// Each process with what its command line must hold to be ours.
+    fn processes(&self) -> impl Iterator<Item = (ProcessId, &'static str)> {
+        [
+            Some((self.supervisor, supervisor::ENTRY)),
+            Some((self.sandbox, sandbox::ENTRY)),
+            self.slirp4netns.map(|p| (p, "slirp4netns")),
+        ]
+        .into_iter()
+        .flatten()
     }
 }
 
@@ -300,7 +305,8 @@ fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
 /// Asks the supervisor to stop everything and waits until it has; what
 /// still runs after STOP_TIMEOUT is killed. Removes infra.json.
 pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()> {
-    info.supervisor.signal(nix::sys::signal::Signal::SIGTERM);
+    info.supervisor
+        .signal(nix::sys::signal::Signal::SIGTERM, supervisor::ENTRY);
     if !wait_gone(&[info.supervisor, info.sandbox], STOP_TIMEOUT) {
         log::warn!(
             "infra supervisor {} did not stop in time; killing",
@@ -315,10 +321,11 @@ pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()>
 /// SIGKILL to every recorded process that is still the one recorded; the
 /// supervisor first, so it does not restart slirp4netns.
 fn kill_and_reap(info: &InfraInfo) {
-    let procs: Vec<ProcessId> = info.processes().collect();
-    for p in &procs {
-        p.signal(nix::sys::signal::Signal::SIGKILL);
-    }
+    let procs: Vec<ProcessId> = info
+        .processes()
+        .filter(|(p, marker)| p.signal(nix::sys::signal::Signal::SIGKILL, marker))
+        .map(|(p, _)| p)
+        .collect();
     if !wait_gone(&procs, STOP_TIMEOUT) {
         log::warn!(
             "infra processes of {} still present after SIGKILL",
@@ -328,7 +335,7 @@ fn kill_and_reap(info: &InfraInfo) {
 }
 
 fn wait_gone(procs: &[ProcessId], timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
+    let deadline = crate::sys::deadline(timeout);
     let mut pause = Duration::from_micros(100);
     loop {
         if procs.iter().all(|p| !p.is_alive()) {
@@ -348,6 +355,7 @@ pub fn stop_if_idle(state: &StateDir, lock: &StateLock, force: bool) -> Result<(
     if state.has_attachments(lock)? {
         return Ok(());
     }
+    state.remove_temp_files(lock);
     let Some(info) = running(state, lock)? else {
         return Ok(());
     };

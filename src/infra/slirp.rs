@@ -52,10 +52,15 @@ pub fn start(opts: &SlirpOptions) -> Result<Slirp> {
         .arg(TAP)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    // SAFETY: runs between fork and exec; prctl and fcntl are async-signal-safe.
+    // SAFETY: runs between fork and exec; prctl, unshare, mount and fcntl
+    // are async-signal-safe, and nothing here allocates.
     unsafe {
         cmd.pre_exec(move || {
             sys::die_with_parent()?;
+            // --enable-sandbox unmounts what it does not need; in the
+            // caller's mount namespace that would reach the host's mounts
+            // (real root's /run/netns), so it gets a private one.
+            sys::private_mount_namespace()?;
             sys::keep_on_exec(ready_fd)?;
             sys::keep_on_exec(exit_fd)
         });
@@ -93,7 +98,7 @@ pub fn start(opts: &SlirpOptions) -> Result<Slirp> {
 fn read_byte_timeout(fd: OwnedFd, timeout: Duration) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::io::Read;
-    let deadline = std::time::Instant::now() + timeout;
+    let deadline = crate::sys::deadline(timeout);
     let mut file = std::fs::File::from(fd);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
