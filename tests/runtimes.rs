@@ -896,6 +896,7 @@ fn podman_runs_containers_on_a_rootless_cni_network() {
 }
 
 #[test]
+#[ignore = "rootful podman 4.3 reserves published host ports itself, which our host-side forward already holds (README, Runtimes)"]
 fn podman_publishes_a_port_through_rootless_cni() {
     if !podman_prerequisites("podman_publishes_a_port") {
         return;
