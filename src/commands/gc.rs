@@ -42,21 +42,9 @@ pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<()> {
                 .iter()
                 .map(|(c, i)| json!({"containerID": c, "ifname": i}))
                 .collect();
-            let netns = ContainerNetns::open_if_present(None);
             let binaries = chain::find_binaries(&list, &env.path)?;
-            Chain::new(
-                list,
-                binaries,
-                &info,
-                &netns,
-                env,
-                &conf.runtime_config,
-                conf.plugin_timeout,
-            )?
-            .network_verb(
-                Verb::Gc,
-                Some(("cni.dev/valid-attachments", json!(attachments))),
-            )?;
+            let extra = ("cni.dev/valid-attachments", json!(attachments));
+            super::network_verb(list, binaries, &info, env, conf, Verb::Gc, Some(extra))?;
         }
     }
     infra::stop_if_idle(&state, &state.lock()?, false)

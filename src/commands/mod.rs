@@ -27,6 +27,29 @@ fn state_dir(conf: &NetConf, create: bool) -> Result<Option<StateDir>> {
     }))
 }
 
+/// GC or STATUS through the inner chain, in the running infra.
+fn network_verb(
+    list: crate::cni::config::InnerList,
+    binaries: Vec<std::path::PathBuf>,
+    info: &crate::infra::InfraInfo,
+    env: &CniEnv,
+    conf: &NetConf,
+    verb: crate::cni::env::Command,
+    extra: Option<(&str, serde_json::Value)>,
+) -> Result<()> {
+    let netns = crate::exec::ContainerNetns::open_if_present(None);
+    let chain = crate::chain::Chain::new(
+        list,
+        binaries,
+        info,
+        &netns,
+        env,
+        &conf.runtime_config,
+        conf.plugin_timeout,
+    )?;
+    chain.network_verb(verb, extra)
+}
+
 fn attachment_key(env: &CniEnv, conf: &NetConf) -> AttachmentKey {
     AttachmentKey {
         network: conf.name.clone(),

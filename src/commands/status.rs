@@ -1,11 +1,10 @@
 //! STATUS (spec 1.1.0): success when an ADD would work now; otherwise code
 //! 50 saying what is missing.
 
-use crate::chain::{self, Chain};
+use crate::chain;
 use crate::cni::config::NetConf;
 use crate::cni::env::{CniEnv, Command as Verb};
 use crate::error::{code, Error, Result};
-use crate::exec::ContainerNetns;
 use crate::infra;
 use std::os::unix::process::CommandExt;
 
@@ -18,19 +17,7 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
         .and_then(|d| d.ok_or_else(|| Error::internal("no state dir")))
         .map_err(unavailable)?;
     match infra::running(&state, &state.lock()?)? {
-        Some(info) => {
-            let netns = ContainerNetns::open_if_present(None);
-            Chain::new(
-                list,
-                binaries,
-                &info,
-                &netns,
-                env,
-                &conf.runtime_config,
-                conf.plugin_timeout,
-            )?
-            .network_verb(Verb::Status, None)
-        }
+        Some(info) => super::network_verb(list, binaries, &info, env, conf, Verb::Status, None),
         None => can_start_infra().map_err(|msg| Error::new(code::PLUGIN_NOT_AVAILABLE, msg)),
     }
 }
