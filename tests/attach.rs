@@ -11,29 +11,17 @@ use common::{
 /// Two containers on bridge + host-local + portmap + firewall + tuning.
 #[test]
 fn two_containers_ping_each_other() {
-    let Some(lab) = Lab::new("two_containers") else {
+    let Some(lab) = Lab::with_example_net("two_containers") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let (c1, c2) = (lab.container(), lab.container());
 
     let mut ips = Vec::new();
     for c in [&c1, &c2] {
         let add = lab.cnitool("add", NET, &c.netns());
-        assert!(add.ok(), "ADD {}: {add}", c.netns());
-        let result = add
-            .json()
-            .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
+        let result = add.add_result(&format!("ADD {}", c.netns()));
         let ip = result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
-        assert!(
-            ip.starts_with("10.89.0."),
-            "address {ip} not in 10.89.0.0/24"
-        );
-        assert_eq!(
-            lab.ipv4(c, "eth0").as_deref(),
-            Some(ip.as_str()),
-            "eth0 of {c:?}"
-        );
+        lab.assert_attached(c, &ip);
         // The runtime's netns, not the path the inner plugins were given.
         let sandboxes: Vec<&str> = result["interfaces"]
             .as_array()
@@ -48,12 +36,9 @@ fn two_containers_ping_each_other() {
     }
     assert_ne!(ips[0], ips[1], "both containers got the same address");
 
-    let ping = lab.ping(&c1, &ips[1]);
-    assert!(ping.ok(), "c1 -> c2: {ping}");
-    let ping = lab.ping(&c2, &ips[0]);
-    assert!(ping.ok(), "c2 -> c1: {ping}");
-    let ping = lab.ping(&c1, GATEWAY);
-    assert!(ping.ok(), "c1 -> gateway: {ping}");
+    lab.assert_ping(&c1, &ips[1], "c1 -> c2");
+    lab.assert_ping(&c2, &ips[0], "c2 -> c1");
+    lab.assert_ping(&c1, GATEWAY, "c1 -> gateway");
 
     for c in [&c1, &c2] {
         let check = lab.cnitool("check", NET, &c.netns());
@@ -137,8 +122,7 @@ fn host_loopback_unreachable_when_not_allowed() {
 
     let add = lab.cnitool("add", NET, &c.netns());
     assert!(add.ok(), "ADD: {add}");
-    let ping = lab.ping(&c, GATEWAY);
-    assert!(ping.ok(), "container -> gateway: {ping}");
+    lab.assert_ping(&c, GATEWAY, "container -> gateway");
 
     let url = format!("http://{SLIRP_HOST}:{}/", server.port);
     let got = lab.curl(&c, &url);

@@ -129,10 +129,9 @@ fn doctor_in_the_session() {
 
 #[test]
 fn exec_runs_inside_the_infra() {
-    let Some(lab) = Lab::new("cli_exec") else {
+    let Some(lab) = Lab::with_example_net("cli_exec") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let c = lab.container();
     let add = lab.cnitool("add", NET, &c.netns());
     assert!(add.ok(), "ADD: {add}");
@@ -163,10 +162,9 @@ fn exec_runs_inside_the_infra() {
 
 #[test]
 fn gc_forgets_killed_containers_and_stops_the_infra() {
-    let Some(lab) = Lab::new("cli_gc_killed") else {
+    let Some(lab) = Lab::with_example_net("cli_gc_killed") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let (c1, c2) = (lab.container(), lab.container());
     let id1 = cnitool_add(&lab, &c1, &[]);
     let id2 = cnitool_add(&lab, &c2, std::slice::from_ref(&id1));
@@ -188,8 +186,7 @@ fn gc_forgets_killed_containers_and_stops_the_infra() {
     );
     assert_eq!(lab.lease_files(NET).len(), 1, "c2's lease is still held");
     assert!(lab.status()["infra"].is_object(), "the infra stopped early");
-    let ping = lab.ping(&c1, GATEWAY);
-    assert!(ping.ok(), "c1 lost its network: {ping}");
+    lab.assert_ping(&c1, GATEWAY, "c1 lost its network");
 
     lab.kill_container(&c1);
     assert_eq!(gc(&lab, &[]), [id1], "gc after killing c1");
@@ -199,10 +196,9 @@ fn gc_forgets_killed_containers_and_stops_the_infra() {
 
 #[test]
 fn gc_valid_keeps_only_the_listed_attachment() {
-    let Some(lab) = Lab::new("cli_gc_valid") else {
+    let Some(lab) = Lab::with_example_net("cli_gc_valid") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let (c1, c2) = (lab.container(), lab.container());
     let id1 = cnitool_add(&lab, &c1, &[]);
     let id2 = cnitool_add(&lab, &c2, std::slice::from_ref(&id1));
@@ -214,8 +210,7 @@ fn gc_valid_keeps_only_the_listed_attachment() {
         !lab.links(&c2).contains(&"eth0".to_string()),
         "c2's eth0 survived gc"
     );
-    let ping = lab.ping(&c1, GATEWAY);
-    assert!(ping.ok(), "the kept attachment lost its network: {ping}");
+    lab.assert_ping(&c1, GATEWAY, "the kept attachment lost its network");
 
     let del = lab.cnitool("del", NET, &c1.netns());
     assert!(del.ok(), "DEL: {del}");
@@ -252,10 +247,9 @@ fn gc_forgets_an_attachment_whose_netns_file_is_no_longer_a_netns() {
 
 #[test]
 fn ls_is_status_and_status_lists_ports() {
-    let Some(lab) = Lab::new("cli_ls") else {
+    let Some(lab) = Lab::with_example_net("cli_ls") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let c = lab.container();
     let port = free_port();
     let cap_args = format!(
@@ -331,16 +325,10 @@ fn a_caller_outside_the_session_joins_it() {
     let conf = plugin_stdin(&conflist).to_string();
     let env = lab.plugin_env("ADD", "outside", &c2.netns());
     let add = lab.exec_outside(&env_refs(&env), Some(conf.as_bytes()), &[&bin]);
-    assert!(add.ok(), "ADD from outside the session: {add}");
-    let result = add
-        .json()
-        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
-    let ip2 = common::result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4: {add}"));
+    let ip2 = add.added_ipv4("ADD from outside the session");
     assert_eq!(lab.ipv4(&c2, "eth0").as_deref(), Some(ip2.as_str()));
-    let ping = lab.ping(&c1, &ip2);
-    assert!(ping.ok(), "inside -> outside-added container: {ping}");
-    let ping = lab.ping(&c2, &ip1);
-    assert!(ping.ok(), "outside-added container -> inside: {ping}");
+    lab.assert_ping(&c1, &ip2, "inside -> outside-added container");
+    lab.assert_ping(&c2, &ip1, "outside-added container -> inside");
     assert_eq!(lab.attachment_files().len(), 2, "attachment records");
 
     let env = lab.plugin_env("DEL", "outside", &c2.netns());

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{example_conflist, outer, plugin_stdin, result_ipv4, Lab, GATEWAY, NET};
+use common::{example_conflist, outer, plugin_stdin, Lab, GATEWAY, NET};
 use serde_json::Value;
 
 /// The example's delegate as a conflist of its own named "inner", and an
@@ -26,9 +26,7 @@ fn attach_by_name(lab: &Lab, conf: &Value) {
     lab.write_netconf(NET, conf);
     let c = lab.container();
     let add = lab.cnitool("add", NET, &c.netns());
-    assert!(add.ok(), "ADD: {add}");
-    let ip = add.json().as_ref().and_then(result_ipv4);
-    let ip = ip.unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
+    let ip = add.added_ipv4("ADD");
     assert!(
         ip.starts_with("10.89.0."),
         "address {ip} not in 10.89.0.0/24"
@@ -38,8 +36,7 @@ fn attach_by_name(lab: &Lab, conf: &Value) {
         vec![ip.clone()],
         "leases of network inner"
     );
-    let ping = lab.ping(&c, GATEWAY);
-    assert!(ping.ok(), "container -> gateway: {ping}");
+    lab.assert_ping(&c, GATEWAY, "container -> gateway");
     let check = lab.cnitool("check", NET, &c.netns());
     assert!(check.ok(), "CHECK: {check}");
 
@@ -103,13 +100,7 @@ fn bad_input_is_refused_with_the_culprit_named() {
         culprit,
     };
     let mut cases = Vec::new();
-    for var in [
-        "CNI_COMMAND",
-        "CNI_CONTAINERID",
-        "CNI_NETNS",
-        "CNI_IFNAME",
-        "CNI_PATH",
-    ] {
+    for var in common::REQUIRED_CNI_VARS {
         let mut e = env.clone();
         e.retain(|(k, _)| k != var);
         cases.push(case(&format!("{var} missing"), &e, &good, 4, var));
@@ -207,10 +198,9 @@ fn assert_bad_ipam_error(out: &common::Out) {
 /// a good ADD afterwards works.
 #[test]
 fn bad_ipam_on_first_add_leaves_nothing_behind() {
-    let Some(lab) = Lab::new("bad_ipam_first") else {
+    let Some(lab) = Lab::with_example_net("bad_ipam_first") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let c = lab.container();
     let env = lab.plugin_env("ADD", "bad-ipam-1", &c.netns());
     let out = lab.plugin(&env, &bad_ipam_stdin());
@@ -221,8 +211,7 @@ fn bad_ipam_on_first_add_leaves_nothing_behind() {
 
     let add = lab.cnitool("add", NET, &c.netns());
     assert!(add.ok(), "good ADD after the failed one: {add}");
-    let ping = lab.ping(&c, GATEWAY);
-    assert!(ping.ok(), "container -> gateway: {ping}");
+    lab.assert_ping(&c, GATEWAY, "container -> gateway");
     let del = lab.cnitool("del", NET, &c.netns());
     assert!(del.ok(), "DEL: {del}");
 }
@@ -232,15 +221,12 @@ fn bad_ipam_on_first_add_leaves_nothing_behind() {
 /// unharmed, and a good ADD on the same bridge works.
 #[test]
 fn bad_ipam_on_a_live_bridge_leaves_it_usable() {
-    let Some(lab) = Lab::new("bad_ipam_live") else {
+    let Some(lab) = Lab::with_example_net("bad_ipam_live") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let (c1, c2) = (lab.container(), lab.container());
     let add = lab.cnitool("add", NET, &c1.netns());
-    assert!(add.ok(), "ADD c1: {add}");
-    let ip1 = add.json().as_ref().and_then(result_ipv4);
-    let ip1 = ip1.unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
+    let ip1 = add.added_ipv4("ADD c1");
     let sandbox = lab.sandbox_pid();
 
     let env = lab.plugin_env("ADD", "bad-ipam-2", &c2.netns());
@@ -254,13 +240,11 @@ fn bad_ipam_on_a_live_bridge_leaves_it_usable() {
     assert_eq!(lab.lease_files(NET), vec![ip1.clone()], "leases");
     assert_eq!(lab.attachment_files().len(), 1, "records");
     assert_eq!(lab.sandbox_pid(), sandbox, "the infra was replaced");
-    let ping = lab.ping(&c1, GATEWAY);
-    assert!(ping.ok(), "c1 -> gateway after the failed ADD: {ping}");
+    lab.assert_ping(&c1, GATEWAY, "c1 -> gateway after the failed ADD");
 
     let add = lab.cnitool("add", NET, &c2.netns());
     assert!(add.ok(), "good ADD of c2 on the same bridge: {add}");
-    let ping = lab.ping(&c2, &ip1);
-    assert!(ping.ok(), "c2 -> c1: {ping}");
+    lab.assert_ping(&c2, &ip1, "c2 -> c1");
     for c in [&c1, &c2] {
         let del = lab.cnitool("del", NET, &c.netns());
         assert!(del.ok(), "DEL {}: {del}", c.netns());

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{example_conflist, result_ipv4, Lab, GATEWAY, NET};
+use common::{example_conflist, Lab, GATEWAY, NET};
 
 /// Without rootless-cni the bridge plugin cannot work for an unprivileged
 /// user: the host netns belongs to the initial user namespace.
@@ -28,25 +28,15 @@ fn bridge_plugin_directly_is_not_permitted() {
 /// The same chain through rootless-cni works.
 #[test]
 fn same_chain_through_rootless_cni_works() {
-    let Some(lab) = Lab::new("control_rootless") else {
+    let Some(lab) = Lab::with_example_net("control_rootless") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let c = lab.container();
 
     let add = lab.cnitool("add", NET, &c.netns());
-    assert!(add.ok(), "ADD through rootless-cni: {add}");
-    let result = add
-        .json()
-        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
-    let ip = result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in the result: {add}"));
-    assert!(
-        ip.starts_with("10.89.0."),
-        "address {ip} not in 10.89.0.0/24"
-    );
-    assert_eq!(lab.ipv4(&c, "eth0").as_deref(), Some(ip.as_str()));
-    let ping = lab.ping(&c, GATEWAY);
-    assert!(ping.ok(), "container -> gateway: {ping}");
+    let ip = add.added_ipv4("ADD through rootless-cni");
+    lab.assert_attached(&c, &ip);
+    lab.assert_ping(&c, GATEWAY, "container -> gateway");
 
     let del = lab.cnitool("del", NET, &c.netns());
     assert!(del.ok(), "DEL: {del}");

@@ -13,6 +13,7 @@
 mod common;
 mod support;
 
+use common::pids_of_uid;
 use serde_json::{json, Map, Value};
 use std::ffi::OsString;
 use std::fs;
@@ -123,23 +124,6 @@ impl Drop for Place {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-fn pids_of_uid(uid: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| {
-                    let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
-                    line.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(uid)
-        })
-        .collect()
 }
 
 /// A uid no one uses: not in /etc/passwd, no process.
@@ -618,7 +602,7 @@ struct Outcome {
 fn run(bin: &Path, place: &Place, input: &Input) -> Outcome {
     let mut cmd = Command::new(bin);
     cmd.env_clear()
-        .env("PATH", support::LAB_PATH)
+        .env("PATH", common::LAB_PATH)
         .env("HOME", &place.dir)
         .env("XDG_RUNTIME_DIR", place.dir.join("run"))
         .current_dir(&place.dir)

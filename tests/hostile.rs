@@ -129,8 +129,7 @@ fn bad_inner_plugin(lab: &Lab, plugin: &str, also: &str, bound: Duration) {
     let env = lab.plugin_env("ADD", "good-1", &c.netns());
     let out = lab.plugin(&env, &good);
     assert!(out.ok(), "{when}: good ADD: {out}");
-    let ping = lab.ping(&c, GATEWAY);
-    assert!(ping.ok(), "{when}: container -> gateway: {ping}");
+    lab.assert_ping(&c, GATEWAY, &format!("{when}: container -> gateway"));
     let env = lab.plugin_env("DEL", "good-1", &c.netns());
     let out = lab.plugin(&env, &good);
     assert!(out.ok(), "{when}: good DEL: {out}");
@@ -186,6 +185,20 @@ struct Case {
     stdin: Vec<u8>,
     code: u64,
     culprit: String,
+}
+
+/// Runs every case, asserts that each was refused as it should be, then that
+/// `c` and the lab were left untouched (`when` names the moment).
+fn assert_all_refused(lab: &Lab, c: &Container, cases: &[Case], when: &str) {
+    let failures = run_cases(lab, cases);
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+    assert_untouched(lab, c, when);
 }
 
 /// Runs every case (our binary in plugin mode); a case that succeeded is
@@ -250,13 +263,7 @@ fn hostile_environment_is_refused() {
             culprit: var.to_string(),
         });
     };
-    for var in [
-        "CNI_COMMAND",
-        "CNI_CONTAINERID",
-        "CNI_NETNS",
-        "CNI_IFNAME",
-        "CNI_PATH",
-    ] {
+    for var in common::REQUIRED_CNI_VARS {
         case(format!("{var} missing"), var, None, "ADD");
         case(format!("{var} empty"), var, Some(""), "ADD");
     }
@@ -315,16 +322,8 @@ fn hostile_environment_is_refused() {
             );
         }
     }
-    let failures = run_cases(&lab, &cases);
     eprintln!("{} environment cases", cases.len());
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases:\n\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n\n")
-    );
-    assert_untouched(&lab, &c, "after the hostile environments");
+    assert_all_refused(&lab, &c, &cases, "after the hostile environments");
 }
 
 /// Malformed or oversized stdin: code 6.
@@ -370,15 +369,7 @@ fn malformed_stdin_is_refused() {
             culprit: culprit.to_string(),
         })
         .collect();
-    let failures = run_cases(&lab, &cases);
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases:\n\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n\n")
-    );
-    assert_untouched(&lab, &c, "after the malformed configs");
+    assert_all_refused(&lab, &c, &cases, "after the malformed configs");
 }
 
 /// A wrong type or value for every key of our config: code 7 naming the key.
@@ -532,16 +523,8 @@ fn wrong_config_values_are_refused() {
         culprit: "delegate".into(),
     });
 
-    let failures = run_cases(&lab, &cases);
     eprintln!("{} config cases", cases.len());
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases:\n\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n\n")
-    );
-    assert_untouched(&lab, &c, "after the wrong configs");
+    assert_all_refused(&lab, &c, &cases, "after the wrong configs");
 }
 
 // ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{example_conflist, outer, result_ipv4, Container, Lab, GATEWAY, NET};
+use common::{example_conflist, outer, Container, Lab, GATEWAY, NET};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::thread;
@@ -11,16 +11,6 @@ use std::time::{Duration, Instant};
 
 /// The hidden command line of the supervisor.
 const SUPERVISE: &str = "__supervise";
-
-/// `cnitool add`, the container's IPv4 address.
-fn add(lab: &Lab, c: &Container) -> String {
-    let add = lab.cnitool("add", NET, &c.netns());
-    assert!(add.ok(), "ADD {}: {add}", c.netns());
-    let result = add
-        .json()
-        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
-    result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in result: {add}"))
-}
 
 /// `cnitool del`, which must succeed.
 fn del(lab: &Lab, c: &Container) {
@@ -80,7 +70,7 @@ fn idle_timeout_keeps_the_infra_warm_then_stops_it() {
     lab.write_netconf(NET, &conf);
     let c = lab.container();
 
-    add(&lab, &c);
+    lab.attach(&c);
     let status = lab.status();
     assert_eq!(
         status["infra"]["idleTimeoutSeconds"], 2,
@@ -109,12 +99,11 @@ fn idle_timeout_keeps_the_infra_warm_then_stops_it() {
 /// infra, and the attachment is then reported lost until DEL.
 #[test]
 fn stop_refuses_with_attachments_and_force_stops() {
-    let Some(lab) = Lab::new("stop_force") else {
+    let Some(lab) = Lab::with_example_net("stop_force") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let c = lab.container();
-    add(&lab, &c);
+    lab.attach(&c);
 
     let stop = lab.cli(&["stop"]);
     assert!(
@@ -166,10 +155,9 @@ fn stop_refuses_with_attachments_and_force_stops() {
 #[test]
 fn parallel_adds_share_one_infra() {
     const N: usize = 8;
-    let Some(lab) = Lab::new("parallel") else {
+    let Some(lab) = Lab::with_example_net("parallel") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let containers: Vec<Container> = (0..N).map(|_| lab.container()).collect();
     let netns: Vec<String> = containers.iter().map(Container::netns).collect();
 
@@ -178,16 +166,8 @@ fn parallel_adds_share_one_infra() {
     eprintln!("{N} parallel ADDs took {:?}", started.elapsed());
     let mut ips = Vec::new();
     for (add, c) in adds.iter().zip(&containers) {
-        assert!(add.ok(), "parallel ADD {}: {add}", c.netns());
-        let result = add
-            .json()
-            .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
-        let ip = result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
-        assert!(
-            ip.starts_with("10.89.0."),
-            "address {ip} not in 10.89.0.0/24"
-        );
-        assert_eq!(lab.ipv4(c, "eth0").as_deref(), Some(ip.as_str()));
+        let ip = add.added_ipv4(&format!("parallel ADD {}", c.netns()));
+        lab.assert_attached(c, &ip);
         ips.push(ip);
     }
     let distinct: BTreeSet<&String> = ips.iter().collect();
@@ -228,8 +208,11 @@ fn parallel_adds_share_one_infra() {
     }
     assert_eq!(lab.lease_files(NET).len(), N, "leases");
     // (Not to its own address: a container's `lo` is down.)
-    let ping = lab.ping(&containers[0], &ips[N - 1]);
-    assert!(ping.ok(), "first container -> last container: {ping}");
+    lab.assert_ping(
+        &containers[0],
+        &ips[N - 1],
+        "first container -> last container",
+    );
 
     let started = Instant::now();
     let dels = lab.cnitool_parallel("del", NET, &netns);
@@ -240,21 +223,18 @@ fn parallel_adds_share_one_infra() {
     for c in &containers {
         assert_eq!(lab.links(c), vec!["lo"], "{c:?} kept interfaces");
     }
-    let leases = lab.lease_files(NET);
-    assert!(leases.is_empty(), "leases left: {leases:?}");
-    lab.assert_no_infra("after the parallel DELs");
+    lab.assert_detached("after the parallel DELs");
 }
 
 /// d. `status` for people lists each attachment's container id (its first
 /// 20 characters) and address.
 #[test]
 fn status_lists_attachments_for_people() {
-    let Some(lab) = Lab::new("status_human") else {
+    let Some(lab) = Lab::with_example_net("status_human") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let c = lab.container();
-    let ip = add(&lab, &c);
+    let ip = lab.attach(&c);
     let json = lab.status();
     let id = json["attachments"][0]["containerId"]
         .as_str()
@@ -324,12 +304,11 @@ fn status_json_with_no_state_dir() {
 /// a fresh infra.
 #[test]
 fn killed_supervisor_takes_the_infra_with_it() {
-    let Some(lab) = Lab::new("killed_supervisor") else {
+    let Some(lab) = Lab::with_example_net("killed_supervisor") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let c = lab.container();
-    add(&lab, &c);
+    lab.attach(&c);
     let status = lab.status();
     let (supervisor, sandbox, slirp) = (
         infra_pid(&status, "supervisor"),
@@ -378,10 +357,9 @@ fn killed_supervisor_takes_the_infra_with_it() {
     lab.assert_no_infra("after DEL of the lost attachment");
 
     // A new ADD works, in a new infra.
-    let ip = add(&lab, &c);
+    let ip = lab.attach(&c);
     assert_eq!(lab.ipv4(&c, "eth0").as_deref(), Some(ip.as_str()));
-    let ping = lab.ping(&c, GATEWAY);
-    assert!(ping.ok(), "container -> gateway on the new infra: {ping}");
+    lab.assert_ping(&c, GATEWAY, "container -> gateway on the new infra");
     let fresh = infra_pid(&lab.status(), "supervisor");
     assert_ne!(fresh, supervisor, "the killed supervisor is still recorded");
     del(&lab, &c);

@@ -62,10 +62,8 @@ fn result_nameservers(result: &Value) -> Vec<String> {
 
 /// ADD through cnitool; the result, parsed.
 fn add(lab: &Lab, net: &str, netns: &str) -> Value {
-    let add = lab.cnitool("add", net, netns);
-    assert!(add.ok(), "ADD {netns}: {add}");
-    add.json()
-        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"))
+    lab.cnitool("add", net, netns)
+        .add_result(&format!("ADD {netns}"))
 }
 
 fn del(lab: &Lab, net: &str, netns: &str) {

@@ -126,10 +126,7 @@ fn lab_for(name: &str, driver: &str) -> Option<Lab> {
 
 /// `cnitool add` publishing `mappings`; asserts success.
 fn add(lab: &Lab, c: &Container, mappings: &[Value]) -> Value {
-    let out = add_raw(lab, c, mappings);
-    assert!(out.ok(), "ADD {} publishing {mappings:?}: {out}", c.netns());
-    out.json()
-        .unwrap_or_else(|| panic!("ADD result is not JSON: {out}"))
+    add_raw(lab, c, mappings).add_result(&format!("ADD {} publishing {mappings:?}", c.netns()))
 }
 
 fn add_raw(lab: &Lab, c: &Container, mappings: &[Value]) -> Out {
@@ -683,8 +680,7 @@ fn port_in_use(driver: &str) {
         "the bystander\n",
         "c2 after the conflicts",
     );
-    let ping = lab.ping(&c2, common::GATEWAY);
-    assert!(ping.ok(), "c2 -> gateway after the conflicts: {ping}");
+    lab.assert_ping(&c2, common::GATEWAY, "c2 -> gateway after the conflicts");
 
     // Once the port is let go, the same container gets it.
     drop(holder);

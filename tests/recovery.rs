@@ -7,16 +7,12 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn killed_sandbox_is_reported_and_replaced() {
-    let Some(lab) = Lab::new("killed_sandbox") else {
+    let Some(lab) = Lab::with_example_net("killed_sandbox") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let c = lab.container();
     let add = lab.cnitool("add", NET, &c.netns());
-    assert!(add.ok(), "ADD: {add}");
-    let result = add
-        .json()
-        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
+    let result = add.add_result("ADD");
     assert!(result_ipv4(&result).is_some(), "no IPv4 in result: {add}");
     let status = lab.status();
     let container_id = status["attachments"][0]["containerId"]
@@ -82,8 +78,7 @@ fn killed_sandbox_is_reported_and_replaced() {
     for c in [&c, &c2] {
         let add = lab.cnitool("add", NET, &c.netns());
         assert!(add.ok(), "ADD after the sandbox died: {add}");
-        let ping = lab.ping(c, GATEWAY);
-        assert!(ping.ok(), "container -> gateway on the fresh infra: {ping}");
+        lab.assert_ping(c, GATEWAY, "container -> gateway on the fresh infra");
     }
     let fresh = lab.sandbox_pid();
     assert!(

@@ -251,8 +251,7 @@ fn the_runtime_examples_work_through_cnitool() {
         assert!(add.ok(), "{rel}: ADD: {add}");
         let check = lab.cnitool("check", &name, &c.netns());
         assert!(check.ok(), "{rel}: CHECK: {check}");
-        let ping = lab.ping(&c, common::GATEWAY);
-        assert!(ping.ok(), "{rel}: container -> gateway: {ping}");
+        lab.assert_ping(&c, common::GATEWAY, &format!("{rel}: container -> gateway"));
         let del = lab.cnitool("del", &name, &c.netns());
         assert!(del.ok(), "{rel}: DEL: {del}");
         lab.assert_no_infra(rel);

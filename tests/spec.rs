@@ -256,8 +256,7 @@ fn gc_case(name: &str, key: &str, keep_first: bool) {
             .collect();
         assert_eq!(ids, ["gc-a"], "records after GC: {records:?}");
         assert_eq!(lab.ipv4(&c1, "eth0").as_deref(), Some(ip1.as_str()));
-        let ping = lab.ping(&c1, GATEWAY);
-        assert!(ping.ok(), "the listed attachment lost its network: {ping}");
+        lab.assert_ping(&c1, GATEWAY, "the listed attachment lost its network");
         assert!(lab.status()["infra"].is_object(), "the infra stopped");
         del(&lab, &conf, "gc-a", &c1);
     } else {
@@ -474,8 +473,7 @@ fn static_ip_and_mac_from_the_runtime() {
         );
         attached.push((c, *var, value.clone()));
     }
-    let ping = lab.ping(&attached[0].0, cases[1].2);
-    assert!(ping.ok(), "static .77 -> static .78: {ping}");
+    lab.assert_ping(&attached[0].0, cases[1].2, "static .77 -> static .78");
     for (c, var, value) in &attached {
         let del = lab.cnitool_env(&[(var, value)], "del", NET, &c.netns());
         assert!(del.ok(), "DEL with {var}: {del}");

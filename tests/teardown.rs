@@ -3,26 +3,16 @@
 
 mod common;
 
-use common::{example_conflist, plugin_stdin, result_ipv4, Lab, GATEWAY, NET};
-
-fn add(lab: &Lab, c: &common::Container) -> String {
-    let add = lab.cnitool("add", NET, &c.netns());
-    assert!(add.ok(), "ADD {}: {add}", c.netns());
-    let result = add
-        .json()
-        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
-    result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in result: {add}"))
-}
+use common::{example_conflist, plugin_stdin, Lab, GATEWAY, NET};
 
 #[test]
 fn del_removes_everything_and_the_last_stops_the_infra() {
-    let Some(lab) = Lab::new("del_everything") else {
+    let Some(lab) = Lab::with_example_net("del_everything") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let (c1, c2) = (lab.container(), lab.container());
-    let ip1 = add(&lab, &c1);
-    let ip2 = add(&lab, &c2);
+    let ip1 = lab.attach(&c1);
+    let ip2 = lab.attach(&c2);
     let leases = lab.lease_files(NET);
     assert!(
         leases.contains(&ip1) && leases.contains(&ip2),
@@ -43,16 +33,13 @@ fn del_removes_everything_and_the_last_stops_the_infra() {
         status["infra"].is_object(),
         "infra stopped with c2 attached: {status}"
     );
-    let ping = lab.ping(&c2, GATEWAY);
-    assert!(ping.ok(), "c2 -> gateway after c1's DEL: {ping}");
+    lab.assert_ping(&c2, GATEWAY, "c2 -> gateway after c1's DEL");
 
     // The last DEL stops the infra.
     let del = lab.cnitool("del", NET, &c2.netns());
     assert!(del.ok(), "DEL c2: {del}");
     assert_eq!(lab.links(&c2), vec!["lo"], "c2 still has interfaces");
-    let leases = lab.lease_files(NET);
-    assert!(leases.is_empty(), "leases left: {leases:?}");
-    lab.assert_no_infra("after the last DEL");
+    lab.assert_detached("after the last DEL");
 
     // DEL again: nothing to do, success.
     let del = lab.cnitool("del", NET, &c2.netns());
@@ -64,12 +51,11 @@ fn del_removes_everything_and_the_last_stops_the_infra() {
 /// path only to derive the container id).
 #[test]
 fn del_with_the_netns_gone_via_cnitool() {
-    let Some(lab) = Lab::new("del_netns_gone_cnitool") else {
+    let Some(lab) = Lab::with_example_net("del_netns_gone_cnitool") else {
         return;
     };
-    lab.write_netconf(NET, &example_conflist());
     let c = lab.container();
-    let ip = add(&lab, &c);
+    let ip = lab.attach(&c);
     let netns = c.netns();
     lab.kill_container(&c);
     assert!(
@@ -95,9 +81,7 @@ fn del_with_the_netns_gone_direct() {
     let netns = c.netns();
     let env = lab.plugin_env("ADD", "direct-del-1", &netns);
     let add = lab.plugin(&env, &stdin);
-    assert!(add.ok(), "direct ADD: {add}");
-    let ip = add.json().as_ref().and_then(result_ipv4);
-    let ip = ip.unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
+    let ip = add.added_ipv4("direct ADD");
     lab.kill_container(&c);
 
     let env = lab.plugin_env("DEL", "direct-del-1", &netns);

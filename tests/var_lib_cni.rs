@@ -39,18 +39,10 @@ fn infra_makes_room_for_var_lib_cni_when_the_host_has_none() {
     let c = lab.container();
     let id = "no-var-lib-cni-1";
     let add = lab.plugin(&lab.plugin_env("ADD", id, &c.netns()), &stdin);
-    assert!(add.ok(), "ADD on a host without /var/lib/cni: {add}");
-    let result = add
-        .json()
-        .unwrap_or_else(|| panic!("ADD result is not JSON: {add}"));
+    let result = add.add_result("ADD on a host without /var/lib/cni");
     let ip = result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
-    assert!(
-        ip.starts_with("10.89.0."),
-        "address {ip} not in 10.89.0.0/24"
-    );
-    assert_eq!(lab.ipv4(&c, "eth0").as_deref(), Some(ip.as_str()));
-    let ping = lab.ping(&c, GATEWAY);
-    assert!(ping.ok(), "container -> gateway: {ping}");
+    lab.assert_attached(&c, &ip);
+    lab.assert_ping(&c, GATEWAY, "container -> gateway");
 
     // host-local's default dataDir landed in the state dir ...
     assert_eq!(

@@ -40,8 +40,17 @@ pub const GATEWAY: &str = "10.89.0.1";
 /// The host's loopback as seen through slirp4netns.
 pub const SLIRP_HOST: &str = "10.0.2.2";
 
+/// The CNI_* variables every plugin call must have (the tests of a missing
+/// or empty one go through all of them).
+pub const REQUIRED_CNI_VARS: [&str; 5] = [
+    "CNI_COMMAND",
+    "CNI_CONTAINERID",
+    "CNI_NETNS",
+    "CNI_IFNAME",
+    "CNI_PATH",
+];
 /// The PATH everything inside the lab gets (no root-only dirs: see LAB.md).
-const LAB_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
+pub const LAB_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
 /// The plugins the example network uses.
 const REFERENCE_PLUGINS: &[&str] = &["bridge", "host-local", "portmap", "firewall", "tuning"];
 /// Host tools the lab itself needs.
@@ -91,6 +100,22 @@ impl Out {
     }
 }
 
+impl Out {
+    /// The parsed result of an ADD that must have succeeded (`what` names
+    /// it): the check every attaching test makes.
+    pub fn add_result(&self, what: &str) -> Value {
+        assert!(self.ok(), "{what}: {self}");
+        self.json()
+            .unwrap_or_else(|| panic!("ADD result is not JSON: {self}"))
+    }
+
+    /// The IPv4 address in the result of an ADD that must have succeeded.
+    pub fn added_ipv4(&self, what: &str) -> String {
+        let result = self.add_result(what);
+        result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in result: {self}"))
+    }
+}
+
 impl fmt::Display for Out {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let status = match self.status {
@@ -126,92 +151,128 @@ impl CniError {
 /// `timeout`. If a descendant keeps stdout/stderr open after the command
 /// exited (the "inherited pipes" trap), that is reported in stderr and the
 /// status is None.
-pub fn run_command(mut cmd: Command, what: String, stdin: Option<&[u8]>, timeout: Duration) -> Out {
+pub fn run_command(cmd: Command, what: String, stdin: Option<&[u8]>, timeout: Duration) -> Out {
     let failed = |e: String| Out {
         what: what.clone(),
         status: None,
         stdout: String::new(),
         stderr: e,
     };
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let mut spawned = match Spawned::start(cmd, stdin) {
+        Ok(s) => s,
         Err(e) => return failed(format!("[lab] cannot spawn: {e}")),
     };
-    if let (Some(mut pipe), Some(input)) = (child.stdin.take(), stdin) {
-        let input = input.to_vec();
-        thread::spawn(move || {
-            let _ = pipe.write_all(&input);
-        });
+    let poll = Duration::from_millis(10);
+    match spawned.wait_exit(timeout, poll, "[lab]", |child| {
+        let _ = child.kill();
+    }) {
+        Ok((status, note)) => spawned.collect(what, status, note, "[lab]"),
+        Err(e) => failed(format!("[lab] wait: {e}")),
     }
-    let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
-    let readers: Vec<(bool, Box<dyn Read + Send>)> = [
-        child
-            .stdout
-            .take()
-            .map(|p| (true, Box::new(p) as Box<dyn Read + Send>)),
-        child
-            .stderr
-            .take()
-            .map(|p| (false, Box::new(p) as Box<dyn Read + Send>)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    for (is_stdout, mut pipe) in readers {
-        let tx = tx.clone();
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            let _ = tx.send((is_stdout, buf));
-        });
-    }
-    drop(tx);
+}
 
-    let deadline = Instant::now() + timeout;
-    let mut note = String::new();
-    let mut status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st.code(),
-            Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                note.push_str(&format!("\n[lab] killed after {}s\n", timeout.as_secs()));
-                break None;
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(10)),
-            Err(e) => return failed(format!("[lab] wait: {e}")),
+/// A command started with piped stdout/stderr, each read to its end by a
+/// thread: shared by `run_command` and the tests that watch their calls.
+pub struct Spawned {
+    pub child: Child,
+    output: mpsc::Receiver<(bool, Vec<u8>)>,
+}
+
+impl Spawned {
+    /// Spawns `cmd`; `stdin` (if any) is written, then closed, by a thread.
+    pub fn start(mut cmd: Command, stdin: Option<&[u8]>) -> std::io::Result<Spawned> {
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let (Some(mut pipe), Some(input)) = (child.stdin.take(), stdin) {
+            let input = input.to_vec();
+            thread::spawn(move || {
+                let _ = pipe.write_all(&input);
+            });
         }
-    };
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    for _ in 0..2 {
-        match rx.recv_timeout(PIPE_GRACE) {
-            Ok((true, b)) => stdout = b,
-            Ok((false, b)) => stderr = b,
-            Err(_) => {
-                note.push_str(&format!(
-                    "\n[lab] exited ({status:?}) but stdout/stderr are still held open \
-                     by a descendant {}s later\n",
-                    PIPE_GRACE.as_secs()
-                ));
-                status = None;
-                break;
+        let (tx, rx) = mpsc::channel::<(bool, Vec<u8>)>();
+        let readers: Vec<(bool, Box<dyn Read + Send>)> = [
+            child
+                .stdout
+                .take()
+                .map(|p| (true, Box::new(p) as Box<dyn Read + Send>)),
+            child
+                .stderr
+                .take()
+                .map(|p| (false, Box::new(p) as Box<dyn Read + Send>)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for (is_stdout, mut pipe) in readers {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = pipe.read_to_end(&mut buf);
+                let _ = tx.send((is_stdout, buf));
+            });
+        }
+        Ok(Spawned { child, output: rx })
+    }
+
+    /// Polls every `poll` for the exit; at `timeout`, `kill`s the child and
+    /// reaps it. The exit code (None if killed) and a note (`tag`-prefixed)
+    /// for stderr.
+    pub fn wait_exit(
+        &mut self,
+        timeout: Duration,
+        poll: Duration,
+        tag: &str,
+        kill: impl FnOnce(&mut Child),
+    ) -> std::io::Result<(Option<i32>, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait()? {
+                Some(st) => return Ok((st.code(), String::new())),
+                None if Instant::now() >= deadline => {
+                    kill(&mut self.child);
+                    let _ = self.child.wait();
+                    let note = format!("\n{tag} killed after {}s\n", timeout.as_secs());
+                    return Ok((None, note));
+                }
+                None => thread::sleep(poll),
             }
         }
     }
-    let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
-    stderr.push_str(&note);
-    Out {
-        what,
-        status,
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr,
+
+    /// After the exit: waits for stdout and stderr to close (a descendant
+    /// holding them `PIPE_GRACE` longer makes the status None) into an Out.
+    pub fn collect(self, what: String, status: Option<i32>, note: String, tag: &str) -> Out {
+        let (mut status, mut note) = (status, note);
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            match self.output.recv_timeout(PIPE_GRACE) {
+                Ok((true, b)) => stdout = b,
+                Ok((false, b)) => stderr = b,
+                Err(_) => {
+                    note.push_str(&format!(
+                        "\n{tag} exited ({status:?}) but stdout/stderr are still held open \
+                         by a descendant {}s later\n",
+                        PIPE_GRACE.as_secs()
+                    ));
+                    status = None;
+                    break;
+                }
+            }
+        }
+        let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
+        stderr.push_str(&note);
+        Out {
+            what,
+            status,
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr,
+        }
     }
 }
 
@@ -423,7 +484,7 @@ fn describe_process(pid: u32) -> String {
 }
 
 /// Pids of all processes whose real uid is `uid`.
-fn pids_of_uid(uid: u32) -> Vec<u32> {
+pub fn pids_of_uid(uid: u32) -> Vec<u32> {
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -503,6 +564,14 @@ impl Lab {
     /// and CI is not set. With `CI=true` missing prerequisites fail the test.
     pub fn new(name: &str) -> Option<Lab> {
         Lab::new_with(name, LabOptions::default())
+    }
+
+    /// `new`, with conf-examples/rootless.conflist written as network NET:
+    /// how most tests begin.
+    pub fn with_example_net(name: &str) -> Option<Lab> {
+        let lab = Lab::new(name)?;
+        lab.write_netconf(NET, &example_conflist());
+        Some(lab)
     }
 
     /// `new` with a session other than the default one.
@@ -741,42 +810,42 @@ impl Lab {
     /// initial user and mount namespaces), with the same clean environment
     /// as `exec`.
     pub fn exec_outside(&self, env: &[(&str, &str)], stdin: Option<&[u8]>, argv: &[&str]) -> Out {
-        let u = self.uid.to_string();
-        let mut cmd = Command::new("/usr/bin/setpriv");
-        cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-            .args(["--", "env", "-i"])
-            .arg(format!("PATH={LAB_PATH}"))
-            .arg(format!("HOME={}", self.dir.display()))
-            .arg(format!("XDG_RUNTIME_DIR={}", self.run_dir().display()));
-        for (k, v) in env {
-            cmd.arg(format!("{k}={v}"));
-        }
-        cmd.args(argv).env_clear().env("PATH", LAB_PATH);
+        let cmd = self.user_command(false, env, argv);
         let what = format!("[outside the session] {}", argv.join(" "));
         run_command(cmd, what, stdin, COMMAND_TIMEOUT)
     }
 
     /// The command `exec` runs, and how to name it in messages.
-    fn command(&self, env: &[(&str, &str)], argv: &[&str]) -> (Command, String) {
-        let u = self.uid.to_string();
-        let mut cmd = Command::new("/usr/bin/setpriv");
-        cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-            .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-            .arg(format!("--target={}", self.holder))
-            .args(["--", "env", "-i"])
-            .arg(format!("PATH={LAB_PATH}"))
-            .arg(format!("HOME={}", self.dir.display()))
-            .arg(format!("XDG_RUNTIME_DIR={}", self.run_dir().display()));
-        for (k, v) in env {
-            cmd.arg(format!("{k}={v}"));
-        }
-        cmd.args(argv).env_clear().env("PATH", LAB_PATH);
+    pub fn command(&self, env: &[(&str, &str)], argv: &[&str]) -> (Command, String) {
+        let cmd = self.user_command(true, env, argv);
         let what = env
             .iter()
             .map(|(k, v)| format!("{k}={v} "))
             .collect::<String>()
             + &argv.join(" ");
         (cmd, what)
+    }
+
+    /// setpriv to the lab user (then nsenter into the session if
+    /// `in_session`) and `env -i` with the clean environment: the one way
+    /// `exec` and `exec_outside` build their commands.
+    fn user_command(&self, in_session: bool, env: &[(&str, &str)], argv: &[&str]) -> Command {
+        let u = self.uid.to_string();
+        let mut cmd = Command::new("/usr/bin/setpriv");
+        cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"]);
+        if in_session {
+            cmd.args(["nsenter", "--preserve-credentials", "--user", "--mount"])
+                .arg(format!("--target={}", self.holder));
+        }
+        cmd.args(["--", "env", "-i"])
+            .arg(format!("PATH={LAB_PATH}"))
+            .arg(format!("HOME={}", self.dir.display()))
+            .arg(format!("XDG_RUNTIME_DIR={}", self.run_dir().display()));
+        for (k, v) in env {
+            cmd.arg(format!("{k}={v}"));
+        }
+        cmd.args(argv).env_clear().env("PATH", LAB_PATH);
+        cmd
     }
 
     /// Runs `argv` in the session with the lab's NETCONFPATH and CNI_PATH.
@@ -887,6 +956,29 @@ impl Lab {
     }
 
     // --- containers ----------------------------------------------------------
+
+    /// `cnitool add` of `c` to the example network, which must succeed: the
+    /// IPv4 address it got (the ADD most tests start with).
+    pub fn attach(&self, c: &Container) -> String {
+        let add = self.cnitool("add", NET, &c.netns());
+        add.added_ipv4(&format!("ADD {}", c.netns()))
+    }
+
+    /// Asserts that `ip`, from an ADD result, is in the example network and
+    /// is what `c`'s eth0 really has.
+    pub fn assert_attached(&self, c: &Container, ip: &str) {
+        assert!(
+            ip.starts_with("10.89.0."),
+            "address {ip} not in 10.89.0.0/24"
+        );
+        assert_eq!(self.ipv4(c, "eth0").as_deref(), Some(ip), "eth0 of {c:?}");
+    }
+
+    /// Asserts that one ping from `c` to `ip` is answered (`what` names it).
+    pub fn assert_ping(&self, c: &Container, ip: &str, what: &str) {
+        let ping = self.ping(c, ip);
+        assert!(ping.ok(), "{what}: {ping}");
+    }
 
     /// Starts a container (a netns held by `sleep`) inside the session.
     pub fn container(&self) -> Container {
@@ -1066,6 +1158,14 @@ impl Lab {
             .filter(|l| !host.contains(l))
             .map(str::to_string)
             .collect()
+    }
+
+    /// Asserts the state after the last DEL: no lease left in the example
+    /// network, and nothing of an infra (`when` names the moment).
+    pub fn assert_detached(&self, when: &str) {
+        let leases = self.lease_files(NET);
+        assert!(leases.is_empty(), "leases left: {leases:?}");
+        self.assert_no_infra(when);
     }
 
     /// Asserts that nothing of an infra is left: status says no infra, no

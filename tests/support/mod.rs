@@ -7,21 +7,15 @@
 //! stays as it is.
 #![allow(dead_code)] // each test file uses a different part
 
-use crate::common::{Lab, Out};
+use crate::common::{Lab, Out, Spawned};
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The PATH the lab gives everything in the session (as in `common`).
-pub const LAB_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
 /// The supervisor's hidden entry: one such process is one infra.
 pub const SUPERVISE: &str = "__supervise";
-/// How long a descendant may hold stdout/stderr open after the call exited.
-const PIPE_GRACE: Duration = Duration::from_secs(5);
 
 /// One call in the lab session: environment (on top of PATH, HOME,
 /// XDG_RUNTIME_DIR), stdin and argv.
@@ -82,25 +76,18 @@ impl Call {
         env + &self.argv.join(" ")
     }
 
-    /// setpriv + nsenter into the session, a clean environment, and a
-    /// process group of its own (so the whole call can be killed at once).
+    /// The lab's own session command (setpriv + nsenter, a clean
+    /// environment), in a process group of its own (so the whole call can
+    /// be killed at once).
     fn command(&self, lab: &Lab) -> Command {
-        let u = lab.uid.to_string();
-        let mut cmd = Command::new("/usr/bin/setpriv");
-        cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-            .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-            .arg(format!("--target={}", lab.holder))
-            .args(["--", "env", "-i"])
-            .arg(format!("PATH={LAB_PATH}"))
-            .arg(format!("HOME={}", lab.dir.display()))
-            .arg(format!("XDG_RUNTIME_DIR={}", lab.run_dir().display()));
-        for (k, v) in &self.env {
-            cmd.arg(format!("{k}={v}"));
-        }
-        cmd.args(&self.argv)
-            .env_clear()
-            .env("PATH", LAB_PATH)
-            .process_group(0);
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let argv: Vec<&str> = self.argv.iter().map(String::as_str).collect();
+        let (mut cmd, _) = lab.command(&env, &argv);
+        cmd.process_group(0);
         cmd
     }
 }
@@ -110,55 +97,17 @@ impl Call {
 pub struct Running {
     pub what: String,
     pub pid: u32,
-    child: Child,
-    output: mpsc::Receiver<(bool, Vec<u8>)>,
+    spawned: Spawned,
 }
 
 /// Starts `call`; its stdin is written (then closed) by a thread.
 pub fn spawn(lab: &Lab, call: &Call) -> Running {
-    let mut cmd = call.command(lab);
-    cmd.stdin(if call.stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
+    let spawned = Spawned::start(call.command(lab), call.stdin.as_deref())
         .unwrap_or_else(|e| panic!("spawning {}: {e}", call.what()));
-    if let (Some(mut pipe), Some(input)) = (child.stdin.take(), call.stdin.clone()) {
-        thread::spawn(move || {
-            let _ = pipe.write_all(&input);
-        });
-    }
-    let (tx, rx) = mpsc::channel();
-    let pipes: Vec<(bool, Box<dyn Read + Send>)> = [
-        child
-            .stdout
-            .take()
-            .map(|p| (true, Box::new(p) as Box<dyn Read + Send>)),
-        child
-            .stderr
-            .take()
-            .map(|p| (false, Box::new(p) as Box<dyn Read + Send>)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    for (is_stdout, mut pipe) in pipes {
-        let tx = tx.clone();
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = pipe.read_to_end(&mut buf);
-            let _ = tx.send((is_stdout, buf));
-        });
-    }
     Running {
         what: call.what(),
-        pid: child.id(),
-        child,
-        output: rx,
+        pid: spawned.child.id(),
+        spawned,
     }
 }
 
@@ -166,60 +115,33 @@ impl Running {
     /// SIGKILL to the call's whole process group (the program and every
     /// child that did not leave the group: inner plugins, not the infra).
     pub fn kill_group(&self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        killpg(self.pid);
     }
 
     /// Whether it has exited (then `wait` returns at once).
     pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+        !matches!(self.spawned.child.try_wait(), Ok(None))
     }
 
     /// Waits for the exit (the group is killed after `timeout`), then for
     /// stdout and stderr to close.
     pub fn wait(mut self, timeout: Duration) -> Out {
-        let deadline = Instant::now() + timeout;
-        let mut note = String::new();
-        let mut status = loop {
-            match self.child.try_wait() {
-                Ok(Some(st)) => break st.code(),
-                Ok(None) if Instant::now() >= deadline => {
-                    self.kill_group();
-                    let _ = self.child.wait();
-                    note.push_str(&format!("\n[test] killed after {}s\n", timeout.as_secs()));
-                    break None;
-                }
-                Ok(None) => thread::sleep(Duration::from_millis(5)),
-                Err(e) => panic!("waiting for {}: {e}", self.what),
-            }
-        };
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
-            match self.output.recv_timeout(PIPE_GRACE) {
-                Ok((true, b)) => stdout = b,
-                Ok((false, b)) => stderr = b,
-                Err(_) => {
-                    note.push_str(&format!(
-                        "\n[test] exited ({status:?}) but stdout/stderr are still held open \
-                         by a descendant {}s later\n",
-                        PIPE_GRACE.as_secs()
-                    ));
-                    status = None;
-                    break;
-                }
-            }
-        }
-        let mut stderr = String::from_utf8_lossy(&stderr).into_owned();
-        stderr.push_str(&note);
-        Out {
-            what: self.what,
-            status,
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr,
-        }
+        let pid = self.pid;
+        let poll = Duration::from_millis(5);
+        let (status, note) = self
+            .spawned
+            .wait_exit(timeout, poll, "[test]", |_| killpg(pid))
+            .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.what));
+        self.spawned.collect(self.what, status, note, "[test]")
     }
+}
+
+/// SIGKILL to the process group led by `pid`.
+fn killpg(pid: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
 }
 
 /// Starts every call at once, then waits for all; `tick` runs on this
