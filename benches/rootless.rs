@@ -571,14 +571,27 @@ mod trace {
         file: PathBuf,
     }
 
+    /// One process (one incarnation of a pid: pid_max may be small and
+    /// pids get reused within a trace).
+    #[derive(Default)]
+    pub struct Proc {
+        /// The last exec: (time, filename).
+        pub exec: Option<(f64, String)>,
+        /// When the whole process exited.
+        pub exit: Option<f64>,
+        /// Children (processes and threads), in fork order.
+        pub children: Vec<Id>,
+        /// unshare(2) calls: (enter, exit).
+        pub unshare: Vec<(f64, f64)>,
+    }
+
+    /// A process of a trace.
+    pub type Id = usize;
+
     #[derive(Default)]
     pub struct Trace {
-        /// pid -> (exec time, filename)
-        pub exec: HashMap<u32, (f64, String)>,
-        /// pid -> exit time (whole process)
-        pub exit: HashMap<u32, f64>,
-        /// parent pid -> children in fork order
-        pub children: HashMap<u32, Vec<u32>>,
+        pub procs: Vec<Proc>,
+        by_pid: HashMap<u32, Vec<Id>>,
     }
 
     impl Tracer {
@@ -588,20 +601,30 @@ mod trace {
             if !in_path("perf") {
                 return None;
             }
+            // unshare(2) too, when the kernel has syscall tracepoints.
+            Tracer::start_with(dir, true).or_else(|| Tracer::start_with(dir, false))
+        }
+
+        fn start_with(dir: &Path, syscalls: bool) -> Option<Tracer> {
             let file = dir.join("sched.perf");
-            let child = Command::new("perf")
-                // -B -N: no build-id collection at the end, which takes
-                // tens of seconds machine-wide and is useless for tracepoints.
-                .args(["record", "-q", "-a", "-B", "-N", "-o"])
-                .arg(&file)
-                .args([
-                    "-e",
-                    "sched:sched_process_fork",
-                    "-e",
-                    "sched:sched_process_exec",
-                    "-e",
-                    "sched:sched_process_exit",
-                ])
+            let _ = fs::remove_file(&file);
+            let mut events = vec![
+                "sched:sched_process_fork",
+                "sched:sched_process_exec",
+                "sched:sched_process_exit",
+            ];
+            if syscalls {
+                events.extend(["syscalls:sys_enter_unshare", "syscalls:sys_exit_unshare"]);
+            }
+            let mut cmd = Command::new("perf");
+            // -B -N: no build-id collection at the end, which takes tens
+            // of seconds machine-wide and is useless for tracepoints.
+            cmd.args(["record", "-q", "-a", "-B", "-N", "-o"])
+                .arg(&file);
+            for e in events {
+                cmd.args(["-e", e]);
+            }
+            let child = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -619,6 +642,10 @@ mod trace {
                 thread::sleep(Duration::from_millis(20));
             }
             thread::sleep(Duration::from_millis(300));
+            if t.child.try_wait().ok().flatten().is_some() {
+                t.kill();
+                return None;
+            }
             Some(t)
         }
 
@@ -651,42 +678,65 @@ mod trace {
         }
     }
 
-    /// "  PID  TIME: sched:sched_process_X: key=value ..."
-    fn parse_line(line: &str) -> Option<(u32, f64, &str, HashMap<&str, &str>)> {
-        let (head, rest) = line.split_once(": sched:sched_process_")?;
+    /// "  PID  TIME: EVENT: FIELDS" (EVENT like sched:sched_process_exec).
+    fn parse_line(line: &str) -> Option<(u32, f64, &str, &str)> {
+        let (head, rest) = line.split_once(": ")?;
         let mut head = head.split_whitespace();
         let pid = head.next()?.parse().ok()?;
-        let time = head.next()?.trim_end_matches(':').parse().ok()?;
-        let (event, fields) = rest.split_once(": ")?;
-        let kv = fields
-            .split_whitespace()
-            .filter_map(|f| f.split_once('='))
-            .collect();
-        Some((pid, time, event, kv))
+        let time = head.next()?.parse().ok()?;
+        let (event, fields) = rest.trim_start().split_once(": ")?;
+        Some((pid, time, event, fields))
     }
 
     impl Trace {
         pub fn parse(text: &str) -> Trace {
             let mut t = Trace::default();
+            // pid -> its current incarnation
+            let mut current: HashMap<u32, Id> = HashMap::new();
+            let mut entered: HashMap<u32, f64> = HashMap::new();
             for line in text.lines() {
-                let Some((pid, time, event, kv)) = parse_line(line) else {
+                let Some((pid, time, event, fields)) = parse_line(line) else {
                     continue;
                 };
+                let kv: HashMap<&str, &str> = fields
+                    .split_whitespace()
+                    .filter_map(|f| f.split_once('='))
+                    .collect();
                 match event {
-                    "fork" => {
+                    "sched:sched_process_fork" => {
+                        let parent = t.current(&mut current, pid);
                         if let Some(child) = kv.get("child_pid").and_then(|c| c.parse().ok()) {
-                            t.children.entry(pid).or_default().push(child);
+                            let id = t.new_proc(child);
+                            current.insert(child, id);
+                            t.procs[parent].children.push(id);
                         }
                     }
-                    "exec" => {
+                    "sched:sched_process_exec" => {
+                        let id = t.current(&mut current, pid);
                         let file = kv.get("filename").copied().unwrap_or("").to_string();
-                        t.exec.entry(pid).or_insert((time, file));
+                        t.procs[id].exec = Some((time, file));
                     }
-                    "exit" => {
-                        let whole = kv.get("group_dead").map_or(true, |g| *g == "true");
-                        let own = kv.get("pid").and_then(|p| p.parse::<u32>().ok()) == Some(pid);
-                        if whole || own {
-                            t.exit.insert(pid, time);
+                    "sched:sched_process_exit" => {
+                        let tid = kv.get("pid").and_then(|p| p.parse::<u32>().ok());
+                        let whole = kv
+                            .get("group_dead")
+                            .map_or(tid == Some(pid), |g| *g == "true");
+                        if whole {
+                            let id = t.current(&mut current, pid);
+                            t.procs[id].exit = Some(time);
+                            current.remove(&pid);
+                        }
+                        if let Some(tid) = tid.filter(|tid| *tid != pid) {
+                            current.remove(&tid);
+                        }
+                    }
+                    "syscalls:sys_enter_unshare" => {
+                        entered.insert(pid, time);
+                    }
+                    "syscalls:sys_exit_unshare" => {
+                        if let Some(start) = entered.remove(&pid) {
+                            let id = t.current(&mut current, pid);
+                            t.procs[id].unshare.push((start, time));
                         }
                     }
                     _ => {}
@@ -695,20 +745,70 @@ mod trace {
             t
         }
 
-        pub fn exec_time(&self, pid: u32) -> Option<f64> {
-            self.exec.get(&pid).map(|e| e.0)
+        fn new_proc(&mut self, pid: u32) -> Id {
+            self.procs.push(Proc::default());
+            let id = self.procs.len() - 1;
+            self.by_pid.entry(pid).or_default().push(id);
+            id
         }
 
-        /// Children of `pid` that exec'd, with their exec time and file.
-        pub fn exec_children(&self, pid: u32) -> Vec<(u32, f64, &str)> {
-            let mut v: Vec<(u32, f64, &str)> = self
+        /// The current incarnation of `pid`; a process that was there
+        /// before the trace started gets one on first sight.
+        fn current(&mut self, current: &mut HashMap<u32, Id>, pid: u32) -> Id {
+            if let Some(id) = current.get(&pid) {
+                return *id;
+            }
+            let id = self.new_proc(pid);
+            current.insert(pid, id);
+            id
+        }
+
+        /// The processes the worker reported, by pid and in the order it
+        /// ran them: each is the first incarnation of its pid that exec'd
+        /// a file ending in `suffix` after the previous one's exec.
+        pub fn resolve(&self, pids: &[u32], suffix: &str) -> Vec<Option<Id>> {
+            let mut after = f64::NEG_INFINITY;
+            pids.iter()
+                .map(|pid| {
+                    let id = self.by_pid.get(pid)?.iter().copied().find(|id| {
+                        matches!(&self.procs[*id].exec, Some((t, f)) if *t >= after && f.ends_with(suffix))
+                    })?;
+                    after = self.exec_time(id)?;
+                    Some(id)
+                })
+                .collect()
+        }
+
+        /// `resolve` for the worker's lists of directly run plugins (a JSON
+        /// list of lists of pids, in the order run).
+        pub fn resolve_groups(&self, groups: &Value) -> Vec<Option<Vec<Id>>> {
+            let groups: Vec<Vec<u32>> = groups
+                .as_array()
+                .map(|a| a.iter().map(pids).collect())
+                .unwrap_or_default();
+            let flat: Vec<u32> = groups.iter().flatten().copied().collect();
+            let mut ids = self.resolve(&flat, "").into_iter();
+            groups
+                .iter()
+                .map(|g| ids.by_ref().take(g.len()).collect())
+                .collect()
+        }
+
+        pub fn exec_time(&self, id: Id) -> Option<f64> {
+            self.procs[id].exec.as_ref().map(|e| e.0)
+        }
+
+        pub fn exit_time(&self, id: Id) -> Option<f64> {
+            self.procs[id].exit
+        }
+
+        /// Children of `id` that exec'd, by exec time, with their file.
+        pub fn exec_children(&self, id: Id) -> Vec<(Id, f64, &str)> {
+            let mut v: Vec<(Id, f64, &str)> = self.procs[id]
                 .children
-                .get(&pid)
-                .map(|c| c.as_slice())
-                .unwrap_or(&[])
                 .iter()
                 .filter_map(|c| {
-                    let (t, f) = self.exec.get(c)?;
+                    let (t, f) = self.procs[*c].exec.as_ref()?;
                     Some((*c, *t, f.as_str()))
                 })
                 .collect();
@@ -718,7 +818,7 @@ mod trace {
     }
 
     /// The inner plugins rootless-cni (pid `p`) exec'd, in order.
-    pub fn inner_of(t: &Trace, p: u32) -> Vec<u32> {
+    pub fn inner_of(t: &Trace, p: Id) -> Vec<Id> {
         t.exec_children(p)
             .into_iter()
             .filter(|(_, _, f)| f.starts_with(PLUGIN_DIR))
@@ -729,12 +829,12 @@ mod trace {
     /// A chain of plugins run one after the other: from the first one's
     /// exec to the last one's exit, and the gaps between one's exit and the
     /// next one's exec (spawning them). In ms.
-    pub fn span_and_gaps(t: &Trace, plugins: &[u32]) -> Option<(f64, f64)> {
+    pub fn span_and_gaps(t: &Trace, plugins: &[Id]) -> Option<(f64, f64)> {
         let first = t.exec_time(*plugins.first()?)?;
-        let last = *t.exit.get(plugins.last()?)?;
+        let last = t.exit_time(*plugins.last()?)?;
         let mut gaps = 0.0;
         for w in plugins.windows(2) {
-            gaps += t.exec_time(w[1])? - t.exit.get(&w[0])?;
+            gaps += t.exec_time(w[1])? - t.exit_time(w[0])?;
         }
         Some(((last - first) * 1e3, gaps * 1e3))
     }
@@ -749,12 +849,12 @@ mod trace {
         pub after: f64,
     }
 
-    pub fn plugin_phases(t: &Trace, p: u32) -> Option<Phases> {
+    pub fn plugin_phases(t: &Trace, p: Id) -> Option<Phases> {
         let start = t.exec_time(p)?;
-        let end = *t.exit.get(&p)?;
+        let end = t.exit_time(p)?;
         let inner = inner_of(t, p);
         let first = t.exec_time(*inner.first()?)?;
-        let last = *t.exit.get(inner.last()?)?;
+        let last = t.exit_time(*inner.last()?)?;
         let (span, gaps) = span_and_gaps(t, &inner)?;
         Some(Phases {
             before: (first - start) * 1e3,
@@ -767,21 +867,12 @@ mod trace {
     /// Every process below `p` (transitively) that exec'd, by binary name:
     /// (how many, their exec-to-exit time summed, in ms). A process's time
     /// includes its children's.
-    pub fn descendants_by_binary(t: &Trace, p: u32) -> HashMap<String, (usize, f64)> {
+    pub fn descendants_by_binary(t: &Trace, p: Id) -> HashMap<String, (usize, f64)> {
         let mut by: HashMap<String, (usize, f64)> = HashMap::new();
-        let mut todo = vec![p];
-        let mut seen = std::collections::HashSet::new();
+        let mut todo = t.procs[p].children.clone();
         while let Some(q) = todo.pop() {
-            if !seen.insert(q) {
-                continue;
-            }
-            for c in t.children.get(&q).into_iter().flatten() {
-                todo.push(*c);
-            }
-            if q == p {
-                continue;
-            }
-            if let (Some((start, file)), Some(end)) = (t.exec.get(&q), t.exit.get(&q)) {
+            todo.extend(t.procs[q].children.iter().copied());
+            if let (Some((start, file)), Some(end)) = (&t.procs[q].exec, t.procs[q].exit) {
                 let name = file.rsplit('/').next().unwrap_or(file).to_string();
                 let e = by.entry(name).or_default();
                 e.0 += 1;
@@ -795,7 +886,7 @@ mod trace {
     /// supervisor's exec, the sandbox's exec, slirp4netns's exec, the first
     /// inner plugin's exec, the last inner plugin's exit and the plugin's
     /// exit, as ms since the plugin's exec.
-    pub fn cold_steps(t: &Trace, p: u32) -> Option<[f64; 7]> {
+    pub fn cold_steps(t: &Trace, p: Id) -> Option<[f64; 7]> {
         let t0 = t.exec_time(p)?;
         let kids = t.exec_children(p);
         let (sup, t1, _) = *kids.iter().find(|(_, _, f)| f.ends_with("/rootless-cni"))?;
@@ -806,18 +897,38 @@ mod trace {
         let (_, t3, _) = *sup_kids
             .iter()
             .find(|(_, _, f)| f.ends_with("/slirp4netns"))?;
-        let inner: Vec<&(u32, f64, &str)> = kids
+        let inner: Vec<&(Id, f64, &str)> = kids
             .iter()
             .filter(|(_, _, f)| f.starts_with(PLUGIN_DIR))
             .collect();
         let t4 = inner.first()?.1;
         let t5 = inner
             .iter()
-            .filter_map(|(c, _, _)| t.exit.get(c).copied())
+            .filter_map(|(c, _, _)| t.exit_time(*c))
             .fold(f64::NAN, f64::max);
-        let t6 = *t.exit.get(&p)?;
+        let t6 = t.exit_time(p)?;
         let ms = |x: f64| (x - t0) * 1e3;
         Some([0.0, ms(t1), ms(t2), ms(t3), ms(t4), ms(t5), ms(t6)])
+    }
+
+    /// Time a cold ADD's sandbox spent in unshare(2) (the new network and
+    /// mount namespaces), in ms.
+    pub fn sandbox_unshare(t: &Trace, p: Id) -> Option<f64> {
+        let sup = t
+            .exec_children(p)
+            .into_iter()
+            .find(|(_, _, f)| f.ends_with("/rootless-cni"))?
+            .0;
+        let sandbox = t
+            .exec_children(sup)
+            .into_iter()
+            .find(|(_, _, f)| f.ends_with("/rootless-cni"))?
+            .0;
+        let calls = &t.procs[sandbox].unshare;
+        if calls.is_empty() {
+            return None;
+        }
+        Some(calls.iter().map(|(a, b)| (b - a) * 1e3).sum())
     }
 }
 
@@ -1784,11 +1895,13 @@ mod driver {
                 let b_wall = floats(&out[format!("b_{verb}").as_str()]);
                 let (mut spawn, mut before, mut a_gaps, mut after, mut a_out) =
                     (vec![], vec![], vec![], vec![], vec![]);
-                for (p, w) in a_pids.iter().zip(&a_wall) {
+                let a_ids = trace.resolve(&a_pids, "/rootless-cni");
+                for (id, w) in a_ids.iter().zip(&a_wall) {
+                    let Some(id) = *id else { continue };
                     let (Some(ph), Some(exec), Some(exit)) = (
-                        trace::plugin_phases(trace, *p),
-                        trace.exec_time(*p),
-                        trace.exit.get(p),
+                        trace::plugin_phases(trace, id),
+                        trace.exec_time(id),
+                        trace.exit_time(id),
                     ) else {
                         continue;
                     };
@@ -1799,12 +1912,10 @@ mod driver {
                     a_out.push(w - ph.span);
                 }
                 let (mut b_out, mut b_gaps) = (vec![], vec![]);
-                let b_pids = out[format!("b_{verb}_pids").as_str()]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                for (p, w) in b_pids.iter().zip(&b_wall) {
-                    if let Some((span, gaps)) = trace::span_and_gaps(trace, &pids(p)) {
+                let b_ids = trace.resolve_groups(&out[format!("b_{verb}_pids").as_str()]);
+                for (ids, w) in b_ids.iter().zip(&b_wall) {
+                    let Some(ids) = ids else { continue };
+                    if let Some((span, gaps)) = trace::span_and_gaps(trace, ids) {
                         b_out.push(w - span);
                         b_gaps.push(gaps);
                     }
@@ -1897,13 +2008,20 @@ mod driver {
     }
 
     fn cold_breakdown(cx: &mut Cx, trace: &trace::Trace, cold: &Cold) {
-        let steps: Vec<[f64; 7]> = pids(&cold.out["cold_pid"])
+        let cold_ids: Vec<trace::Id> = trace
+            .resolve(&pids(&cold.out["cold_pid"]), "/rootless-cni")
+            .into_iter()
+            .flatten()
+            .collect();
+        let steps: Vec<[f64; 7]> = cold_ids
             .iter()
             .filter_map(|p| trace::cold_steps(trace, *p))
             .collect();
-        let warm: Vec<trace::Phases> = pids(&cold.out["warm_pid"])
-            .iter()
-            .filter_map(|p| trace::plugin_phases(trace, *p))
+        let warm: Vec<trace::Phases> = trace
+            .resolve(&pids(&cold.out["warm_pid"]), "/rootless-cni")
+            .into_iter()
+            .flatten()
+            .filter_map(|p| trace::plugin_phases(trace, p))
             .collect();
         if steps.is_empty() {
             cx.report
@@ -1927,12 +2045,26 @@ mod driver {
              | step | cold ADD | warm ADD |\n|---|---|---|\n",
             steps.len()
         );
+        let unshare: Vec<f64> = cold_ids
+            .iter()
+            .filter_map(|p| trace::sandbox_unshare(trace, *p))
+            .collect();
         for (i, name) in names.iter().enumerate() {
             let w = match i {
                 4 => format!("{warm_inner:.1}"),
                 _ => String::new(),
             };
             let _ = writeln!(md, "| {name} | {:.1} | {w} |", seg(i));
+            if i == 1 && !unshare.is_empty() {
+                let lo = unshare.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = unshare.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let _ = writeln!(
+                    md,
+                    "| … of which unshare(CLONE_NEWNET\\|CLONE_NEWNS) in the sandbox's pre-exec \
+                     (min {lo:.1}, max {hi:.1}) | {:.1} | |",
+                    median(&unshare)
+                );
+            }
         }
         let before = median(&steps.iter().map(|s| s[4]).collect::<Vec<_>>());
         let _ = writeln!(
@@ -1951,6 +2083,13 @@ mod driver {
             (3, "slirp4netns ready + records (→ first inner plugin)"),
         ] {
             cx.report.fig("2. cold start", label, ms(seg(i)));
+            if i == 1 && !unshare.is_empty() {
+                cx.report.fig(
+                    "2. cold start",
+                    "… of which unshare(net+mnt) for the sandbox",
+                    ms(median(&unshare)),
+                );
+            }
         }
     }
 
@@ -1965,6 +2104,8 @@ mod driver {
         let mut live: Vec<(String, Container)> = vec![("bench-scale-0".into(), keeper)];
         let mut at: Vec<(usize, f64, f64)> = Vec::new();
         let mut by_binary: Vec<(usize, Attribution)> = Vec::new();
+        // (level, iptables rules, chains) in the infra
+        let mut rules: Vec<(usize, usize, usize)> = Vec::new();
         let levels = cx.plan.scale_levels.clone();
         let result = (|| -> Res<()> {
             for &level in &levels {
@@ -2008,8 +2149,13 @@ mod driver {
                 )?;
                 let m = |k: &str| median(&floats(&out[k]));
                 at.push((level, m("a_add"), m("b_add")));
+                let saved = cx.lab.cli(&["exec", "--", "iptables-save"]);
+                if saved.ok() {
+                    let count = |p: &str| saved.stdout.lines().filter(|l| l.starts_with(p)).count();
+                    rules.push((level, count("-A "), count(":")));
+                }
                 if let Some(t) = tracer.and_then(trace::Tracer::stop) {
-                    by_binary.push((level, scale_attribution(&t, &pids(&out["a_add_pid"]))));
+                    by_binary.push((level, scale_attribution(&t, &out)));
                 }
             }
             let max = *levels.last().unwrap_or(&1);
@@ -2035,7 +2181,7 @@ mod driver {
         result?;
         del?;
         if !by_binary.is_empty() {
-            cx.report.details.push(scale_table(&by_binary));
+            cx.report.details.push(scale_table(&by_binary, &rules));
         }
         let n = cx.plan.scale_iters;
         for (level, a, b) in &at {
@@ -2072,9 +2218,12 @@ mod driver {
     /// Per binary under the ADDs `adds` (rootless-cni's descendants): the
     /// median over the ADDs of (calls, exec-to-exit ms summed), and
     /// rootless-cni's own time (before + gaps + after).
-    fn scale_attribution(t: &trace::Trace, adds: &[u32]) -> Attribution {
+    fn scale_attribution(t: &trace::Trace, out: &Value) -> Attribution {
+        // Aligned with the worker's lists; None where perf missed a process.
+        let adds: Vec<Option<trace::Id>> = t.resolve(&pids(&out["a_add_pid"]), "/rootless-cni");
         let per_add: Vec<HashMap<String, (usize, f64)>> = adds
             .iter()
+            .flatten()
             .map(|p| trace::descendants_by_binary(t, *p))
             .collect();
         let mut names: Vec<String> = per_add.iter().flat_map(|m| m.keys().cloned()).collect();
@@ -2090,20 +2239,63 @@ mod driver {
                 (name.clone(), median(&calls), median(&time))
             })
             .collect();
-        let own: Vec<f64> = adds
+        // Outside the inner plugins' exec-to-exit: what rootless-cni adds
+        // (A), and what the worker running them directly takes (B).
+        let outside = |wall: &[f64], plugins: &[Option<Vec<trace::Id>>]| -> Vec<f64> {
+            wall.iter()
+                .zip(plugins)
+                .filter_map(|(w, ps)| {
+                    let inside: Option<f64> = ps
+                        .as_ref()?
+                        .iter()
+                        .map(|p| Some(t.exit_time(*p)? - t.exec_time(*p)?))
+                        .sum();
+                    Some(w - inside? * 1e3)
+                })
+                .collect()
+        };
+        let a_inner: Vec<Option<Vec<trace::Id>>> = adds
             .iter()
-            .filter_map(|p| trace::plugin_phases(t, *p))
-            .map(|ph| ph.before + ph.gaps + ph.after)
+            .map(|p| p.map(|p| trace::inner_of(t, p)))
             .collect();
+        let b_inner = t.resolve_groups(&out["b_add_pids"]);
+        let phases: Vec<trace::Phases> = adds
+            .iter()
+            .flatten()
+            .filter_map(|p| trace::plugin_phases(t, *p))
+            .collect();
+        let col = |f: fn(&trace::Phases) -> f64| median(&phases.iter().map(f).collect::<Vec<_>>());
+        let nan = f64::NAN;
         rows.push((
-            "rootless-cni's own time (before + gaps + after)".into(),
-            1.0,
-            median(&own),
+            "**rootless-cni: wall − inner plugins' exec-to-exit**".into(),
+            nan,
+            median(&outside(&floats(&out["a_add"]), &a_inner)),
+        ));
+        rows.push((
+            "… rootless-cni before the first plugin".into(),
+            nan,
+            col(|p| p.before),
+        ));
+        rows.push((
+            "… rootless-cni between plugins".into(),
+            nan,
+            col(|p| p.gaps),
+        ));
+        rows.push((
+            "… rootless-cni after the last plugin".into(),
+            nan,
+            col(|p| p.after),
+        ));
+        rows.push((
+            "**direct: wall − plugins' exec-to-exit** (the worker spawning and reaping them)"
+                .into(),
+            nan,
+            median(&outside(&floats(&out["b_add"]), &b_inner)),
         ));
         rows
     }
 
-    fn scale_table(levels: &[(usize, Attribution)]) -> String {
+    fn scale_table(levels: &[(usize, Attribution)], rules: &[(usize, usize, usize)]) -> String {
         let mut md = String::from(
             "### Where an ADD's time goes as attachments grow (perf; medians per ADD through \
              rootless-cni, full chain)\n\n\
@@ -2117,16 +2309,22 @@ mod driver {
         md.push_str("\n|---|");
         md.push_str(&"---|".repeat(levels.len()));
         md.push('\n');
-        let mut names: Vec<&String> = levels
-            .iter()
-            .flat_map(|(_, r)| r.iter().map(|x| &x.0))
-            .collect();
-        names.sort();
-        names.dedup();
+        // Binaries sorted, then the summary rows in the order made.
+        let mut names: Vec<&String> = Vec::new();
+        for (_, r) in levels {
+            for x in r {
+                if !names.contains(&&x.0) {
+                    names.push(&x.0);
+                }
+            }
+        }
         for name in names {
             let _ = write!(md, "| {name} |");
             for (_, rows) in levels {
                 match rows.iter().find(|r| &r.0 == name) {
+                    Some((_, calls, ms)) if calls.is_nan() => {
+                        let _ = write!(md, " {ms:.1} ms |");
+                    }
                     Some((_, calls, ms)) => {
                         let _ = write!(md, " {calls:.0} × {ms:.1} ms |");
                     }
@@ -2135,6 +2333,16 @@ mod driver {
             }
             md.push('\n');
         }
+        md.push_str("| *iptables rules / chains in the infra (iptables-save)* |");
+        for (level, _) in levels {
+            match rules.iter().find(|r| r.0 == *level) {
+                Some((_, r, c)) => {
+                    let _ = write!(md, " {r} / {c} |");
+                }
+                None => md.push_str(" |"),
+            }
+        }
+        md.push('\n');
         md
     }
 
@@ -2328,7 +2536,7 @@ mod driver {
         rounds: usize,
         mut a: impl FnMut() -> Res<f64>,
         mut b: impl FnMut() -> Res<f64>,
-    ) -> Res<(f64, f64)> {
+    ) -> Res<(Vec<f64>, Vec<f64>)> {
         let (mut va, mut vb) = (Vec::new(), Vec::new());
         for i in 0..rounds {
             if i % 2 == 0 {
@@ -2339,7 +2547,24 @@ mod driver {
                 va.push(a()?);
             }
         }
-        Ok((median(&va), median(&vb)))
+        Ok((va, vb))
+    }
+
+    /// "median Gbit/s (runs min–max)".
+    fn gbits_runs(v: &[f64]) -> String {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{} (runs {lo:.1}–{hi:.1})", gbits(median(v)))
+    }
+
+    /// The ratio of the medians, and it as text with the per-round ratios'
+    /// range.
+    fn ratio_runs(a: &[f64], b: &[f64]) -> (f64, String) {
+        let r = median(a) / median(b);
+        let per: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        let lo = per.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = per.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (r, format!("{} (per round {lo:.2}–{hi:.2})", ratio(r)))
     }
 
     /// An attachment made by the driver, DEL'd on drop.
@@ -2429,18 +2654,18 @@ mod driver {
             )?;
             rows.push((
                 "container → container over the infra bridge (MTU 65520)".into(),
-                gbits(infra_bw),
+                gbits_runs(&infra_bw),
                 None,
             ));
             rows.push((
                 "container → container over a root-owned bridge (MTU 65520)".into(),
-                gbits(root_bw),
+                gbits_runs(&root_bw),
                 None,
             ));
-            let r = infra_bw / root_bw;
+            let (r, text) = ratio_runs(&infra_bw, &root_bw);
             rows.push((
                 "ratio infra bridge / root bridge".into(),
-                ratio(r),
+                text,
                 Some(("≥ 0.9", r >= 0.9)),
             ));
 
@@ -2480,12 +2705,12 @@ mod driver {
             )?;
             rows.push((
                 "container → host (10.0.2.2) through slirp4netns, MTU 1500".into(),
-                gbits(bw1500),
+                gbits_runs(&bw1500),
                 None,
             ));
             rows.push((
                 "container → host (10.0.2.2) through slirp4netns, MTU 65520".into(),
-                gbits(bw65520),
+                gbits_runs(&bw65520),
                 None,
             ));
             drop(small);
@@ -2524,18 +2749,18 @@ mod driver {
             )?;
             rows.push((
                 "host → container through a published port, portDriver builtin".into(),
-                gbits(bw_builtin),
+                gbits_runs(&bw_builtin),
                 None,
             ));
             rows.push((
                 "host → container through a published port, portDriver slirp4netns".into(),
-                gbits(bw_slirp),
+                gbits_runs(&bw_slirp),
                 None,
             ));
-            let r = bw_builtin / bw_slirp;
+            let (r, text) = ratio_runs(&bw_builtin, &bw_slirp);
             rows.push((
                 "ratio builtin / slirp4netns".into(),
-                ratio(r),
+                text,
                 Some(("≥ 3×", r >= 3.0)),
             ));
             drop((pb, ps));
