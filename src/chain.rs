@@ -99,9 +99,14 @@ impl<'a> Chain<'a> {
     /// ADD through the whole list. On failure, what ran is undone (DEL of
     /// every plugin, in reverse) before the error is returned. The result
     /// carries the inner CNI_NETNS; see `rewrite_sandbox`.
-    pub fn add(&self) -> Result<AddResult> {
+    /// `progress` gets each result but the last, so a caller killed
+    /// mid-chain leaves what a later DEL needs as its prevResult.
+    pub fn add(&self, mut progress: impl FnMut(&Value)) -> Result<AddResult> {
         let mut last: Option<AddResult> = None;
         for i in 0..self.list.plugins.len() {
+            if let Some(done) = &last {
+                progress(&done.value);
+            }
             let prev = last.as_ref().map(|r| &r.value);
             let step = self.run(Verb::Add, i, prev).and_then(|raw| {
                 let value = serde_json::from_slice(&raw).map_err(|e| {

@@ -207,7 +207,13 @@ impl StateDir {
     }
 
     pub fn write_attachment(&self, rec: &Attachment, _lock: &StateLock) -> Result<()> {
-        write_json_atomic(&self.attachment_path(&rec.key()), rec)
+        write_json_atomic(&self.attachment_path(&rec.key()), rec, Durability::Synced)
+    }
+
+    /// A pending record's progress: atomic, but not worth an fsync (after
+    /// a power loss the infra it describes is gone anyway).
+    pub fn write_progress(&self, rec: &Attachment, _lock: &StateLock) -> Result<()> {
+        write_json_atomic(&self.attachment_path(&rec.key()), rec, Durability::Unsynced)
     }
 
     pub fn remove_attachment(&self, key: &AttachmentKey, _lock: &StateLock) -> Result<()> {
@@ -428,8 +434,20 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     }
 }
 
-/// Write to a fresh temporary file (O_EXCL|O_NOFOLLOW), fsync, rename.
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+/// Whether a write is fsynced before the rename: a rename alone already
+/// survives our being killed; the sync is for the machine going down.
+#[derive(PartialEq)]
+pub enum Durability {
+    Synced,
+    Unsynced,
+}
+
+/// Write to a fresh temporary file (O_EXCL|O_NOFOLLOW), fsync when durable, rename.
+pub fn write_json_atomic<T: Serialize>(
+    path: &Path,
+    value: &T,
+    durability: Durability,
+) -> Result<()> {
     let bytes = serde_json::to_vec(value).map_err(|e| Error::internal(e.to_string()))?;
     let name = path
         .file_name()
@@ -445,7 +463,9 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(&bytes)?;
-        f.sync_all()?;
+        if durability == Durability::Synced {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)
     };
     write().map_err(|e| {

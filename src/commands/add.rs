@@ -67,8 +67,28 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         true => None,
         false => Some(state.first_chain_lock()?),
     };
+    let record_progress = |partial: &serde_json::Value| {
+        let mut step = record.clone();
+        let mut partial = partial.clone();
+        chain::rewrite_sandbox(&mut partial, &netns.inner_path(), &netns.runtime_str());
+        step.result = Some(partial);
+        if let Err(e) = state
+            .lock()
+            .and_then(|lock| state.write_progress(&step, &lock))
+        {
+            log::warn!("recording the progress of the ADD: {e}");
+        }
+    };
     let outcome = publish_ports(&state, &key, &mappings).and_then(|()| {
-        let result = run_chain(&info, list.clone(), binaries, &netns, env, conf);
+        let result = run_chain(
+            &info,
+            list.clone(),
+            binaries,
+            &netns,
+            env,
+            conf,
+            record_progress,
+        );
         if result.is_err() {
             unpublish_ports(&state, &key, &mappings);
         }
@@ -120,6 +140,7 @@ fn run_chain(
     netns: &ContainerNetns,
     env: &CniEnv,
     conf: &NetConf,
+    progress: impl FnMut(&serde_json::Value),
 ) -> Result<chain::AddResult> {
     let chain = Chain::new(
         list,
@@ -130,7 +151,7 @@ fn run_chain(
         &conf.runtime_config,
         conf.plugin_timeout,
     )?;
-    let mut result = chain.add()?;
+    let mut result = chain.add(progress)?;
     let (inner, runtime) = (netns.inner_path(), netns.runtime_str());
     chain::rewrite_sandbox(&mut result.value, &inner, &runtime);
     result.raw = chain::rewrite_sandbox_raw(&result.raw, &inner, &runtime);

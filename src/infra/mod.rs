@@ -97,7 +97,11 @@ impl InfraInfo {
     }
 
     pub fn save(&self, state: &StateDir) -> Result<()> {
-        state::write_json_atomic(&state.file(state::INFRA_FILE), self)
+        state::write_json_atomic(
+            &state.file(state::INFRA_FILE),
+            self,
+            state::Durability::Synced,
+        )
     }
 
     /// Each process with what its command line must hold to be ours.
