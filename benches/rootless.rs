@@ -491,6 +491,22 @@ fn first_line(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// The 1-minute load average (the machine is shared: other work shows).
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// `p` relative to the repository, when it is inside.
+fn relative(p: &Path) -> String {
+    p.strip_prefix(env!("CARGO_MANIFEST_DIR"))
+        .unwrap_or(p)
+        .display()
+        .to_string()
+}
+
 fn in_path(name: &str) -> bool {
     LAB_PATH
         .split(':')
@@ -1373,6 +1389,8 @@ struct Report {
     /// Extra tables and notes, markdown.
     details: Vec<String>,
     errors: Vec<String>,
+    /// The 1-minute load average before → after each phase.
+    loads: Vec<String>,
 }
 
 impl Report {
@@ -1594,7 +1612,13 @@ mod driver {
         phase: fn(&mut Cx, &'static str) -> Res<T>,
     ) -> Option<T> {
         progress!("{section}");
-        match phase(cx, section) {
+        let load_before = load_average();
+        let outcome = phase(cx, section);
+        let number = section.split('.').next().unwrap_or(section);
+        cx.report
+            .loads
+            .push(format!("{number}. {load_before} → {}", load_average()));
+        match outcome {
             Ok(v) => Some(v),
             Err(e) => {
                 cx.report.error(section, e);
@@ -1715,7 +1739,7 @@ mod driver {
         if let Ok(m) = fs::metadata(bin) {
             cx.report.fig(
                 "6. footprint",
-                format!("size of {}", bin.display()),
+                format!("size of {}", relative(bin)),
                 format!("{} ({} bytes)", mib(m.len() / 1024), m.len()),
             );
         }
@@ -2865,7 +2889,12 @@ mod driver {
             } else {
                 "release"
             },
-            env!("CARGO_BIN_EXE_rootless-cni")
+            relative(Path::new(env!("CARGO_BIN_EXE_rootless-cni")))
+        );
+        let _ = writeln!(
+            md,
+            "| load average (1 min) before → after each phase | {} |",
+            report.loads.join("; ")
         );
         md.push_str("\n## Results\n\n");
         md.push_str(&report.table());
@@ -2928,5 +2957,8 @@ like the infra's bridge. container → host: iperf3 server on the host's 127.0.0
 a container to 10.0.2.2 (two infras at once, by `stateDir`). host → container: iperf3 server \
 in a container on port 5201, published on 127.0.0.1:hostPort by `runtimeConfig.portMappings`, \
 client on the host; one infra per port driver.\n\
-6. **Footprint**: VmRSS from /proc/PID/status; binary size of the release build.\n";
+6. **Footprint**: VmRSS from /proc/PID/status; binary size of the release build.\n\n\
+The machine may be shared: other work on it shows in the figures (most in the data plane, \
+where a run takes both cores); the 1-minute load average before and after each phase is in \
+the machine table.\n";
 }
