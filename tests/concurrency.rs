@@ -285,3 +285,52 @@ fn held_lock_gives_try_again_later() {
     assert!(out.ok(), "DEL once the lock is free: {out}");
     lab.assert_no_infra("after ADD and DEL");
 }
+
+/// An ADD racing the DEL of the last attachment never lands in an infra
+/// being torn down: both succeed, the new container works in whatever infra
+/// it got, and nothing is left at the end. Repeated, since the interleaving
+/// differs each time.
+#[test]
+fn add_racing_the_last_del_lands_in_a_live_infra() {
+    let Some(lab) = Lab::with_example_net("race_last_del") else {
+        return;
+    };
+    let netconf = lab.netconf_dir().display().to_string();
+    let cni_path = lab.cni_path();
+    let cnitool = lab.dir.join("tools/cnitool").display().to_string();
+    let env = [("NETCONFPATH", netconf.as_str()), ("CNI_PATH", &cni_path)];
+    let mut last = lab.container();
+    lab.attach(&last);
+    for round in 0..8 {
+        let next = lab.container();
+        let (del, del_what) = lab.command(&env, &[&cnitool, "del", NET, &last.netns()]);
+        let (add, add_what) = lab.command(&env, &[&cnitool, "add", NET, &next.netns()]);
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let spawn = |cmd, what| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                common::run_command(cmd, what, None, Duration::from_secs(60))
+            })
+        };
+        let (del, add) = (spawn(del, del_what), spawn(add, add_what));
+        let (del, add) = (
+            del.join().expect("DEL thread"),
+            add.join().expect("ADD thread"),
+        );
+        assert!(del.ok(), "round {round}: DEL of the last attachment: {del}");
+        let ip = add.added_ipv4(&format!("round {round}: the racing ADD"));
+        lab.assert_attached(&next, &ip);
+        lab.assert_ping(&next, "10.89.0.1", &format!("round {round}: the gateway"));
+        let status = lab.status();
+        assert!(
+            !status["infra"].is_null(),
+            "round {round}: the ADD returned but no infra runs: {status}"
+        );
+        lab.kill_container(&last);
+        last = next;
+    }
+    let del = lab.cnitool("del", NET, &last.netns());
+    assert!(del.ok(), "final DEL: {del}");
+    lab.assert_detached("after the races");
+}
