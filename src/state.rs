@@ -212,7 +212,7 @@ impl StateDir {
 
     /// A pending record's progress: atomic, but not worth an fsync (after
     /// a power loss the infra it describes is gone anyway).
-    pub fn write_progress(&self, rec: &Attachment, _lock: &StateLock) -> Result<()> {
+    pub fn write_progress(&self, rec: &Attachment) -> Result<()> {
         write_json_atomic(&self.attachment_path(&rec.key()), rec, Durability::Unsynced)
     }
 

@@ -72,10 +72,9 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         let mut partial = partial.clone();
         chain::rewrite_sandbox(&mut partial, &netns.inner_path(), &netns.runtime_str());
         step.result = Some(partial);
-        if let Err(e) = state
-            .lock()
-            .and_then(|lock| state.write_progress(&step, &lock))
-        {
+        // Only this call writes its pending record, and the rename is
+        // atomic: no lock needed, which keeps the chain's steps cheap.
+        if let Err(e) = state.write_progress(&step) {
             log::warn!("recording the progress of the ADD: {e}");
         }
     };

@@ -11,7 +11,7 @@ use nix::sched::{setns, CloneFlags};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -181,23 +181,62 @@ fn proxy_tcp(client: TcpStream, target: SocketAddr) {
     let _ = other.join();
 }
 
-/// Copies until EOF or error, then passes the EOF on.
-fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; COPY_BUF];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
+/// Copies until EOF or error, then passes the EOF on. splice(2) through a
+/// pipe keeps the bytes in the kernel; a plain copy is the fallback.
+fn pump(from: TcpStream, to: TcpStream) {
+    if let Err(e) = splice_all(&from, &to) {
+        if e != nix::errno::Errno::EINVAL {
+            log::debug!("forward: {e}");
+        } else {
+            copy_all(&from, &to);
         }
     }
     let _ = to.shutdown(Shutdown::Write);
     let _ = from.shutdown(Shutdown::Read);
+}
+
+fn splice_all(from: &TcpStream, to: &TcpStream) -> nix::Result<()> {
+    use nix::fcntl::{splice, SpliceFFlags};
+    let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // A larger pipe moves more per call; the default 64 KiB is the fallback.
+    let _ = nix::fcntl::fcntl(
+        pipe_w.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
+    );
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_MORE;
+    loop {
+        let n = match splice(from, None, &pipe_w, None, COPY_BUF, flags) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut left = n;
+        while left > 0 {
+            match splice(&pipe_r, None, to, None, left, flags) {
+                Ok(0) => return Ok(()),
+                Ok(m) => left -= m,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn copy_all(mut from: &TcpStream, mut to: &TcpStream) {
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 type Flows = Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>>;
