@@ -2416,6 +2416,9 @@ mod driver {
     /// a third namespace, as the infra has them, removed on drop.
     struct RootBridge {
         names: Vec<String>,
+        /// `ip netns add` makes /run/netns a mount point the first time;
+        /// when it was none before, drop undoes that too.
+        netns_dir_was_mounted: bool,
     }
 
     impl RootBridge {
@@ -2424,7 +2427,10 @@ mod driver {
         fn create(mtu: u32) -> Res<RootBridge> {
             let p = format!("rcbench{}", std::process::id());
             let (br, c1, c2) = (format!("{p}-br"), format!("{p}-c1"), format!("{p}-c2"));
-            let mut me = RootBridge { names: Vec::new() };
+            let mut me = RootBridge {
+                names: Vec::new(),
+                netns_dir_was_mounted: run_netns_is_mounted(),
+            };
             let ip = |args: &[&str]| -> Res<()> {
                 let out = Command::new("ip")
                     .args(args)
@@ -2477,7 +2483,19 @@ mod driver {
             }
             let names = std::mem::take(&mut self.names);
             cleanup::with(|l| l.netns.retain(|n| !names.contains(n)));
+            let empty = fs::read_dir("/run/netns").is_ok_and(|mut d| d.next().is_none());
+            if !self.netns_dir_was_mounted && run_netns_is_mounted() && empty {
+                let _ = Command::new("umount").arg("/run/netns").output();
+                let _ = fs::remove_dir("/run/netns");
+            }
         }
+    }
+
+    fn run_netns_is_mounted() -> bool {
+        Command::new("findmnt")
+            .args(["-rn", "/run/netns"])
+            .output()
+            .is_ok_and(|o| o.status.success())
     }
 
     /// An iperf3 server, up when this returns.
