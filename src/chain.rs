@@ -25,7 +25,8 @@ pub struct Chain<'a> {
     infra: InfraNs,
     netns: &'a ContainerNetns,
     env: &'a CniEnv,
-    capability_args: &'a Map<String, Value>,
+    /// What the inner plugins may see of the runtime's capability args.
+    capability_args: Map<String, Value>,
     timeout: Duration,
 }
 
@@ -54,7 +55,7 @@ impl<'a> Chain<'a> {
             binaries,
             netns,
             env,
-            capability_args,
+            capability_args: crate::ports::inner_capability_args(capability_args),
             timeout,
         })
     }
@@ -220,12 +221,15 @@ impl<'a> Chain<'a> {
             conf.insert("prevResult".into(), prev.clone());
         }
         let declared = conf.get("capabilities").and_then(Value::as_object).cloned();
-        let capability_args = crate::ports::inner_capability_args(self.capability_args);
         let runtime_config: Map<String, Value> = declared
             .iter()
             .flatten()
             .filter(|(_, on)| on.as_bool() == Some(true))
-            .filter_map(|(cap, _)| capability_args.get(cap).map(|v| (cap.clone(), v.clone())))
+            .filter_map(|(cap, _)| {
+                self.capability_args
+                    .get(cap)
+                    .map(|v| (cap.clone(), v.clone()))
+            })
             .collect();
         if !runtime_config.is_empty() {
             conf.insert("runtimeConfig".into(), Value::Object(runtime_config));

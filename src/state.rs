@@ -260,8 +260,8 @@ impl StateDir {
         }
     }
 
-    /// True when no record is left: the infra may stop. Reads the dir only,
-    /// never the records.
+    /// True while any record is left (false: the infra may stop). Reads the
+    /// dir only, never the records.
     pub fn has_attachments(&self, _lock: &StateLock) -> Result<bool> {
         let dir = self.path.join(ATTACHMENTS_DIR);
         match fs::read_dir(&dir) {

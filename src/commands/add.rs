@@ -78,16 +78,9 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
             log::warn!("recording the progress of the ADD: {e}");
         }
     };
+    let inner_version = list.cni_version.clone();
     let outcome = publish_ports(&state, &key, &mappings).and_then(|()| {
-        let result = run_chain(
-            &info,
-            list.clone(),
-            binaries,
-            &netns,
-            env,
-            conf,
-            record_progress,
-        );
+        let result = run_chain(&info, list, binaries, &netns, env, conf, record_progress);
         if result.is_err() {
             unpublish_ports(&state, &key, &mappings);
         }
@@ -95,7 +88,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     });
     if first_chain.is_some() && outcome.is_ok() {
         if let Err(e) = std::fs::write(&warm, b"") {
-            log::warn!("marking {} warm: {e}", list.name);
+            log::warn!("marking {} warm: {e}", warm.display());
         }
     }
     drop(first_chain);
@@ -106,11 +99,11 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
             record.state = AttachmentState::Ready;
             record.owner = None;
             // The record keeps the inner version: inner DEL and CHECK get it.
-            let reply = if list.cni_version == conf.cni_version {
+            let reply = if inner_version == conf.cni_version {
                 result.raw
             } else {
                 let converted =
-                    version::convert_result(&result.value, &list.cni_version, &conf.cni_version)?;
+                    version::convert_result(&result.value, &inner_version, &conf.cni_version)?;
                 serde_json::to_vec(&converted)
                     .map_err(|e| crate::error::Error::internal(e.to_string()))?
             };
