@@ -6,8 +6,10 @@
 use crate::cni::env::Command as Verb;
 use crate::error::{code, Error, Result};
 use crate::infra::InfraInfo;
+use crate::procfs::{self, ProcessId};
 use crate::sys;
 use nix::sched::{setns, CloneFlags};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -15,6 +17,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Handles on the infra's namespaces, checked against infra.json.
 pub struct InfraNs {
@@ -216,6 +219,12 @@ pub fn run_plugin(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        // Its own group, and no death signal: when a runtime kills us (on
+        // its timeout, or killing our group), the inner plugin finishes its
+        // step, as it would under libcni. An inner plugin killed half-way
+        // leaves what its own DEL cannot find (the reference bridge drops
+        // the veth before its masquerade chain); the next call on the
+        // attachment waits for it instead (`settle_orphans`).
         .process_group(0);
     infra.enter(&mut cmd, netns.fd.as_ref().map(|f| f.as_raw_fd()));
     let mut child = cmd.spawn().map_err(|e| {
@@ -266,6 +275,61 @@ pub fn run_plugin(
         return Ok(output);
     }
     Err(inner_error(&name, inv.verb, &output, status))
+}
+
+/// Waits for inner plugins that still run for `container_id`/`ifname` in
+/// the infra after the call that started them was killed, so the next call
+/// on that attachment does not race them; after `timeout` (pluginTimeout)
+/// their groups are killed. They are found by what we gave them: the
+/// infra's netns and CNI_CONTAINERID/CNI_IFNAME in their environment.
+/// Only a call that finds a pending record of a dead caller looks.
+pub fn settle_orphans(infra: &InfraInfo, container_id: &str, ifname: &str, timeout: Duration) {
+    let orphans = orphans_of(infra, container_id, ifname);
+    if orphans.is_empty() {
+        return;
+    }
+    log::info!(
+        "waiting for {} inner plugin process(es) of {container_id} left by a killed call",
+        orphans.len()
+    );
+    let deadline = sys::deadline(timeout);
+    while orphans.iter().any(ProcessId::is_alive) {
+        if Instant::now() >= deadline {
+            log::warn!("inner plugins of {container_id} still run after {timeout:?}; killing");
+            for p in orphans.iter().filter(|p| p.is_alive()) {
+                let pid = nix::unistd::Pid::from_raw(p.pid);
+                // The plugin leads its group (process_group(0)); a child of
+                // it that it started, e.g. iptables, is killed with it.
+                let _ = match nix::unistd::getpgid(Some(pid)) {
+                    Ok(group) if group == pid => nix::sys::signal::killpg(group, Signal::SIGKILL),
+                    _ => nix::sys::signal::kill(pid, Signal::SIGKILL),
+                };
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn orphans_of(infra: &InfraInfo, container_id: &str, ifname: &str) -> Vec<ProcessId> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    let id_var = format!("CNI_CONTAINERID={container_id}");
+    let ifname_var = format!("CNI_IFNAME={ifname}");
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me && pid != infra.sandbox.pid)
+        .filter(|pid| procfs::ns_inode(format!("/proc/{pid}/ns/net")) == Some(infra.netns))
+        .filter(|pid| {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+            vars.contains(&id_var.as_bytes()) && vars.contains(&ifname_var.as_bytes())
+        })
+        .filter_map(ProcessId::of)
+        .collect()
 }
 
 /// The plugin's own error object when it printed one, else ours naming it.

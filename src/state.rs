@@ -7,7 +7,7 @@ use crate::procfs::ProcessId;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -244,8 +244,9 @@ impl StateDir {
         Ok(out)
     }
 
-    /// Temporary files of record writes a killed call never renamed. Every
-    /// write happens under the lock, so with it held none is in progress.
+    /// Temporary files of record writes a killed call never renamed. Their
+    /// names end in `.PID.tmp`; one whose writer still lives is left alone
+    /// (progress is written without the lock).
     pub fn remove_temp_files(&self, _lock: &StateLock) {
         let Ok(entries) = fs::read_dir(self.path.join(ATTACHMENTS_DIR)) else {
             return;
@@ -253,11 +254,80 @@ impl StateDir {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with('.') && name.ends_with(".tmp") {
-                log::info!("removing {name}, left by a call that was killed");
-                let _ = fs::remove_file(entry.path());
+            let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+                continue;
+            };
+            let writer = stem.rsplit('.').next().and_then(|p| p.parse::<i32>().ok());
+            if writer.is_some_and(|pid| crate::procfs::stat(pid).is_some_and(|(s, _)| s != 'Z')) {
+                continue;
+            }
+            log::info!("removing {name}, left by a call that was killed");
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+
+    /// Releases the host-local leases of `container_id`/`ifname` in the
+    /// infra's /var/lib/cni, for an attachment whose infra is gone: its IPAM
+    /// plugin cannot run without that infra, and the leases outlive it on
+    /// disk, so the addresses would stay taken for good. host-local writes a
+    /// lease as a file named by the address, holding the container id and
+    /// the ifname on two lines. Best effort: returns how many went.
+    pub fn release_dead_leases(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        _lock: &StateLock,
+    ) -> usize {
+        let networks = self.path.join(VAR_LIB_CNI_DIR).join("networks");
+        let Ok(dirs) = fs::read_dir(&networks) else {
+            return 0;
+        };
+        let holds = |path: &Path| -> bool {
+            // O_NOFOLLOW|O_NONBLOCK: a symlink or a fifo planted there is
+            // not a lease and must not make us read elsewhere or block.
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(path);
+            let Ok(file) = file.and_then(|f| f.metadata().map(|m| (f, m))) else {
+                return false;
+            };
+            let (file, meta) = file;
+            if !meta.is_file() {
+                return false;
+            }
+            let mut text = String::new();
+            // A lease is two short lines; more is not one of host-local's.
+            if file.take(4096).read_to_string(&mut text).is_err() {
+                return false;
+            }
+            let mut lines = text.lines().map(str::trim);
+            lines.next() == Some(container_id) && lines.next() == Some(ifname)
+        };
+        let mut released = 0;
+        for dir in dirs
+            .flatten()
+            .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
+        {
+            let Ok(leases) = fs::read_dir(dir.path()) else {
+                continue;
+            };
+            for lease in leases.flatten() {
+                let name = lease.file_name();
+                let name = name.to_string_lossy();
+                if name == "lock" || name.starts_with("last_reserved_ip") || !holds(&lease.path()) {
+                    continue;
+                }
+                match fs::remove_file(lease.path()) {
+                    Ok(()) => released += 1,
+                    Err(e) => log::warn!("releasing lease {}: {e}", lease.path().display()),
+                }
             }
         }
+        if released > 0 {
+            log::info!("released {released} lease(s) of {container_id} left by a dead infra");
+        }
+        released
     }
 
     /// True while any record is left (false: the infra may stop). Reads the
@@ -328,6 +398,7 @@ fn escape(s: &str) -> String {
 pub enum AttachmentState {
     /// An ADD is running the inner plugins; `owner` is that call.
     Pending,
+    /// Attached. `owner`, when set, is a DEL that is running or was killed.
     Ready,
 }
 

@@ -28,12 +28,18 @@ pub fn close_on_exec(fd: RawFd) -> Result<()> {
 }
 
 /// Dies with the parent: the infra's helpers must never outlive the
-/// supervisor. Meant for `pre_exec`.
-pub fn die_with_parent() -> std::io::Result<()> {
+/// supervisor, nor an inner plugin the call that started it. `parent` is
+/// the pid that forked us, read before the fork: when it has already died
+/// (we were reparented before the prctl), the exec is refused. Meant for
+/// `pre_exec`: it does not allocate.
+pub fn die_with_parent(parent: nix::unistd::Pid) -> std::io::Result<()> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a plain integer and touches no memory.
     let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    if nix::unistd::getppid() != parent {
+        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
     }
     Ok(())
 }

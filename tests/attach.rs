@@ -80,6 +80,7 @@ fn two_containers_ping_each_other() {
         let del = lab.cnitool("del", NET, &c.netns());
         assert!(del.ok(), "DEL {}: {del}", c.netns());
     }
+    lab.assert_detached("after the last DEL");
 }
 
 /// With `allowHostLoopback: true` (the example), 10.0.2.2 is the host's
@@ -105,6 +106,7 @@ fn host_loopback_reachable_when_allowed() {
 
     let del = lab.cnitool("del", NET, &c.netns());
     assert!(del.ok(), "DEL: {del}");
+    lab.assert_detached("after the DEL");
 }
 
 /// With `allowHostLoopback: false` the same fetch fails, while the network
@@ -150,4 +152,5 @@ fn host_loopback_unreachable_when_not_allowed() {
 
     let del = lab.cnitool("del", NET, &c.netns());
     assert!(del.ok(), "DEL: {del}");
+    lab.assert_detached("after the DEL");
 }

@@ -6,7 +6,7 @@
 mod common;
 mod support;
 
-use common::{example_conflist, outer, plugin_stdin, Container, Lab, Out, NET};
+use common::{example_conflist, outer, plugin_stdin, Container, Lab, Out, Snapshot};
 use serde_json::Value;
 use std::fs;
 use std::thread;
@@ -64,20 +64,14 @@ fn attempt(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str) -> Resul
     }
 }
 
-/// iptables-save inside the running infra.
-fn infra_rules(lab: &Lab) -> String {
-    let out = lab.cli(&["exec", "--", "iptables-save"]);
-    assert!(out.ok(), "iptables-save in the infra: {out}");
-    out.stdout
-}
-
 /// SIGKILL at random points of ADD or DEL, `iterations` times: to the
 /// plugin's whole process group (inner plugins die too: the runtime was
-/// killed) or to the plugin alone (what libcni does on a timeout: the inner
-/// plugin runs on). After each kill the container's DEL and a fresh ADD+DEL
-/// must work. The second half runs with another container attached, so the
-/// infra is not started and stopped by the killed call, and what the
-/// killed call left in the infra (iptables rules of its address) shows.
+/// killed) or to the plugin alone (what libcni does on a timeout; the inner
+/// plugin dies with it). After each kill the container's DEL and a fresh
+/// ADD+DEL must work, and the no-leak checker must find nothing. The second
+/// half runs with another container attached, so the infra is not started
+/// and stopped by the killed call, and what the killed call could leave in
+/// the infra (iptables rules) is compared too.
 fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
     let Some(lab) = Lab::new(name) else {
         return;
@@ -87,19 +81,15 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
     let stdin = stdin();
     let c = lab.container();
     let witness = lab.container();
-    let mut witness_lease: Option<String> = None;
+    // What the lab may hold between iterations: nothing, then the witness.
+    let mut baseline = Snapshot::default();
     let (mut finished_before_kill, mut killed) = (0, 0);
     let mut problems: Vec<String> = Vec::new();
-    // What a killed inner plugin left in a running infra: reported, not
-    // failed on (see the report of issue #4: partly the reference plugins').
-    let mut leaks: Vec<String> = Vec::new();
-    let mut strays = std::collections::BTreeSet::new();
-    let mut stuck_leases = std::collections::BTreeSet::new();
 
     for i in 0..iterations {
         if i == iterations / 2 {
             must(&lab, "ADD", "witness", &witness, &stdin, "witness");
-            witness_lease = lab.lease_files(NET).pop();
+            baseline = lab.snapshot();
         }
         let id = format!("crash-{i}");
         let group = rng.chance(50);
@@ -160,39 +150,12 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
         if sups.len() > 1 {
             problem(format!("{} infras:\n{}", sups.len(), sups.join("\n")));
         }
-        let crashed: Vec<String> = lab
-            .lease_files(NET)
-            .into_iter()
-            .filter(|l| Some(l) != witness_lease.as_ref() && !stuck_leases.contains(l))
-            .collect();
 
         // Recovery: DEL of the container, then a fresh ADD and DEL.
         if let Err(e) = attempt(&lab, "DEL", &id, &c, &stdin) {
             problem(format!("recovery: {e}"));
-            // Reported once: later iterations do not count its remains.
-            strays.insert(format!("rootless+{id}+eth0.json"));
-            stuck_leases.extend(crashed);
-            continue;
-        }
-        if lab.links(&c) != vec!["lo"] {
+        } else if lab.links(&c) != vec!["lo"] {
             problem(format!("after the recovery DEL: {:?}", lab.links(&c)));
-        }
-        if witness_lease.is_some() {
-            let rules = infra_rules(&lab);
-            let left: Vec<&str> = rules
-                .lines()
-                .filter(|l| {
-                    l.contains(&format!("id: \\\"{id}\\\""))
-                        || crashed.iter().any(|ip| l.contains(&format!("{ip}/32")))
-                })
-                .collect();
-            if !left.is_empty() {
-                leaks.push(format!(
-                    "{when}: iptables rules of {id} ({crashed:?}) left in the running infra \
-                     after its DEL:\n{}",
-                    left.join("\n")
-                ));
-            }
         }
         let fresh = format!("fresh-{i}");
         for verb in ["ADD", "DEL"] {
@@ -203,55 +166,19 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
         if lab.links(&c) != vec!["lo"] {
             problem(format!("after the fresh DEL: {:?}", lab.links(&c)));
         }
-
-        // A temporary file a killed write left: reported once.
-        let mut records = lab.attachment_files();
-        for name in &records {
-            if name.starts_with('.') && strays.insert(name.clone()) {
-                problem(format!(
-                    "a killed write left {name} in attachments/; nothing removes it"
-                ));
-            }
-        }
-        records.retain(|r| !strays.contains(r));
-        let mut leases = lab.lease_files(NET);
-        leases.retain(|l| !stuck_leases.contains(l));
-        if witness_lease.is_some() {
-            if records != vec!["rootless+witness+eth0.json".to_string()] {
-                problem(format!("records: {records:?}"));
-            }
-            if leases != witness_lease.iter().cloned().collect::<Vec<_>>() {
-                problem(format!("leases: {leases:?}"));
-            }
-            let sups = supervisors(&lab);
-            if sups.len() != 1 {
-                problem(format!("infras:\n{}", sups.join("\n")));
-            }
-        } else {
-            if !records.is_empty() {
-                problem(format!("records: {records:?}"));
-            }
-            if !leases.is_empty() {
-                problem(format!("leases: {leases:?}"));
-            }
-            // (A record stuck after a failed DEL keeps the infra: already
-            // reported.)
-            let stuck = strays.iter().any(|s| !s.starts_with('.'));
-            let left = lab.leftovers_after(Duration::from_secs(3));
-            if !left.is_empty() && !stuck {
-                problem(format!("left running:\n{}", left.join("\n")));
-            }
+        let leaks = lab.leaks_since(&baseline);
+        if !leaks.is_empty() {
+            problem(format!("leaked:\n{leaks}"));
+            // Reported once: later iterations compare with what is left.
+            baseline = lab.snapshot();
         }
     }
     eprintln!(
         "{name}: {iterations} kills ({killed} while running, {finished_before_kill} after the \
-         call had finished) in {:.1}s",
-        wall.elapsed().as_secs_f64()
+         call had finished) in {:.1}s, {} problems",
+        wall.elapsed().as_secs_f64(),
+        problems.len()
     );
-    for leak in &leaks {
-        eprintln!("LEAK {leak}");
-    }
-    eprintln!("{name}: {} problems, {} leaks", problems.len(), leaks.len());
     assert!(
         problems.is_empty(),
         "{} problems:\n\n{}",

@@ -403,7 +403,12 @@ fn del_without_netns_and_prev_result() {
         "leases after DEL"
     );
     lab.assert_no_infra("after DEL");
-    // The infra's end of the veth went with the infra, and so did eth0.
+    // The infra's end of the veth went with the infra, and so does eth0:
+    // the kernel tears a dead netns down in the background, a little later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lab.links(&c) != ["lo"] && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert_eq!(lab.links(&c), ["lo"], "links left in the container");
 }
 

@@ -193,12 +193,12 @@ impl NetConf {
                 )))
             }
         };
-        let valid_attachments = match obj
-            .get("cni.dev/valid-attachments")
-            .or_else(|| obj.get("cni.dev/attachments"))
-        {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(parse_attachments(v)?),
+        let attachments_key = ["cni.dev/valid-attachments", "cni.dev/attachments"]
+            .into_iter()
+            .find(|k| !matches!(obj.get(*k), None | Some(Value::Null)));
+        let valid_attachments = match attachments_key {
+            None => None,
+            Some(key) => Some(parse_attachments(key, &obj[key])?),
         };
         Ok(NetConf {
             valid_attachments,
@@ -244,11 +244,11 @@ fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>> {
     }
 }
 
-fn parse_attachments(v: &Value) -> Result<Vec<(String, String)>> {
+fn parse_attachments(key: &str, v: &Value) -> Result<Vec<(String, String)>> {
     let bad = || {
-        Error::config(
-            "\"cni.dev/valid-attachments\" must be a list of {\"containerID\", \"ifname\"}",
-        )
+        Error::config(format!(
+            "{key:?} must be a list of {{\"containerID\", \"ifname\"}}"
+        ))
     };
     v.as_array()
         .ok_or_else(bad)?

@@ -7,7 +7,7 @@ use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::cni::version;
 use crate::error::{code, Error, Result};
-use crate::exec::ContainerNetns;
+use crate::exec::{self, ContainerNetns};
 use crate::infra::control::{self, Request};
 use crate::infra::{self, InfraInfo, Settings};
 use crate::ports::{self, PortMapping};
@@ -44,10 +44,14 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         result: None,
         created: state::now_secs(),
     };
-    let (info, started) = {
+    let (info, started, orphaned) = {
         let lock = state.lock()?;
         let existing = state.read_attachment(&key, &lock).unwrap_or(None);
         let (info, started) = infra::ensure_running(&state, &lock, &Settings::from_conf(conf))?;
+        // A killed call on this attachment: its inner plugins may still run.
+        let orphaned = existing.as_ref().is_some_and(|old| {
+            old.infra == info.sandbox && old.owner.is_some_and(|o| !o.is_alive())
+        });
         if let Some(old) = existing.filter(|old| still_attached(old, &info)) {
             return Err(Error::new(
                 code::ALREADY_ATTACHED,
@@ -59,8 +63,11 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         }
         record.infra = info.sandbox;
         state.write_attachment(&record, &lock)?;
-        (info, started)
+        (info, started, orphaned)
     };
+    if orphaned {
+        exec::settle_orphans(&info, &key.container_id, &key.ifname, conf.plugin_timeout);
+    }
 
     let warm = state.warm_marker(&list.name, &conf.runtime_config);
     let first_chain = match warm.exists() {

@@ -7,16 +7,17 @@ use crate::chain::Chain;
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
-use crate::exec::ContainerNetns;
+use crate::exec::{self, ContainerNetns};
 use crate::infra;
-use crate::state::AttachmentState;
+use crate::procfs::ProcessId;
+use crate::state::{Attachment, AttachmentKey, AttachmentState, StateDir};
 
 pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let Some(state) = super::state_dir(conf, false)? else {
         return Ok(());
     };
     let key = attachment_key(env, conf);
-    let (record, info) = {
+    let (record, info, killed_owner) = {
         let lock = state.lock()?;
         let record = match state.read_attachment(&key, &lock) {
             Ok(r) => r,
@@ -26,7 +27,12 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
                 None
             }
         };
-        (record, infra::running(&state, &lock)?)
+        let info = infra::running(&state, &lock)?;
+        let killed_owner = match (&record, &info) {
+            (Some(rec), Some(info)) if rec.infra == info.sandbox => claim(&state, rec, &key)?,
+            _ => false,
+        };
+        (record, info, killed_owner)
     };
     let Some(record) = record else {
         log::info!(
@@ -39,19 +45,13 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     };
 
     match info.filter(|i| i.sandbox == record.infra) {
-        None => log::info!("{} died with its infra; forgetting it", key.container_id),
+        None => {
+            log::info!("{} died with its infra; forgetting it", key.container_id);
+            state.release_dead_leases(&key.container_id, &key.ifname, &state.lock()?);
+        }
         Some(info) => {
-            let me = std::process::id() as i32;
-            if record.state == AttachmentState::Pending
-                && record.owner.is_some_and(|o| o.pid != me && o.is_alive())
-            {
-                return Err(Error::new(
-                    code::TRY_AGAIN_LATER,
-                    format!(
-                        "an ADD of {} on {} is still running; try again later",
-                        key.container_id, key.ifname
-                    ),
-                ));
+            if killed_owner {
+                exec::settle_orphans(&info, &key.container_id, &key.ifname, conf.plugin_timeout);
             }
             // A broken record must not block the DEL: no ports then.
             let mappings =
@@ -75,5 +75,35 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
 
     let lock = state.lock()?;
     state.remove_attachment(&key, &lock)?;
+    // A write killed half-way (this attachment's, or another's) leaves a
+    // temporary file that nothing else would remove while others stay.
+    state.remove_temp_files(&lock);
     infra::stop_if_idle(&state, &lock, false)
+}
+
+/// Makes this DEL the record's owner (under the lock), so a second call on
+/// the attachment knows one runs. Code 11 while another live call owns it;
+/// true when the owner was a call that was killed: its inner plugins may
+/// still be running, and must be waited for.
+fn claim(state: &StateDir, record: &Attachment, key: &AttachmentKey) -> Result<bool> {
+    let me = ProcessId::of(std::process::id() as i32);
+    let previous = record.owner.filter(|o| Some(*o) != me);
+    if previous.is_some_and(|o| o.is_alive()) {
+        let what = match record.state {
+            AttachmentState::Pending => "an ADD",
+            AttachmentState::Ready => "a DEL",
+        };
+        return Err(Error::new(
+            code::TRY_AGAIN_LATER,
+            format!(
+                "{what} of {} on {} is still running; try again later",
+                key.container_id, key.ifname
+            ),
+        ));
+    }
+    let mut mine = record.clone();
+    mine.owner = me;
+    // A marker, not a commitment: not worth an fsync (see write_progress).
+    state.write_progress(&mine)?;
+    Ok(previous.is_some())
 }

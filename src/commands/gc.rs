@@ -8,7 +8,7 @@ use crate::cni::env::{CniEnv, Command as Verb};
 use crate::error::{Error, ErrorList, Result};
 use crate::exec::ContainerNetns;
 use crate::infra::{self, InfraInfo};
-use crate::state::{Attachment, AttachmentState, StateDir};
+use crate::state::{Attachment, StateDir};
 use serde_json::json;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -61,8 +61,11 @@ pub fn collect(
     let info = infra::running(state, &state.lock()?)?;
     let mut errors = ErrorList::default();
     for rec in stale {
-        if rec.state == AttachmentState::Pending && rec.owner.is_some_and(|o| o.is_alive()) {
-            log::info!("GC: {} is being added right now; kept", rec.container_id);
+        if rec.owner.is_some_and(|o| o.is_alive()) {
+            log::info!(
+                "GC: {} is being added or deleted right now; kept",
+                rec.container_id
+            );
             continue;
         }
         log::info!(
@@ -75,8 +78,11 @@ pub fn collect(
             Some(info) if info.sandbox == rec.infra => {
                 delete_recorded(state, info, cni_path, timeout, rec)
             }
-            // Gone with its infra: nothing to undo.
-            _ => Ok(()),
+            // Gone with its infra: nothing to undo but its leases.
+            _ => {
+                state.release_dead_leases(&rec.container_id, &rec.ifname, &state.lock()?);
+                Ok(())
+            }
         };
         match deleted {
             Ok(()) => errors.push_if_err(state.remove_attachment(&rec.key(), &state.lock()?)),
@@ -108,6 +114,10 @@ fn delete_recorded(
         args: rec.cni_args.clone(),
         path: cni_path.to_vec(),
     };
+    if rec.owner.is_some() {
+        // An ADD or DEL of it was killed: its inner plugins may still run.
+        crate::exec::settle_orphans(info, &rec.container_id, &rec.ifname, timeout);
+    }
     let chain = Chain::recorded(rec, info, &netns, &del_env, timeout)?;
     chain.del(chain.cached_result(rec).as_ref())
 }

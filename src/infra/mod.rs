@@ -133,8 +133,16 @@ pub fn running(state: &StateDir, _lock: &StateLock) -> Result<Option<InfraInfo>>
         state.path.display()
     );
     kill_and_reap(&info);
-    state::remove_if_exists(&state.file(state::INFRA_FILE))?;
+    forget_infra_files(state)?;
     Ok(None)
+}
+
+/// Removes what only a running infra has in the state dir: infra.json and
+/// the sockets. A SIGKILLed supervisor could not remove them itself.
+fn forget_infra_files(state: &StateDir) -> Result<()> {
+    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
+    state::remove_if_exists(&state.file(control::SOCKET))?;
+    state::remove_if_exists(&state.file(state::INFRA_FILE))
 }
 
 /// A caller outside the infra's user namespace joins it when it owns it;
@@ -203,8 +211,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
         state,
         settings,
         |cmd| {
-            // Without CNI_COMMAND our binary is the CLI, not a plugin.
-            cmd.env_remove("CNI_COMMAND").stderr(log).current_dir("/");
+            cmd.stderr(log).current_dir("/");
         },
         || {
             nix::unistd::setsid()
@@ -230,7 +237,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     if let Some(info) = InfraInfo::load(state) {
         kill_and_reap(&info);
     }
-    let _ = state::remove_if_exists(&state.file(state::INFRA_FILE));
+    let _ = forget_infra_files(state);
     Err(
         Error::new(code::INFRA_START, format!("starting the infra: {failure}")).with_details(
             format!("{}:\n{}", log_path.display(), sys::tail(&log_path, 10)),
@@ -264,6 +271,16 @@ pub fn spawn_own(
         .arg(settings.to_arg())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
+    // The infra outlives the call that starts it and serves every
+    // container: it carries none of that call's CNI_* variables (without
+    // CNI_COMMAND our binary is the CLI, not a plugin; and a container id
+    // in its environment would make it look like that container's inner
+    // plugin to `exec::settle_orphans`).
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CNI_") {
+            cmd.env_remove(key);
+        }
+    }
     configure(&mut cmd);
     // SAFETY: runs between fork and exec; child_setup and fcntl must be, and
     // are, async-signal-safe.
@@ -318,8 +335,7 @@ pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()>
         );
         kill_and_reap(info);
     }
-    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
-    state::remove_if_exists(&state.file(state::INFRA_FILE))
+    forget_infra_files(state)
 }
 
 /// SIGKILL to every recorded process that is still the one recorded; the

@@ -52,11 +52,12 @@ pub fn start(opts: &SlirpOptions) -> Result<Slirp> {
         .arg(TAP)
         .stdin(Stdio::null())
         .stdout(Stdio::null());
+    let parent = nix::unistd::getpid();
     // SAFETY: runs between fork and exec; prctl, unshare, mount and fcntl
     // are async-signal-safe, and nothing here allocates.
     unsafe {
         cmd.pre_exec(move || {
-            sys::die_with_parent()?;
+            sys::die_with_parent(parent)?;
             // --enable-sandbox unmounts what it does not need; in the
             // caller's mount namespace that would reach the host's mounts
             // (real root's /run/netns), so it gets a private one.

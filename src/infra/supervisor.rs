@@ -306,13 +306,14 @@ impl Supervisor {
 /// The sandbox is our own binary, exec'd after `unshare` of the network and
 /// mount namespaces; it dies with us.
 fn spawn_sandbox(state: &StateDir, settings: &Settings) -> Result<(Child, ProcessId)> {
+    let parent = nix::unistd::getpid();
     let child = super::spawn_own(
         sandbox::ENTRY,
         state,
         settings,
         |_| {},
-        || {
-            sys::die_with_parent()?;
+        move || {
+            sys::die_with_parent(parent)?;
             let flags = nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS;
             nix::sched::unshare(flags).map_err(std::io::Error::from)
         },

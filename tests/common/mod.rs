@@ -19,6 +19,9 @@
 //! plugins): with `CI=true` the test fails naming them, else it is skipped.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+mod leaks;
+pub use leaks::Snapshot;
+
 use serde_json::Value;
 use std::cell::RefCell;
 use std::fmt;
@@ -1168,27 +1171,16 @@ impl Lab {
         self.assert_no_infra(when);
     }
 
-    /// Asserts that nothing of an infra is left: status says no infra, no
-    /// record, no process of the uid but the lab's, no mount.
+    /// Asserts that nothing of an infra is left: status says no infra, and
+    /// the no-leak checker finds nothing the lab did not hold when it was
+    /// built (no process, namespace, mount, lease, record or infra file).
     pub fn assert_no_infra(&self, when: &str) {
         let status = self.status();
         assert!(
             status["infra"].is_null(),
             "{when}: infra still running: {status}"
         );
-        let records = self.attachment_files();
-        assert!(
-            records.is_empty(),
-            "{when}: attachment records left: {records:?}"
-        );
-        let left = self.leftovers_after(Duration::from_secs(3));
-        assert!(
-            left.is_empty(),
-            "{when}: processes left:\n{}",
-            left.join("\n")
-        );
-        let mounts = self.session_mount_leftovers();
-        assert!(mounts.is_empty(), "{when}: mounts left: {mounts:?}");
+        self.assert_no_leaks(&Snapshot::default(), when);
     }
 }
 

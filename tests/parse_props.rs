@@ -1,0 +1,258 @@
+//! Issue #4: property tests (proptest) over the parsing of a plugin call,
+//! in-process: `plugin::parse_call` with generated CNI_* environments and
+//! generated or mutated network configs. Whatever the input, it never
+//! panics, a failure carries the spec's code for its kind and names the
+//! culprit, and what it accepts is safe to act on (ids and interface names
+//! that can become file names, an absolute netns path).
+//!
+//! CI runs the default 256 cases a property; PROPTEST_CASES raises that
+//! (scripts/fuzz runs it long). tests/fuzz.rs does the same through the
+//! binary, with state files too.
+
+use proptest::prelude::*;
+use rootless_cni::error::code;
+use rootless_cni::plugin::{parse_call, Call};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+const VARS: [&str; 6] = [
+    "CNI_COMMAND",
+    "CNI_CONTAINERID",
+    "CNI_NETNS",
+    "CNI_IFNAME",
+    "CNI_PATH",
+    "CNI_ARGS",
+];
+
+/// The keys of our config (and the spec's) that the parser reads.
+const KEYS: [&str; 20] = [
+    "cniVersion",
+    "name",
+    "type",
+    "delegate",
+    "network",
+    "confDir",
+    "stateDir",
+    "mtu",
+    "allowHostLoopback",
+    "ipv6",
+    "portDriver",
+    "idleTimeout",
+    "pluginTimeout",
+    "lockTimeout",
+    "logLevel",
+    "runtimeConfig",
+    "capabilities",
+    "prevResult",
+    "cni.dev/valid-attachments",
+    "cni.dev/attachments",
+];
+
+/// A config that parses: the example network's outer config.
+fn valid_config() -> Value {
+    json!({
+        "cniVersion": "1.1.0",
+        "name": "rootless",
+        "type": "rootless-cni",
+        "delegate": {
+            "cniVersion": "1.0.0",
+            "name": "rootless",
+            "plugins": [{"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"}}]
+        }
+    })
+}
+
+fn valid_env() -> BTreeMap<String, String> {
+    [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c0ffee"),
+        ("CNI_NETNS", "/proc/1/ns/net"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Strings a runtime, or an attacker, could put in a variable or a key:
+/// valid ones, path tricks, control characters, huge ones, anything.
+fn hostile_string() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(String::new()),
+        Just("..".to_string()),
+        Just("../../x".to_string()),
+        Just("a/b".to_string()),
+        Just("/".to_string()),
+        Just("eth0".to_string()),
+        Just("0123456789abcdef".to_string()),
+        Just("x\0y".to_string()),
+        Just("-rf".to_string()),
+        Just(" ".to_string()),
+        Just("ADD".to_string()),
+        Just("VERSION".to_string()),
+        Just("1.1.0".to_string()),
+        Just("0.3.1".to_string()),
+        "[a-zA-Z0-9_.-]{1,20}",
+        "/[a-z/.]{0,40}",
+        "\\PC{0,64}",
+        any::<String>(),
+        (1usize..6000).prop_map(|n| "a".repeat(n)),
+    ]
+}
+
+/// Any JSON value, a few levels deep.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        (0u64..100_000).prop_map(Value::from),
+        hostile_string().prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+            prop::collection::btree_map(hostile_string(), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect::<Map<_, _>>())),
+        ]
+    })
+}
+
+/// A key of ours or the spec's, or any other.
+fn config_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => prop::sample::select(KEYS.to_vec()).prop_map(String::from),
+        1 => hostile_string(),
+    ]
+}
+
+fn lookup(env: &BTreeMap<String, String>) -> impl Fn(&str) -> Option<String> + '_ {
+    |k| env.get(k).cloned()
+}
+
+/// The checks every outcome must pass; `culprit` is a word the message of
+/// a failure must contain, when one is known.
+fn check(outcome: &rootless_cni::error::Result<Call>, allowed: &[u32], culprit: Option<&str>) {
+    match outcome {
+        Ok(call) => {
+            let env = &call.env;
+            let id = &env.container_id;
+            assert!(
+                id.len() <= 128,
+                "accepted a container id of {} bytes",
+                id.len()
+            );
+            assert!(
+                !id.contains('/') && !id.contains('\0') && id != "." && id != "..",
+                "accepted container id {id:?}"
+            );
+            let ifname = &env.ifname;
+            assert!(ifname.len() <= 15, "accepted ifname {ifname:?}");
+            assert!(
+                !ifname.contains('/') && ifname != "." && ifname != "..",
+                "accepted ifname {ifname:?}"
+            );
+            if let Some(netns) = &env.netns {
+                assert!(netns.is_absolute(), "accepted relative netns {netns:?}");
+            }
+            if let Some(conf) = &call.conf {
+                // Reading a `network` from a dir that does not exist may
+                // fail, but never panic.
+                let _ = conf.inner_list();
+            }
+        }
+        Err(e) => {
+            assert!(
+                allowed.contains(&e.code),
+                "code {} not one of {allowed:?}: {e}",
+                e.code
+            );
+            assert!(!e.msg.trim().is_empty(), "an error without a message");
+            if let Some(word) = culprit {
+                // Named as it is, or quoted with escapes ({:?}).
+                let quoted = format!("{word:?}");
+                assert!(
+                    e.msg.contains(word) || e.msg.contains(&quoted),
+                    "the message does not name {word:?}: {e}"
+                );
+            }
+        }
+    }
+}
+
+proptest! {
+    // A failing case is printed, minimised, with the seed; no regression
+    // file is written into the source tree.
+    #![proptest_config(ProptestConfig {
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Each CNI_* variable absent or set to anything, with a valid config:
+    /// accepted, or code 4 naming a CNI_ variable.
+    #[test]
+    fn any_environment(
+        vars in prop::collection::btree_map(
+            prop::sample::select(VARS.to_vec()),
+            prop::option::of(hostile_string()),
+            0..7,
+        ),
+        verb in prop::sample::select(vec!["ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"]),
+    ) {
+        let mut env = valid_env();
+        env.insert("CNI_COMMAND".into(), verb.into());
+        for (k, v) in vars {
+            match v {
+                Some(v) => env.insert(k.to_string(), v),
+                None => env.remove(k),
+            };
+        }
+        let stdin = valid_config().to_string();
+        check(&parse_call(lookup(&env), stdin.as_bytes()), &[code::INVALID_ENV], Some("CNI_"));
+    }
+
+    /// Any JSON document as the config: accepted, or a decode, config or
+    /// version error.
+    #[test]
+    fn any_json_config(conf in json_value()) {
+        let stdin = conf.to_string();
+        let allowed = [code::DECODE, code::INVALID_CONFIG, code::INCOMPATIBLE_VERSION];
+        check(&parse_call(lookup(&valid_env()), stdin.as_bytes()), &allowed, None);
+    }
+
+    /// Any bytes as stdin, up to a few KiB.
+    #[test]
+    fn any_bytes(stdin in prop::collection::vec(any::<u8>(), 0..4096)) {
+        check(&parse_call(lookup(&valid_env()), &stdin), &[code::DECODE], None);
+    }
+
+    /// A valid config with one key set to anything: accepted, or an error
+    /// whose message names that key (or, for cniVersion, the version).
+    #[test]
+    fn one_key_changed(key in config_key(), value in json_value()) {
+        let mut conf = valid_config();
+        conf.as_object_mut().expect("an object").insert(key.clone(), value.clone());
+        let stdin = conf.to_string();
+        let outcome = parse_call(lookup(&valid_env()), stdin.as_bytes());
+        let culprit = match (key.as_str(), &value) {
+            ("cniVersion", Value::String(v)) => v.clone(),
+            _ => key.clone(),
+        };
+        let allowed = [code::DECODE, code::INVALID_CONFIG, code::INCOMPATIBLE_VERSION];
+        check(&outcome, &allowed, Some(&culprit));
+    }
+
+    /// A valid config with one key removed: accepted, or an error naming it.
+    #[test]
+    fn one_key_removed(key in prop::sample::select(KEYS.to_vec())) {
+        let mut conf = valid_config();
+        conf.as_object_mut().expect("an object").remove(key);
+        let stdin = conf.to_string();
+        let outcome = parse_call(lookup(&valid_env()), stdin.as_bytes());
+        check(&outcome, &[code::INVALID_CONFIG], Some(key));
+    }
+}
