@@ -16,6 +16,11 @@
 //!   dir; root, runroot and tmpdir private. What podman changes on the
 //!   host (/var/lib/cni, /var/lib/containers, /run/netns and its mount,
 //!   /run/runc, ip_forward, cgroups) is recorded before and undone after.
+//! - podman 4.3, rootless (CNI backend): the lab uid itself runs podman
+//!   with conf-examples/podman/containers.conf and rootless.conflist in its
+//!   ~/.config, publishes a port and the page is fetched on the host's
+//!   127.0.0.1. podman runs CNI plugins in its own rootless-netns, so the
+//!   infra starts there; see the test's doc for how the ports fit.
 
 mod common;
 
@@ -112,6 +117,34 @@ fn read_json(path: &Path) -> Value {
         .unwrap_or_else(|e| panic!("parsing {}: {e}: {text}", path.display()))
 }
 
+/// The lab uid as user `user` (home: the lab dir) with a subordinate id
+/// range, in copies of /etc/passwd, /etc/group, /etc/subuid and /etc/subgid
+/// at `<lab>/etc-{passwd,group,subuid,subgid}`, to bind over the machine's in
+/// a private mount namespace: newuidmap wants the caller in /etc/passwd and
+/// a range in /etc/subuid, and the machine's files must stay as they are.
+fn write_user_files(lab: &Lab, user: &str) {
+    let d = lab.dir.display().to_string();
+    let u = lab.uid;
+    // Derived from the uid, so that labs of different uids get their own.
+    let sub_start = 3_000_000_000u64 + u64::from(u % 10_000) * 65_536;
+    let copy_with = |from: &str, to: &str, line: String| {
+        let mut text = fs::read_to_string(from).unwrap_or_else(|e| panic!("reading {from}: {e}"));
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&line);
+        lab.write_file(to, &text);
+    };
+    copy_with(
+        "/etc/passwd",
+        "etc-passwd",
+        format!("{user}:x:{u}:{u}::{d}:/bin/sh\n"),
+    );
+    copy_with("/etc/group", "etc-group", format!("{user}:x:{u}:\n"));
+    lab.write_file("etc-subuid", &format!("{user}:{sub_start}:65536\n"));
+    lab.write_file("etc-subgid", &format!("{user}:{sub_start}:65536\n"));
+}
+
 #[test]
 fn rootlesskit_net_host_runs_cnitool_through_rootless_cni() {
     if skip_without(
@@ -132,27 +165,9 @@ fn rootlesskit_net_host_runs_cnitool_through_rootless_cni() {
     let var_lib_cni_before = Path::new("/var/lib/cni").exists();
     lab.write_netconf(NET, &example_conflist());
 
-    // The lab uid as a user with a subordinate id range, in copies.
-    let user = "rcnilab";
+    write_user_files(&lab, "rcnilab");
     let d = lab.dir.display().to_string();
     let u = lab.uid;
-    let sub_start = 3_000_000_000u64 + u64::from(u % 10_000) * 65_536;
-    let copy_with = |from: &str, to: &str, line: String| {
-        let mut text = fs::read_to_string(from).unwrap_or_else(|e| panic!("reading {from}: {e}"));
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&line);
-        lab.write_file(to, &text);
-    };
-    copy_with(
-        "/etc/passwd",
-        "etc-passwd",
-        format!("{user}:x:{u}:{u}::{d}:/bin/sh\n"),
-    );
-    copy_with("/etc/group", "etc-group", format!("{user}:x:{u}:\n"));
-    lab.write_file("etc-subuid", &format!("{user}:{sub_start}:65536\n"));
-    lab.write_file("etc-subgid", &format!("{user}:{sub_start}:65536\n"));
     lab.write_file("rootlesskit.sh", ROOTLESSKIT_SCRIPT);
 
     let inner = format!(
@@ -723,27 +738,10 @@ impl Podman {
 
     /// A busybox-static rootfs with httpd and a page, imported as an image.
     fn import_image(&self) -> String {
-        let busybox = busybox_static();
-        let rootfs = self.b.dir.join("rootfs");
-        for sub in ["bin", "www", "etc", "proc", "sys", "dev", "tmp", "root"] {
-            fs::create_dir_all(rootfs.join(sub)).expect("mkdir in rootfs");
-        }
-        fs::copy(&busybox, rootfs.join("bin/busybox")).expect("copying busybox");
-        for applet in ["sh", "httpd", "ip", "ping", "sleep", "cat"] {
-            std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
-                .expect("applet symlink");
-        }
-        fs::write(rootfs.join("www/index.html"), PAGE).expect("index.html");
-        let tar = self.b.path("rootfs.tar");
-        let out = run_root(
-            &["tar", "-C", &self.b.path("rootfs"), "-cf", &tar, "."],
-            Duration::from_secs(30),
-        );
-        assert!(out.ok(), "{out}");
-        let image = "localhost/rcni-busybox:test";
-        let out = self.podman(&["import", &tar, image]);
+        let tar = busybox_rootfs_tar(&self.b.dir);
+        let out = self.podman(&["import", &tar, IMAGE]);
         assert!(out.ok(), "podman import: {out}");
-        image.to_string()
+        IMAGE.to_string()
     }
 
     /// Removes the containers, then what RootBox::finish does.
@@ -761,6 +759,34 @@ impl Drop for Podman {
             let _ = self.podman(&["rm", "--all", "--force", "--time", "0"]);
         }
     }
+}
+
+/// The image the podman tests import (no registry here).
+const IMAGE: &str = "localhost/rcni-busybox:test";
+
+/// A busybox-static rootfs with httpd, ping and a page at /www, as
+/// `dir/rootfs.tar` for `podman import` (readable by all: a rootless podman
+/// reads it too); its path.
+fn busybox_rootfs_tar(dir: &Path) -> String {
+    let busybox = busybox_static();
+    let rootfs = dir.join("rootfs");
+    for sub in ["bin", "www", "etc", "proc", "sys", "dev", "tmp", "root"] {
+        fs::create_dir_all(rootfs.join(sub)).expect("mkdir in rootfs");
+    }
+    fs::copy(&busybox, rootfs.join("bin/busybox")).expect("copying busybox");
+    for applet in ["sh", "httpd", "ip", "ping", "sleep", "cat"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
+            .expect("applet symlink");
+    }
+    fs::write(rootfs.join("www/index.html"), PAGE).expect("index.html");
+    let tar = dir.join("rootfs.tar").display().to_string();
+    let out = run_root(
+        &["tar", "-C", &rootfs.display().to_string(), "-cf", &tar, "."],
+        Duration::from_secs(30),
+    );
+    assert!(out.ok(), "{out}");
+    fs::set_permissions(&tar, fs::Permissions::from_mode(0o644)).expect("chmod rootfs.tar");
+    tar
 }
 
 /// busybox from Debian's busybox-static package (which conflicts with the
@@ -895,7 +921,7 @@ fn podman_runs_containers_on_a_rootless_cni_network() {
 }
 
 #[test]
-#[ignore = "rootful podman 4.3 reserves published host ports itself, which our host-side forward already holds (README, Runtimes)"]
+#[ignore = "rootful podman 4.3 reserves published host ports itself, which our host-side forward already holds (README, Runtimes); rootless podman publishes ports: rootless_podman_publishes_a_port_through_rootless_cni"]
 fn podman_publishes_a_port_through_rootless_cni() {
     if !podman_prerequisites("podman_publishes_a_port") {
         return;
@@ -935,4 +961,431 @@ fn podman_publishes_a_port_through_rootless_cni() {
     assert!(status["infra"].is_null(), "infra after podman rm: {status}");
     let diffs = pm.finish();
     assert!(diffs.is_empty(), "the host is not as it was: {diffs:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Rootless podman: the lab's unprivileged uid runs podman itself
+
+/// Rootless podman 4.3 with the CNI backend, run by the lab's uid with the
+/// documented files: conf-examples/podman/containers.conf (its plugin dirs
+/// made the lab's) in ~/.config/containers/, conf-examples/podman/
+/// rootless.conflist as it is in ~/.config/cni/net.d/ (podman's rootless
+/// default), the plugin's default state dir $XDG_RUNTIME_DIR/rootless-cni.
+///
+/// Every podman call runs in one private mount namespace of root's, held by
+/// a `sleep`, where the lab's 0666 tun node and the lab's copies of
+/// /etc/passwd, group, subuid and subgid (the uid as a user with a
+/// subordinate range, for newuidmap) are bound over the machine's; there
+/// root drops to the uid with setpriv. podman then makes its own user
+/// namespace (its pause process holds it) and, for CNI, its own
+/// rootless-netns: nothing of it is in the machine's namespaces.
+///
+/// Dropping it removes the containers, kills podman's pause process (by the
+/// pid in its pause.pid, when that is a process of the uid) and the mount
+/// namespace's holder, and removes podman's storage; the lab's drop then
+/// kills whatever of the uid is left and removes the lab dir.
+struct RootlessPodman {
+    lab: Lab,
+    holder: Option<std::process::Child>,
+    done: bool,
+}
+
+impl RootlessPodman {
+    fn new(lab: Lab) -> RootlessPodman {
+        write_user_files(&lab, "rcnipodman");
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/podman");
+        let conf = fs::read_to_string(examples.join("containers.conf"))
+            .expect("reading conf-examples/podman/containers.conf");
+        let dirs_line = format!(
+            "cni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]",
+            lab.bin().display()
+        );
+        let mut replaced = false;
+        let mut text = String::new();
+        for line in conf.lines() {
+            if line.starts_with("cni_plugin_dirs") {
+                text.push_str(&dirs_line);
+                replaced = true;
+            } else {
+                text.push_str(line);
+            }
+            text.push('\n');
+        }
+        assert!(replaced, "no cni_plugin_dirs line in the example: {conf}");
+        // What this machine needs besides the example (LAB.md): crun refuses
+        // the hybrid cgroup layout, there is no systemd user session.
+        text.push_str(
+            "[engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"none\"\n",
+        );
+        lab.write_file(".config/containers/containers.conf", &text);
+        // Overlay needs what a user namespace may not have here; vfs always works.
+        lab.write_file(
+            ".config/containers/storage.conf",
+            "[storage]\ndriver = \"vfs\"\n",
+        );
+        let conflist = fs::read_to_string(examples.join("rootless.conflist"))
+            .expect("reading conf-examples/podman/rootless.conflist");
+        lab.write_file(
+            &format!(".config/cni/net.d/{PODMAN_NET}.conflist"),
+            &conflist,
+        );
+        for rel in [
+            ".config",
+            ".config/containers",
+            ".config/cni",
+            ".config/cni/net.d",
+        ] {
+            chown_to(&lab, &lab.dir.join(rel));
+        }
+        fs::create_dir_all(lab.dir.join("tmp")).expect("mkdir tmp");
+        chown_to(&lab, &lab.dir.join("tmp"));
+
+        let d = lab.dir.display().to_string();
+        let setup = format!(
+            "set -e
+             for f in passwd group subuid subgid; do mount --bind {d}/etc-$f /etc/$f; done
+             mount --bind {d}/tun /dev/net/tun
+             touch {d}/podman-ns-ready
+             exec sleep infinity"
+        );
+        let child = root_command(&["unshare", "--mount", "--propagation", "private"])
+            .args(["sh", "-c", &setup])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                fs::File::create(lab.dir.join("podman-ns.err"))
+                    .map(std::process::Stdio::from)
+                    .expect("podman-ns.err"),
+            )
+            .spawn()
+            .expect("starting the mount namespace holder");
+        let mut pm = RootlessPodman {
+            lab,
+            holder: Some(child),
+            done: false,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pm.lab.dir.join("podman-ns-ready").exists() {
+            let exited = pm.holder.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                let err = fs::read_to_string(pm.lab.dir.join("podman-ns.err")).unwrap_or_default();
+                panic!("the private mount namespace did not come up ({exited:?}): {err}");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        pm
+    }
+
+    /// `argv` as the lab uid in the holder's mount namespace, with a clean
+    /// environment: HOME the lab dir, XDG_RUNTIME_DIR the lab's, TMPDIR the
+    /// lab's (podman import stages the image there, not in /var/tmp).
+    fn user_run(&self, argv: &[&str]) -> Out {
+        let pid = self.holder.as_ref().map(|c| c.id()).unwrap_or(0);
+        let u = self.lab.uid.to_string();
+        let mut cmd = root_command(&["nsenter", &format!("--target={pid}"), "--mount", "--"]);
+        cmd.args([
+            "setpriv",
+            "--reuid",
+            &u,
+            "--regid",
+            &u,
+            "--clear-groups",
+            "--",
+        ])
+        .args(["env", "-i", &format!("PATH={PATH}")])
+        .arg(format!("HOME={}", self.lab.dir.display()))
+        .arg(format!("XDG_RUNTIME_DIR={}", self.lab.run_dir().display()))
+        .arg(format!("TMPDIR={}", self.lab.dir.join("tmp").display()))
+        .args(argv);
+        run_command(cmd, argv.join(" "), None, Duration::from_secs(120))
+    }
+
+    fn podman(&self, args: &[&str]) -> Out {
+        self.user_run(&[&["podman"][..], args].concat())
+    }
+
+    /// `rootless-cni status --json` of the default state dir, as the uid.
+    fn status(&self) -> Value {
+        let bin = self.lab.bin().join("rootless-cni").display().to_string();
+        let out = self.user_run(&[&bin, "status", "--json"]);
+        assert!(out.ok(), "status: {out}");
+        out.json().unwrap_or_else(|| panic!("status --json: {out}"))
+    }
+
+    /// podman's pause process (it holds podman's user namespace), if alive.
+    fn pause_pid(&self) -> Option<u32> {
+        let file = self.lab.run_dir().join("libpod/tmp/pause.pid");
+        let pid = fs::read_to_string(file).ok()?.trim().parse().ok()?;
+        self.lab.is_running(pid).then_some(pid)
+    }
+
+    /// Removes the containers, stops podman's pause process and the mount
+    /// namespace, removes podman's storage.
+    fn finish(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let _ = self.podman(&["rm", "--all", "--force", "--time", "0"]);
+        if let Some(pid) = self.pause_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(mut holder) = self.holder.take() {
+            let _ = holder.kill();
+            let _ = holder.wait();
+        }
+        // Owned by the uid's subordinate ids: the lab's own removal would
+        // get them too, but not with LAB_KEEP.
+        let _ = fs::remove_dir_all(self.lab.dir.join(".local/share/containers"));
+        let _ = fs::remove_dir_all(self.lab.run_dir().join("containers"));
+    }
+}
+
+impl Drop for RootlessPodman {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn chown_to(lab: &Lab, path: &Path) {
+    std::os::unix::fs::chown(path, Some(lab.uid), Some(lab.uid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+}
+
+/// The lab uid's processes but the lab's own and `except`, described, after
+/// up to `grace` for them to go.
+fn leftovers_but(lab: &Lab, except: u32, grace: Duration) -> Vec<String> {
+    let deadline = Instant::now() + grace;
+    let prefix = format!("pid {except} ");
+    loop {
+        let left: Vec<String> = lab
+            .leftovers()
+            .into_iter()
+            .filter(|p| !p.starts_with(&prefix))
+            .collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The namespace `kind` (net, user) of `pid`, as readlink shows it.
+fn ns_of(pid: u32, kind: &str) -> String {
+    fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|e| panic!("/proc/{pid}/ns/{kind}: {e}"))
+}
+
+/// An unprivileged uid runs rootless podman 4.3 (CNI backend) on a network
+/// whose conflist uses rootless-cni, publishes a port on the host's
+/// 127.0.0.1 and the page is fetched through it; `podman rm` leaves
+/// nothing of the infra, and the host is as it was.
+///
+/// What podman does (measured here, and podman 4.3's
+/// libpod/networking_linux.go): it runs the CNI plugins inside its own
+/// rootless-netns (a netns of its user namespace with its own slirp4netns,
+/// entered with a fresh mount namespace where /run and /var/lib/cni are
+/// its own), so our infra starts there, and our forwarder listens on the
+/// published port in that netns, where nothing else wants it. The host's
+/// port is podman's rootlessport's: it listens in the host's netns and its
+/// child dials the container's address from inside the container's netns.
+/// So both are checked: the page from the host (rootlessport) and from
+/// podman's rootless-netns through our forwarder, infra and portmap.
+#[test]
+fn rootless_podman_publishes_a_port_through_rootless_cni() {
+    let test = "rootless_podman_publishes_a_port";
+    if skip_without(
+        test,
+        &[
+            "podman",
+            "runc",
+            "conmon",
+            "slirp4netns",
+            "newuidmap",
+            "newgidmap",
+            "curl",
+            "tar",
+            "apt-get",
+            "dpkg-deb",
+        ],
+    ) {
+        return;
+    }
+    let Some(lab) = Lab::new("rootless_podman") else {
+        return;
+    };
+    // No root test changes the host meanwhile: the comparison below holds.
+    let _serial = AS_ROOT.lock().unwrap_or_else(|e| e.into_inner());
+    let before = HostState::capture();
+    let started = Instant::now();
+    let mut pm = RootlessPodman::new(lab);
+    let tar = busybox_rootfs_tar(&pm.lab.dir);
+    let import = pm.podman(&["import", &tar, IMAGE]);
+    assert!(import.ok(), "podman import: {import}");
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+
+    let publish = format!("127.0.0.1:{port}:80");
+    let run = pm.podman(
+        &[
+            &["run", "-d", "--name", "rcni-web", "--network", PODMAN_NET],
+            &["-p", &publish][..],
+            &ULIMITS,
+            &[IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"],
+        ]
+        .concat(),
+    );
+    assert!(run.ok(), "podman run -p {publish}: {run}");
+
+    let url = format!("http://127.0.0.1:{port}/");
+    let got = retry(Duration::from_secs(5), || {
+        run_root(
+            &["curl", "-sS", "--max-time", "3", &url],
+            Duration::from_secs(10),
+        )
+    });
+    assert!(got.ok(), "curl {url} on the host: {got}");
+    assert_eq!(got.stdout, PAGE, "{got}");
+
+    let format = format!(
+        "{{{{(index .NetworkSettings.Networks \"{PODMAN_NET}\").IPAddress}}}} {{{{.State.Pid}}}}"
+    );
+    let inspect = pm.podman(&["inspect", "-f", &format, "rcni-web"]);
+    assert!(inspect.ok(), "podman inspect: {inspect}");
+    let fields: Vec<&str> = inspect.stdout.split_whitespace().collect();
+    let [ip, ctr_pid] = fields[..] else {
+        panic!("podman inspect: {inspect}");
+    };
+    assert!(ip.starts_with("10.89.0."), "address {ip:?}");
+    let ctr_pid: u32 = ctr_pid.parse().expect("a container pid");
+
+    let status = pm.status();
+    assert!(status["infra"].is_object(), "no infra: {status}");
+    let attachments = status["attachments"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(attachments.len(), 1, "{status}");
+    assert_eq!(
+        attachments[0]["addresses"],
+        json!([format!("{ip}/24")]),
+        "{status}"
+    );
+    assert_eq!(
+        attachments[0]["ports"],
+        json!([format!("127.0.0.1:{port}/tcp -> container port 80")]),
+        "podman passed no portMappings: {status}"
+    );
+
+    // Where podman ran us: in its user namespace, in a netns that is
+    // neither the host's nor the container's (its rootless-netns).
+    let supervisor = status["infra"]["supervisor"]["pid"]
+        .as_u64()
+        .expect("a supervisor pid") as u32;
+    let pause = pm.pause_pid().expect("podman's pause process");
+    assert_eq!(
+        ns_of(supervisor, "user"),
+        ns_of(pause, "user"),
+        "the infra is not in podman's user namespace"
+    );
+    let me = std::process::id();
+    let infra_caller_net = ns_of(supervisor, "net");
+    assert_ne!(
+        infra_caller_net,
+        ns_of(me, "net"),
+        "the infra's caller netns is the host's"
+    );
+    assert_ne!(
+        infra_caller_net,
+        ns_of(ctr_pid, "net"),
+        "the infra's caller netns is the container's"
+    );
+
+    // Our half of the published port, in podman's rootless-netns: the
+    // forwarder, the infra's portmap DNAT, the bridge.
+    let supervisor_net = format!("--net=/proc/{supervisor}/ns/net");
+    let ours = retry(Duration::from_secs(5), || {
+        run_root(
+            &[
+                "nsenter",
+                &supervisor_net,
+                "--",
+                "curl",
+                "-sS",
+                "--max-time",
+                "3",
+                &url,
+            ],
+            Duration::from_secs(10),
+        )
+    });
+    assert!(ours.ok(), "curl {url} in podman's rootless-netns: {ours}");
+    assert_eq!(ours.stdout, PAGE, "{ours}");
+
+    // A second container reaches the first over the infra's bridge. It
+    // keeps running and pings by `podman exec`: under the test harness,
+    // podman 4.3 rootless noticed a container's own exit only after its
+    // 20 s conmon timeout (`run --rm`, `wait`), while exec and rm are quick.
+    let peer = pm.podman(
+        &[
+            &["run", "-d", "--name", "rcni-peer", "--network", PODMAN_NET][..],
+            &["--cap-add", "NET_RAW"],
+            &ULIMITS,
+            &[IMAGE, "sleep", "600"],
+        ]
+        .concat(),
+    );
+    assert!(peer.ok(), "podman run (the peer): {peer}");
+    let ping = pm.podman(&["exec", "rcni-peer", "ping", "-c1", "-W2", ip]);
+    assert!(ping.ok(), "a second container pings the first: {ping}");
+    let status = pm.status();
+    assert_eq!(
+        status["attachments"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
+
+    let rm = pm.podman(&["rm", "--force", "--time", "0", "rcni-web", "rcni-peer"]);
+    assert!(rm.ok(), "podman rm: {rm}");
+    let status = pm.status();
+    assert!(status["infra"].is_null(), "infra after podman rm: {status}");
+    assert_eq!(
+        status["attachments"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+    assert_eq!(
+        pm.lab.attachment_files(),
+        Vec::<String>::new(),
+        "records left"
+    );
+    assert_eq!(
+        pm.lab.lease_files(PODMAN_NET),
+        Vec::<String>::new(),
+        "leases left"
+    );
+    assert!(
+        !pm.lab.state_dir().join("infra.json").exists(),
+        "infra.json left"
+    );
+    let left = leftovers_but(&pm.lab, pause, Duration::from_secs(3));
+    assert!(
+        left.is_empty(),
+        "processes left besides podman's pause process:\n{}",
+        left.join("\n")
+    );
+    let netns = Lab::list(&pm.lab.run_dir().join("netns"));
+    assert!(netns.is_empty(), "podman's netns files left: {netns:?}");
+
+    pm.finish();
+    let left = pm.lab.leftovers_after(Duration::from_secs(3));
+    assert!(left.is_empty(), "processes left:\n{}", left.join("\n"));
+    assert_eq!(HostState::capture(), before, "the host is not as it was");
+    eprintln!("rootless podman test took {:?}", started.elapsed());
 }
