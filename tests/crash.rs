@@ -491,3 +491,78 @@ fn corrupt_attachment_records() {
     );
     lab.assert_no_infra("after the last DEL");
 }
+
+// ---------------------------------------------------------------------------
+// A killed call's inner plugin
+
+/// The runtime kills the plugin (libcni does, on its timeout) while an
+/// inner plugin is half-way through its ADD. The inner plugin finishes its
+/// step, as it would under libcni; the DEL that follows waits for it
+/// instead of undoing a half-made step it would then redo behind the DEL's
+/// back. The inner plugin logs each step: "ADD end" must come before "DEL".
+#[test]
+fn del_waits_for_the_inner_plugin_of_a_killed_add() {
+    let Some(lab) = Lab::new("orphan_inner") else {
+        return;
+    };
+    let log = lab.dir.join("slowstep.log");
+    let script = lab.bin().join("slowstep");
+    fs::write(
+        &script,
+        format!(
+            // stderr closed: the killed call's pipes must not wait for it.
+            "#!/bin/sh\nexec 2>/dev/null\ncat >/dev/null\nlog='{}'\n\
+             if [ \"$CNI_COMMAND\" = ADD ]; then\n\
+               echo 'ADD start' >>\"$log\"; sleep 2; echo 'ADD end' >>\"$log\"\n\
+               echo '{{\"cniVersion\":\"1.0.0\"}}'\n\
+             else\n  echo \"$CNI_COMMAND\" >>\"$log\"\nfi\n",
+            log.display()
+        ),
+    )
+    .expect("writing the slowstep plugin");
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod slowstep");
+    // The log is written by the lab user.
+    write_as_user(&lab, &log, b"");
+    let mut conf = example_conflist();
+    outer(&mut conf).insert(
+        "delegate".into(),
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "slow",
+            "plugins": [{ "type": "slowstep" }]
+        }),
+    );
+    let stdin = plugin_stdin(&conf).to_string();
+    let c = lab.container();
+
+    let add = support::spawn(&lab, &call(&lab, "ADD", "orphan", &c, &stdin));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("ADD start")
+    {
+        assert!(Instant::now() < deadline, "the inner ADD never started");
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(add.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let killed = add.wait(Duration::from_secs(10));
+    assert!(killed.status.is_none(), "the ADD was not killed: {killed}");
+
+    let started = Instant::now();
+    let del = must(&lab, "DEL", "orphan", &c, &stdin, "after the killed ADD");
+    eprintln!(
+        "DEL after the killed ADD took {:?}: {del}",
+        started.elapsed()
+    );
+    let steps = fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        steps.lines().collect::<Vec<_>>(),
+        ["ADD start", "ADD end", "DEL"],
+        "inner plugin steps"
+    );
+    lab.assert_no_infra("after the DEL");
+}
