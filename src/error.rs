@@ -25,8 +25,6 @@ pub mod code {
     pub const ALREADY_ATTACHED: u32 = 104;
     /// The state dir is not safe to use (owner, mode, symlink).
     pub const UNSAFE_STATE_DIR: u32 = 105;
-    /// The container netns cannot be handled from the caller's user namespace.
-    pub const FOREIGN_NETNS: u32 = 106;
     /// A published host port cannot be had (in use, privileged, no such address).
     pub const HOST_PORT: u32 = 107;
 }

@@ -152,7 +152,7 @@ fn check_owned_by_our_userns(netns: &std::fs::File, path: &Path) -> Result<()> {
         }
         // The kernel will not even name the owner: it is outside ours.
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(Error::new(
-            code::FOREIGN_NETNS,
+            code::INVALID_ENV,
             format!(
                 "{what} belongs to a user namespace outside ours that we do not own: the inner plugins could not configure it; run the runtime in the user namespace that created the container"
             ),

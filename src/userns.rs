@@ -61,7 +61,7 @@ pub fn join_owned(userns: &OwnedFd, what: &str) -> Result<()> {
     let me = nix::unistd::geteuid().as_raw();
     if rc < 0 || owner != me {
         return Err(Error::new(
-            code::FOREIGN_NETNS,
+            code::INVALID_ENV,
             format!(
                 "{what} belongs to user namespace {} owned by uid {owner}, not by us (uid {me}): the inner plugins could not configure it; run the runtime in that user namespace",
                 inode_of(userns).unwrap_or(0)
@@ -70,7 +70,7 @@ pub fn join_owned(userns: &OwnedFd, what: &str) -> Result<()> {
     }
     nix::sched::setns(userns, nix::sched::CloneFlags::CLONE_NEWUSER).map_err(|e| {
         Error::new(
-            code::FOREIGN_NETNS,
+            code::INVALID_ENV,
             format!("joining the user namespace that owns {what}: {e}"),
         )
     })?;
