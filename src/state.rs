@@ -217,7 +217,9 @@ impl StateDir {
     }
 
     pub fn remove_attachment(&self, key: &AttachmentKey, _lock: &StateLock) -> Result<()> {
-        remove_if_exists(&self.attachment_path(key))
+        let path = self.attachment_path(key);
+        remove_if_exists(&temp_path(&path))?;
+        remove_if_exists(&path)
     }
 
     /// Every record, unreadable ones skipped with a warning.
@@ -244,9 +246,9 @@ impl StateDir {
         Ok(out)
     }
 
-    /// Temporary files of record writes a killed call never renamed. Their
-    /// names end in `.PID.tmp`; one whose writer still lives is left alone
-    /// (progress is written without the lock).
+    /// Temporary files of record writes a killed call never renamed, of
+    /// records that are gone. Called when no record is left, so no write is
+    /// in progress (every writer has a record).
     pub fn remove_temp_files(&self, _lock: &StateLock) {
         let Ok(entries) = fs::read_dir(self.path.join(ATTACHMENTS_DIR)) else {
             return;
@@ -254,15 +256,10 @@ impl StateDir {
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
-                continue;
-            };
-            let writer = stem.rsplit('.').next().and_then(|p| p.parse::<i32>().ok());
-            if writer.is_some_and(|pid| crate::procfs::stat(pid).is_some_and(|(s, _)| s != 'Z')) {
-                continue;
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                log::info!("removing {name}, left by a call that was killed");
+                let _ = fs::remove_file(entry.path());
             }
-            log::info!("removing {name}, left by a call that was killed");
-            let _ = fs::remove_file(entry.path());
         }
     }
 
@@ -513,18 +510,27 @@ pub enum Durability {
     Unsynced,
 }
 
+/// Where `write_json_atomic` writes before the rename: `.NAME.tmp`.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("record");
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
 /// Write to a fresh temporary file (O_EXCL|O_NOFOLLOW), fsync when durable, rename.
+/// A file has one writer at a time (the lock holder, or the owner of a
+/// pending record, whom every other call leaves alone), so the temporary
+/// name is fixed: a write killed half-way leaves it, and the next write or
+/// removal of the same file takes it away, at no cost per call.
 pub fn write_json_atomic<T: Serialize>(
     path: &Path,
     value: &T,
     durability: Durability,
 ) -> Result<()> {
     let bytes = serde_json::to_vec(value).map_err(|e| Error::internal(e.to_string()))?;
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("record");
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let tmp = temp_path(path);
     let _ = fs::remove_file(&tmp);
     let write = || -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new()

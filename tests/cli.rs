@@ -32,17 +32,28 @@ fn show(o: &Output) -> String {
     )
 }
 
+/// `--help`, and `COMMAND --help`, print the whole help: every command and
+/// every key of the network config, so it serves without the README.
 #[test]
 fn help_works() {
-    let o = run(&["--help"], &[], "");
-    assert!(o.status.success(), "--help: {}", show(&o));
-    let text = String::from_utf8_lossy(&o.stdout);
-    for cmd in ["status", "stop"] {
-        assert!(
-            text.contains(cmd),
-            "--help does not mention {cmd}: {}",
-            show(&o)
-        );
+    for args in [
+        &["--help"][..],
+        &["help"],
+        &["status", "--help"],
+        &["gc", "-h"],
+        &["exec", "--help", "--", "ip"],
+    ] {
+        let o = run(args, &[], "");
+        assert!(o.status.success(), "{args:?}: {}", show(&o));
+        let text = String::from_utf8_lossy(&o.stdout);
+        let commands = ["status", "ls", "stop", "gc", "exec", "doctor"];
+        for word in rootless_cni::cni::config::OWN_KEYS.iter().chain(&commands) {
+            assert!(
+                text.contains(word),
+                "{args:?} does not mention {word}: {}",
+                show(&o)
+            );
+        }
     }
 }
 

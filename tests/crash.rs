@@ -189,14 +189,23 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
     lab.assert_no_infra("after the last DEL");
 }
 
+/// Kills a loop: CRASH_ITERATIONS (default 25, so 50 in all with both
+/// verbs) raises it for a longer hunt.
+fn iterations() -> usize {
+    std::env::var("CRASH_ITERATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(25)
+}
+
 #[test]
 fn sigkill_during_add_then_recover() {
-    crash_loop("crash_add", "ADD", 25, 0xADD0_2024);
+    crash_loop("crash_add", "ADD", iterations(), 0xADD0_2024);
 }
 
 #[test]
 fn sigkill_during_del_then_recover() {
-    crash_loop("crash_del", "DEL", 25, 0xDE1_2024);
+    crash_loop("crash_del", "DEL", iterations(), 0xDE1_2024);
 }
 
 // ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ mod common;
 mod support;
 
 use common::pids_of_uid;
+use rootless_cni::cni::config::{OWN_KEYS, SPEC_KEYS};
 use serde_json::{json, Map, Value};
 use std::ffi::OsString;
 use std::fs;
@@ -165,31 +166,6 @@ impl Input {
     }
 }
 
-const OWN_KEYS: &[&str] = &[
-    "delegate",
-    "network",
-    "confDir",
-    "stateDir",
-    "mtu",
-    "allowHostLoopback",
-    "ipv6",
-    "portDriver",
-    "idleTimeout",
-    "pluginTimeout",
-    "lockTimeout",
-    "logLevel",
-];
-const SPEC_KEYS: &[&str] = &[
-    "cniVersion",
-    "name",
-    "type",
-    "capabilities",
-    "runtimeConfig",
-    "prevResult",
-    "args",
-    "cni.dev/valid-attachments",
-    "cni.dev/attachments",
-];
 const STRINGS: &[&str] = &[
     "",
     "x",

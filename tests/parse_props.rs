@@ -10,6 +10,7 @@
 //! binary, with state files too.
 
 use proptest::prelude::*;
+use rootless_cni::cni::config::{OWN_KEYS, SPEC_KEYS};
 use rootless_cni::error::code;
 use rootless_cni::plugin::{parse_call, Call};
 use serde_json::{json, Map, Value};
@@ -22,30 +23,6 @@ const VARS: [&str; 6] = [
     "CNI_IFNAME",
     "CNI_PATH",
     "CNI_ARGS",
-];
-
-/// The keys of our config (and the spec's) that the parser reads.
-const KEYS: [&str; 20] = [
-    "cniVersion",
-    "name",
-    "type",
-    "delegate",
-    "network",
-    "confDir",
-    "stateDir",
-    "mtu",
-    "allowHostLoopback",
-    "ipv6",
-    "portDriver",
-    "idleTimeout",
-    "pluginTimeout",
-    "lockTimeout",
-    "logLevel",
-    "runtimeConfig",
-    "capabilities",
-    "prevResult",
-    "cni.dev/valid-attachments",
-    "cni.dev/attachments",
 ];
 
 /// A config that parses: the example network's outer config.
@@ -122,10 +99,15 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
+/// The keys the parser reads: ours and the spec's.
+fn known_keys() -> Vec<&'static str> {
+    OWN_KEYS.iter().chain(SPEC_KEYS).copied().collect()
+}
+
 /// A key of ours or the spec's, or any other.
 fn config_key() -> impl Strategy<Value = String> {
     prop_oneof![
-        3 => prop::sample::select(KEYS.to_vec()).prop_map(String::from),
+        3 => prop::sample::select(known_keys()).prop_map(String::from),
         1 => hostile_string(),
     ]
 }
@@ -248,7 +230,7 @@ proptest! {
 
     /// A valid config with one key removed: accepted, or an error naming it.
     #[test]
-    fn one_key_removed(key in prop::sample::select(KEYS.to_vec())) {
+    fn one_key_removed(key in prop::sample::select(known_keys())) {
         let mut conf = valid_config();
         conf.as_object_mut().expect("an object").remove(key);
         let stdin = conf.to_string();

@@ -75,6 +75,41 @@ fn run_root(argv: &[&str], timeout: Duration) -> Out {
     run_command(root_command(argv), argv.join(" "), None, timeout)
 }
 
+/// A root process in a private mount namespace where `setup` (shell) has
+/// run, holding it until killed. It reports on `<dir>/<name>.err`; a setup
+/// that fails or hangs is a panic, with the holder killed first.
+fn private_mount_ns_holder(dir: &Path, name: &str, setup: &str) -> std::process::Child {
+    let ready = dir.join(format!("{name}-ready"));
+    let err = dir.join(format!("{name}.err"));
+    let script = format!(
+        "set -e\n{setup}\ntouch '{}'\nexec sleep infinity",
+        ready.display()
+    );
+    let mut child = root_command(&["unshare", "--mount", "--propagation", "private"])
+        .args(["sh", "-c", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            fs::File::create(&err)
+                .map(std::process::Stdio::from)
+                .unwrap_or_else(|e| panic!("{}: {e}", err.display())),
+        )
+        .spawn()
+        .expect("starting the mount namespace holder");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = fs::read_to_string(&err).unwrap_or_default();
+            panic!("the private mount namespace did not come up ({exited:?}): {err}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
 // ---------------------------------------------------------------------------
 // rootlesskit
 
@@ -471,32 +506,9 @@ impl RootBox {
         .expect("copying rootless-cni");
         let d = b.dir.display();
         let setup = format!(
-            "set -e
-             mount -t overlay overlay -o lowerdir=/var/lib,upperdir={d}/ovl/var-lib/upper,workdir={d}/ovl/var-lib/work /var/lib
-             touch {d}/ready
-             exec sleep infinity"
+            "mount -t overlay overlay -o lowerdir=/var/lib,upperdir={d}/ovl/var-lib/upper,workdir={d}/ovl/var-lib/work /var/lib"
         );
-        let child = root_command(&["unshare", "--mount", "--propagation", "private"])
-            .args(["sh", "-c", &setup])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(
-                fs::File::create(b.dir.join("holder.err"))
-                    .map(std::process::Stdio::from)
-                    .expect("holder.err"),
-            )
-            .spawn()
-            .expect("starting the mount namespace holder");
-        b.holder = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !b.dir.join("ready").exists() {
-            let exited = b.holder.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if exited.is_some() || Instant::now() > deadline {
-                let err = fs::read_to_string(b.dir.join("holder.err")).unwrap_or_default();
-                panic!("the private mount namespace did not come up ({exited:?}): {err}");
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
+        b.holder = Some(private_mount_ns_holder(&b.dir, "holder", &setup));
         b
     }
 
@@ -1042,38 +1054,15 @@ impl RootlessPodman {
 
         let d = lab.dir.display().to_string();
         let setup = format!(
-            "set -e
-             for f in passwd group subuid subgid; do mount --bind {d}/etc-$f /etc/$f; done
-             mount --bind {d}/tun /dev/net/tun
-             touch {d}/podman-ns-ready
-             exec sleep infinity"
+            "for f in passwd group subuid subgid; do mount --bind {d}/etc-$f /etc/$f; done
+             mount --bind {d}/tun /dev/net/tun"
         );
-        let child = root_command(&["unshare", "--mount", "--propagation", "private"])
-            .args(["sh", "-c", &setup])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(
-                fs::File::create(lab.dir.join("podman-ns.err"))
-                    .map(std::process::Stdio::from)
-                    .expect("podman-ns.err"),
-            )
-            .spawn()
-            .expect("starting the mount namespace holder");
-        let mut pm = RootlessPodman {
+        let child = private_mount_ns_holder(&lab.dir, "podman-ns", &setup);
+        RootlessPodman {
             lab,
             holder: Some(child),
             done: false,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !pm.lab.dir.join("podman-ns-ready").exists() {
-            let exited = pm.holder.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            if exited.is_some() || Instant::now() > deadline {
-                let err = fs::read_to_string(pm.lab.dir.join("podman-ns.err")).unwrap_or_default();
-                panic!("the private mount namespace did not come up ({exited:?}): {err}");
-            }
-            thread::sleep(Duration::from_millis(10));
         }
-        pm
     }
 
     /// `argv` as the lab uid in the holder's mount namespace, with a clean

@@ -21,6 +21,26 @@ slirp4netns connects to the outside. List it in a network config:
 
   { \"type\": \"rootless-cni\", \"delegate\": { <an inner conflist> } }
 
+Network config keys (of the rootless-cni plugin entry):
+  delegate           the inner chain: an inline conflist or one plugin config
+  network            instead of delegate: a conflist's name, found in confDir
+  confDir            where network is looked up
+                     (default $XDG_CONFIG_HOME/cni/net.d or ~/.config/cni/net.d)
+  stateDir           default $XDG_RUNTIME_DIR/rootless-cni (0700, yours)
+  mtu                slirp4netns's MTU, 576-65520 (default 65520)
+  allowHostLoopback  containers reach the host's 127.0.0.1 as 10.0.2.2
+                     (default false)
+  ipv6               slirp4netns IPv6, fd00::/64 (default false)
+  portDriver         builtin (default) or slirp4netns, for portMappings
+  idleTimeout        keep the infra after the last DEL: 30, \"30s\", \"5m\"
+  pluginTimeout      kill an inner plugin after this (default 60s)
+  lockTimeout        wait this long for the state lock, then code 11
+                     (default 30s)
+  logLevel           error, warn (default), info, debug, trace
+An unknown key is an error (code 7) naming it. The runtime's capability
+args (portMappings, ips, mac, ...) reach the inner plugins that declare
+them, as under libcni.
+
 Usage: rootless-cni [--state-dir DIR] COMMAND [ARGS]
 
 Commands:
@@ -38,7 +58,7 @@ Commands:
                          namespaces (ip addr, iptables -L, ...), for debugging
   doctor [--json]        check every prerequisite and print the fix for
                          each failure
-  help                   this text
+  help                   this text; COMMAND --help shows it too
 
 Options:
   --state-dir DIR   state dir (default: $XDG_RUNTIME_DIR/rootless-cni)
@@ -79,6 +99,16 @@ fn run(args: Vec<String>) -> Result<i32> {
             }
             _ => rest.by_ref().collect(),
         };
+        // `COMMAND --help` (before any `--` of exec) is a request for help,
+        // not an unknown option.
+        let asks_help = args
+            .iter()
+            .take_while(|a| *a != "--")
+            .any(|a| a == "-h" || a == "--help");
+        if asks_help && !arg.starts_with("__") {
+            print!("{HELP}");
+            return Ok(0);
+        }
         return match arg.as_str() {
             "-h" | "--help" | "help" => {
                 print!("{HELP}");

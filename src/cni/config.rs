@@ -13,7 +13,7 @@ pub const DEFAULT_MTU: u32 = 65520;
 pub const DEFAULT_PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Keys libcni injects or the spec defines for every plugin config.
-const SPEC_KEYS: &[&str] = &[
+pub const SPEC_KEYS: &[&str] = &[
     "cniVersion",
     "name",
     "type",
@@ -25,7 +25,7 @@ const SPEC_KEYS: &[&str] = &[
     "cni.dev/attachments",
 ];
 /// Our own keys.
-const OWN_KEYS: &[&str] = &[
+pub const OWN_KEYS: &[&str] = &[
     "delegate",
     "network",
     "confDir",

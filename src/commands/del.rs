@@ -40,8 +40,12 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             key.container_id,
             key.ifname
         );
+        let lock = state.lock()?;
+        // An ADD killed while writing its first record leaves only the
+        // temporary file, which this takes away.
+        state.remove_attachment(&key, &lock)?;
         // An idle infra left by a crashed call still goes.
-        return infra::stop_if_idle(&state, &state.lock()?, false);
+        return infra::stop_if_idle(&state, &lock, false);
     };
 
     match info.filter(|i| i.sandbox == record.infra) {
@@ -75,9 +79,6 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
 
     let lock = state.lock()?;
     state.remove_attachment(&key, &lock)?;
-    // A write killed half-way (this attachment's, or another's) leaves a
-    // temporary file that nothing else would remove while others stay.
-    state.remove_temp_files(&lock);
     infra::stop_if_idle(&state, &lock, false)
 }
 
