@@ -221,6 +221,7 @@ fn ipv6_host_loopback_unreachable_when_not_allowed() {
     assert_eq!(server.connections(), 0, "the [::1] server was connected to");
 
     del(&lab, DUAL, &c.netns());
+    lab.assert_no_infra("after the DEL");
 }
 
 // ---------------------------------------------------------------------------
