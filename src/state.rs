@@ -34,8 +34,14 @@ pub struct StateDir {
     pub lock_timeout: Duration,
 }
 
+/// The state dir's name under XDG_RUNTIME_DIR. Not `rootless-cni`: podman
+/// 3.x (Ubuntu 22.04, Debian 11 backports) keeps its own rootless CNI
+/// namespace files in `$XDG_RUNTIME_DIR/rootless-cni` and removes that dir
+/// when its last container goes, records and all.
+pub const DEFAULT_DIR_NAME: &str = "rootless-cni-plugin";
+
 impl StateDir {
-    /// The config's `stateDir`, else `$XDG_RUNTIME_DIR/rootless-cni`.
+    /// The config's `stateDir`, else `$XDG_RUNTIME_DIR/rootless-cni-plugin`.
     pub fn resolve(configured: Option<&Path>) -> Result<PathBuf> {
         if let Some(p) = configured {
             if !p.is_absolute() {
@@ -47,7 +53,7 @@ impl StateDir {
             return Ok(p.to_path_buf());
         }
         match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
-            Some(run) => Ok(PathBuf::from(run).join("rootless-cni")),
+            Some(run) => Ok(PathBuf::from(run).join(DEFAULT_DIR_NAME)),
             None => Err(Error::config(
                 "XDG_RUNTIME_DIR is not set: set it, or give \"stateDir\" in the config",
             )),

@@ -60,8 +60,8 @@ impl Place {
         for (rel, mode) in [
             ("", 0o755),
             ("run", 0o700),
-            ("run/rootless-cni", 0o700),
-            ("run/rootless-cni/attachments", 0o700),
+            ("run/rootless-cni-plugin", 0o700),
+            ("run/rootless-cni-plugin/attachments", 0o700),
             ("conf", 0o755),
             ("other-state", 0o700),
         ] {
@@ -92,14 +92,14 @@ impl Place {
     }
 
     fn state(&self) -> PathBuf {
-        self.dir.join("run/rootless-cni")
+        self.dir.join("run/rootless-cni-plugin")
     }
 
     /// Values `stateDir` may take: never a path outside this place.
     fn state_dirs(&self) -> Vec<Value> {
         let p = |rel: &str| Value::String(self.dir.join(rel).display().to_string());
         vec![
-            p("run/rootless-cni"),
+            p("run/rootless-cni-plugin"),
             p("other-state"),
             p("absent-state"),
             p("a-file"),

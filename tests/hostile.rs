@@ -587,7 +587,7 @@ fn unsafe_state_dirs_are_refused() {
             }
         }
     }
-    // The default state dir ($XDG_RUNTIME_DIR/rootless-cni) as a symlink.
+    // The default state dir ($XDG_RUNTIME_DIR/rootless-cni-plugin) as a symlink.
     std::os::unix::fs::symlink(&real, lab.state_dir()).expect("symlink");
     std::os::unix::fs::lchown(lab.state_dir(), Some(lab.uid), Some(lab.uid)).expect("lchown");
     let stdin = plugin_stdin(&example_conflist()).to_string();

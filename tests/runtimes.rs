@@ -517,7 +517,7 @@ impl RootBox {
     }
 
     fn state_dir(&self) -> String {
-        self.path("state/rootless-cni")
+        self.path("state/rootless-cni-plugin")
     }
 
     /// `argv` as root in the box's mount namespace.
@@ -982,7 +982,8 @@ fn podman_publishes_a_port_through_rootless_cni() {
 /// documented files: conf-examples/podman/containers.conf (its plugin dirs
 /// made the lab's) in ~/.config/containers/, conf-examples/podman/
 /// rootless.conflist as it is in ~/.config/cni/net.d/ (podman's rootless
-/// default), the plugin's default state dir $XDG_RUNTIME_DIR/rootless-cni.
+/// default), the plugin's default state dir
+/// $XDG_RUNTIME_DIR/rootless-cni-plugin.
 ///
 /// Every podman call runs in one private mount namespace of root's, held by
 /// a `sleep`, where the lab's 0666 tun node and the lab's copies of
@@ -1377,4 +1378,38 @@ fn rootless_podman_publishes_a_port_through_rootless_cni() {
     assert!(left.is_empty(), "processes left:\n{}", left.join("\n"));
     assert_eq!(HostState::capture(), before, "the host is not as it was");
     eprintln!("rootless podman test took {:?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------
+// podman 3's rootless CNI dir
+
+/// Podman 3.2 to 3.4 keep their rootless CNI namespace files in
+/// $XDG_RUNTIME_DIR/rootless-cni and remove that dir when their last
+/// container goes. With an infra running, such a dir is made and removed
+/// as podman 3 does: our record, the container's network, CHECK and DEL
+/// are untouched, because our state dir is another.
+#[test]
+fn podman3_rootless_cni_dir_is_not_ours() {
+    let Some(lab) = Lab::with_example_net("podman3_dir") else {
+        return;
+    };
+    let c = lab.container();
+    let ip = lab.attach(&c);
+    let theirs = lab.run_dir().join("rootless-cni");
+    assert_ne!(lab.state_dir(), theirs, "our state dir is podman 3's");
+    for dir in ["run/systemd", "var/lib/cni/results"] {
+        fs::create_dir_all(theirs.join(dir)).expect("making podman 3's dirs");
+    }
+    fs::write(theirs.join("resolv.conf"), "nameserver 10.0.2.3\n").expect("resolv.conf");
+    fs::write(theirs.join("rootless-cni-slirp4netns.pid"), "1").expect("pid file");
+    // Podman 3's cleanup after its last container.
+    fs::remove_dir_all(&theirs).expect("removing podman 3's dir");
+
+    assert_eq!(lab.attachment_files().len(), 1, "our record");
+    lab.assert_attached(&c, &ip);
+    let check = lab.cnitool("check", NET, &c.netns());
+    assert!(check.ok(), "CHECK after podman 3's cleanup: {check}");
+    let del = lab.cnitool("del", NET, &c.netns());
+    assert!(del.ok(), "DEL after podman 3's cleanup: {del}");
+    lab.assert_detached("after the DEL");
 }

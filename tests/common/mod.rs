@@ -727,7 +727,7 @@ impl Lab {
     }
     /// The plugin's default state dir.
     pub fn state_dir(&self) -> PathBuf {
-        self.run_dir().join("rootless-cni")
+        self.run_dir().join(rootless_cni::state::DEFAULT_DIR_NAME)
     }
     /// NETCONFPATH for cnitool.
     pub fn netconf_dir(&self) -> PathBuf {
