@@ -75,6 +75,20 @@ fn run_root(argv: &[&str], timeout: Duration) -> Out {
     run_command(root_command(argv), argv.join(" "), None, timeout)
 }
 
+/// The test page, fetched with curl on the host's 127.0.0.1:`port`
+/// (retried while the published port comes up).
+fn assert_page_on_host(port: u16) {
+    let url = format!("http://127.0.0.1:{port}/");
+    let got = retry(Duration::from_secs(5), || {
+        run_root(
+            &["curl", "-sS", "--max-time", "3", &url],
+            Duration::from_secs(10),
+        )
+    });
+    assert!(got.ok(), "curl {url} on the host: {got}");
+    assert_eq!(got.stdout, PAGE, "{got}");
+}
+
 /// A root process in a private mount namespace where `setup` (shell) has
 /// run, holding it until killed. It reports on `<dir>/<name>.err`; a setup
 /// that fails or hangs is a panic, with the holder killed first.
@@ -957,15 +971,7 @@ fn podman_publishes_a_port_through_rootless_cni() {
         .concat(),
     );
     assert!(run.ok(), "podman run -p {publish}: {run}");
-    let url = format!("http://127.0.0.1:{port}/");
-    let got = retry(Duration::from_secs(5), || {
-        run_root(
-            &["curl", "-sS", "--max-time", "3", &url],
-            Duration::from_secs(10),
-        )
-    });
-    assert!(got.ok(), "curl {url}: {got}");
-    assert_eq!(got.stdout, PAGE, "{got}");
+    assert_page_on_host(port);
 
     let rm = pm.podman(&["rm", "--force", "--time", "0", "rcni-pub"]);
     assert!(rm.ok(), "podman rm: {rm}");
@@ -1232,16 +1238,7 @@ fn rootless_podman_publishes_a_port_through_rootless_cni() {
         .concat(),
     );
     assert!(run.ok(), "podman run -p {publish}: {run}");
-
-    let url = format!("http://127.0.0.1:{port}/");
-    let got = retry(Duration::from_secs(5), || {
-        run_root(
-            &["curl", "-sS", "--max-time", "3", &url],
-            Duration::from_secs(10),
-        )
-    });
-    assert!(got.ok(), "curl {url} on the host: {got}");
-    assert_eq!(got.stdout, PAGE, "{got}");
+    assert_page_on_host(port);
 
     let format = format!(
         "{{{{(index .NetworkSettings.Networks \"{PODMAN_NET}\").IPAddress}}}} {{{{.State.Pid}}}}"
@@ -1300,6 +1297,7 @@ fn rootless_podman_publishes_a_port_through_rootless_cni() {
     // Our half of the published port, in podman's rootless-netns: the
     // forwarder, the infra's portmap DNAT, the bridge.
     let supervisor_net = format!("--net=/proc/{supervisor}/ns/net");
+    let url = format!("http://127.0.0.1:{port}/");
     let ours = retry(Duration::from_secs(5), || {
         run_root(
             &[
