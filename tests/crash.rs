@@ -506,12 +506,12 @@ fn corrupt_attachment_records() {
 
 /// The runtime kills the plugin (libcni does, on its timeout) while an
 /// inner plugin is half-way through its ADD. The inner plugin finishes its
-/// step, as it would under libcni; the DEL that follows waits for it
-/// instead of undoing a half-made step it would then redo behind the DEL's
-/// back. The inner plugin logs each step: "ADD end" must come before "DEL".
-#[test]
-fn del_waits_for_the_inner_plugin_of_a_killed_add() {
-    let Some(lab) = Lab::new("orphan_inner") else {
+/// step, as it would under libcni; the call that follows on that attachment
+/// (`verb`: DEL, or a GC that drops it) waits for it instead of undoing a
+/// half-made step it would then redo behind the call's back. The inner
+/// plugin logs each step: "ADD end" must come before "DEL".
+fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
+    let Some(lab) = Lab::new(name) else {
         return;
     };
     let log = lab.dir.join("slowstep.log");
@@ -542,10 +542,10 @@ fn del_waits_for_the_inner_plugin_of_a_killed_add() {
             "plugins": [{ "type": "slowstep" }]
         }),
     );
-    let stdin = plugin_stdin(&conf).to_string();
+    let stdin = plugin_stdin(&conf);
     let c = lab.container();
 
-    let add = support::spawn(&lab, &call(&lab, "ADD", "orphan", &c, &stdin));
+    let add = support::spawn(&lab, &call(&lab, "ADD", "orphan", &c, &stdin.to_string()));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !fs::read_to_string(&log)
         .unwrap_or_default()
@@ -562,16 +562,46 @@ fn del_waits_for_the_inner_plugin_of_a_killed_add() {
     assert!(killed.status.is_none(), "the ADD was not killed: {killed}");
 
     let started = Instant::now();
-    let del = must(&lab, "DEL", "orphan", &c, &stdin, "after the killed ADD");
-    eprintln!(
-        "DEL after the killed ADD took {:?}: {del}",
-        started.elapsed()
-    );
+    let out = if verb == "GC" {
+        let mut gc = stdin.clone();
+        gc["cniVersion"] = "1.1.0".into();
+        gc["cni.dev/valid-attachments"] = serde_json::json!([]);
+        let env = vec![
+            ("CNI_COMMAND".to_string(), "GC".to_string()),
+            ("CNI_PATH".to_string(), lab.cni_path()),
+        ];
+        support::run(
+            &lab,
+            &Call::plugin(&lab, &env, &gc.to_string()),
+            Duration::from_secs(60),
+        )
+    } else {
+        must(
+            &lab,
+            "DEL",
+            "orphan",
+            &c,
+            &stdin.to_string(),
+            "after the killed ADD",
+        )
+    };
+    assert!(out.ok(), "{verb} after the killed ADD: {out}");
+    eprintln!("{verb} after the killed ADD took {:?}", started.elapsed());
     let steps = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(
         steps.lines().collect::<Vec<_>>(),
         ["ADD start", "ADD end", "DEL"],
         "inner plugin steps"
     );
-    lab.assert_no_infra("after the DEL");
+    lab.assert_no_infra(&format!("after the {verb}"));
+}
+
+#[test]
+fn del_waits_for_the_inner_plugin_of_a_killed_add() {
+    orphan_inner_plugin_is_waited_for("orphan_del", "DEL");
+}
+
+#[test]
+fn gc_waits_for_the_inner_plugin_of_a_killed_add() {
+    orphan_inner_plugin_is_waited_for("orphan_gc", "GC");
 }
