@@ -23,7 +23,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{example_conflist, outer, plugin_stdin, result_ipv4, Container, Lab};
+use common::{example_conflist, outer, plugin_stdin, result_ipv4, Container, Lab, LAB_PATH};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -41,8 +41,6 @@ use std::time::{Duration, Instant};
 
 /// argv[1] of the bench binary when it runs as the worker.
 const WORKER_ARG: &str = "__bench_worker";
-/// The PATH of everything in the lab (as tests/common gives it).
-const LAB_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
 /// The reference plugins.
 const PLUGIN_DIR: &str = "/usr/lib/cni";
 /// The port iperf3 servers listen on inside containers.
@@ -354,20 +352,7 @@ mod cleanup {
 /// A command inside the lab's session as the lab user (what `Lab::exec`
 /// runs, without its timeout and output collection).
 fn session(lab: &Lab, env: &[(&str, &str)], argv: &[&str]) -> Command {
-    let u = lab.uid.to_string();
-    let mut cmd = Command::new("/usr/bin/setpriv");
-    cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-        .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-        .arg(format!("--target={}", lab.holder))
-        .args(["--", "env", "-i"])
-        .arg(format!("PATH={LAB_PATH}"))
-        .arg(format!("HOME={}", lab.dir.display()))
-        .arg(format!("XDG_RUNTIME_DIR={}", lab.run_dir().display()));
-    for (k, v) in env {
-        cmd.arg(format!("{k}={v}"));
-    }
-    cmd.args(argv).env_clear().env("PATH", LAB_PATH);
-    cmd
+    lab.command(env, argv).0
 }
 
 /// A background process, killed and reaped on drop.
@@ -953,7 +938,6 @@ mod trace {
 
 mod worker {
     use super::*;
-    use std::os::fd::{AsFd, BorrowedFd};
 
     pub fn main() -> i32 {
         let mut input = String::new();
@@ -1073,16 +1057,9 @@ mod worker {
         if let Some(infra) = infra {
             let (mnt, net) = (infra.mnt.as_raw_fd(), infra.net.as_raw_fd());
             // SAFETY: between fork and exec in the single-threaded child;
-            // setns and chdir are async-signal-safe.
+            // join_namespaces is async-signal-safe and `infra` outlives it.
             unsafe {
-                cmd.pre_exec(move || {
-                    use nix::sched::{setns, CloneFlags};
-                    let mnt = BorrowedFd::borrow_raw(mnt);
-                    let net = BorrowedFd::borrow_raw(net);
-                    setns(mnt.as_fd(), CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
-                    setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-                    nix::unistd::chdir("/").map_err(std::io::Error::from)
-                });
+                cmd.pre_exec(move || rootless_cni::exec::join_namespaces(mnt, net));
             }
         }
         let t = Instant::now();

@@ -52,17 +52,11 @@ impl InfraNs {
     /// network namespaces between fork and exec. `keep` is a fd to pass on.
     pub fn enter(&self, cmd: &mut Command, keep: Option<std::os::fd::RawFd>) {
         let (net, mnt) = (self.net.as_raw_fd(), self.mnt.as_raw_fd());
-        // SAFETY: runs between fork and exec in the single-threaded child,
-        // where setns into a mount namespace is allowed; setns, chdir and
-        // fcntl are async-signal-safe.
+        // SAFETY: runs between fork and exec in the single-threaded child;
+        // join_namespaces and fcntl are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
-                use std::os::fd::BorrowedFd;
-                let mnt = BorrowedFd::borrow_raw(mnt);
-                let net = BorrowedFd::borrow_raw(net);
-                setns(mnt.as_fd(), CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
-                setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-                nix::unistd::chdir("/").map_err(std::io::Error::from)?;
+                join_namespaces(mnt, net)?;
                 if let Some(fd) = keep {
                     sys::keep_on_exec(fd)?;
                 }
@@ -70,6 +64,19 @@ impl InfraNs {
             });
         }
     }
+}
+
+/// Joins the mount namespace `mnt`, then the network namespace `net` (both
+/// fds), and moves to `/` of the new mount namespace: what makes a process
+/// run inside the infra. Meant for `pre_exec`: setns into a mount namespace
+/// needs a single-threaded caller, and nothing here allocates.
+pub fn join_namespaces(mnt: std::os::fd::RawFd, net: std::os::fd::RawFd) -> std::io::Result<()> {
+    use std::os::fd::BorrowedFd;
+    // SAFETY: the caller keeps both fds open until it has exec'd.
+    let (mnt, net) = unsafe { (BorrowedFd::borrow_raw(mnt), BorrowedFd::borrow_raw(net)) };
+    setns(mnt.as_fd(), CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
+    setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+    nix::unistd::chdir("/").map_err(std::io::Error::from)
 }
 
 /// The runtime's container netns, and the name inner plugins know it by.
