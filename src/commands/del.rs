@@ -48,21 +48,19 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
         return infra::stop_if_idle(&state, &lock, false);
     };
 
-    match info.filter(|i| i.sandbox == record.infra) {
-        None => {
-            log::info!("{} died with its infra; forgetting it", key.container_id);
-            state.release_dead_leases(&key.container_id, &key.ifname, &state.lock()?);
-        }
+    let live_infra = info.filter(|i| i.sandbox == record.infra);
+    match &live_infra {
+        None => log::info!("{} died with its infra; forgetting it", key.container_id),
         Some(info) => {
             if killed_owner {
-                exec::settle_orphans(&info, &key.container_id, &key.ifname, conf.plugin_timeout);
+                exec::settle_orphans(info, &key.container_id, &key.ifname, conf.plugin_timeout);
             }
             // A broken record must not block the DEL: no ports then.
             let mappings =
                 crate::ports::from_runtime_config(&record.capability_args).unwrap_or_default();
             super::add::unpublish_ports(&state, &key, &mappings);
             let netns = ContainerNetns::open_if_present(env.netns.as_deref());
-            let chain = Chain::recorded(&record, &info, &netns, env, conf.plugin_timeout)?;
+            let chain = Chain::recorded(&record, info, &netns, env, conf.plugin_timeout)?;
             let deleted = chain.del(chain.cached_result(&record).as_ref());
             match (deleted, record.state) {
                 (Ok(()), _) => {}
@@ -78,6 +76,9 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
 
     let lock = state.lock()?;
+    if live_infra.is_none() {
+        state.release_dead_leases(&key.container_id, &key.ifname, &lock);
+    }
     state.remove_attachment(&key, &lock)?;
     infra::stop_if_idle(&state, &lock, false)
 }

@@ -74,18 +74,20 @@ pub fn collect(
             rec.ifname,
             rec.network
         );
-        let deleted = match &info {
-            Some(info) if info.sandbox == rec.infra => {
-                delete_recorded(state, info, cni_path, timeout, rec)
-            }
-            // Gone with its infra: nothing to undo but its leases.
-            _ => {
-                state.release_dead_leases(&rec.container_id, &rec.ifname, &state.lock()?);
-                Ok(())
-            }
+        let live_infra = info.as_ref().filter(|i| i.sandbox == rec.infra);
+        let deleted = match live_infra {
+            Some(info) => delete_recorded(state, info, cni_path, timeout, rec),
+            // Gone with its infra: nothing to undo but its leases (below).
+            None => Ok(()),
         };
         match deleted {
-            Ok(()) => errors.push_if_err(state.remove_attachment(&rec.key(), &state.lock()?)),
+            Ok(()) => {
+                let lock = state.lock()?;
+                if live_infra.is_none() {
+                    state.release_dead_leases(&rec.container_id, &rec.ifname, &lock);
+                }
+                errors.push_if_err(state.remove_attachment(&rec.key(), &lock));
+            }
             Err(e) => {
                 errors.push_if_err::<()>(Err(e.context(format!("GC of {}", rec.container_id))))
             }
