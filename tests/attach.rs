@@ -80,7 +80,7 @@ fn two_containers_ping_each_other() {
         let del = lab.cnitool("del", NET, &c.netns());
         assert!(del.ok(), "DEL {}: {del}", c.netns());
     }
-    lab.assert_detached("after the last DEL");
+    lab.assert_no_infra("after the last DEL");
 }
 
 /// With `allowHostLoopback: true` (the example), 10.0.2.2 is the host's
@@ -104,9 +104,8 @@ fn host_loopback_reachable_when_allowed() {
     assert_eq!(got.stdout, HostServer::BODY, "{got}");
     assert!(server.connections() >= 1);
 
-    let del = lab.cnitool("del", NET, &c.netns());
-    assert!(del.ok(), "DEL: {del}");
-    lab.assert_detached("after the DEL");
+    lab.detach(&c);
+    lab.assert_no_infra("after the DEL");
 }
 
 /// With `allowHostLoopback: false` the same fetch fails, while the network
@@ -150,7 +149,6 @@ fn host_loopback_unreachable_when_not_allowed() {
         None => eprintln!("no global IPv4 on this host: outbound check skipped"),
     }
 
-    let del = lab.cnitool("del", NET, &c.netns());
-    assert!(del.ok(), "DEL: {del}");
-    lab.assert_detached("after the DEL");
+    lab.detach(&c);
+    lab.assert_no_infra("after the DEL");
 }

@@ -13,9 +13,10 @@
 
 mod common;
 
-use common::{example_conflist, plugin_stdin, run_command, Container, Lab, GATEWAY, NET};
+use common::{
+    example_conflist, free_tcp_port, plugin_stdin, run_command, Container, Lab, GATEWAY, NET,
+};
 use serde_json::Value;
-use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
@@ -64,12 +65,6 @@ fn gc(lab: &Lab, args: &[&str]) -> Vec<String> {
         .collect();
     ids.sort();
     ids
-}
-
-/// A TCP port nobody listens on right now.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding a free port");
-    l.local_addr().expect("local addr").port()
 }
 
 /// `status` text with the uptime ("running for Ns") blanked out.
@@ -147,8 +142,7 @@ fn exec_runs_inside_the_infra() {
     let out = lab.cli(&["exec", "--", "sh", "-c", "exit 3"]);
     assert_eq!(out.status, Some(3), "exec passes the exit code on: {out}");
 
-    let del = lab.cnitool("del", NET, &c.netns());
-    assert!(del.ok(), "DEL: {del}");
+    lab.detach(&c);
     lab.assert_no_infra("after DEL");
 
     let out = lab.cli(&["exec", "--", "ip", "-br", "addr"]);
@@ -212,8 +206,7 @@ fn gc_valid_keeps_only_the_listed_attachment() {
     );
     lab.assert_ping(&c1, GATEWAY, "the kept attachment lost its network");
 
-    let del = lab.cnitool("del", NET, &c1.netns());
-    assert!(del.ok(), "DEL: {del}");
+    lab.detach(&c1);
     lab.assert_no_infra("after DEL");
 }
 
@@ -251,7 +244,7 @@ fn ls_is_status_and_status_lists_ports() {
         return;
     };
     let c = lab.container();
-    let port = free_port();
+    let port = free_tcp_port();
     let cap_args = format!(
         r#"{{"portMappings":[{{"hostPort":{port},"containerPort":80,"protocol":"tcp","hostIP":"127.0.0.1"}}]}}"#
     );

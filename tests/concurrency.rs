@@ -204,7 +204,7 @@ fn storm_of_adds_and_dels_shares_one_infra() {
     for c in &second {
         assert_eq!(lab.links(c), vec!["lo"], "{c:?} kept interfaces after DEL");
     }
-    lab.assert_detached("after the storm");
+    lab.assert_no_infra("after the storm");
     eprintln!("storm: wall time {:.1}s", wall.elapsed().as_secs_f64());
 }
 
@@ -332,5 +332,5 @@ fn add_racing_the_last_del_lands_in_a_live_infra() {
     }
     let del = lab.cnitool("del", NET, &last.netns());
     assert!(del.ok(), "final DEL: {del}");
-    lab.assert_detached("after the races");
+    lab.assert_no_infra("after the races");
 }

@@ -40,8 +40,7 @@ fn attach_by_name(lab: &Lab, conf: &Value) {
     let check = lab.cnitool("check", NET, &c.netns());
     assert!(check.ok(), "CHECK: {check}");
 
-    let del = lab.cnitool("del", NET, &c.netns());
-    assert!(del.ok(), "DEL: {del}");
+    lab.detach(&c);
     assert_eq!(
         lab.lease_files("inner"),
         Vec::<String>::new(),
@@ -212,8 +211,7 @@ fn bad_ipam_on_first_add_leaves_nothing_behind() {
     let add = lab.cnitool("add", NET, &c.netns());
     assert!(add.ok(), "good ADD after the failed one: {add}");
     lab.assert_ping(&c, GATEWAY, "container -> gateway");
-    let del = lab.cnitool("del", NET, &c.netns());
-    assert!(del.ok(), "DEL: {del}");
+    lab.detach(&c);
 }
 
 /// A bad-IPAM ADD on a running infra whose bridge is in use: rolled back

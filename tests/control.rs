@@ -38,7 +38,6 @@ fn same_chain_through_rootless_cni_works() {
     lab.assert_attached(&c, &ip);
     lab.assert_ping(&c, GATEWAY, "container -> gateway");
 
-    let del = lab.cnitool("del", NET, &c.netns());
-    assert!(del.ok(), "DEL: {del}");
+    lab.detach(&c);
     lab.assert_no_infra("after the last DEL");
 }

@@ -6,7 +6,7 @@
 mod common;
 mod support;
 
-use common::{example_conflist, outer, plugin_stdin, Container, Lab, Out, GATEWAY, NET};
+use common::{example_conflist, outer, plugin_stdin, Container, Lab, Out, Snapshot, GATEWAY};
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -103,23 +103,16 @@ fn bad_inner_plugin(lab: &Lab, plugin: &str, also: &str, bound: Duration) {
     if took >= bound {
         problems.push(format!("took {took:?}: {out}"));
     }
-    let leases = lab.lease_files(NET);
-    if !leases.is_empty() {
-        problems.push(format!("leases left: {leases:?}"));
-    }
-    let records = lab.attachment_files();
-    if !records.is_empty() {
-        problems.push(format!("records left: {records:?}"));
-    }
     if lab.links(&c) != vec!["lo"] {
         problems.push(format!("the container kept {:?}", lab.links(&c)));
     }
     if !lab.status()["infra"].is_null() {
         problems.push(format!("an infra runs: {}", lab.status()));
     }
-    let left = lab.leftovers_after(Duration::from_secs(3));
-    if !left.is_empty() {
-        problems.push(format!("processes left running:\n{}", left.join("\n")));
+    // Leases, records, processes, namespaces, mounts: the no-leak checker.
+    let leaked = lab.leaks_since(&Snapshot::default());
+    if !leaked.is_empty() {
+        problems.push(format!("left behind:\n{leaked}"));
     }
     let when = format!("after the ADD through {plugin}");
     assert!(problems.is_empty(), "{when}:\n{}", problems.join("\n"));

@@ -12,12 +12,6 @@ use std::time::{Duration, Instant};
 /// The hidden command line of the supervisor.
 const SUPERVISE: &str = "__supervise";
 
-/// `cnitool del`, which must succeed.
-fn del(lab: &Lab, c: &Container) {
-    let del = lab.cnitool("del", NET, &c.netns());
-    assert!(del.ok(), "DEL {}: {del}", c.netns());
-}
-
 /// A pid out of `status --json` (`infra.<which>.pid`).
 fn infra_pid(status: &Value, which: &str) -> u32 {
     status["infra"][which]["pid"]
@@ -76,7 +70,7 @@ fn idle_timeout_keeps_the_infra_warm_then_stops_it() {
         status["infra"]["idleTimeoutSeconds"], 2,
         "idle timeout of the running infra: {status}"
     );
-    del(&lab, &c);
+    lab.detach(&c);
     let status = lab.status();
     assert!(
         status["infra"].is_object(),
@@ -146,7 +140,7 @@ fn stop_refuses_with_attachments_and_force_stops() {
         check.stderr.contains("lost"),
         "CHECK does not say the attachment was lost: {check}"
     );
-    del(&lab, &c);
+    lab.detach(&c);
     wait_only_lo(&lab, &c, Duration::from_secs(5));
     lab.assert_no_infra("after DEL of the lost attachment");
 }
@@ -223,7 +217,7 @@ fn parallel_adds_share_one_infra() {
     for c in &containers {
         assert_eq!(lab.links(c), vec!["lo"], "{c:?} kept interfaces");
     }
-    lab.assert_detached("after the parallel DELs");
+    lab.assert_no_infra("after the parallel DELs");
 }
 
 /// d. `status` for people lists each attachment's container id (its first
@@ -263,7 +257,7 @@ fn status_lists_attachments_for_people() {
     );
     assert!(row.contains("eth0") && row.contains(NET), "row: {row:?}");
 
-    del(&lab, &c);
+    lab.detach(&c);
     let out = lab.cli(&["status"]);
     assert!(out.ok(), "status after DEL: {out}");
     assert!(
@@ -352,7 +346,7 @@ fn killed_supervisor_takes_the_infra_with_it() {
         check.stderr.contains("lost"),
         "CHECK does not say the attachment was lost: {check}"
     );
-    del(&lab, &c);
+    lab.detach(&c);
     wait_only_lo(&lab, &c, Duration::from_secs(5));
     lab.assert_no_infra("after DEL of the lost attachment");
 
@@ -362,6 +356,6 @@ fn killed_supervisor_takes_the_infra_with_it() {
     lab.assert_ping(&c, GATEWAY, "container -> gateway on the new infra");
     let fresh = infra_pid(&lab.status(), "supervisor");
     assert_ne!(fresh, supervisor, "the killed supervisor is still recorded");
-    del(&lab, &c);
+    lab.detach(&c);
     lab.assert_no_infra("after the last DEL");
 }

@@ -86,8 +86,7 @@ fn killed_sandbox_is_reported_and_replaced() {
         "sandbox {fresh:?}, killed was {sandbox}"
     );
     for c in [&c, &c2] {
-        let del = lab.cnitool("del", NET, &c.netns());
-        assert!(del.ok(), "DEL: {del}");
+        lab.detach(c);
     }
     lab.assert_no_infra("after the last DEL");
 }

@@ -24,10 +24,11 @@
 
 mod common;
 
-use common::{example_conflist, plugin_stdin, result_ipv4, run_command, Lab, Out, NET};
+use common::{
+    example_conflist, free_tcp_port, plugin_stdin, result_ipv4, run_command, Lab, Out, NET,
+};
 use serde_json::{json, Value};
 use std::fs;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -955,10 +956,7 @@ fn podman_publishes_a_port_through_rootless_cni() {
     let _serial = AS_ROOT.lock().unwrap_or_else(|e| e.into_inner());
     let mut pm = Podman::new("podman-port");
     let image = pm.import_image();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_tcp_port();
 
     let publish = format!("127.0.0.1:{port}:80");
     let run = pm.podman(
@@ -1222,10 +1220,7 @@ fn rootless_podman_publishes_a_port_through_rootless_cni() {
     let tar = busybox_rootfs_tar(&pm.lab.dir);
     let import = pm.podman(&["import", &tar, IMAGE]);
     assert!(import.ok(), "podman import: {import}");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_tcp_port();
 
     let publish = format!("127.0.0.1:{port}:80");
     let run = pm.podman(
@@ -1409,5 +1404,5 @@ fn podman3_rootless_cni_dir_is_not_ours() {
     assert!(check.ok(), "CHECK after podman 3's cleanup: {check}");
     let del = lab.cnitool("del", NET, &c.netns());
     assert!(del.ok(), "DEL after podman 3's cleanup: {del}");
-    lab.assert_detached("after the DEL");
+    lab.assert_no_infra("after the DEL");
 }

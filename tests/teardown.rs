@@ -39,7 +39,7 @@ fn del_removes_everything_and_the_last_stops_the_infra() {
     let del = lab.cnitool("del", NET, &c2.netns());
     assert!(del.ok(), "DEL c2: {del}");
     assert_eq!(lab.links(&c2), vec!["lo"], "c2 still has interfaces");
-    lab.assert_detached("after the last DEL");
+    lab.assert_no_infra("after the last DEL");
 
     // DEL again: nothing to do, success.
     let del = lab.cnitool("del", NET, &c2.netns());

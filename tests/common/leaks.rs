@@ -85,13 +85,11 @@ impl Lab {
             strays.iter().flat_map(|&p| held_namespaces(p)).collect();
         namespaces.extend(mounts.iter().filter(|m| m.ends_with(" nsfs")).cloned());
         let state = self.state_dir();
-        let networks = state.join("var-lib-cni/networks");
-        let leases = Lab::list(&networks)
+        let leases = Lab::list(&state.join("var-lib-cni/networks"))
             .into_iter()
             .flat_map(|net| {
-                Lab::list(&networks.join(&net))
+                self.lease_files(&net)
                     .into_iter()
-                    .filter(|n| !n.starts_with("last_reserved_ip") && n != "lock")
                     .map(move |ip| format!("{net}/{ip}"))
             })
             .collect();
@@ -136,8 +134,8 @@ impl Lab {
         assert!(report.is_empty(), "{when}: leaked:\n{report}");
     }
 
-    /// Whether the state dir says an infra runs (its control socket is
-    /// there), without asking it: a snapshot must not start one.
+    /// Whether the state dir says an infra runs (infra.json is there),
+    /// without asking it: a snapshot must not start one.
     fn infra_running(&self) -> bool {
         self.state_dir().join("infra.json").exists()
     }
@@ -161,7 +159,8 @@ impl Lab {
             .collect()
     }
 
-    fn own_pids(&self) -> Vec<u32> {
+    /// The lab's own processes: the session holder and the containers.
+    pub(super) fn own_pids(&self) -> Vec<u32> {
         self.children.borrow().iter().map(Child::id).collect()
     }
 }

@@ -486,6 +486,14 @@ fn describe_process(pid: u32) -> String {
     )
 }
 
+/// A TCP port nobody listens on right now on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// Pids of all processes whose real uid is `uid`.
 pub fn pids_of_uid(uid: u32) -> Vec<u32> {
     let Ok(dir) = fs::read_dir("/proc") else {
@@ -967,6 +975,12 @@ impl Lab {
         add.added_ipv4(&format!("ADD {}", c.netns()))
     }
 
+    /// `cnitool del` of `c` from the example network, which must succeed.
+    pub fn detach(&self, c: &Container) {
+        let del = self.cnitool("del", NET, &c.netns());
+        assert!(del.ok(), "DEL {}: {del}", c.netns());
+    }
+
     /// Asserts that `ip`, from an ADD result, is in the example network and
     /// is what `c`'s eth0 really has.
     pub fn assert_attached(&self, c: &Container, ip: &str) {
@@ -1122,7 +1136,7 @@ impl Lab {
     /// Processes of the lab uid other than the lab's own (session holder and
     /// containers), described.
     pub fn leftovers(&self) -> Vec<String> {
-        let own: Vec<u32> = self.children.borrow().iter().map(Child::id).collect();
+        let own = self.own_pids();
         pids_of_uid(self.uid)
             .into_iter()
             .filter(|p| !own.contains(p))
@@ -1161,14 +1175,6 @@ impl Lab {
             .filter(|l| !host.contains(l))
             .map(str::to_string)
             .collect()
-    }
-
-    /// Asserts the state after the last DEL: no lease left in the example
-    /// network, and nothing of an infra (`when` names the moment).
-    pub fn assert_detached(&self, when: &str) {
-        let leases = self.lease_files(NET);
-        assert!(leases.is_empty(), "leases left: {leases:?}");
-        self.assert_no_infra(when);
     }
 
     /// Asserts that nothing of an infra is left: status says no infra, and
