@@ -76,6 +76,19 @@ fn run_root(argv: &[&str], timeout: Duration) -> Out {
     run_command(root_command(argv), argv.join(" "), None, timeout)
 }
 
+/// `podman run` arguments of the test's web server: container `name` on
+/// our network, publishing `publish` when given, httpd of `image` serving
+/// the test page.
+fn web_container_args<'a>(name: &'a str, publish: Option<&'a str>, image: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["run", "-d", "--name", name, "--network", PODMAN_NET];
+    if let Some(publish) = publish {
+        args.extend(["-p", publish]);
+    }
+    args.extend(ULIMITS);
+    args.extend([image, "httpd", "-f", "-p", "80", "-h", "/www"]);
+    args
+}
+
 /// The test page, fetched with curl on the host's 127.0.0.1:`port`
 /// (retried while the published port comes up).
 fn assert_page_on_host(port: u16) {
@@ -901,14 +914,7 @@ fn podman_runs_containers_on_a_rootless_cni_network() {
     let mut pm = Podman::new("podman-run");
     let image = pm.import_image();
 
-    let run = pm.podman(
-        &[
-            &["run", "-d", "--name", "rcni-web", "--network", PODMAN_NET][..],
-            &ULIMITS,
-            &[&image, "httpd", "-f", "-p", "80", "-h", "/www"],
-        ]
-        .concat(),
-    );
+    let run = pm.podman(&web_container_args("rcni-web", None, &image));
     assert!(run.ok(), "podman run: {run}");
     let format = format!("{{{{(index .NetworkSettings.Networks \"{PODMAN_NET}\").IPAddress}}}}");
     let ip = pm.podman(&["inspect", "-f", &format, "rcni-web"]);
@@ -959,15 +965,7 @@ fn podman_publishes_a_port_through_rootless_cni() {
     let port = free_tcp_port();
 
     let publish = format!("127.0.0.1:{port}:80");
-    let run = pm.podman(
-        &[
-            &["run", "-d", "--name", "rcni-pub", "--network", PODMAN_NET],
-            &["-p", &publish][..],
-            &ULIMITS,
-            &[&image, "httpd", "-f", "-p", "80", "-h", "/www"],
-        ]
-        .concat(),
-    );
+    let run = pm.podman(&web_container_args("rcni-pub", Some(&publish), &image));
     assert!(run.ok(), "podman run -p {publish}: {run}");
     assert_page_on_host(port);
 
@@ -1223,15 +1221,7 @@ fn rootless_podman_publishes_a_port_through_rootless_cni() {
     let port = free_tcp_port();
 
     let publish = format!("127.0.0.1:{port}:80");
-    let run = pm.podman(
-        &[
-            &["run", "-d", "--name", "rcni-web", "--network", PODMAN_NET],
-            &["-p", &publish][..],
-            &ULIMITS,
-            &[IMAGE, "httpd", "-f", "-p", "80", "-h", "/www"],
-        ]
-        .concat(),
-    );
+    let run = pm.podman(&web_container_args("rcni-web", Some(&publish), IMAGE));
     assert!(run.ok(), "podman run -p {publish}: {run}");
     assert_page_on_host(port);
 
