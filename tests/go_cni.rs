@@ -46,8 +46,9 @@ fn assert_port_closed(port: u16, when: &str) {
 }
 
 /// A pod with two hostPorts (hostIP 127.0.0.1 and an empty hostIP) serves
-/// a page from its netns on the host's loopback; CHECK passes; after
-/// Remove the ports are closed and nothing of the infra is left.
+/// a page from its netns on the host's loopback; CHECK finds the IPv4
+/// port rules; after Remove the ports are closed and nothing of the infra
+/// is left.
 #[test]
 fn go_cni_pod_with_host_ports_serves_the_host_loopback() {
     let Some(lab) = Lab::new("gocni_ports") else {
@@ -83,7 +84,18 @@ fn go_cni_pod_with_host_ports_serves_the_host_loopback() {
     assert_page_on_loopback(p_lo, body, "hostIP 127.0.0.1");
     assert_page_on_loopback(p_any, body, "empty hostIP");
 
-    gocni.check(&pod);
+    // CHECK reaches the inner portmap with the mappings. Debian's portmap
+    // (plugins 1.1.1) checks the IPv4 rules, then looks for IPv6 rules an
+    // IPv4-only pod never got (containernetworking/plugins#819): that, and
+    // only that, may fail it. containerd's CRI never calls CHECK.
+    let check = gocni.run("check", &pod);
+    if !check.ok() {
+        assert!(
+            check.stderr.contains("could not check ipv6 dnat"),
+            "go-cni check of a pod with ports: {check}"
+        );
+        eprintln!("CHECK with ports, portmap 1.1.1: {}", check.stderr.trim());
+    }
     gocni.remove(&pod);
     assert_port_closed(p_lo, "after remove");
     assert_port_closed(p_any, "after remove");
