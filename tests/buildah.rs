@@ -25,12 +25,13 @@
 
 mod common;
 
-use common::host_tools::{busybox_static, skip_without};
-use common::{HostServer, Lab, Out, NET, SLIRP_HOST};
+use common::host_tools::{busybox_static, skip_without, write_user_files};
+use common::{run_command, HostServer, Lab, Out, GATEWAY, LAB_PATH, NET, SLIRP_HOST};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::Instant;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// The image both tests build and run.
 const IMAGE: &str = "localhost/rcni-busybox:buildah";
@@ -48,23 +49,17 @@ struct Buildah<'a> {
 
 impl<'a> Buildah<'a> {
     fn new(lab: &'a Lab) -> Buildah<'a> {
-        let d = lab.dir.join("buildah");
-        for sub in ["", "tmp", "net.d"] {
-            let p = d.join(sub);
-            fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-            std::os::unix::fs::chown(&p, Some(lab.uid), Some(lab.uid))
-                .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+        for dir in ["buildah/tmp", "buildah/net.d"] {
+            user_dir(lab, dir);
         }
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples");
-        let conflist = fs::read_to_string(examples.join("rootless.conflist"))
-            .expect("reading conf-examples/rootless.conflist");
-        lab.write_file(&format!("buildah/net.d/{NET}.conflist"), &conflist);
-        let conf = fs::read_to_string(examples.join("buildah/containers.conf"))
-            .expect("reading conf-examples/buildah/containers.conf");
-        lab.write_file("buildah/containers.conf", &lab_containers_conf(lab, &conf));
-        let busybox = d.join("busybox");
-        fs::copy(busybox_static(), &busybox).expect("copying busybox");
-        fs::set_permissions(&busybox, fs::Permissions::from_mode(0o755)).expect("chmod busybox");
+        lab.write_file(
+            &format!("buildah/net.d/{NET}.conflist"),
+            &example("rootless.conflist"),
+        );
+        let config_dir = lab.dir.join("buildah/net.d");
+        let conf = lab_containers_conf(lab, Some(&config_dir));
+        lab.write_file("buildah/containers.conf", &conf);
+        install_busybox(lab, "buildah/busybox");
         Buildah { lab }
     }
 
@@ -100,34 +95,60 @@ impl<'a> Buildah<'a> {
     }
 }
 
-/// The example containers.conf with `cni_plugin_dirs` naming the lab's dir
-/// of our binary, then /usr/lib/cni, and `network_config_dir` the lab's.
-fn lab_containers_conf(lab: &Lab, example: &str) -> String {
+/// A file of conf-examples/.
+fn example(rel: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("conf-examples")
+        .join(rel);
+    fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+/// `<lab>/rel` and the dirs leading to it, made and owned by the lab uid.
+fn user_dir(lab: &Lab, rel: &str) {
+    let mut p = lab.dir.clone();
+    for part in Path::new(rel).components() {
+        p.push(part);
+        fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        std::os::unix::fs::chown(&p, Some(lab.uid), Some(lab.uid))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", p.display()));
+    }
+}
+
+/// busybox-static at `<lab>/rel`, for `buildah copy` as the lab uid.
+fn install_busybox(lab: &Lab, rel: &str) {
+    let to = lab.dir.join(rel);
+    fs::copy(busybox_static(), &to).expect("copying busybox");
+    fs::set_permissions(&to, fs::Permissions::from_mode(0o755)).expect("chmod busybox");
+}
+
+/// conf-examples/buildah/containers.conf with `cni_plugin_dirs` naming the
+/// lab's dir of our binary, then /usr/lib/cni, and, when given,
+/// `network_config_dir` (else the example's commented line stays: the
+/// rootless default ~/.config/cni/net.d).
+fn lab_containers_conf(lab: &Lab, config_dir: Option<&Path>) -> String {
+    let example = example("buildah/containers.conf");
     let dirs = format!(
         "cni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]",
         lab.bin().display()
     );
-    let config_dir = format!(
-        "network_config_dir = \"{}\"",
-        lab.dir.join("buildah/net.d").display()
-    );
-    let (mut dirs_set, mut config_dir_set) = (false, false);
+    let (mut dirs_set, mut config_dir_seen) = (false, false);
     let mut text = String::new();
     for line in example.lines() {
         let key = line.trim_start_matches(['#', ' ']);
         if line.starts_with("cni_plugin_dirs") {
             text.push_str(&dirs);
             dirs_set = true;
-        } else if key.starts_with("network_config_dir") {
-            text.push_str(&config_dir);
-            config_dir_set = true;
+        } else if let (true, Some(dir)) = (key.starts_with("network_config_dir"), config_dir) {
+            text.push_str(&format!("network_config_dir = \"{}\"", dir.display()));
+            config_dir_seen = true;
         } else {
+            config_dir_seen |= key.starts_with("network_config_dir");
             text.push_str(line);
         }
         text.push('\n');
     }
     assert!(
-        dirs_set && config_dir_set,
+        dirs_set && config_dir_seen,
         "no cni_plugin_dirs or network_config_dir line in the example: {example}"
     );
     text
@@ -217,4 +238,107 @@ fn buildah_run_joins_a_rootless_cni_network() {
     lab.detach(&peer);
     lab.assert_no_infra("after buildah run and the peer's DEL");
     eprintln!("buildah test took {:?}", started.elapsed());
+}
+
+/// What `buildah unshare` runs: an overlay over /var/lib with an empty
+/// /var/lib/cni in it (libcni's result cache), the image from scratch, a
+/// working container from it, and the run on the default network of
+/// ~/.config/containers/containers.conf. `ping` needs CAP_NET_RAW in a
+/// container of buildah's own user namespace.
+const UNSHARE_SCRIPT: &str = r#"set -eu
+mount -t overlay overlay -o "lowerdir=/var/lib,upperdir=$W/varlib/upper,workdir=$W/varlib/work" /var/lib
+mkdir -p /var/lib/cni
+buildah from --name rcni-rootfs scratch
+buildah copy rcni-rootfs "$W/busybox" /bin/busybox
+buildah commit rcni-rootfs "$IMAGE"
+buildah from --name rcni-build "$IMAGE"
+echo RUN
+buildah run --isolation oci --cap-add CAP_NET_RAW rcni-build -- /bin/busybox sh -c "$PROBE"
+"#;
+
+/// The lab uid, from its ordinary shell (the initial user namespace, no
+/// lab session), runs `buildah unshare` with the documented files: the
+/// example containers.conf (its plugin dirs the lab's) in
+/// ~/.config/containers/, storage driver vfs in ~/.config/containers/
+/// storage.conf, conf-examples/rootless.conflist in ~/.config/cni/net.d/.
+/// Inside, buildah runs a container from a local image on the default
+/// network (`default_network = "rootless"`), which pings the bridge's
+/// gateway and fetches a page from the host's loopback; after it no infra
+/// and nothing else is left.
+///
+/// The uid is a named user with a subordinate id range, and the lab's 0666
+/// tun node is /dev/net/tun, through copies bound over the machine's files
+/// in a private mount namespace of root's (the machine's files untouched).
+#[test]
+fn buildah_unshare_runs_a_container_on_a_rootless_cni_network() {
+    let test = "buildah_unshare";
+    if skip_without(test, &[TOOLS, &["newuidmap", "newgidmap"]].concat()) {
+        return;
+    }
+    let Some(lab) = Lab::new(test) else {
+        return;
+    };
+    let started = Instant::now();
+    write_user_files(&lab, "rcnibuildah");
+    for dir in [
+        ".config/containers",
+        ".config/cni/net.d",
+        "buildah/tmp",
+        "buildah/varlib/upper",
+        "buildah/varlib/work",
+    ] {
+        user_dir(&lab, dir);
+    }
+    lab.write_file(
+        ".config/containers/containers.conf",
+        &lab_containers_conf(&lab, None),
+    );
+    lab.write_file(
+        ".config/containers/storage.conf",
+        "[storage]\ndriver = \"vfs\"\n",
+    );
+    lab.write_file(
+        &format!(".config/cni/net.d/{NET}.conflist"),
+        &example("rootless.conflist"),
+    );
+    install_busybox(&lab, "buildah/busybox");
+    lab.write_file("buildah/unshare.sh", UNSHARE_SCRIPT);
+    let server = HostServer::start("127.0.0.1");
+
+    let (d, u) = (lab.dir.display().to_string(), lab.uid);
+    let probe = probe_script(GATEWAY, server.port);
+    let inner = format!(
+        "set -e
+         for f in passwd group subuid subgid; do mount --bind {d}/etc-$f /etc/$f; done
+         mount --bind {d}/tun /dev/net/tun
+         exec setpriv --reuid {u} --regid {u} --clear-groups -- env -i PATH={LAB_PATH} \
+           HOME={d} XDG_RUNTIME_DIR={d}/run TMPDIR={d}/buildah/tmp W={d}/buildah \
+           IMAGE={IMAGE} PROBE=\"$PROBE\" buildah unshare sh {d}/buildah/unshare.sh"
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &inner])
+        .env_clear()
+        .env("PATH", LAB_PATH)
+        .env("PROBE", &probe);
+    let out = run_command(
+        cmd,
+        "buildah unshare sh unshare.sh".into(),
+        None,
+        Duration::from_secs(120),
+    );
+    eprintln!("buildah unshare took {:?}", started.elapsed());
+    let run = Out {
+        stdout: out.stdout.split("RUN\n").nth(1).unwrap_or_default().into(),
+        ..out.clone()
+    };
+    assert_probe(&run, GATEWAY);
+    assert!(
+        server.connections() >= 1,
+        "no connection to the host server"
+    );
+    assert!(
+        fs::read_dir(lab.dir.join("buildah/varlib/upper/cni/results")).is_ok(),
+        "libcni cached no result in the overlay's /var/lib/cni: {out}"
+    );
+    lab.assert_no_infra("after buildah unshare");
 }

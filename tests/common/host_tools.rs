@@ -1,6 +1,8 @@
 //! Host tools the runtime tests need beyond the lab's own: finding them on
-//! the lab's PATH, skipping (or, with CI=true, failing) without them, and a
-//! static busybox for images built without a registry.
+//! the lab's PATH, skipping (or, with CI=true, failing) without them, a
+//! static busybox for images built without a registry, and the lab uid as
+//! a named user with subordinate ids (for runtimes that make their own user
+//! namespace).
 
 use super::{run_command, Lab, LAB_PATH};
 use std::fs;
@@ -78,4 +80,32 @@ pub fn busybox_static() -> PathBuf {
     );
     assert!(bin.is_file(), "no bin/busybox in busybox-static");
     bin
+}
+
+/// The lab uid as user `user` (home: the lab dir) with a subordinate id
+/// range, in copies of /etc/passwd, /etc/group, /etc/subuid and /etc/subgid
+/// at `<lab>/etc-{passwd,group,subuid,subgid}`, to bind over the machine's in
+/// a private mount namespace: newuidmap wants the caller in /etc/passwd and
+/// a range in /etc/subuid, and the machine's files must stay as they are.
+pub fn write_user_files(lab: &Lab, user: &str) {
+    let d = lab.dir.display().to_string();
+    let u = lab.uid;
+    // Derived from the uid, so that labs of different uids get their own.
+    let sub_start = 3_000_000_000u64 + u64::from(u % 10_000) * 65_536;
+    let copy_with = |from: &str, to: &str, line: String| {
+        let mut text = fs::read_to_string(from).unwrap_or_else(|e| panic!("reading {from}: {e}"));
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&line);
+        lab.write_file(to, &text);
+    };
+    copy_with(
+        "/etc/passwd",
+        "etc-passwd",
+        format!("{user}:x:{u}:{u}::{d}:/bin/sh\n"),
+    );
+    copy_with("/etc/group", "etc-group", format!("{user}:x:{u}:\n"));
+    lab.write_file("etc-subuid", &format!("{user}:{sub_start}:65536\n"));
+    lab.write_file("etc-subgid", &format!("{user}:{sub_start}:65536\n"));
 }
