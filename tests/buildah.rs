@@ -242,7 +242,8 @@ fn buildah_run_joins_a_rootless_cni_network() {
 
 /// What `buildah unshare` runs: an overlay over /var/lib with an empty
 /// /var/lib/cni in it (libcni's result cache), the image from scratch, a
-/// working container from it, and the run on the default network of
+/// working container from it, a `buildah build` whose RUN step shows its
+/// address, and the run; both on the default network of
 /// ~/.config/containers/containers.conf. `ping` needs CAP_NET_RAW in a
 /// container of buildah's own user namespace.
 const UNSHARE_SCRIPT: &str = r#"set -eu
@@ -252,6 +253,10 @@ buildah from --name rcni-rootfs scratch
 buildah copy rcni-rootfs "$W/busybox" /bin/busybox
 buildah commit rcni-rootfs "$IMAGE"
 buildah from --name rcni-build "$IMAGE"
+mkdir -p "$W/context"
+printf 'FROM %s\nRUN ["/bin/busybox", "ip", "-4", "-o", "addr", "show", "dev", "eth0"]\n' "$IMAGE" > "$W/Containerfile"
+echo BUILD
+buildah build --isolation oci -f "$W/Containerfile" "$W/context"
 echo RUN
 buildah run --isolation oci --cap-add CAP_NET_RAW rcni-build -- /bin/busybox sh -c "$PROBE"
 "#;
@@ -261,10 +266,11 @@ buildah run --isolation oci --cap-add CAP_NET_RAW rcni-build -- /bin/busybox sh 
 /// example containers.conf (its plugin dirs the lab's) in
 /// ~/.config/containers/, storage driver vfs in ~/.config/containers/
 /// storage.conf, conf-examples/rootless.conflist in ~/.config/cni/net.d/.
-/// Inside, buildah runs a container from a local image on the default
-/// network (`default_network = "rootless"`), which pings the bridge's
-/// gateway and fetches a page from the host's loopback; after it no infra
-/// and nothing else is left.
+/// Inside, the RUN step of a `buildah build` and a `buildah run` of a
+/// container from a local image are on the default network
+/// (`default_network = "rootless"`); the run pings the bridge's gateway
+/// and fetches a page from the host's loopback. After it no infra and
+/// nothing else is left.
 ///
 /// The uid is a named user with a subordinate id range, and the lab's 0666
 /// tun node is /dev/net/tun, through copies bound over the machine's files
@@ -327,8 +333,18 @@ fn buildah_unshare_runs_a_container_on_a_rootless_cni_network() {
         Duration::from_secs(120),
     );
     eprintln!("buildah unshare took {:?}", started.elapsed());
+    assert!(out.ok(), "{out}");
+    let (built, ran) = out
+        .stdout
+        .split_once("BUILD\n")
+        .and_then(|(_, rest)| rest.split_once("RUN\n"))
+        .unwrap_or_else(|| panic!("no BUILD and RUN markers: {out}"));
+    assert!(
+        built.contains("inet 10.89.0."),
+        "the RUN step of buildah build is not on the network: {out}"
+    );
     let run = Out {
-        stdout: out.stdout.split("RUN\n").nth(1).unwrap_or_default().into(),
+        stdout: ran.to_string(),
         ..out.clone()
     };
     assert_probe(&run, GATEWAY);
