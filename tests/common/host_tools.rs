@@ -9,6 +9,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// `tool` on the lab's PATH, if it is there and executable.
@@ -58,6 +59,9 @@ fn run_root_ok(argv: &[&str], dir: &Path, timeout: Duration) {
 /// downloaded once into the target dir. A dynamic busybox fails in an
 /// image without a libc (`exec … no such file`).
 pub fn busybox_static() -> PathBuf {
+    // Tests of one binary run in parallel: one download at a time.
+    static DOWNLOAD: Mutex<()> = Mutex::new(());
+    let _one = DOWNLOAD.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("busybox-static");
     let bin = dir.join("unpacked/bin/busybox");
     if bin.is_file() {
