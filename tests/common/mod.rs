@@ -20,6 +20,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod gocni;
+pub mod host_tools;
 mod leaks;
 pub use leaks::Snapshot;
 
