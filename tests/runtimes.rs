@@ -829,10 +829,14 @@ fn busybox_rootfs_tar(dir: &Path) -> String {
     tar
 }
 
-/// busybox from Debian's busybox-static package (which conflicts with the
-/// busybox package the lab uses, so it is unpacked, not installed),
-/// downloaded once into the target dir.
+/// A static busybox for a container image: the machine's own when it is
+/// static (Debian's busybox-static package), else the binary of that
+/// package unpacked (not installed: it conflicts with the dynamic busybox
+/// package the user may have), downloaded once into the target dir.
 fn busybox_static() -> PathBuf {
+    if let Some(installed) = which("busybox").filter(|p| is_static_elf(p)) {
+        return installed;
+    }
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("busybox-static");
     let bin = dir.join("unpacked/bin/busybox");
     if bin.is_file() {
@@ -864,6 +868,55 @@ fn busybox_static() -> PathBuf {
     assert!(out.ok(), "{out}");
     assert!(bin.is_file(), "no bin/busybox in busybox-static");
     bin
+}
+
+/// Whether `path` is an ELF executable without an interpreter (a dynamic
+/// one names its loader in a PT_INTERP program header, and fails in an
+/// image that has no /lib).
+fn is_static_elf(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(elf) = fs::read(path) else {
+        return false;
+    };
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    // 64-bit little-endian ELF only: what the machines we test on run.
+    if !elf.starts_with(b"\x7fELF\x02\x01") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..usize::from(phnum)).all(|i| {
+        let at = phoff as usize + i * usize::from(phentsize);
+        u32_at(at).is_some_and(|t| t != PT_INTERP)
+    })
+}
+
+/// The busybox that goes into container images is static, whichever
+/// busybox package the machine has (a dynamic one is not taken).
+#[test]
+fn container_images_get_a_static_busybox() {
+    if skip_without("busybox_static", &["apt-get", "dpkg-deb"]) {
+        return;
+    }
+    let busybox = busybox_static();
+    assert!(
+        is_static_elf(&busybox),
+        "{} is not static",
+        busybox.display()
+    );
+    let sh = fs::canonicalize("/bin/sh").expect("/bin/sh");
+    assert!(!is_static_elf(&sh), "{} taken for static", sh.display());
 }
 
 fn podman_prerequisites(test: &str) -> bool {
