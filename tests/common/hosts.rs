@@ -112,6 +112,9 @@ pub fn start_host_ns(
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .env_clear()
         .env("PATH", super::LAB_PATH)
+        // mount(8) keeps its utab under the machine's /run (creating
+        // /run/mount): keep it in the lab.
+        .env("LIBMOUNT_UTAB", d.join("utab"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(err)
