@@ -13,7 +13,7 @@ use crate::procfs::ProcessId;
 use crate::state::{Attachment, AttachmentKey, AttachmentState, StateDir};
 
 pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
-    let Some(state) = super::state_dir(conf, false)? else {
+    let Some(state) = super::state_dir_to_undo(conf)? else {
         return Ok(());
     };
     let key = attachment_key(env, conf);

@@ -21,6 +21,7 @@
 
 mod hosts;
 mod leaks;
+#[allow(unused_imports)] // each test file uses a different part of the harness
 pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
 pub use leaks::Snapshot;
 
@@ -782,6 +783,10 @@ impl Lab {
             Some(h) => PathBuf::from(format!("/proc/{}/root", h.id())),
             None => PathBuf::from("/"),
         }
+    }
+    /// The pid of the lab host's holder, when the lab has its own host.
+    pub fn host_holder_pid(&self) -> Option<u32> {
+        self.host_holder.as_ref().map(Child::id)
     }
     /// A command that runs `program` in the lab's host mount namespace
     /// (the machine's own when the lab has none), as the caller (root).
