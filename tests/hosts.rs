@@ -3,11 +3,16 @@
 //! rootful CNI runtime once ran (root-owned /var/lib/cni, /run/netns,
 //! /etc/cni/net.d) and with XDG_RUNTIME_DIR as logind makes it (a 0700
 //! tmpfs at /run/user/UID). Both are built in the lab's own mount
-//! namespace (tests/common/hosts.rs); the machine is never changed.
+//! namespace (tests/common/hosts.rs); the machine is never changed. And a
+//! runtime's direct call of the plugin on a used host (no libcni cache of
+//! the user's): the root-owned /var/lib/cni stays as it was.
 
 mod common;
 
-use common::{example_conflist, Host, Lab, LabOptions, RuntimeDir, NET, USED_HOST_DIRS};
+use common::{
+    example_conflist, plugin_stdin, result_ipv4, Host, Lab, LabOptions, RuntimeDir, GATEWAY, NET,
+    USED_HOST_DIRS,
+};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
@@ -109,4 +114,45 @@ fn a_used_host_with_a_logind_runtime_dir_attaches_pings_and_detaches() {
     };
     assert_host_is(&lab, Host::Used, RuntimeDir::Logind);
     core_flow(&lab);
+}
+
+/// A runtime's own call of the plugin (no libcni cache of the user's) on a
+/// used host: the infra puts its leases over the root-owned /var/lib/cni it
+/// cannot write, and that dir stays as it was.
+#[test]
+fn a_used_host_keeps_its_var_lib_cni_when_the_plugin_is_called_directly() {
+    let options = LabOptions {
+        var_lib_cni: false,
+        host: Host::Used,
+        runtime_dir: RuntimeDir::Logind,
+    };
+    let Some(lab) = Lab::new_with("used_host_direct", options) else {
+        return;
+    };
+    let root_cni = lab.host_root().join("var/lib/cni");
+    let before = Lab::list(&root_cni);
+    let conf = plugin_stdin(&example_conflist());
+    let c = lab.container();
+    let add = lab.plugin(
+        &lab.plugin_env("ADD", "used-host", &c.netns()),
+        &conf.to_string(),
+    );
+    let result = add.add_result("ADD on a used host");
+    let ip = result_ipv4(&result).unwrap_or_else(|| panic!("no IPv4 in result: {add}"));
+    lab.assert_attached(&c, &ip);
+    lab.assert_ping(&c, GATEWAY, "container -> gateway");
+    assert_eq!(lab.lease_files(NET), vec![ip], "leases in the state dir");
+    let mut del_conf = conf.clone();
+    del_conf["prevResult"] = result;
+    let del = lab.plugin(
+        &lab.plugin_env("DEL", "used-host", &c.netns()),
+        &del_conf.to_string(),
+    );
+    assert!(del.ok(), "DEL: {del}");
+    lab.assert_no_infra("after the DEL");
+    assert_eq!(
+        Lab::list(&root_cni),
+        before,
+        "the host's /var/lib/cni changed"
+    );
 }

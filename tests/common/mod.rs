@@ -12,6 +12,13 @@
 //! Containers are `unshare --net sleep infinity` processes started inside the
 //! session, referenced as `/proc/PID/ns/net`.
 //!
+//! `LabOptions` can give the lab a host of its own (tests/common/hosts.rs):
+//! one where a rootful CNI runtime ran (root-owned /var/lib/cni, /run/netns,
+//! /etc/cni/net.d), or XDG_RUNTIME_DIR as logind makes it (a 0700 tmpfs at
+//! /run/user/UID). A root process holds that mount namespace; the session
+//! and the commands outside it start there, and `host_command` runs root's
+//! commands there.
+//!
 //! Dropping the lab kills every process of its uid and removes its dir; all
 //! mounts live in the session's mount namespace and die with it.
 //!
