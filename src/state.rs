@@ -40,8 +40,39 @@ pub struct StateDir {
 /// when its last container goes, records and all.
 pub const DEFAULT_DIR_NAME: &str = "rootless-cni-plugin";
 
+/// Real root's state dir when there is no XDG_RUNTIME_DIR (a runtime
+/// started by systemd, kubelet's containerd).
+pub const ROOT_STATE_DIR: &str = "/run/rootless-cni-plugin";
+
+/// The state dir when XDG_RUNTIME_DIR is not set, as a runtime started by
+/// systemd or as root has it: real root's `/run/rootless-cni-plugin`, else
+/// the user's logind dir `/run/user/UID` (UID as the machine knows us) when
+/// it is there and ours, as logind makes it.
+fn default_without_runtime_dir() -> Result<PathBuf> {
+    let me = nix::unistd::geteuid().as_raw();
+    if me == 0 && crate::userns::in_initial_user_namespace() {
+        return Ok(PathBuf::from(ROOT_STATE_DIR));
+    }
+    let run = PathBuf::from(format!("/run/user/{}", crate::userns::outside_uid(me)));
+    let why = match fs::symlink_metadata(&run) {
+        Err(e) => e.to_string(),
+        Ok(m) if !m.is_dir() => "not a directory".to_string(),
+        Ok(m) if m.uid() != me => format!("owned by uid {}, not by us ({me})", m.uid()),
+        Ok(m) if m.mode() & 0o022 != 0 => {
+            format!("its mode {:o} lets others write to it", m.mode() & 0o7777)
+        }
+        Ok(_) => return Ok(run.join(DEFAULT_DIR_NAME)),
+    };
+    Err(Error::config(format!(
+        "no state dir: XDG_RUNTIME_DIR is not set and {} cannot be used ({why}); \
+         set XDG_RUNTIME_DIR, or give \"stateDir\" in the config",
+        run.display()
+    )))
+}
+
 impl StateDir {
-    /// The config's `stateDir`, else `$XDG_RUNTIME_DIR/rootless-cni-plugin`.
+    /// The config's `stateDir`, else `$XDG_RUNTIME_DIR/rootless-cni-plugin`,
+    /// else the default of `default_without_runtime_dir`.
     pub fn resolve(configured: Option<&Path>) -> Result<PathBuf> {
         if let Some(p) = configured {
             if !p.is_absolute() {
@@ -54,9 +85,7 @@ impl StateDir {
         }
         match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
             Some(run) => Ok(PathBuf::from(run).join(DEFAULT_DIR_NAME)),
-            None => Err(Error::config(
-                "XDG_RUNTIME_DIR is not set: set it, or give \"stateDir\" in the config",
-            )),
+            None => default_without_runtime_dir(),
         }
     }
 

@@ -108,3 +108,35 @@ fn ns_ioctl(fd: std::os::fd::RawFd, request: libc::c_ulong) -> std::io::Result<O
 fn inode_of(fd: &OwnedFd) -> std::io::Result<u64> {
     Ok(File::from(fd.try_clone()?).metadata()?.ino())
 }
+
+/// The uid map of our user namespace, as triples (inside, outside, count).
+fn uid_map() -> Vec<[u32; 3]> {
+    std::fs::read_to_string("/proc/self/uid_map")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u32> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            <[u32; 3]>::try_from(f).ok()
+        })
+        .collect()
+}
+
+/// Whether we run in the machine's initial user namespace: its map is the
+/// whole identity range, which only the initial one has by construction.
+pub fn in_initial_user_namespace() -> bool {
+    uid_map() == [[0, 0, u32::MAX]]
+}
+
+/// `uid` of our user namespace as its parent sees it (the machine, for a
+/// rootless runtime's namespace); `uid` itself when it is not mapped.
+pub fn outside_uid(uid: u32) -> u32 {
+    uid_map()
+        .into_iter()
+        .find_map(|[inside, outside, count]| {
+            (uid >= inside && uid - inside < count).then(|| outside + (uid - inside))
+        })
+        .unwrap_or(uid)
+}

@@ -9,7 +9,10 @@
 //!   range: both come from copies bound over /etc/passwd, /etc/group,
 //!   /etc/subuid and /etc/subgid in a private mount namespace of root's, so
 //!   the machine's files are never changed. /dev/net/tun is the lab's 0666
-//!   node, bound over the machine's inside rootlesskit.
+//!   node, bound over the machine's inside rootlesskit. It follows the
+//!   README's recipe (the copy-up links to /run/netns and /var/lib/cni
+//!   removed in the child), on the machine as it is and on a lab host
+//!   where a rootful CNI runtime ran, with a logind-style XDG_RUNTIME_DIR.
 //! - podman 4.3 (Debian; rootful, CNI backend): a container from an image
 //!   imported from a busybox-static rootfs (no registry) on a network from
 //!   conf-examples/podman/rootless.conflist in a private network config
@@ -24,9 +27,10 @@
 
 mod common;
 
-use common::host_tools::{busybox_static, skip_without, write_user_files};
+use common::host_tools::{busybox_static, is_static_elf, skip_without, write_user_files};
 use common::{
-    example_conflist, free_tcp_port, plugin_stdin, result_ipv4, run_command, Lab, Out, NET,
+    example_conflist, free_tcp_port, plugin_stdin, result_ipv4, run_command, Host, Lab, LabOptions,
+    Out, RuntimeDir, NET,
 };
 use serde_json::{json, Value};
 use std::fs;
@@ -39,10 +43,15 @@ use std::time::{Duration, Instant};
 
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
 
-/// A command run as root, with a clean environment.
+/// A command run as root, with a clean environment. mount(8) keeps its
+/// utab (and makes /run/mount for it) under the machine's /run unless told
+/// otherwise: it goes to the target dir.
 fn root_command(argv: &[&str]) -> Command {
     let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..]).env_clear().env("PATH", PATH);
+    cmd.args(&argv[1..]).env_clear().env("PATH", PATH).env(
+        "LIBMOUNT_UTAB",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("utab"),
+    );
     cmd
 }
 
@@ -115,6 +124,13 @@ fn private_mount_ns_holder(dir: &Path, name: &str, setup: &str) -> std::process:
 // ---------------------------------------------------------------------------
 // rootlesskit
 
+/// What the README's RootlessKit recipe runs inside rootlesskit before the
+/// runtime: it removes the links that `--copy-up` made to the host's
+/// /run/netns and /var/lib/cni (root's on a host where a rootful CNI
+/// runtime ran, so libcni's cache and netns mounts would fail there), as
+/// containerd-rootless.sh does; the host's dirs stay as they are.
+const ROOTLESSKIT_CHILD: &str = r#"sh -c 'rm -f /run/netns /var/lib/cni && exec "$0" "$@"'"#;
+
 /// What rootlesskit runs: two containers through cnitool and rootless-cni.
 /// Results and status go to files in $W for the test to check.
 const ROOTLESSKIT_SCRIPT: &str = r#"set -eu
@@ -156,15 +172,44 @@ fn read_json(path: &Path) -> Value {
 
 #[test]
 fn rootlesskit_net_host_runs_cnitool_through_rootless_cni() {
+    rootlesskit_runs_cnitool("rootlesskit", LabOptions::default());
+}
+
+/// The same on a host where a rootful CNI runtime ran (root-owned
+/// /var/lib/cni, /run/netns, /etc/cni/net.d, which rootlesskit's copy-up
+/// links into its namespace) and with XDG_RUNTIME_DIR as logind makes it.
+#[test]
+fn rootlesskit_on_a_used_host_runs_cnitool_through_rootless_cni() {
+    rootlesskit_runs_cnitool(
+        "rootlesskit_used_host",
+        LabOptions {
+            host: Host::Used,
+            runtime_dir: RuntimeDir::Logind,
+            ..LabOptions::default()
+        },
+    );
+}
+
+/// The README's RootlessKit recipe on the lab's host: two containers
+/// through cnitool inside `rootlesskit --net=host`, nothing left after.
+fn rootlesskit_runs_cnitool(name: &str, options: LabOptions) {
     if skip_without(
         "rootlesskit",
         &["rootlesskit", "newuidmap", "newgidmap", "sed"],
     ) {
         return;
     }
-    let Some(lab) = Lab::new("rootlesskit") else {
+    let readme = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    assert!(
+        readme.contains(ROOTLESSKIT_CHILD),
+        "the README's RootlessKit recipe is not what this test runs: {ROOTLESSKIT_CHILD}"
+    );
+    let Some(lab) = Lab::new_with(name, options) else {
         return;
     };
+    let host_cni_results = lab.host_root().join("var/lib/cni/results");
+    let host_results_before = Lab::list(&host_cni_results);
     for f in ["/etc/passwd", "/etc/group", "/etc/subuid", "/etc/subgid"] {
         assert!(
             Path::new(f).exists(),
@@ -177,25 +222,23 @@ fn rootlesskit_net_host_runs_cnitool_through_rootless_cni() {
     write_user_files(&lab, "rcnilab");
     let d = lab.dir.display().to_string();
     let u = lab.uid;
+    let run = lab.xdg_runtime_dir().display().to_string();
     lab.write_file("rootlesskit.sh", ROOTLESSKIT_SCRIPT);
 
     let inner = format!(
         "set -e
          for f in passwd group subuid subgid; do mount --bind {d}/etc-$f /etc/$f; done
          exec setpriv --reuid {u} --regid {u} --clear-groups -- env -i PATH={PATH} HOME={d} \
-           XDG_RUNTIME_DIR={d}/run LAB={d} NET={NET} \
+           XDG_RUNTIME_DIR={run} LAB={d} NET={NET} \
            rootlesskit --net=host --copy-up=/etc --copy-up=/run --copy-up=/var/lib \
-             --state-dir={d}/rootlesskit-state sh {d}/rootlesskit.sh"
+             --state-dir={d}/rootlesskit-state {ROOTLESSKIT_CHILD} sh {d}/rootlesskit.sh"
     );
-    let cmd = root_command(&[
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        &inner,
-    ]);
+    // Root's private mount namespace, inside the lab's host.
+    let mut cmd = lab.host_command("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &inner])
+        .env_clear()
+        .env("PATH", PATH)
+        .env("LIBMOUNT_UTAB", lab.dir.join("utab"));
     let started = Instant::now();
     let out = run_command(
         cmd,
@@ -250,6 +293,12 @@ fn rootlesskit_net_host_runs_cnitool_through_rootless_cni() {
         Path::new("/var/lib/cni").exists(),
         var_lib_cni_before,
         "the host's /var/lib/cni changed"
+    );
+    assert_eq!(
+        Lab::list(&host_cni_results),
+        host_results_before,
+        "libcni's cache went into the lab host's {}",
+        host_cni_results.display()
     );
 }
 
@@ -773,6 +822,23 @@ fn busybox_rootfs_tar(dir: &Path) -> String {
     assert!(out.ok(), "{out}");
     fs::set_permissions(&tar, fs::Permissions::from_mode(0o644)).expect("chmod rootfs.tar");
     tar
+}
+
+/// The busybox that goes into container images is static, whichever
+/// busybox package the machine has (a dynamic one is not taken).
+#[test]
+fn container_images_get_a_static_busybox() {
+    if skip_without("busybox_static", &["apt-get", "dpkg-deb"]) {
+        return;
+    }
+    let busybox = busybox_static();
+    assert!(
+        is_static_elf(&busybox),
+        "{} is not static",
+        busybox.display()
+    );
+    let sh = fs::canonicalize("/bin/sh").expect("/bin/sh");
+    assert!(!is_static_elf(&sh), "{} taken for static", sh.display());
 }
 
 fn podman_prerequisites(test: &str) -> bool {

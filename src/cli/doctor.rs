@@ -106,7 +106,7 @@ fn user_namespaces() -> Check {
 /// The plugin must run where the runtime's user namespace makes it root.
 fn inside_user_namespace() -> Check {
     let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
-    let initial = map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
+    let initial = crate::userns::in_initial_user_namespace();
     check(
         "in a user namespace",
         if initial && !nix::unistd::geteuid().is_root() {
@@ -155,18 +155,7 @@ fn sub_ids() -> Check {
 
 /// Our uid as the machine sees it, through the user namespace's map.
 fn outside_uid() -> u32 {
-    let me = nix::unistd::getuid().as_raw();
-    std::fs::read_to_string("/proc/self/uid_map")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            let f: Vec<u32> = l
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            (f.len() == 3 && me >= f[0] && me < f[0] + f[2]).then(|| f[1] + (me - f[0]))
-        })
-        .unwrap_or(me)
+    crate::userns::outside_uid(nix::unistd::getuid().as_raw())
 }
 
 fn tun() -> Check {

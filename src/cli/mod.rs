@@ -26,7 +26,10 @@ Network config keys (of the rootless-cni plugin entry):
   network            instead of delegate: a conflist's name, found in confDir
   confDir            where network is looked up
                      (default $XDG_CONFIG_HOME/cni/net.d or ~/.config/cni/net.d)
-  stateDir           default $XDG_RUNTIME_DIR/rootless-cni-plugin (0700)
+  stateDir           default $XDG_RUNTIME_DIR/rootless-cni-plugin (0700);
+                     without XDG_RUNTIME_DIR: /run/user/UID/rootless-cni-plugin
+                     when that dir is yours, /run/rootless-cni-plugin for
+                     real root
   mtu                slirp4netns's MTU, 576-65520 (default 65520)
   allowHostLoopback  containers reach the host's 127.0.0.1 as 10.0.2.2
                      (default false)
@@ -61,7 +64,7 @@ Commands:
   help                   this text; COMMAND --help shows it too
 
 Options:
-  --state-dir DIR   state dir (default: $XDG_RUNTIME_DIR/rootless-cni-plugin)
+  --state-dir DIR   state dir (default: as for stateDir above)
   -h, --help        this text
   -V, --version     print the version
 

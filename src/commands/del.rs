@@ -12,7 +12,7 @@ use crate::infra;
 use crate::state::AttachmentState;
 
 pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
-    let Some(state) = super::state_dir(conf, false)? else {
+    let Some(state) = super::state_dir_to_undo(conf)? else {
         return Ok(());
     };
     let key = attachment_key(env, conf);

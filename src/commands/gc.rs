@@ -19,7 +19,7 @@ pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let valid = conf.valid_attachments.as_ref().ok_or_else(|| {
         Error::config("GC needs \"cni.dev/valid-attachments\" (the attachments to keep)")
     })?;
-    let Some(state) = super::state_dir(conf, false)? else {
+    let Some(state) = super::state_dir_to_undo(conf)? else {
         return Ok(());
     };
     let keep: HashSet<(&str, &str)> = valid

@@ -28,6 +28,20 @@ fn state_dir(conf: &NetConf, create: bool) -> Result<Option<StateDir>> {
     }))
 }
 
+/// The state dir for DEL and GC, which only undo: None when there is none,
+/// and also when none can be named (no `stateDir`, no XDG_RUNTIME_DIR and
+/// no default for this user), since no ADD could have attached anything
+/// then. The spec wants DEL of what is unknown to succeed.
+fn state_dir_to_undo(conf: &NetConf) -> Result<Option<StateDir>> {
+    if conf.state_dir.is_none() {
+        if let Err(e) = StateDir::resolve(None) {
+            log::info!("{}: nothing can be attached, nothing to undo", e.msg);
+            return Ok(None);
+        }
+    }
+    state_dir(conf, false)
+}
+
 /// GC or STATUS through the inner chain, in the running infra.
 fn network_verb(
     list: crate::cni::config::InnerList,

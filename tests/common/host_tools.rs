@@ -54,11 +54,15 @@ fn run_root_ok(argv: &[&str], dir: &Path, timeout: Duration) {
     assert!(out.ok(), "{out}");
 }
 
-/// busybox from Debian's busybox-static package (which conflicts with the
-/// busybox package the lab uses, so it is unpacked, not installed),
-/// downloaded once into the target dir. A dynamic busybox fails in an
-/// image without a libc (`exec … no such file`).
+/// A static busybox for a container image: the machine's own when it is
+/// static (Debian's busybox-static package), else the binary of that
+/// package unpacked (not installed: it conflicts with the dynamic busybox
+/// package the user may have), downloaded once into the target dir. A
+/// dynamic busybox fails in an image without a libc (`exec … no such file`).
 pub fn busybox_static() -> PathBuf {
+    if let Some(installed) = which("busybox").filter(|p| is_static_elf(p)) {
+        return installed;
+    }
     // Tests of one binary run in parallel: one download at a time.
     static DOWNLOAD: Mutex<()> = Mutex::new(());
     let _one = DOWNLOAD.lock().unwrap_or_else(|e| e.into_inner());
@@ -84,6 +88,38 @@ pub fn busybox_static() -> PathBuf {
     );
     assert!(bin.is_file(), "no bin/busybox in busybox-static");
     bin
+}
+
+/// Whether `path` is an ELF executable without an interpreter (a dynamic
+/// one names its loader in a PT_INTERP program header, and fails in an
+/// image that has no /lib).
+pub fn is_static_elf(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(elf) = fs::read(path) else {
+        return false;
+    };
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    // 64-bit little-endian ELF only: what the machines we test on run.
+    if !elf.starts_with(b"\x7fELF\x02\x01") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..usize::from(phnum)).all(|i| {
+        let at = phoff as usize + i * usize::from(phentsize);
+        u32_at(at).is_some_and(|t| t != PT_INTERP)
+    })
 }
 
 /// The lab uid as user `user` (home: the lab dir) with a subordinate id

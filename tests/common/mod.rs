@@ -12,6 +12,13 @@
 //! Containers are `unshare --net sleep infinity` processes started inside the
 //! session, referenced as `/proc/PID/ns/net`.
 //!
+//! `LabOptions` can give the lab a host of its own (tests/common/hosts.rs):
+//! one where a rootful CNI runtime ran (root-owned /var/lib/cni, /run/netns,
+//! /etc/cni/net.d), or XDG_RUNTIME_DIR as logind makes it (a 0700 tmpfs at
+//! /run/user/UID). A root process holds that mount namespace; the session
+//! and the commands outside it start there, and `host_command` runs root's
+//! commands there.
+//!
 //! Dropping the lab kills every process of its uid and removes its dir; all
 //! mounts live in the session's mount namespace and die with it.
 //!
@@ -21,7 +28,10 @@
 
 pub mod gocni;
 pub mod host_tools;
+mod hosts;
 mod leaks;
+#[allow(unused_imports)] // each test file uses a different part of the harness
+pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
 pub use leaks::Snapshot;
 
 use serde_json::Value;
@@ -554,6 +564,10 @@ pub struct Lab {
     pub holder: u32,
     /// Holder and containers, killed and reaped on drop.
     children: RefCell<Vec<Child>>,
+    /// The root process holding the lab's host mount namespace
+    /// (tests/common/hosts.rs), when the options need one; killed on drop.
+    host_holder: Option<Child>,
+    options: LabOptions,
 }
 
 /// How a lab's session differs from the default one.
@@ -564,11 +578,20 @@ pub struct LabOptions {
     /// sees the host's /var/lib as it is: a host that never ran rootful CNI
     /// has no /var/lib/cni, and only our binary in plugin mode can be used.
     pub var_lib_cni: bool,
+    /// The machine as the lab sees it: as it is, or as a rootful CNI
+    /// runtime leaves it (see tests/common/hosts.rs).
+    pub host: Host,
+    /// Where XDG_RUNTIME_DIR is.
+    pub runtime_dir: RuntimeDir,
 }
 
 impl Default for LabOptions {
     fn default() -> Self {
-        LabOptions { var_lib_cni: true }
+        LabOptions {
+            var_lib_cni: true,
+            host: Host::Pristine,
+            runtime_dir: RuntimeDir::LabDir,
+        }
     }
 }
 
@@ -616,6 +639,8 @@ impl Lab {
             dir: dir.clone(),
             holder: 0,
             children: RefCell::new(Vec::new()),
+            host_holder: None,
+            options,
         };
         // From here on, Drop cleans up whatever was made.
         let sh = |args: &[&str]| -> Result<(), String> {
@@ -692,10 +717,19 @@ impl Lab {
              touch '{d}/ready'
              exec sleep infinity"
         );
+        if options.host != Host::Pristine || options.runtime_dir != RuntimeDir::LabDir {
+            lab.host_holder = Some(hosts::start_host_ns(
+                &dir,
+                uid,
+                options.host,
+                options.runtime_dir,
+            )?);
+        }
         let stderr =
             fs::File::create(dir.join("holder.err")).map_err(|e| format!("holder.err: {e}"))?;
         let u = uid.to_string();
-        let child = Command::new("/usr/bin/setpriv")
+        let child = lab
+            .host_command("/usr/bin/setpriv")
             .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
             .args([
                 "unshare",
@@ -731,9 +765,50 @@ impl Lab {
 
     // --- paths -------------------------------------------------------------
 
-    /// XDG_RUNTIME_DIR.
+    /// XDG_RUNTIME_DIR, as the test (root, in the machine's mount
+    /// namespace) reaches it: with a logind-style runtime dir, through the
+    /// lab host holder's root.
     pub fn run_dir(&self) -> PathBuf {
-        self.dir.join("run")
+        match (&self.host_holder, self.options.runtime_dir) {
+            (Some(h), RuntimeDir::Logind) => PathBuf::from(format!("/proc/{}/root", h.id())).join(
+                self.xdg_runtime_dir()
+                    .strip_prefix("/")
+                    .unwrap_or(Path::new("")),
+            ),
+            _ => self.dir.join("run"),
+        }
+    }
+    /// XDG_RUNTIME_DIR as the lab user sees it.
+    pub fn xdg_runtime_dir(&self) -> PathBuf {
+        match self.options.runtime_dir {
+            RuntimeDir::LabDir => self.dir.join("run"),
+            RuntimeDir::Logind => hosts::logind_runtime_dir(self.uid),
+        }
+    }
+    /// The root of the lab's host as the test reaches it: `/` of the
+    /// machine, or the lab host holder's root.
+    pub fn host_root(&self) -> PathBuf {
+        match &self.host_holder {
+            Some(h) => PathBuf::from(format!("/proc/{}/root", h.id())),
+            None => PathBuf::from("/"),
+        }
+    }
+    /// The pid of the lab host's holder, when the lab has its own host.
+    pub fn host_holder_pid(&self) -> Option<u32> {
+        self.host_holder.as_ref().map(Child::id)
+    }
+    /// A command that runs `program` in the lab's host mount namespace
+    /// (the machine's own when the lab has none), as the caller (root).
+    pub fn host_command(&self, program: &str) -> Command {
+        match &self.host_holder {
+            Some(h) => {
+                let mut cmd = Command::new("/usr/bin/nsenter");
+                cmd.arg(format!("--mount=/proc/{}/ns/mnt", h.id()))
+                    .args(["--", program]);
+                cmd
+            }
+            None => Command::new(program),
+        }
     }
     /// The plugin's default state dir.
     pub fn state_dir(&self) -> PathBuf {
@@ -844,7 +919,11 @@ impl Lab {
     /// `exec` and `exec_outside` build their commands.
     fn user_command(&self, in_session: bool, env: &[(&str, &str)], argv: &[&str]) -> Command {
         let u = self.uid.to_string();
-        let mut cmd = Command::new("/usr/bin/setpriv");
+        let mut cmd = if in_session {
+            Command::new("/usr/bin/setpriv")
+        } else {
+            self.host_command("/usr/bin/setpriv")
+        };
         cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"]);
         if in_session {
             cmd.args(["nsenter", "--preserve-credentials", "--user", "--mount"])
@@ -853,7 +932,10 @@ impl Lab {
         cmd.args(["--", "env", "-i"])
             .arg(format!("PATH={LAB_PATH}"))
             .arg(format!("HOME={}", self.dir.display()))
-            .arg(format!("XDG_RUNTIME_DIR={}", self.run_dir().display()));
+            .arg(format!(
+                "XDG_RUNTIME_DIR={}",
+                self.xdg_runtime_dir().display()
+            ));
         for (k, v) in env {
             cmd.arg(format!("{k}={v}"));
         }
@@ -1162,10 +1244,12 @@ impl Lab {
     /// anything under XDG_RUNTIME_DIR, and nsfs mounts (bound namespaces).
     pub fn session_mount_leftovers(&self) -> Vec<String> {
         let out = self.exec(&[], None, &["findmnt", "-rn", "-o", "TARGET,FSTYPE"]);
-        let run = self.run_dir().display().to_string();
-        // The session's mount namespace is a copy of the machine's: what
-        // the machine itself has mounted (another tool's netns) is not ours.
-        let host = Command::new("findmnt")
+        let run = self.xdg_runtime_dir().display().to_string();
+        // The session's mount namespace is a copy of the lab's host's: what
+        // the machine (or the lab's host) itself has mounted (another
+        // tool's netns, the logind-style runtime dir) is not ours.
+        let host = self
+            .host_command("findmnt")
             .args(["-rn", "-o", "TARGET,FSTYPE"])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -1223,6 +1307,12 @@ impl Drop for Lab {
                 sigkill(p);
             }
             thread::sleep(Duration::from_millis(20));
+        }
+        // The lab host's mounts go with its holder (nothing else of the
+        // lab's uid is left in its namespace).
+        if let Some(mut h) = self.host_holder.take() {
+            let _ = h.kill();
+            let _ = h.wait();
         }
         if std::env::var_os("LAB_KEEP").is_some() {
             eprintln!("LAB_KEEP: leaving {}", self.dir.display());
