@@ -151,11 +151,14 @@ impl StateDir {
         self.wait_for_lock(FIRST_CHAIN_LOCK_FILE)
     }
 
-    /// The marker that a network's inner chain ran once in this infra (with
-    /// these capabilities: portmap makes its chains only for mappings).
+    /// The marker that a network's inner chain ran once in this infra with
+    /// these capabilities in use. An empty one does not count: portmap
+    /// makes its chains only for mappings, and containerd sends
+    /// `portMappings: []` for every pod without ports.
     pub fn warm_marker(&self, network: &str, capabilities: &Map<String, Value>) -> PathBuf {
         let mut name = escape(network);
-        for cap in capabilities.keys() {
+        let in_use = capabilities.iter().filter(|(_, v)| !is_empty_arg(v));
+        for (cap, _) in in_use {
             name.push('+');
             name.push_str(&escape(cap));
         }
@@ -555,6 +558,17 @@ pub fn write_json_atomic<T: Serialize>(
         let _ = fs::remove_file(&tmp);
         Error::from(e).context(format!("writing {}", path.display()))
     })
+}
+
+/// A capability arg that asks nothing of the plugins: `null`, `[]`, `{}`, `""`.
+fn is_empty_arg(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::String(s) => s.is_empty(),
+        Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 #[cfg(test)]

@@ -72,7 +72,9 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     let warm = state.warm_marker(&list.name, &conf.runtime_config);
     let first_chain = match warm.exists() {
         true => None,
-        false => Some(state.first_chain_lock()?),
+        // The first ADD we waited for may have warmed the network: then
+        // the chains exist and the waiters need not run one by one.
+        false => Some(state.first_chain_lock()?).filter(|_| !warm.exists()),
     };
     let record_progress = |partial: &serde_json::Value| {
         let mut step = record.clone();
