@@ -17,9 +17,10 @@
 mod common;
 
 use common::containerd::{
-    cgroups_left, cri_prerequisites, page_on_host, Cri, Pod, RootfulContainerd, PAGE,
+    cgroups_left, cri_prerequisites, page_on_host, Cri, Host, Pod, RootfulContainerd,
+    RootlessContainerd, PAGE,
 };
-use common::{free_tcp_port, Lab};
+use common::{free_tcp_port, Lab, LabOptions};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -146,4 +147,61 @@ fn containerd_cri_as_root_runs_pods_with_a_host_port_through_rootless_cni() {
     );
     assert_eq!(HostDirs::capture(), host_before, "the host's dirs changed");
     eprintln!("containerd CRI as root: {:?}", started.elapsed());
+}
+
+/// The rootless test on a host of kind `host`.
+fn rootless_containerd_cri(test: &str, host: Host) {
+    if !cri_prerequisites(test, true) {
+        return;
+    }
+    let started = Instant::now();
+    // The lab's uid and tun node; its session is not used by containerd
+    // (rootlesskit makes its own namespaces), only by the checks.
+    let Some(lab) = Lab::new_with("containerd_cri", LabOptions { var_lib_cni: false }) else {
+        return;
+    };
+    for f in ["/etc/passwd", "/etc/group", "/etc/subuid", "/etc/subgid"] {
+        assert!(
+            Path::new(f).exists(),
+            "{f} is missing: nothing to bind over"
+        );
+    }
+    let host_before = HostDirs::capture();
+    let cd = RootlessContainerd::start(&lab, host);
+    eprintln!(
+        "rootless containerd up, images imported: {:?}",
+        started.elapsed()
+    );
+    let before = lab.snapshot();
+
+    let (web, client) = web_and_client(&cd.cri, "");
+    let status = cd.status(&lab);
+    assert!(status["infra"].is_object(), "no infra: {status}");
+    assert_eq!(attachments(&status), 2, "{status}");
+
+    cd.cri.stop_and_remove(&web);
+    cd.cri.stop_and_remove(&client);
+    assert_eq!(cd.cri.pods(), Vec::<Value>::new(), "pods left");
+    let status = cd.status(&lab);
+    assert!(status["infra"].is_null(), "infra still running: {status}");
+    assert_eq!(attachments(&status), 0, "{status}");
+    lab.assert_no_leaks(&before, "after RemovePodSandbox of both pods");
+    assert_eq!(HostDirs::capture(), host_before, "the host's dirs changed");
+    drop(cd);
+    drop(lab);
+    eprintln!("{test}: {:?}", started.elapsed());
+}
+
+#[test]
+fn containerd_cri_rootless_in_rootlesskit_runs_pods_with_a_host_port_through_rootless_cni() {
+    rootless_containerd_cri("containerd_cri_rootless", Host::Clean);
+}
+
+/// Where a rootful CNI runtime ran, RootlessKit's copy-up leaves links to
+/// root-owned /run/netns and /var/lib/cni; removing them (as
+/// containerd-rootless.sh does) is what lets the CRI plugin make its netns
+/// and libcni its cache.
+#[test]
+fn containerd_cri_rootless_works_where_a_rootful_cni_runtime_ran() {
+    rootless_containerd_cri("containerd_cri_rootless_rootful_host", Host::RootfulCniRan);
 }
