@@ -430,9 +430,24 @@ pub struct Attachment {
     pub result: Option<Value>,
     /// Seconds since the epoch.
     pub created: u64,
+    /// The sub-second part of the creation time: with `created`, the
+    /// netns inode and the infra, what tells this attachment from a later
+    /// one under the same key (the runtime deleted and re-added it).
+    #[serde(default)]
+    pub created_nanos: u32,
 }
 
 impl Attachment {
+    /// Whether `other` is this very attachment, read again: not one the
+    /// runtime made under the same key since.
+    pub fn is_same_as(&self, other: &Attachment) -> bool {
+        self.key() == other.key()
+            && self.created == other.created
+            && self.created_nanos == other.created_nanos
+            && self.infra == other.infra
+            && self.netns_inode == other.netns_inode
+    }
+
     pub fn key(&self) -> AttachmentKey {
         AttachmentKey {
             network: self.network.clone(),
@@ -466,10 +481,13 @@ impl Attachment {
 }
 
 pub fn now_secs() -> u64 {
+    since_epoch().as_secs()
+}
+
+pub fn since_epoch() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 pub fn ensure_dir(path: &Path) -> Result<()> {
