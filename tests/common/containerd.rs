@@ -573,9 +573,9 @@ impl RootfulContainerd {
         let _ = holder.kill();
         let _ = holder.wait();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tree.iter().any(|&p| alive_child_of_tree(p)) && Instant::now() < deadline {
+        while tree.iter().any(|&p| is_alive(p)) && Instant::now() < deadline {
             for &p in &tree {
-                if alive_child_of_tree(p) {
+                if is_alive(p) {
                     sigkill(p);
                 }
             }
@@ -597,7 +597,7 @@ impl RootfulContainerd {
 }
 
 /// Whether `pid` still runs (not a zombie).
-fn alive_child_of_tree(pid: u32) -> bool {
+fn is_alive(pid: u32) -> bool {
     proc_state(pid).is_some_and(|s| !s.starts_with('Z'))
 }
 
