@@ -157,7 +157,13 @@ fn rootless_containerd_cri(test: &str, host: Host) {
     let started = Instant::now();
     // The lab's uid and tun node; its session is not used by containerd
     // (rootlesskit makes its own namespaces), only by the checks.
-    let Some(lab) = Lab::new_with("containerd_cri", LabOptions { var_lib_cni: false }) else {
+    let Some(lab) = Lab::new_with(
+        "containerd_cri",
+        LabOptions {
+            var_lib_cni: false,
+            ..LabOptions::default()
+        },
+    ) else {
         return;
     };
     for f in ["/etc/passwd", "/etc/group", "/etc/subuid", "/etc/subgid"] {
