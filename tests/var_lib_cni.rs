@@ -13,7 +13,13 @@ use common::{example_conflist, plugin_stdin, result_ipv4, Lab, LabOptions, GATEW
 
 #[test]
 fn infra_makes_room_for_var_lib_cni_when_the_host_has_none() {
-    let Some(lab) = Lab::new_with("no_var_lib_cni", LabOptions { var_lib_cni: false }) else {
+    let Some(lab) = Lab::new_with(
+        "no_var_lib_cni",
+        LabOptions {
+            var_lib_cni: false,
+            ..LabOptions::default()
+        },
+    ) else {
         return;
     };
     let absent = |when: &str| {

@@ -292,10 +292,13 @@ impl Supervisor {
         let _ = state::remove_if_exists(&self.state.file(control::SOCKET));
     }
 
-    /// The sandbox first: everything in the infra dies with its namespaces.
+    /// The sandbox first, then what else runs in the infra's network
+    /// namespace (an inner plugin's daemon outlives the sandbox), so the
+    /// namespace dies with them.
     fn kill_children(&mut self) {
         let _ = self.sandbox.kill();
         let _ = self.sandbox.wait();
+        super::end_leftovers(self.info.netns);
         if let Some(mut slirp) = self.slirp.take() {
             let _ = slirp.child.kill();
             let _ = slirp.child.wait();
