@@ -36,7 +36,8 @@ impl ProcessId {
             && nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig).is_ok()
     }
 
-    fn runs(&self, marker: &str) -> bool {
+    /// `marker` is one of its arguments, or the end of its program name.
+    pub fn runs(&self, marker: &str) -> bool {
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
         cmdline
             .split(|b| *b == 0)
@@ -155,5 +156,20 @@ mod tests {
             start_time: 0
         }
         .is_alive());
+    }
+
+    #[test]
+    fn in_netns_finds_a_child_and_leaves_out_the_caller() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let child_id = ProcessId::of(child.id() as i32).unwrap();
+        let here = in_netns(self_ns_inode("net").unwrap());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(here.contains(&child_id), "{here:?} lacks {child_id:?}");
+        assert!(here.iter().all(|p| p.pid != std::process::id() as i32));
+        assert!(in_netns(0).is_empty());
     }
 }

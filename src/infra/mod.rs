@@ -330,7 +330,7 @@ pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()>
         .signal(nix::sys::signal::Signal::SIGTERM, supervisor::ENTRY);
     if wait_gone(&[info.supervisor, info.sandbox], STOP_TIMEOUT) {
         // The supervisor ended them already; a second look costs little.
-        end_leftovers(info.netns);
+        end_leftovers(info);
     } else {
         log::warn!(
             "infra supervisor {} did not stop in time; killing",
@@ -356,29 +356,46 @@ fn kill_and_reap(info: &InfraInfo) {
             info.supervisor.pid
         );
     }
-    end_leftovers(info.netns);
+    end_leftovers(info);
 }
 
-/// Kills every process still in the infra's network namespace (`netns`,
-/// its inode) and waits until they are gone. The sandbox's death does not
-/// end them: a daemon an inner plugin started there (dnsname's dnsmasq)
-/// has its own session and no parent of ours, and would keep the
-/// namespace alive, with the bridge and the containers' veth peers in it.
-pub(crate) fn end_leftovers(netns: u64) {
-    let killed: Vec<ProcessId> = procfs::in_netns(netns)
+/// Kills every process still in the infra's network and mount namespaces
+/// (their inodes as recorded) and waits until they are gone. The sandbox's
+/// death does not end them: a daemon an inner plugin started there
+/// (dnsname's dnsmasq) has its own session and no parent of ours, and
+/// would keep the namespaces alive, with the bridge and the containers'
+/// veth peers in them.
+pub(crate) fn end_leftovers(info: &InfraInfo) {
+    let left: Vec<ProcessId> = procfs::in_netns(info.netns)
         .into_iter()
-        .filter(|p| procfs::kill_in_netns(p, netns))
+        .filter(|p| procfs::ns_inode(format!("/proc/{}/ns/mnt", p.pid)) == Some(info.mntns))
+        .collect();
+    // The kernel reuses a namespace's inode once the namespace is gone, and
+    // another infra of ours makes its two the same way: a live sandbox
+    // other than the recorded one means these are now that infra's.
+    if left
+        .iter()
+        .any(|p| *p != info.sandbox && p.runs(sandbox::ENTRY))
+    {
+        log::warn!(
+            "the namespaces recorded for the infra are another infra's now; leaving them alone"
+        );
+        return;
+    }
+    let killed: Vec<ProcessId> = left
+        .into_iter()
+        .filter(|p| procfs::kill_in_netns(p, info.netns))
         .collect();
     if killed.is_empty() {
         return;
     }
     log::info!(
-        "ended {} process(es) left in the infra's network namespace: {:?}",
+        "ended {} process(es) left in the infra's namespaces: {:?}",
         killed.len(),
         killed.iter().map(|p| p.pid).collect::<Vec<_>>()
     );
     if !wait_gone(&killed, STOP_TIMEOUT) {
-        log::warn!("processes left in the infra's network namespace survive SIGKILL");
+        log::warn!("processes left in the infra's namespaces survive SIGKILL");
     }
 }
 
