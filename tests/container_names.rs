@@ -7,16 +7,18 @@
 
 mod common;
 
-use common::{outer, Container, Lab, LabOptions, Out};
+use common::{Container, Lab, LabOptions, Out};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The inner network and its bridge's address, where dnsmasq listens.
-const NAMES_NET: &str = "names";
+/// The example network with dnsname, its bridge's address (where dnsmasq
+/// listens) and its domain.
+const EXAMPLE: &str = "conf-examples/podman/rootless-dnsname.conflist";
+const NAMES_NET: &str = "rootless-dns";
 const NAMES_GATEWAY: &str = "10.89.1.1";
-const DOMAIN: &str = "dns.test";
+const DOMAIN: &str = "dns.podman";
 const DNSNAME: &str = "/usr/lib/cni/dnsname";
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
 
@@ -56,20 +58,14 @@ fn names_lab(test: &str) -> Option<Lab> {
     Some(lab)
 }
 
+/// conf-examples/podman/rootless-dnsname.conflist: the README's example.
 fn names_conflist() -> Value {
-    let mut conf = json!({
-        "cniVersion": "1.0.0", "name": NAMES_NET,
-        "plugins": [{ "type": "rootless-cni", "delegate": {
-            "cniVersion": "1.0.0", "name": NAMES_NET,
-            "plugins": [
-                { "type": "bridge", "bridge": "rcni1", "isGateway": true, "ipMasq": true,
-                  "ipam": { "type": "host-local",
-                            "ranges": [[{ "subnet": "10.89.1.0/24" }]],
-                            "routes": [{ "dst": "0.0.0.0/0" }] } },
-                { "type": "dnsname", "domainName": DOMAIN }
-            ] } }]
-    });
-    outer(&mut conf).insert("allowHostLoopback".into(), false.into());
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(EXAMPLE);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let conf: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(conf["name"], NAMES_NET, "{EXAMPLE}");
     conf
 }
 
@@ -82,8 +78,16 @@ fn pod_args(name: &str) -> String {
 
 /// ADD of `c` as pod `name`; the ADD result.
 fn add(lab: &Lab, c: &Container, name: &str) -> Value {
+    add_with_aliases(lab, c, name, &[])
+}
+
+/// ADD of `c` as pod `name`, known also as `aliases` (the `aliases`
+/// capability podman passes: network name → names); the ADD result.
+fn add_with_aliases(lab: &Lab, c: &Container, name: &str, aliases: &[&str]) -> Value {
     let args = pod_args(name);
-    let out = lab.cnitool_env(&[("CNI_ARGS", &args)], "add", NAMES_NET, &c.netns());
+    let caps = json!({ "aliases": { NAMES_NET: aliases } }).to_string();
+    let env = [("CNI_ARGS", args.as_str()), ("CAP_ARGS", caps.as_str())];
+    let out = lab.cnitool_env(&env, "add", NAMES_NET, &c.netns());
     out.add_result(&format!("ADD {name}"))
 }
 
@@ -152,9 +156,10 @@ fn wait_dead(lab: &Lab, pid: u32) {
     }
 }
 
-/// Two containers, each resolves the other by name through the dnsmasq
-/// that dnsname started in the infra, whose address the ADD result gives
-/// as nameserver; after the DEL of both nothing is left, no dnsmasq either.
+/// Two containers, each resolves the other by name (and one the other's
+/// alias) through the dnsmasq that dnsname started in the infra, whose
+/// address the ADD result gives as nameserver; after the DEL of both
+/// nothing is left, no dnsmasq either.
 #[test]
 fn containers_resolve_each_other_by_name() {
     let Some(lab) = names_lab("container_names") else {
@@ -162,13 +167,14 @@ fn containers_resolve_each_other_by_name() {
     };
     let (a, b) = (lab.container(), lab.container());
     let ra = add(&lab, &a, "alpha");
-    let rb = add(&lab, &b, "bravo");
+    let rb = add_with_aliases(&lab, &b, "bravo", &["web"]);
     for r in [&ra, &rb] {
         assert_eq!(
             r["dns"]["nameservers"],
             json!([NAMES_GATEWAY]),
             "the ADD result names the infra's dnsmasq: {r}"
         );
+        assert_eq!(r["dns"]["search"], json!([DOMAIN]), "search domain: {r}");
     }
     assert_eq!(dnsmasqs(&lab).len(), 1, "one dnsmasq for the network");
     // dnsname's files are the infra's, under its /run, not in the user's
@@ -189,6 +195,7 @@ fn containers_resolve_each_other_by_name() {
     );
     assert_resolves(&lab, &a, "bravo", &ipv4(&rb));
     assert_resolves(&lab, &b, "alpha", &ipv4(&ra));
+    assert_resolves(&lab, &a, "web", &ipv4(&rb));
     let unknown = lookup(&lab, &a, "charlie");
     assert!(!unknown.ok(), "an unknown name resolved: {unknown}");
 
