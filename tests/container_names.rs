@@ -158,8 +158,9 @@ fn wait_dead(lab: &Lab, pid: u32) {
 
 /// Two containers, each resolves the other by name (and one the other's
 /// alias) through the dnsmasq that dnsname started in the infra, whose
-/// address the ADD result gives as nameserver; after the DEL of both
-/// nothing is left, no dnsmasq either.
+/// address the ADD result gives as nameserver; CHECK passes (dnsname's
+/// checks its dnsmasq); after the DEL of both nothing is left, no dnsmasq
+/// either.
 #[test]
 fn containers_resolve_each_other_by_name() {
     let Some(lab) = names_lab("container_names") else {
@@ -196,6 +197,9 @@ fn containers_resolve_each_other_by_name() {
     assert_resolves(&lab, &a, "bravo", &ipv4(&rb));
     assert_resolves(&lab, &b, "alpha", &ipv4(&ra));
     assert_resolves(&lab, &a, "web", &ipv4(&rb));
+    let args = pod_args("alpha");
+    let check = lab.cnitool_env(&[("CNI_ARGS", &args)], "check", NAMES_NET, &a.netns());
+    assert!(check.ok(), "CHECK alpha: {check}");
     let unknown = lookup(&lab, &a, "charlie");
     assert!(!unknown.ok(), "an unknown name resolved: {unknown}");
 
