@@ -24,6 +24,7 @@
 
 mod common;
 
+use common::host_tools::{busybox_static, skip_without, write_user_files};
 use common::{
     example_conflist, free_tcp_port, plugin_stdin, result_ipv4, run_command, Lab, Out, NET,
 };
@@ -37,33 +38,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
-
-fn which(tool: &str) -> Option<PathBuf> {
-    PATH.split(':').map(|d| Path::new(d).join(tool)).find(|p| {
-        fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    })
-}
-
-/// Whether to skip `test` for lack of `tools`: with CI=true a missing tool
-/// fails the test instead.
-fn skip_without(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| which(t).is_none())
-        .collect();
-    if missing.is_empty() {
-        return false;
-    }
-    let list = missing.join(", ");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: missing {list} (CI=true); scripts/deps installs them");
-    }
-    eprintln!("skipping {test}: missing {list} (scripts/deps installs them)");
-    true
-}
 
 /// A command run as root, with a clean environment.
 fn root_command(argv: &[&str]) -> Command {
@@ -178,34 +152,6 @@ fn read_json(path: &Path) -> Value {
         fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("parsing {}: {e}: {text}", path.display()))
-}
-
-/// The lab uid as user `user` (home: the lab dir) with a subordinate id
-/// range, in copies of /etc/passwd, /etc/group, /etc/subuid and /etc/subgid
-/// at `<lab>/etc-{passwd,group,subuid,subgid}`, to bind over the machine's in
-/// a private mount namespace: newuidmap wants the caller in /etc/passwd and
-/// a range in /etc/subuid, and the machine's files must stay as they are.
-fn write_user_files(lab: &Lab, user: &str) {
-    let d = lab.dir.display().to_string();
-    let u = lab.uid;
-    // Derived from the uid, so that labs of different uids get their own.
-    let sub_start = 3_000_000_000u64 + u64::from(u % 10_000) * 65_536;
-    let copy_with = |from: &str, to: &str, line: String| {
-        let mut text = fs::read_to_string(from).unwrap_or_else(|e| panic!("reading {from}: {e}"));
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&line);
-        lab.write_file(to, &text);
-    };
-    copy_with(
-        "/etc/passwd",
-        "etc-passwd",
-        format!("{user}:x:{u}:{u}::{d}:/bin/sh\n"),
-    );
-    copy_with("/etc/group", "etc-group", format!("{user}:x:{u}:\n"));
-    lab.write_file("etc-subuid", &format!("{user}:{sub_start}:65536\n"));
-    lab.write_file("etc-subgid", &format!("{user}:{sub_start}:65536\n"));
 }
 
 #[test]
@@ -827,43 +773,6 @@ fn busybox_rootfs_tar(dir: &Path) -> String {
     assert!(out.ok(), "{out}");
     fs::set_permissions(&tar, fs::Permissions::from_mode(0o644)).expect("chmod rootfs.tar");
     tar
-}
-
-/// busybox from Debian's busybox-static package (which conflicts with the
-/// busybox package the lab uses, so it is unpacked, not installed),
-/// downloaded once into the target dir.
-fn busybox_static() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("busybox-static");
-    let bin = dir.join("unpacked/bin/busybox");
-    if bin.is_file() {
-        return bin;
-    }
-    fs::create_dir_all(&dir).expect("mkdir busybox-static");
-    let mut cmd = root_command(&["apt-get", "download", "busybox-static"]);
-    cmd.current_dir(&dir);
-    let out = run_command(
-        cmd,
-        "apt-get download busybox-static".into(),
-        None,
-        Duration::from_secs(120),
-    );
-    assert!(out.ok(), "{out}");
-    let deb = Lab::list(&dir)
-        .into_iter()
-        .find(|n| n.ends_with(".deb"))
-        .unwrap_or_else(|| panic!("no .deb after apt-get download: {out}"));
-    let out = run_root(
-        &[
-            "dpkg-deb",
-            "-x",
-            &dir.join(deb).display().to_string(),
-            &dir.join("unpacked").display().to_string(),
-        ],
-        Duration::from_secs(60),
-    );
-    assert!(out.ok(), "{out}");
-    assert!(bin.is_file(), "no bin/busybox in busybox-static");
-    bin
 }
 
 fn podman_prerequisites(test: &str) -> bool {
