@@ -234,6 +234,12 @@ pub fn run_plugin(
     cmd.env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !k.to_string_lossy().starts_with("CNI_")))
         .env("PATH", path_with_sbin())
+        // The infra's own runtime dir, which lives and goes with it (its
+        // /run is the state dir's run/, emptied at each start). The
+        // caller's would outlive the infra: dnsname keeps its dnsmasq's
+        // pid and hosts files under $XDG_RUNTIME_DIR, and a later infra
+        // would take a dead infra's dnsmasq for its own.
+        .env("XDG_RUNTIME_DIR", "/run")
         .env("CNI_COMMAND", inv.verb.as_str())
         .env("CNI_CONTAINERID", inv.container_id)
         .env("CNI_NETNS", netns.inner_path())
@@ -336,23 +342,16 @@ pub fn settle_orphans(infra: &InfraInfo, container_id: &str, ifname: &str, timeo
 }
 
 fn orphans_of(infra: &InfraInfo, container_id: &str, ifname: &str) -> Vec<ProcessId> {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let me = std::process::id() as i32;
     let id_var = format!("CNI_CONTAINERID={container_id}");
     let ifname_var = format!("CNI_IFNAME={ifname}");
-    procs
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != me && pid != infra.sandbox.pid)
-        .filter(|pid| procfs::ns_inode(format!("/proc/{pid}/ns/net")) == Some(infra.netns))
-        .filter(|pid| {
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    procfs::in_netns(infra.netns)
+        .into_iter()
+        .filter(|p| p.pid != infra.sandbox.pid)
+        .filter(|p| {
+            let environ = std::fs::read(format!("/proc/{}/environ", p.pid)).unwrap_or_default();
             let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
             vars.contains(&id_var.as_bytes()) && vars.contains(&ifname_var.as_bytes())
         })
-        .filter_map(ProcessId::of)
         .collect()
 }
 

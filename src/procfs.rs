@@ -36,7 +36,8 @@ impl ProcessId {
             && nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig).is_ok()
     }
 
-    fn runs(&self, marker: &str) -> bool {
+    /// `marker` is one of its arguments, or the end of its program name.
+    pub fn runs(&self, marker: &str) -> bool {
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.pid)).unwrap_or_default();
         cmdline
             .split(|b| *b == 0)
@@ -68,6 +69,56 @@ pub fn ns_inode(path: impl AsRef<Path>) -> Option<u64> {
 
 pub fn self_ns_inode(kind: &str) -> Option<u64> {
     ns_inode(format!("/proc/self/ns/{kind}"))
+}
+
+/// The processes in the network namespace of inode `netns`, the caller
+/// aside: what runs in an infra, found by the namespace itself rather than
+/// by names or parents (a daemon an inner plugin started has neither).
+pub fn in_netns(netns: u64) -> Vec<ProcessId> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id() as i32;
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me && ns_inode(format!("/proc/{pid}/ns/net")) == Some(netns))
+        .filter_map(ProcessId::of)
+        .collect()
+}
+
+/// SIGKILL to `p` if it is still the process recorded and still in the
+/// network namespace `netns`. The process is pinned by a pidfd before the
+/// check, so a PID reused after it is never signalled. True when killed.
+pub fn kill_in_netns(p: &ProcessId, netns: u64) -> bool {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid, 0) };
+    let pidfd = (fd >= 0).then(|| {
+        // SAFETY: the fd was just returned to us and is owned by no one else.
+        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    });
+    if !p.is_alive() || ns_inode(format!("/proc/{}/ns/net", p.pid)) != Some(netns) {
+        return false;
+    }
+    match pidfd {
+        // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+        Some(fd) => unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            ) == 0
+        },
+        // A kernel without pidfds (before 5.3): checked, then signalled.
+        None => nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok(),
+    }
 }
 
 /// Seconds since boot, to turn a start time into an uptime.
@@ -105,5 +156,20 @@ mod tests {
             start_time: 0
         }
         .is_alive());
+    }
+
+    #[test]
+    fn in_netns_finds_a_child_and_leaves_out_the_caller() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        let child_id = ProcessId::of(child.id() as i32).unwrap();
+        let here = in_netns(self_ns_inode("net").unwrap());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(here.contains(&child_id), "{here:?} lacks {child_id:?}");
+        assert!(here.iter().all(|p| p.pid != std::process::id() as i32));
+        assert!(in_netns(0).is_empty());
     }
 }

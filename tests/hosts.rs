@@ -125,6 +125,7 @@ fn a_used_host_keeps_its_var_lib_cni_when_the_plugin_is_called_directly() {
         var_lib_cni: false,
         host: Host::Used,
         runtime_dir: RuntimeDir::Logind,
+        ..LabOptions::default()
     };
     let Some(lab) = Lab::new_with("used_host_direct", options) else {
         return;

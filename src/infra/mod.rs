@@ -328,7 +328,10 @@ fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
 pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()> {
     info.supervisor
         .signal(nix::sys::signal::Signal::SIGTERM, supervisor::ENTRY);
-    if !wait_gone(&[info.supervisor, info.sandbox], STOP_TIMEOUT) {
+    if wait_gone(&[info.supervisor, info.sandbox], STOP_TIMEOUT) {
+        // The supervisor ended them already; a second look costs little.
+        end_leftovers(info);
+    } else {
         log::warn!(
             "infra supervisor {} did not stop in time; killing",
             info.supervisor.pid
@@ -338,8 +341,9 @@ pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()>
     forget_infra_files(state)
 }
 
-/// SIGKILL to every recorded process that is still the one recorded; the
-/// supervisor first, so it does not restart slirp4netns.
+/// SIGKILL to every recorded process that is still the one recorded (the
+/// supervisor first, so it does not restart slirp4netns), then to what is
+/// left in the infra's network namespace.
 fn kill_and_reap(info: &InfraInfo) {
     let procs: Vec<ProcessId> = info
         .processes()
@@ -351,6 +355,47 @@ fn kill_and_reap(info: &InfraInfo) {
             "infra processes of {} still present after SIGKILL",
             info.supervisor.pid
         );
+    }
+    end_leftovers(info);
+}
+
+/// Kills every process still in the infra's network and mount namespaces
+/// (their inodes as recorded) and waits until they are gone. The sandbox's
+/// death does not end them: a daemon an inner plugin started there
+/// (dnsname's dnsmasq) has its own session and no parent of ours, and
+/// would keep the namespaces alive, with the bridge and the containers'
+/// veth peers in them.
+pub(crate) fn end_leftovers(info: &InfraInfo) {
+    let left: Vec<ProcessId> = procfs::in_netns(info.netns)
+        .into_iter()
+        .filter(|p| procfs::ns_inode(format!("/proc/{}/ns/mnt", p.pid)) == Some(info.mntns))
+        .collect();
+    // The kernel reuses a namespace's inode once the namespace is gone, and
+    // another infra of ours makes its two the same way: a live sandbox
+    // other than the recorded one means these are now that infra's.
+    if left
+        .iter()
+        .any(|p| *p != info.sandbox && p.runs(sandbox::ENTRY))
+    {
+        log::warn!(
+            "the namespaces recorded for the infra are another infra's now; leaving them alone"
+        );
+        return;
+    }
+    let killed: Vec<ProcessId> = left
+        .into_iter()
+        .filter(|p| procfs::kill_in_netns(p, info.netns))
+        .collect();
+    if killed.is_empty() {
+        return;
+    }
+    log::info!(
+        "ended {} process(es) left in the infra's namespaces: {:?}",
+        killed.len(),
+        killed.iter().map(|p| p.pid).collect::<Vec<_>>()
+    );
+    if !wait_gone(&killed, STOP_TIMEOUT) {
+        log::warn!("processes left in the infra's namespaces survive SIGKILL");
     }
 }
 

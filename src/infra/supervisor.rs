@@ -292,10 +292,12 @@ impl Supervisor {
         let _ = state::remove_if_exists(&self.state.file(control::SOCKET));
     }
 
-    /// The sandbox first: everything in the infra dies with its namespaces.
+    /// The sandbox first, then what else runs in the infra's namespaces (an
+    /// inner plugin's daemon outlives the sandbox), so they die with them.
     fn kill_children(&mut self) {
         let _ = self.sandbox.kill();
         let _ = self.sandbox.wait();
+        super::end_leftovers(&self.info);
         if let Some(mut slirp) = self.slirp.take() {
             let _ = slirp.child.kill();
             let _ = slirp.child.wait();

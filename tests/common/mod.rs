@@ -541,6 +541,30 @@ fn fresh_uid() -> u32 {
     }
 }
 
+/// Writes the user namespace maps of the session holder `pid` (see
+/// `LabOptions::subgids`): uid 0 is the lab uid; gid 0 the lab uid's gid and
+/// 1..SUBGID_COUNT a subordinate range; then tells the holder to go on.
+fn map_subgids(pid: u32, uid: u32, dir: &Path) -> Result<(), String> {
+    let ours = fs::read_link("/proc/self/ns/user").ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_link(format!("/proc/{pid}/ns/user")).ok() == ours {
+        if Instant::now() > deadline {
+            return Err(format!("the session holder {pid} made no user namespace"));
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    let write = |file: &str, map: String| {
+        fs::write(format!("/proc/{pid}/{file}"), &map)
+            .map_err(|e| format!("writing {map:?} to /proc/{pid}/{file}: {e}"))
+    };
+    write("uid_map", format!("0 {uid} 1\n"))?;
+    write(
+        "gid_map",
+        format!("0 {uid} 1\n1 {SUBGID_BASE} {SUBGID_COUNT}\n"),
+    )?;
+    fs::write(dir.join("mapped"), "").map_err(|e| format!("{}/mapped: {e}", dir.display()))
+}
+
 // ---------------------------------------------------------------------------
 // The lab
 
@@ -584,7 +608,18 @@ pub struct LabOptions {
     pub host: Host,
     /// Where XDG_RUNTIME_DIR is.
     pub runtime_dir: RuntimeDir,
+    /// The session's user namespace maps a range of subordinate group ids
+    /// besides root and allows `setgroups`, as the one rootless podman or
+    /// RootlessKit makes with newgidmap (the default maps root alone and
+    /// denies `setgroups`, as `unshare --map-root-user` does). A daemon
+    /// that drops to a group, such as dnsmasq to `dip`, needs it.
+    pub subgids: bool,
 }
+
+/// Where the lab's subordinate gids start on the host (`subgids`): far above
+/// any real user's range; the lab's processes all run as its uid.
+const SUBGID_BASE: u32 = 3_500_000_000;
+const SUBGID_COUNT: u32 = 65536;
 
 impl Default for LabOptions {
     fn default() -> Self {
@@ -592,6 +627,7 @@ impl Default for LabOptions {
             var_lib_cni: true,
             host: Host::Pristine,
             runtime_dir: RuntimeDir::LabDir,
+            subgids: false,
         }
     }
 }
@@ -729,18 +765,25 @@ impl Lab {
         let stderr =
             fs::File::create(dir.join("holder.err")).map_err(|e| format!("holder.err: {e}"))?;
         let u = uid.to_string();
-        let child = lab
-            .host_command("/usr/bin/setpriv")
-            .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-            .args([
-                "unshare",
-                "--user",
-                "--map-root-user",
-                "--mount",
-                "--propagation",
-                "private",
-            ])
-            .args(["sh", "-c", &setup])
+        let mount_ns = ["unshare", "--mount", "--propagation", "private"];
+        let mut holder = lab.host_command("/usr/bin/setpriv");
+        holder.args(["--reuid", &u, "--regid", &u, "--clear-groups"]);
+        if options.subgids {
+            // The maps are written by us (root) once the user namespace
+            // exists; the mount namespace is made after that, with the
+            // capabilities root in the mapped namespace has.
+            let wait = format!(
+                "while [ ! -e '{d}/mapped' ]; do sleep 0.01; done; exec {} sh -c \"$0\"",
+                mount_ns.join(" ")
+            );
+            holder.args(["unshare", "--user", "sh", "-c", &wait, &setup]);
+        } else {
+            holder
+                .args(["unshare", "--user", "--map-root-user"])
+                .args(&mount_ns[1..])
+                .args(["sh", "-c", &setup]);
+        }
+        let child = holder
             .env_clear()
             .env("PATH", LAB_PATH)
             .stdin(Stdio::null())
@@ -750,6 +793,9 @@ impl Lab {
             .map_err(|e| format!("starting the session holder: {e}"))?;
         lab.holder = child.id();
         lab.children.borrow_mut().push(child);
+        if options.subgids {
+            map_subgids(lab.holder, uid, &dir)?;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !dir.join("ready").exists() {
             let exited = lab.children.borrow_mut()[0].try_wait().ok().flatten();
