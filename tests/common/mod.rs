@@ -20,6 +20,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 mod leaks;
+pub mod podman;
 pub use leaks::Snapshot;
 
 use serde_json::Value;
