@@ -391,13 +391,14 @@ impl RootlessPodman {
             "--clear-groups",
             "--",
         ])
-        .args(["env", "-i", &format!("PATH={path}")])
+        // setns into a mount namespace resets the cwd: env -C sets it after.
+        .args(["env", "-i", "-C", &cwd.display().to_string()])
+        .arg(format!("PATH={path}"))
         .arg(format!("HOME={}", self.lab.dir.display()))
         .arg("USER=rcnipodman")
         .arg(format!("XDG_RUNTIME_DIR={}", self.lab.run_dir().display()))
         .arg(format!("TMPDIR={}", self.lab.dir.join("tmp").display()))
-        .args(argv)
-        .current_dir(cwd);
+        .args(argv);
         run_command(cmd, argv.join(" "), None, Duration::from_secs(180))
     }
 
@@ -526,4 +527,42 @@ pub fn ns_of(pid: u32, kind: &str) -> String {
     fs::read_link(format!("/proc/{pid}/ns/{kind}"))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|e| panic!("/proc/{pid}/ns/{kind}: {e}"))
+}
+
+/// A user's clone of this repository at `<lab>/rootless-cni`, owned by the
+/// lab uid: scripts/, conf-examples/, README.md, and the test's own build of
+/// the binary at target/release/rootless-cni, where `cargo build --release`
+/// would put it (the lab user has no Rust toolchain). Its path.
+pub fn user_clone(lab: &Lab) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let clone = lab.dir.join("rootless-cni");
+    fs::create_dir_all(clone.join("target/release")).expect("mkdir the clone");
+    for item in ["scripts", "conf-examples", "README.md", "Cargo.toml"] {
+        let out = run_root(
+            &[
+                "cp",
+                "-r",
+                &repo.join(item).display().to_string(),
+                &clone.display().to_string(),
+            ],
+            Duration::from_secs(10),
+        );
+        assert!(out.ok(), "{out}");
+    }
+    fs::copy(
+        env!("CARGO_BIN_EXE_rootless-cni"),
+        clone.join("target/release/rootless-cni"),
+    )
+    .expect("copying the binary into the clone");
+    let out = run_root(
+        &[
+            "chown",
+            "-R",
+            &format!("{0}:{0}", lab.uid),
+            &clone.display().to_string(),
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(out.ok(), "{out}");
+    clone
 }
