@@ -14,6 +14,7 @@
 //! - `docker.io/library/busybox` is the busybox-static image the user
 //!   imported beforehand (no registry is reachable here).
 //! - port 8080 is a free port (tests run in parallel).
+//!
 //! The user's PATH starts with ~/.local/bin, as Debian's ~/.profile makes
 //! it at login once that dir exists. What this machine needs of any podman
 //! (runc, cgroupfs, ulimits, vfs) is the lab's system containers.conf and

@@ -17,8 +17,8 @@
 //!   host (/var/lib/cni, /var/lib/containers, /run/netns and its mount,
 //!   /run/runc, ip_forward, cgroups) is recorded before and undone after.
 //! - podman 4.3, rootless (CNI backend): the lab uid itself runs podman
-//!   with conf-examples/podman/containers.conf and rootless.conflist in its
-//!   ~/.config, publishes a port and the page is fetched on the host's
+//!   with conf-examples/podman/containers.conf (a drop-in) and
+//!   rootless.conflist in its ~/.config (tests/common/podman.rs), publishes a port and the page is fetched on the host's
 //!   127.0.0.1. podman runs CNI plugins in its own rootless-netns, so the
 //!   infra starts there; see the test's doc for how the ports fit.
 
