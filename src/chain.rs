@@ -4,6 +4,7 @@
 
 use crate::cni::config::InnerList;
 use crate::cni::env::{CniEnv, Command as Verb};
+use crate::cni::gojson;
 use crate::cni::version;
 use crate::error::{code, Error, Result};
 use crate::exec::{self, ContainerNetns, InfraNs, Invocation};
@@ -226,9 +227,9 @@ impl<'a> Chain<'a> {
             .flatten()
             .filter(|(_, on)| on.as_bool() == Some(true))
             .filter_map(|(cap, _)| {
-                self.capability_args
-                    .get(cap)
-                    .map(|v| (cap.clone(), v.clone()))
+                // The runtime's runtimeConfig is read as a Go plugin reads
+                // it; the inner plugin gets the capability's own name.
+                gojson::field(&self.capability_args, cap).map(|v| (cap.clone(), v.clone()))
             })
             .collect();
         if !runtime_config.is_empty() {

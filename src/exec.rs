@@ -99,13 +99,30 @@ impl ContainerNetns {
         })
     }
 
-    /// For DEL: the netns may be gone, or not given at all.
-    pub fn open_if_present(path: Option<&Path>) -> Self {
+    /// For DEL and GC: the netns may be gone, or not given at all. With
+    /// `attached`, the inode of the netns the attachment was made in, a
+    /// path that now names another netns (`/proc/PID/ns/net` of a reused
+    /// PID) counts as gone too: the inner DEL must never run in a
+    /// stranger's netns.
+    pub fn open_if_present(path: Option<&Path>, attached: Option<u64>) -> Self {
         // A path that is no longer a netns (the runtime unmounted it and
         // left the file) is as gone as a missing one.
         let fd = path
             .and_then(|p| std::fs::File::open(p).ok())
             .filter(is_netns)
+            .filter(|f| match (attached, f.metadata()) {
+                (None, _) => true,
+                (Some(ino), Ok(m)) if m.ino() == ino => true,
+                (Some(ino), found) => {
+                    let found = found.map(|m| m.ino().to_string());
+                    log::warn!(
+                        "{}: netns inode {found:?}, attached in {ino}: not the container's; \
+                         the inner DEL runs without a netns",
+                        path.unwrap_or(Path::new("")).display()
+                    );
+                    false
+                }
+            })
             .map(OwnedFd::from);
         ContainerNetns {
             runtime_path: path.map(Path::to_path_buf),

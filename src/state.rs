@@ -151,11 +151,14 @@ impl StateDir {
         self.wait_for_lock(FIRST_CHAIN_LOCK_FILE)
     }
 
-    /// The marker that a network's inner chain ran once in this infra (with
-    /// these capabilities: portmap makes its chains only for mappings).
+    /// The marker that a network's inner chain ran once in this infra with
+    /// these capabilities in use. An empty one does not count: portmap
+    /// makes its chains only for mappings, and containerd sends
+    /// `portMappings: []` for every pod without ports.
     pub fn warm_marker(&self, network: &str, capabilities: &Map<String, Value>) -> PathBuf {
         let mut name = escape(network);
-        for cap in capabilities.keys() {
+        let in_use = capabilities.iter().filter(|(_, v)| !is_empty_arg(v));
+        for (cap, _) in in_use {
             name.push('+');
             name.push_str(&escape(cap));
         }
@@ -427,9 +430,24 @@ pub struct Attachment {
     pub result: Option<Value>,
     /// Seconds since the epoch.
     pub created: u64,
+    /// The sub-second part of the creation time: with `created`, the
+    /// netns inode and the infra, what tells this attachment from a later
+    /// one under the same key (the runtime deleted and re-added it).
+    #[serde(default)]
+    pub created_nanos: u32,
 }
 
 impl Attachment {
+    /// Whether `other` is this very attachment, read again: not one the
+    /// runtime made under the same key since.
+    pub fn is_same_as(&self, other: &Attachment) -> bool {
+        self.key() == other.key()
+            && self.created == other.created
+            && self.created_nanos == other.created_nanos
+            && self.infra == other.infra
+            && self.netns_inode == other.netns_inode
+    }
+
     pub fn key(&self) -> AttachmentKey {
         AttachmentKey {
             network: self.network.clone(),
@@ -463,10 +481,13 @@ impl Attachment {
 }
 
 pub fn now_secs() -> u64 {
+    since_epoch().as_secs()
+}
+
+pub fn since_epoch() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 pub fn ensure_dir(path: &Path) -> Result<()> {
@@ -555,6 +576,17 @@ pub fn write_json_atomic<T: Serialize>(
         let _ = fs::remove_file(&tmp);
         Error::from(e).context(format!("writing {}", path.display()))
     })
+}
+
+/// A capability arg that asks nothing of the plugins: `null`, `[]`, `{}`, `""`.
+fn is_empty_arg(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::String(s) => s.is_empty(),
+        Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 #[cfg(test)]

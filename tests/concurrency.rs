@@ -334,3 +334,76 @@ fn add_racing_the_last_del_lands_in_a_live_infra() {
     assert!(del.ok(), "final DEL: {del}");
     lab.assert_no_infra("after the races");
 }
+
+/// containerd sends `portMappings` on every call, an empty list for a pod
+/// without ports. `i`'s mapping: none for even `i` when `mixed`, else one
+/// Go-cased hostPort, as go-cni spells it.
+fn containerd_cap_args(i: usize, mixed: bool) -> String {
+    match mixed && i % 2 == 0 {
+        true => r#"{"portMappings":[]}"#.to_string(),
+        false => serde_json::json!({"portMappings": [
+            {"HostPort": common::free_tcp_port(), "ContainerPort": 80,
+             "Protocol": "tcp", "HostIP": "127.0.0.1"}
+        ]})
+        .to_string(),
+    }
+}
+
+/// Starts `pods` ADDs at once, pod i with `containerd_cap_args(i, mixed)`;
+/// all must succeed.
+fn add_pods_at_once(lab: &Lab, pods: &[Container], mixed: bool, what: &str) {
+    let calls: Vec<Call> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut call = Call::cnitool(lab, "add", NET, &c.netns());
+            call.env
+                .push(("CAP_ARGS".into(), containerd_cap_args(i, mixed)));
+            call
+        })
+        .collect();
+    let (outs, _, _) = storm(lab, what, &calls);
+    added(&outs, pods, what);
+}
+
+/// A first pod without ports must not make the network look warm for pods
+/// with ports (portmap makes its chains check-then-create): sixteen pods
+/// with ports started at once right after it all succeed.
+#[test]
+fn pods_with_ports_after_a_first_pod_without_all_succeed() {
+    let Some(lab) = Lab::new("first_pod_no_ports") else {
+        return;
+    };
+    lab.write_netconf(NET, &example_conflist());
+    let first = lab.container();
+    let no_ports = [("CAP_ARGS", r#"{"portMappings":[]}"#)];
+    lab.cnitool_env(&no_ports, "add", NET, &first.netns())
+        .add_result("the first pod, without ports");
+    let pods: Vec<Container> = (0..16).map(|_| lab.container()).collect();
+    add_pods_at_once(
+        &lab,
+        &pods,
+        false,
+        "sixteen pods with ports after one without",
+    );
+    for c in pods.iter().chain([&first]) {
+        lab.detach(c);
+    }
+    lab.assert_no_infra("after the last DEL");
+}
+
+/// Sixteen pods at once on a fresh infra, half of them with ports, the
+/// rest with containerd's empty list: all succeed.
+#[test]
+fn sixteen_first_pods_at_once_all_succeed() {
+    let Some(lab) = Lab::new("first_pods_at_once") else {
+        return;
+    };
+    lab.write_netconf(NET, &example_conflist());
+    let pods: Vec<Container> = (0..16).map(|_| lab.container()).collect();
+    add_pods_at_once(&lab, &pods, true, "sixteen first pods at once");
+    for c in &pods {
+        lab.detach(c);
+    }
+    lab.assert_no_infra("after the last DEL");
+}

@@ -11,8 +11,10 @@
 
 use proptest::prelude::*;
 use rootless_cni::cni::config::{OWN_KEYS, SPEC_KEYS};
+use rootless_cni::cni::gojson;
 use rootless_cni::error::code;
 use rootless_cni::plugin::{parse_call, Call};
+use rootless_cni::ports;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 
@@ -237,4 +239,65 @@ proptest! {
         let outcome = parse_call(lookup(&valid_env()), stdin.as_bytes());
         check(&outcome, &[code::INVALID_CONFIG], Some(key));
     }
+
+    /// A valid port mapping whose keys are spelt in any case (as Go's
+    /// encoding/json would accept them; go-cni writes `HostPort`): read as
+    /// the mapping it is, and handed to the inner plugins with the same
+    /// ports and no `hostIP` in any spelling (the forward honours it).
+    #[test]
+    fn any_case_of_a_port_mapping(
+        host_port in 1u16..,
+        container_port in 1u16..,
+        udp in any::<bool>(),
+        host_ip in prop::sample::select(vec!["127.0.0.1", "", "0.0.0.0", "::", "::1"]),
+        spellings in prop::collection::vec(any::<u32>(), 4),
+    ) {
+        let names = ["hostPort", "containerPort", "protocol", "hostIP"];
+        let keys: Vec<String> = names.iter().zip(&spellings).map(|(n, bits)| go_spelling(n, *bits)).collect();
+        let protocol = if udp { "udp" } else { "tcp" };
+        let mapping: Map<String, Value> = keys
+            .iter()
+            .cloned()
+            .zip([json!(host_port), json!(container_port), json!(protocol), json!(host_ip)])
+            .collect();
+        let rc = json!({ "portMappings": [mapping] });
+        let rc = rc.as_object().expect("an object");
+
+        let read = ports::from_runtime_config(rc);
+        prop_assert!(read.is_ok(), "{keys:?}: {read:?}");
+        let read = read.expect("checked");
+        prop_assert_eq!(read.len(), 1);
+        prop_assert_eq!(read[0].host_port, host_port);
+        prop_assert_eq!(read[0].container_port, container_port);
+        prop_assert_eq!(read[0].protocol == ports::Protocol::Udp, udp);
+        prop_assert_eq!(read[0].host_ip, host_ip.parse().ok());
+
+        let inner = ports::inner_capability_args(rc);
+        let inner_mapping = &inner["portMappings"][0];
+        let inner_mapping = inner_mapping.as_object().expect("an object");
+        prop_assert!(
+            !inner_mapping.keys().any(|k| gojson::key_matches(k, "hostIP")),
+            "hostIP left for the inner plugins: {inner_mapping:?}"
+        );
+        prop_assert_eq!(gojson::field(inner_mapping, "hostPort"), Some(&json!(host_port)));
+        prop_assert_eq!(gojson::field(inner_mapping, "containerPort"), Some(&json!(container_port)));
+        prop_assert_eq!(gojson::field(inner_mapping, "protocol"), Some(&json!(protocol)));
+    }
+}
+
+/// `name` spelt as `bits` say: each ASCII letter upper or lower case, and
+/// `s`/`k` sometimes as the runes Go folds onto them (`ſ`, the Kelvin sign).
+fn go_spelling(name: &str, bits: u32) -> String {
+    name.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            let bit = |n: usize| bits >> ((i * 2 + n) % 32) & 1 == 1;
+            match (c.to_ascii_lowercase(), bit(0), bit(1)) {
+                ('s', true, true) => '\u{17F}',
+                ('k', true, true) => '\u{212A}',
+                (c, true, _) => c.to_ascii_uppercase(),
+                (c, false, _) => c,
+            }
+        })
+        .collect()
 }

@@ -873,3 +873,50 @@ fn bad_port_mappings_are_refused() {
     lab.assert_no_infra("after the DEL");
     eprintln!("[timing] ports bad mappings: {:?}", t0.elapsed());
 }
+
+// ---------------------------------------------------------------------------
+// Go-cased keys, as containerd's go-cni writes them (structs without JSON
+// tags). Go plugins read them case-insensitively; so do we.
+
+fn go_cased_mappings(driver: &str) {
+    let Some(lab) = lab_for("p_gocase", driver) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let c = lab.container();
+    let (p_lo, p_empty) = (free_port(), free_port());
+    let go = |port: u16, host_ip: &str| json!({"HostPort": port, "ContainerPort": 80, "Protocol": "tcp", "HostIP": host_ip});
+    add(&lab, &c, &[go(p_lo, "127.0.0.1"), go(p_empty, "")]);
+    let body = format!("go-cased mappings, {driver}\n");
+    let web = httpd(&lab, &c, 80, &body);
+
+    // A HostIP left for the inner portmap would make its DNAT miss our
+    // forward, which lands on the infra's own address.
+    assert_serves(at(LOCALHOST, p_lo), &body, "HostIP 127.0.0.1");
+    assert_serves(at(LOCALHOST, p_empty), &body, "HostIP \"\"");
+    let ports = status_ports(&lab);
+    for p in [p_lo, p_empty] {
+        assert!(
+            ports.iter().any(|s| s.contains(&format!(":{p}/tcp"))),
+            "status does not list port {p}: {ports:?}"
+        );
+    }
+
+    del(&lab, &c);
+    for p in [p_lo, p_empty] {
+        assert_port_free(p, false, &format!("{driver}: after DEL"));
+    }
+    stop_all(&lab, vec![web]);
+    lab.assert_no_infra(&format!("{driver}: after DEL"));
+    eprintln!("[timing] ports go-cased ({driver}): {:?}", t0.elapsed());
+}
+
+#[test]
+fn go_cased_mappings_builtin() {
+    go_cased_mappings("builtin");
+}
+
+#[test]
+fn go_cased_mappings_slirp4netns() {
+    go_cased_mappings("slirp4netns");
+}

@@ -1,5 +1,6 @@
 //! Our network config (stdin) and the inner conflist it delegates to.
 
+use super::gojson;
 use crate::error::{Context, Error, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -254,7 +255,12 @@ fn parse_attachments(key: &str, v: &Value) -> Result<Vec<(String, String)>> {
         .ok_or_else(bad)?
         .iter()
         .map(|a| {
-            let field = |k: &str| a.get(k).and_then(Value::as_str).map(String::from);
+            let field = |k: &str| {
+                let a = a.as_object()?;
+                gojson::field(a, k)
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            };
             match (field("containerID"), field("ifname")) {
                 (Some(id), Some(ifname)) => Ok((id, ifname)),
                 _ => Err(bad()),

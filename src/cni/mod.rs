@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod env;
+pub mod gojson;
 pub mod version;
 
 use crate::error::Error;

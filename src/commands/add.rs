@@ -25,6 +25,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     let state = super::state_dir(conf, true)?.ok_or_else(|| Error::internal("no state dir"))?;
     let key = attachment_key(env, conf);
     let me = ProcessId::of(std::process::id() as i32);
+    let created = state::since_epoch();
 
     let mut record = Attachment {
         state: AttachmentState::Pending,
@@ -42,7 +43,8 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         cni_args: env.args.clone(),
         capability_args: conf.runtime_config.clone(),
         result: None,
-        created: state::now_secs(),
+        created: created.as_secs(),
+        created_nanos: created.subsec_nanos(),
     };
     let (info, started, orphaned) = {
         let lock = state.lock()?;
@@ -72,7 +74,9 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     let warm = state.warm_marker(&list.name, &conf.runtime_config);
     let first_chain = match warm.exists() {
         true => None,
-        false => Some(state.first_chain_lock()?),
+        // The first ADD we waited for may have warmed the network: then
+        // the chains exist and the waiters need not run one by one.
+        false => Some(state.first_chain_lock()?).filter(|_| !warm.exists()),
     };
     let record_progress = |partial: &serde_json::Value| {
         let mut step = record.clone();

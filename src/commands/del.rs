@@ -6,11 +6,10 @@ use super::attachment_key;
 use crate::chain::Chain;
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
-use crate::error::{code, Error, Result};
+use crate::error::Result;
 use crate::exec::{self, ContainerNetns};
 use crate::infra;
-use crate::procfs::ProcessId;
-use crate::state::{Attachment, AttachmentKey, AttachmentState, StateDir};
+use crate::state::AttachmentState;
 
 pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let Some(state) = super::state_dir(conf, false)? else {
@@ -29,7 +28,9 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
         };
         let info = infra::running(&state, &lock)?;
         let killed_owner = match (&record, &info) {
-            (Some(rec), Some(info)) if rec.infra == info.sandbox => claim(&state, rec, &key)?,
+            (Some(rec), Some(info)) if rec.infra == info.sandbox => {
+                super::claim(&state, rec, &key)?
+            }
             _ => false,
         };
         (record, info, killed_owner)
@@ -59,7 +60,7 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             let mappings =
                 crate::ports::from_runtime_config(&record.capability_args).unwrap_or_default();
             super::add::unpublish_ports(&state, &key, &mappings);
-            let netns = ContainerNetns::open_if_present(env.netns.as_deref());
+            let netns = ContainerNetns::open_if_present(env.netns.as_deref(), record.netns_inode);
             let chain = Chain::recorded(&record, info, &netns, env, conf.plugin_timeout)?;
             let deleted = chain.del(chain.cached_result(&record).as_ref());
             match (deleted, record.state) {
@@ -81,31 +82,4 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
     state.remove_attachment(&key, &lock)?;
     infra::stop_if_idle(&state, &lock, false)
-}
-
-/// Makes this DEL the record's owner (under the lock), so a second call on
-/// the attachment knows one runs. Code 11 while another live call owns it;
-/// true when the owner was a call that was killed: its inner plugins may
-/// still be running, and must be waited for.
-fn claim(state: &StateDir, record: &Attachment, key: &AttachmentKey) -> Result<bool> {
-    let me = ProcessId::of(std::process::id() as i32);
-    let previous = record.owner.filter(|o| Some(*o) != me);
-    if previous.is_some_and(|o| o.is_alive()) {
-        let what = match record.state {
-            AttachmentState::Pending => "an ADD",
-            AttachmentState::Ready => "a DEL",
-        };
-        return Err(Error::new(
-            code::TRY_AGAIN_LATER,
-            format!(
-                "{what} of {} on {} is still running; try again later",
-                key.container_id, key.ifname
-            ),
-        ));
-    }
-    let mut mine = record.clone();
-    mine.owner = me;
-    // A marker, not a commitment: not worth an fsync (see write_progress).
-    state.write_progress(&mine)?;
-    Ok(previous.is_some())
 }

@@ -5,9 +5,10 @@
 use crate::chain::{self, Chain};
 use crate::cni::config::NetConf;
 use crate::cni::env::{CniEnv, Command as Verb};
-use crate::error::{Error, ErrorList, Result};
+use crate::error::{code, Error, ErrorList, Result};
 use crate::exec::ContainerNetns;
 use crate::infra::{self, InfraInfo};
+use crate::procfs::ProcessId;
 use crate::state::{Attachment, StateDir};
 use serde_json::json;
 use std::collections::HashSet;
@@ -51,49 +52,96 @@ pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<()> {
 }
 
 /// Runs the inner DEL of each stale attachment and forgets it. Used by the
-/// GC verb and by `rootless-cni gc`.
+/// GC verb and by `rootless-cni gc`. `stale` was read without the lock, so
+/// the runtime may have deleted and re-added any of them since: each is
+/// read again and claimed under the lock, and left alone unless it is still
+/// the same attachment and nobody else is working on it.
 pub fn collect(
     state: &StateDir,
     cni_path: &[PathBuf],
     timeout: Duration,
     stale: &[Attachment],
 ) -> Result<()> {
-    let info = infra::running(state, &state.lock()?)?;
     let mut errors = ErrorList::default();
-    for rec in stale {
-        if rec.owner.is_some_and(|o| o.is_alive()) {
-            log::info!(
-                "GC: {} is being added or deleted right now; kept",
-                rec.container_id
-            );
-            continue;
-        }
+    for seen in stale {
+        let claimed = match claim_stale(state, seen) {
+            Ok(Some(claimed)) => claimed,
+            Ok(None) => continue,
+            Err(e) => {
+                errors.push_if_err::<()>(Err(e.context(format!("GC of {}", seen.container_id))));
+                continue;
+            }
+        };
+        let (rec, info, killed_owner) = claimed;
         log::info!(
             "GC: removing {} {} from network {}",
             rec.container_id,
             rec.ifname,
             rec.network
         );
-        let live_infra = info.as_ref().filter(|i| i.sandbox == rec.infra);
-        let deleted = match live_infra {
-            Some(info) => delete_recorded(state, info, cni_path, timeout, rec),
+        let deleted = match &info {
+            Some(info) => delete_recorded(state, info, cni_path, timeout, &rec, killed_owner),
             // Gone with its infra: nothing to undo but its leases (below).
             None => Ok(()),
         };
-        match deleted {
-            Ok(()) => {
-                let lock = state.lock()?;
-                if live_infra.is_none() {
-                    state.release_dead_leases(&rec.container_id, &rec.ifname, &lock);
-                }
-                errors.push_if_err(state.remove_attachment(&rec.key(), &lock));
-            }
-            Err(e) => {
-                errors.push_if_err::<()>(Err(e.context(format!("GC of {}", rec.container_id))))
-            }
+        if let Err(e) = deleted {
+            errors.push_if_err::<()>(Err(e.context(format!("GC of {}", rec.container_id))));
+            continue;
         }
+        errors.push_if_err(forget_claimed(state, &rec, info.is_none()));
     }
     errors.into_result()
+}
+
+/// Under the lock: the record `seen` named, if it is still that attachment
+/// and no live call owns it, now owned by this GC; with its infra when that
+/// runs, and whether a killed call owned it.
+fn claim_stale(
+    state: &StateDir,
+    seen: &Attachment,
+) -> Result<Option<(Attachment, Option<InfraInfo>, bool)>> {
+    let key = seen.key();
+    let lock = state.lock()?;
+    let rec = match state.read_attachment(&key, &lock)? {
+        Some(rec) if rec.is_same_as(seen) => rec,
+        _ => {
+            log::info!(
+                "GC: {} {} was deleted or added again meanwhile; left alone",
+                key.container_id,
+                key.ifname
+            );
+            return Ok(None);
+        }
+    };
+    let killed_owner = match super::claim(state, &rec, &key) {
+        Ok(killed) => killed,
+        Err(e) if e.code == code::TRY_AGAIN_LATER => {
+            log::info!("GC: {}: {}; kept", key.container_id, e.msg);
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let info = infra::running(state, &lock)?.filter(|i| i.sandbox == rec.infra);
+    Ok(Some((rec, info, killed_owner)))
+}
+
+/// Removes the record this GC claimed, if it still owns it; with its infra
+/// dead, releases its leases too.
+fn forget_claimed(state: &StateDir, rec: &Attachment, infra_dead: bool) -> Result<()> {
+    let key = rec.key();
+    let lock = state.lock()?;
+    let me = ProcessId::of(std::process::id() as i32);
+    match state.read_attachment(&key, &lock)? {
+        Some(now) if now.is_same_as(rec) && now.owner == me => {}
+        _ => {
+            log::info!("GC: {} changed hands meanwhile; left", key.container_id);
+            return Ok(());
+        }
+    }
+    if infra_dead {
+        state.release_dead_leases(&rec.container_id, &rec.ifname, &lock);
+    }
+    state.remove_attachment(&key, &lock)
 }
 
 fn delete_recorded(
@@ -102,12 +150,13 @@ fn delete_recorded(
     cni_path: &[PathBuf],
     timeout: Duration,
     rec: &Attachment,
+    killed_owner: bool,
 ) -> Result<()> {
     let key = rec.key();
     let mappings = crate::ports::from_runtime_config(&rec.capability_args).unwrap_or_default();
     super::add::unpublish_ports(state, &key, &mappings);
     let netns_path = rec.netns.as_deref().map(std::path::Path::new);
-    let netns = ContainerNetns::open_if_present(netns_path);
+    let netns = ContainerNetns::open_if_present(netns_path, rec.netns_inode);
     let del_env = CniEnv {
         command: Verb::Del,
         container_id: rec.container_id.clone(),
@@ -116,7 +165,7 @@ fn delete_recorded(
         args: rec.cni_args.clone(),
         path: cni_path.to_vec(),
     };
-    if rec.owner.is_some() {
+    if killed_owner {
         // An ADD or DEL of it was killed: its inner plugins may still run.
         crate::exec::settle_orphans(info, &rec.container_id, &rec.ifname, timeout);
     }

@@ -9,8 +9,9 @@ pub mod version;
 
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
-use crate::error::Result;
-use crate::state::{AttachmentKey, StateDir};
+use crate::error::{code, Error, Result};
+use crate::procfs::ProcessId;
+use crate::state::{Attachment, AttachmentKey, AttachmentState, StateDir};
 
 /// The state dir the config names, created when `create`, else None when
 /// there is none yet; with the config's lock timeout.
@@ -37,7 +38,7 @@ fn network_verb(
     verb: crate::cni::env::Command,
     extra: Option<(&str, serde_json::Value)>,
 ) -> Result<()> {
-    let netns = crate::exec::ContainerNetns::open_if_present(None);
+    let netns = crate::exec::ContainerNetns::open_if_present(None, None);
     let chain = crate::chain::Chain::new(
         list,
         binaries,
@@ -56,4 +57,32 @@ fn attachment_key(env: &CniEnv, conf: &NetConf) -> AttachmentKey {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
     }
+}
+
+/// Makes this call (a DEL, or a GC dropping the attachment) the record's
+/// owner, under the lock, so a second call on the attachment knows one
+/// runs. Code 11 while another live call owns it; true when the owner was a
+/// call that was killed: its inner plugins may still be running, and must
+/// be waited for.
+pub(crate) fn claim(state: &StateDir, record: &Attachment, key: &AttachmentKey) -> Result<bool> {
+    let me = ProcessId::of(std::process::id() as i32);
+    let previous = record.owner.filter(|o| Some(*o) != me);
+    if previous.is_some_and(|o| o.is_alive()) {
+        let what = match record.state {
+            AttachmentState::Pending => "an ADD",
+            AttachmentState::Ready => "a DEL",
+        };
+        return Err(Error::new(
+            code::TRY_AGAIN_LATER,
+            format!(
+                "{what} of {} on {} is still running; try again later",
+                key.container_id, key.ifname
+            ),
+        ));
+    }
+    let mut mine = record.clone();
+    mine.owner = me;
+    // A marker, not a commitment: not worth an fsync (see write_progress).
+    state.write_progress(&mine)?;
+    Ok(previous.is_some())
 }

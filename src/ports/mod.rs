@@ -7,6 +7,7 @@
 pub mod builtin;
 pub mod slirp;
 
+use crate::cni::gojson;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -55,8 +56,9 @@ impl PortMapping {
 }
 
 /// The `portMappings` capability arg, checked before anything is touched.
+/// Keys are matched as Go plugins match them (`HostPort` is `hostPort`).
 pub fn from_runtime_config(rc: &Map<String, Value>) -> Result<Vec<PortMapping>> {
-    let Some(list) = rc.get("portMappings") else {
+    let Some(list) = gojson::field(rc, "portMappings") else {
         return Ok(Vec::new());
     };
     let list = list
@@ -69,15 +71,17 @@ pub fn from_runtime_config(rc: &Map<String, Value>) -> Result<Vec<PortMapping>> 
 }
 
 fn parse_one(m: &Value) -> Result<PortMapping> {
+    let m = m
+        .as_object()
+        .ok_or_else(|| Error::config(format!("must be an object, not {m}")))?;
     let port = |key: &str| -> Result<u16> {
-        m.get(key)
+        gojson::field(m, key)
             .and_then(Value::as_u64)
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0)
             .ok_or_else(|| Error::config(format!("{key:?} must be a port from 1 to 65535")))
     };
-    let protocol = match m
-        .get("protocol")
+    let protocol = match gojson::field(m, "protocol")
         .and_then(Value::as_str)
         .map(str::to_ascii_lowercase)
         .as_deref()
@@ -90,7 +94,7 @@ fn parse_one(m: &Value) -> Result<PortMapping> {
             )))
         }
     };
-    let host_ip = match m.get("hostIP").and_then(Value::as_str) {
+    let host_ip = match gojson::field(m, "hostIP").and_then(Value::as_str) {
         None | Some("") => None,
         Some(ip) => Some(
             ip.parse::<IpAddr>()
@@ -107,12 +111,18 @@ fn parse_one(m: &Value) -> Result<PortMapping> {
 
 /// The capability args for the inner plugins. `hostIP` means a host address
 /// and is honoured by the forward; inside the infra the forward arrives at
-/// tap0's address, so portmap must match any local address.
+/// tap0's address, so portmap must match any local address. Every spelling
+/// of `hostIP` goes: the inner portmap reads `HostIP` as `hostIP`.
 pub fn inner_capability_args(rc: &Map<String, Value>) -> Map<String, Value> {
     let mut inner = rc.clone();
-    if let Some(Value::Array(list)) = inner.get_mut("portMappings") {
-        for m in list.iter_mut().filter_map(Value::as_object_mut) {
-            m.remove("hostIP");
+    for (key, value) in inner.iter_mut() {
+        if !gojson::key_matches(key, "portMappings") {
+            continue;
+        }
+        for m in value.as_array_mut().into_iter().flatten() {
+            if let Some(m) = m.as_object_mut() {
+                gojson::remove_field(m, "hostIP");
+            }
         }
     }
     inner
@@ -153,6 +163,28 @@ mod tests {
     }
 
     #[test]
+    fn go_cased_keys_read_as_go_reads_them() {
+        // containerd's go-cni: a struct without JSON tags.
+        let m = from_runtime_config(&rc(json!([
+            {"HostPort": 18080, "ContainerPort": 80, "Protocol": "tcp", "HostIP": "127.0.0.1"},
+            {"hostPort": 1, "HOSTPORT": 2, "containerPort": 3, "hostIP": null, "Protocol": "UDP"}
+        ])))
+        .unwrap();
+        assert_eq!(m[0].listen_addr().to_string(), "127.0.0.1:18080");
+        assert_eq!(m[0].container_port, 80);
+        // The last spelling wins, null changes nothing: Go's rules.
+        assert_eq!(m[1].listen_addr().to_string(), "0.0.0.0:2");
+        assert_eq!(m[1].protocol, Protocol::Udp);
+        // A null list is no list, as for a Go slice.
+        assert!(from_runtime_config(&rc(Value::Null)).unwrap().is_empty());
+        let go_key = json!({"PortMappings": [{"HostPort": 5, "ContainerPort": 6}]});
+        assert_eq!(
+            from_runtime_config(go_key.as_object().unwrap()).unwrap()[0].host_port,
+            5
+        );
+    }
+
+    #[test]
     fn bad_entries_are_named() {
         for (v, culprit) in [
             (json!([{"hostPort": 0, "containerPort": 80}]), "hostPort"),
@@ -161,6 +193,8 @@ mod tests {
                 "hostPort",
             ),
             (json!([{"hostPort": 80}]), "containerPort"),
+            (json!([{"HostPort": "80", "ContainerPort": 80}]), "hostPort"),
+            (json!([80]), "must be an object"),
             (
                 json!([{"hostPort": 80, "containerPort": 80, "protocol": "sctp"}]),
                 "sctp",
@@ -178,6 +212,17 @@ mod tests {
                 e.msg
             );
         }
+    }
+
+    #[test]
+    fn inner_args_drop_every_spelling_of_host_ip() {
+        let inner = inner_capability_args(&rc(json!([
+            {"HostPort": 1, "ContainerPort": 2, "HostIP": "127.0.0.1", "hostip": "::1"}
+        ])));
+        assert_eq!(
+            inner["portMappings"],
+            json!([{"HostPort": 1, "ContainerPort": 2}])
+        );
     }
 
     #[test]
