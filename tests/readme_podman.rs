@@ -132,3 +132,48 @@ fn readme_rootless_podman_steps_work_as_written() {
     pm.lab.assert_no_infra("after the README's steps");
     eprintln!("the README's podman steps took {:?}", started.elapsed());
 }
+
+/// `doctor` as the README has the podman user run it: from the user's own
+/// shell (the initial user namespace) the two namespace checks pass,
+/// saying what they checked instead (a user namespace can be made, and
+/// namespaces in it) and how to check inside podman's; under `podman
+/// unshare` they pass as themselves.
+#[test]
+fn doctor_from_the_users_shell_explains_the_namespace_checks() {
+    let test = "doctor_from_the_users_shell";
+    if skip_without(test, &["podman", "newuidmap", "newgidmap"]) {
+        return;
+    }
+    let Some(lab) = Lab::new(test) else {
+        return;
+    };
+    let pm = RootlessPodman::start(lab, "");
+    let bin = pm.lab.bin().join("rootless-cni").display().to_string();
+    let check = |out: &common::Out, name: &str| -> serde_json::Value {
+        let report = out.json().unwrap_or_else(|| panic!("doctor --json: {out}"));
+        report["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["check"] == name).cloned())
+            .unwrap_or_else(|| panic!("no check {name:?}: {out}"))
+    };
+
+    let shell = pm.user_run(&[&bin, "doctor", "--json"]);
+    for name in ["in a user namespace", "namespaces"] {
+        let c = check(&shell, name);
+        assert_eq!(c["ok"], true, "from the user's shell: {c}");
+        let detail = c["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("podman unshare rootless-cni doctor"),
+            "{name}: does not say how to check inside podman's namespace: {c}"
+        );
+    }
+    assert!(shell.ok(), "doctor from the user's shell: {shell}");
+
+    let inside = pm.podman(&["unshare", &bin, "doctor", "--json"]);
+    for name in ["in a user namespace", "namespaces"] {
+        let c = check(&inside, name);
+        assert_eq!(c["ok"], true, "under podman unshare: {c}");
+        let detail = c["detail"].as_str().unwrap_or_default();
+        assert!(!detail.contains("from your shell"), "{c}");
+    }
+}
