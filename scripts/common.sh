@@ -6,6 +6,7 @@
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="$REPO/.tools"
 CNITOOL_BIN="$TOOLS/bin/cnitool"
+GOCNI_CLIENT_BIN="$TOOLS/bin/gocni-client"
 
 # say MSG... : progress on stderr, prefixed with the running script's name.
 say() { printf '%s: %s\n' "${0##*/}" "$*" >&2; }

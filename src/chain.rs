@@ -20,6 +20,13 @@ pub struct AddResult {
     pub raw: Vec<u8>,
 }
 
+/// A failed ADD of the chain: the error, and whether the rollback (DEL of
+/// every plugin) undid what ran.
+pub struct AddFailure {
+    pub error: Error,
+    pub undone: bool,
+}
+
 pub struct Chain<'a> {
     list: InnerList,
     binaries: Vec<PathBuf>,
@@ -103,7 +110,10 @@ impl<'a> Chain<'a> {
     /// carries the inner CNI_NETNS; see `rewrite_sandbox`.
     /// `progress` gets each result but the last, so a caller killed
     /// mid-chain leaves what a later DEL needs as its prevResult.
-    pub fn add(&self, mut progress: impl FnMut(&Value)) -> Result<AddResult> {
+    pub fn add(
+        &self,
+        mut progress: impl FnMut(&Value),
+    ) -> std::result::Result<AddResult, AddFailure> {
         let mut last: Option<AddResult> = None;
         for i in 0..self.list.plugins.len() {
             if let Some(done) = &last {
@@ -127,15 +137,22 @@ impl<'a> Chain<'a> {
                 Err(e) => return Err(self.rolled_back(e, prev)),
             }
         }
-        last.ok_or_else(|| Error::internal("empty inner chain"))
+        last.ok_or_else(|| AddFailure {
+            error: Error::internal("empty inner chain"),
+            undone: true,
+        })
     }
 
-    fn rolled_back(&self, err: Error, prev: Option<&Value>) -> Error {
-        log::info!("ADD failed ({err}); rolling back");
-        if let Err(e) = self.del(prev) {
-            log::warn!("rollback of the failed ADD: {e}");
-        }
-        err
+    fn rolled_back(&self, error: Error, prev: Option<&Value>) -> AddFailure {
+        log::info!("ADD failed ({error}); rolling back");
+        let undone = match self.del(prev) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("rollback of the failed ADD: {e}");
+                false
+            }
+        };
+        AddFailure { error, undone }
     }
 
     /// DEL through every plugin in reverse. Every plugin is tried; the first

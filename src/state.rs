@@ -142,6 +142,16 @@ impl StateDir {
         self.wait_for_lock(LOCK_FILE)
     }
 
+    /// The lock for cleaning up after a failure, which must not be given up
+    /// as quickly as a call's: at least the default `lockTimeout`.
+    pub fn lock_patiently(&self) -> Result<StateLock> {
+        StateDir {
+            path: self.path.clone(),
+            lock_timeout: self.lock_timeout.max(LOCK_TIMEOUT),
+        }
+        .lock()
+    }
+
     /// Taken by ADDs of a network whose inner chain has not yet succeeded
     /// once in this infra: the reference plugins create their iptables
     /// chains check-then-create, and two first ADDs at once race there
@@ -406,6 +416,9 @@ pub enum AttachmentState {
     Pending,
     /// Attached. `owner`, when set, is a DEL that is running or was killed.
     Ready,
+    /// An ADD failed and its rollback could not undo everything: `result`
+    /// is what it knew; the DEL the runtime sends next finishes the job.
+    Failed,
 }
 
 /// What the successor of podman's `attached/` and `attached-args/` keeps.

@@ -9,7 +9,7 @@ mod support;
 use common::{example_conflist, outer, plugin_stdin, result_ipv4, Container, Lab, NET};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::{spawn, write_as_user, Call};
+use support::{install_plugin, spawn, write_as_user, Call};
 
 /// A last inner plugin that passes the result on and, on DEL of container
 /// `slow`, logs "DEL slow start" and sleeps `secs`: it holds GC in the
@@ -59,13 +59,7 @@ fn gc_leaves_an_attachment_re_added_while_it_ran() {
     let Some(lab) = Lab::new("gc_readd") else {
         return;
     };
-    let slowdel = lab.bin().join("slowdel");
-    write_as_user(&lab, &slowdel, SLOWDEL.replace("SECS", "3").as_bytes());
-    std::fs::set_permissions(
-        &slowdel,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod slowdel");
+    install_plugin(&lab, "slowdel", &SLOWDEL.replace("SECS", "3"));
     write_as_user(&lab, &lab.bin().join("slowdel.log"), b"");
     let mut conflist = example_conflist();
     outer(&mut conflist)["delegate"]["plugins"]

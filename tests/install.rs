@@ -10,9 +10,9 @@
 
 mod common;
 
+use common::host_tools::skip_without;
 use common::podman::{
-    assert_page_on_host, run_root, skip_without, user_clone, web_container_args, RootlessPodman,
-    IMAGE,
+    assert_page_on_host, run_root, user_clone, web_container_args, RootlessPodman, IMAGE,
 };
 use common::{free_tcp_port, Lab, LAB_PATH};
 use serde_json::json;

@@ -22,7 +22,8 @@
 
 mod common;
 
-use common::podman::{skip_without, user_clone, RootlessPodman, IMAGE};
+use common::host_tools::skip_without;
+use common::podman::{user_clone, RootlessPodman, IMAGE};
 use common::{free_tcp_port, Lab, LAB_PATH};
 use std::fs;
 use std::path::Path;

@@ -24,10 +24,10 @@
 
 mod common;
 
+use common::host_tools::{skip_without, write_user_files};
 use common::podman::{
     assert_page_on_host, busybox_rootfs_tar, leftovers_but, ns_of, private_mount_ns_holder, retry,
-    root_command, run_root, skip_without, web_container_args, write_user_files, RootlessPodman,
-    IMAGE, PAGE, PODMAN_NET, ULIMITS,
+    root_command, run_root, web_container_args, RootlessPodman, IMAGE, PAGE, PODMAN_NET, ULIMITS,
 };
 use common::{
     example_conflist, free_tcp_port, plugin_stdin, result_ipv4, run_command, Lab, Out, NET,

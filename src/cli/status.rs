@@ -82,6 +82,7 @@ fn attachment_state(a: &Attachment, info: Option<&InfraInfo>) -> &'static str {
         (_, None) => "lost",
         (crate::state::AttachmentState::Pending, _) => "pending",
         (crate::state::AttachmentState::Ready, _) => "ready",
+        (crate::state::AttachmentState::Failed, _) => "failed",
     }
 }
 

@@ -71,6 +71,47 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         exec::settle_orphans(&info, &key.container_id, &key.ifname, conf.plugin_timeout);
     }
 
+    // From here on the pending record exists: every way out that is not
+    // success goes through `abort`, which undoes what this call did.
+    let mut progress: Option<serde_json::Value> = None;
+    let mut published = false;
+    let outcome = attach(
+        &state,
+        &info,
+        &netns,
+        env,
+        conf,
+        (list, binaries),
+        &mappings,
+        &record,
+        &mut progress,
+        &mut published,
+    );
+    match outcome {
+        Ok(reply) => Ok(reply),
+        Err(failure) => {
+            record.result = progress;
+            let ports = if published { &mappings[..] } else { &[] };
+            Err(abort(&state, record, ports, failure, started))
+        }
+    }
+}
+
+/// What ADD does once its pending record is written: publish the ports,
+/// run the chain, record the result. A failure says what is left to undo.
+#[allow(clippy::too_many_arguments)]
+fn attach(
+    state: &StateDir,
+    info: &InfraInfo,
+    netns: &ContainerNetns,
+    env: &CniEnv,
+    conf: &NetConf,
+    (list, binaries): (crate::cni::config::InnerList, Vec<std::path::PathBuf>),
+    mappings: &[PortMapping],
+    record: &Attachment,
+    progress: &mut Option<serde_json::Value>,
+    published: &mut bool,
+) -> std::result::Result<Vec<u8>, Failure> {
     let warm = state.warm_marker(&list.name, &conf.runtime_config);
     let first_chain = match warm.exists() {
         true => None,
@@ -78,73 +119,9 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         // the chains exist and the waiters need not run one by one.
         false => Some(state.first_chain_lock()?).filter(|_| !warm.exists()),
     };
-    let record_progress = |partial: &serde_json::Value| {
-        let mut step = record.clone();
-        let mut partial = partial.clone();
-        chain::rewrite_sandbox(&mut partial, &netns.inner_path(), &netns.runtime_str());
-        step.result = Some(partial);
-        // Only this call writes its pending record, and the rename is
-        // atomic: no lock needed, which keeps the chain's steps cheap.
-        if let Err(e) = state.write_progress(&step) {
-            log::warn!("recording the progress of the ADD: {e}");
-        }
-    };
+    publish_ports(state, &record.key(), mappings)?;
+    *published = true;
     let inner_version = list.cni_version.clone();
-    let outcome = publish_ports(&state, &key, &mappings).and_then(|()| {
-        let result = run_chain(&info, list, binaries, &netns, env, conf, record_progress);
-        if result.is_err() {
-            unpublish_ports(&state, &key, &mappings);
-        }
-        result
-    });
-    if first_chain.is_some() && outcome.is_ok() {
-        if let Err(e) = std::fs::write(&warm, b"") {
-            log::warn!("marking {} warm: {e}", warm.display());
-        }
-    }
-    drop(first_chain);
-
-    let lock = state.lock()?;
-    match outcome {
-        Ok(result) => {
-            record.state = AttachmentState::Ready;
-            record.owner = None;
-            // The record keeps the inner version: inner DEL and CHECK get it.
-            let reply = if inner_version == conf.cni_version {
-                result.raw
-            } else {
-                let converted =
-                    version::convert_result(&result.value, &inner_version, &conf.cni_version)?;
-                serde_json::to_vec(&converted)
-                    .map_err(|e| crate::error::Error::internal(e.to_string()))?
-            };
-            record.result = Some(result.value);
-            state.write_attachment(&record, &lock)?;
-            Ok(reply)
-        }
-        Err(e) => {
-            // The chain rolled itself back; forget the attachment and do not
-            // leave an infra this call started for nothing.
-            if let Err(cleanup) = state
-                .remove_attachment(&key, &lock)
-                .and_then(|_| infra::stop_if_idle(&state, &lock, started))
-            {
-                log::warn!("cleaning up after the failed ADD: {cleanup}");
-            }
-            Err(e)
-        }
-    }
-}
-
-fn run_chain(
-    info: &InfraInfo,
-    list: crate::cni::config::InnerList,
-    binaries: Vec<std::path::PathBuf>,
-    netns: &ContainerNetns,
-    env: &CniEnv,
-    conf: &NetConf,
-    progress: impl FnMut(&serde_json::Value),
-) -> Result<chain::AddResult> {
     let chain = Chain::new(
         list,
         binaries,
@@ -154,11 +131,112 @@ fn run_chain(
         &conf.runtime_config,
         conf.plugin_timeout,
     )?;
-    let mut result = chain.add(progress)?;
     let (inner, runtime) = (netns.inner_path(), netns.runtime_str());
-    chain::rewrite_sandbox(&mut result.value, &inner, &runtime);
-    result.raw = chain::rewrite_sandbox_raw(&result.raw, &inner, &runtime);
-    Ok(result)
+    let record_progress = |partial: &serde_json::Value| {
+        let mut step = record.clone();
+        let mut partial = partial.clone();
+        chain::rewrite_sandbox(&mut partial, &inner, &runtime);
+        step.result = Some(partial.clone());
+        *progress = Some(partial);
+        // Only this call writes its pending record, and the rename is
+        // atomic: no lock needed, which keeps the chain's steps cheap.
+        if let Err(e) = state.write_progress(&step) {
+            log::warn!("recording the progress of the ADD: {e}");
+        }
+    };
+    let result = chain.add(record_progress).map_err(|f| Failure {
+        error: f.error,
+        left: !f.undone,
+    })?;
+    if first_chain.is_some() {
+        if let Err(e) = std::fs::write(&warm, b"") {
+            log::warn!("marking {} warm: {e}", warm.display());
+        }
+    }
+    drop(first_chain);
+
+    let mut value = result.value.clone();
+    chain::rewrite_sandbox(&mut value, &inner, &runtime);
+    // A failure from here on leaves the container configured: undo it.
+    let undo = |error: Error| {
+        let undone = chain.del(Some(&result.value));
+        if let Err(e) = &undone {
+            log::warn!("undoing the ADD of {}: {e}", record.container_id);
+        }
+        Failure {
+            error,
+            left: undone.is_err(),
+        }
+    };
+    let reply = if inner_version == conf.cni_version {
+        chain::rewrite_sandbox_raw(&result.raw, &inner, &runtime)
+    } else {
+        version::convert_result(&value, &inner_version, &conf.cni_version)
+            .and_then(|v| serde_json::to_vec(&v).map_err(|e| Error::internal(e.to_string())))
+            .map_err(undo)?
+    };
+    let lock = state.lock().map_err(undo)?;
+    let mut ready = record.clone();
+    ready.state = AttachmentState::Ready;
+    ready.owner = None;
+    // The record keeps the inner version: inner DEL and CHECK get it.
+    ready.result = Some(value);
+    state.write_attachment(&ready, &lock).map_err(undo)?;
+    Ok(reply)
+}
+
+/// Why an ADD failed after its pending record was written.
+struct Failure {
+    error: Error,
+    /// The chain ran and could not be undone completely: what it made may
+    /// be left in the infra or the container.
+    left: bool,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure { error, left: false }
+    }
+}
+
+/// The one way out of a failed ADD: its ports closed, and its record
+/// removed (stopping an infra it started for nothing), or, when the
+/// rollback could not undo everything, kept as `failed` with what is known,
+/// so the DEL the runtime sends after a failed ADD finishes the job.
+fn abort(
+    state: &StateDir,
+    mut record: Attachment,
+    published: &[PortMapping],
+    failure: Failure,
+    started: bool,
+) -> Error {
+    let key = record.key();
+    unpublish_ports(state, &key, published);
+    // The runtime waits for our answer, but a record left pending by a
+    // lock we could not have would outlive us: wait longer than a call.
+    let lock = match state.lock_patiently() {
+        Ok(lock) => lock,
+        Err(e) => {
+            log::warn!(
+                "after the failed ADD of {}: {e}; its record stays for the DEL",
+                key.container_id
+            );
+            return failure.error;
+        }
+    };
+    let cleaned = if failure.left {
+        record.state = AttachmentState::Failed;
+        record.owner = None;
+        state.write_attachment(&record, &lock)
+    } else {
+        state
+            .remove_attachment(&key, &lock)
+            .and_then(|_| infra::stop_if_idle(state, &lock, started))
+    };
+    if let Err(e) = cleaned {
+        log::warn!("cleaning up after the failed ADD: {e}");
+    }
+    failure.error
 }
 
 /// Opens the host side of the published ports through the supervisor: a
@@ -194,7 +272,8 @@ pub fn unpublish_ports(state: &StateDir, key: &AttachmentKey, mappings: &[PortMa
 fn still_attached(old: &Attachment, info: &InfraInfo) -> bool {
     old.infra == info.sandbox
         && match old.state {
-            AttachmentState::Ready => true,
+            // A failed ADD's leftovers are for its DEL to remove.
+            AttachmentState::Ready | AttachmentState::Failed => true,
             AttachmentState::Pending => old.owner.is_some_and(|o| o.is_alive()),
         }
 }

@@ -39,6 +39,15 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             ),
         ));
     };
+    if record.state == AttachmentState::Failed {
+        return Err(Error::new(
+            code::ATTACHMENT_LOST,
+            format!(
+                "the ADD of {} failed and left what its rollback could not undo; DEL it",
+                key.container_id
+            ),
+        ));
+    }
     if record.state == AttachmentState::Pending {
         return Err(Error::new(
             code::TRY_AGAIN_LATER,

@@ -68,7 +68,8 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
                 // An ADD killed half-way leaves state the plugins' DEL may
                 // trip over (a chain never made); what could be undone was,
                 // and keeping the record would keep the infra forever.
-                (Err(e), AttachmentState::Pending) => {
+                // A failed ADD whose rollback failed: this DEL tried again.
+                (Err(e), AttachmentState::Pending | AttachmentState::Failed) => {
                     log::warn!("DEL of the interrupted ADD of {}: {e}", key.container_id)
                 }
                 (Err(e), AttachmentState::Ready) => return Err(e),

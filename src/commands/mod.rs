@@ -70,7 +70,7 @@ pub(crate) fn claim(state: &StateDir, record: &Attachment, key: &AttachmentKey) 
     if previous.is_some_and(|o| o.is_alive()) {
         let what = match record.state {
             AttachmentState::Pending => "an ADD",
-            AttachmentState::Ready => "a DEL",
+            AttachmentState::Ready | AttachmentState::Failed => "a DEL",
         };
         return Err(Error::new(
             code::TRY_AGAIN_LATER,

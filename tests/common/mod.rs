@@ -19,6 +19,8 @@
 //! plugins): with `CI=true` the test fails naming them, else it is skipped.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod gocni;
+pub mod host_tools;
 mod leaks;
 pub mod podman;
 pub use leaks::Snapshot;

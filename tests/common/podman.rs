@@ -2,6 +2,7 @@
 //! mount namespace of root's, the busybox-static image the podman tests
 //! import (no registry here), and the tools their checks share.
 
+use super::host_tools::{busybox_static, write_user_files};
 use super::{run_command, Lab, Out, LAB_PATH};
 use serde_json::Value;
 use std::fs;
@@ -10,36 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
-
-pub fn which(tool: &str) -> Option<PathBuf> {
-    LAB_PATH
-        .split(':')
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| {
-            fs::metadata(p)
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
-}
-
-/// Whether to skip `test` for lack of `tools`: with CI=true a missing tool
-/// fails the test instead.
-pub fn skip_without(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools
-        .iter()
-        .copied()
-        .filter(|t| which(t).is_none())
-        .collect();
-    if missing.is_empty() {
-        return false;
-    }
-    let list = missing.join(", ");
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: missing {list} (CI=true); scripts/deps installs them");
-    }
-    eprintln!("skipping {test}: missing {list} (scripts/deps installs them)");
-    true
-}
 
 /// A command run as root, with a clean environment.
 pub fn root_command(argv: &[&str]) -> Command {
@@ -118,34 +89,6 @@ pub fn private_mount_ns_holder(dir: &Path, name: &str, setup: &str) -> std::proc
     child
 }
 
-/// The lab uid as user `user` (home: the lab dir) with a subordinate id
-/// range, in copies of /etc/passwd, /etc/group, /etc/subuid and /etc/subgid
-/// at `<lab>/etc-{passwd,group,subuid,subgid}`, to bind over the machine's in
-/// a private mount namespace: newuidmap wants the caller in /etc/passwd and
-/// a range in /etc/subuid, and the machine's files must stay as they are.
-pub fn write_user_files(lab: &Lab, user: &str) {
-    let d = lab.dir.display().to_string();
-    let u = lab.uid;
-    // Derived from the uid, so that labs of different uids get their own.
-    let sub_start = 3_000_000_000u64 + u64::from(u % 10_000) * 65_536;
-    let copy_with = |from: &str, to: &str, line: String| {
-        let mut text = fs::read_to_string(from).unwrap_or_else(|e| panic!("reading {from}: {e}"));
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&line);
-        lab.write_file(to, &text);
-    };
-    copy_with(
-        "/etc/passwd",
-        "etc-passwd",
-        format!("{user}:x:{u}:{u}::{d}:/bin/sh\n"),
-    );
-    copy_with("/etc/group", "etc-group", format!("{user}:x:{u}:\n"));
-    lab.write_file("etc-subuid", &format!("{user}:{sub_start}:65536\n"));
-    lab.write_file("etc-subgid", &format!("{user}:{sub_start}:65536\n"));
-}
-
 /// The network podman's containers join here.
 pub const PODMAN_NET: &str = "rootless";
 pub const PAGE: &str = "hello from a podman container on rootless-cni\n";
@@ -176,43 +119,6 @@ pub fn busybox_rootfs_tar(dir: &Path) -> String {
     assert!(out.ok(), "{out}");
     fs::set_permissions(&tar, fs::Permissions::from_mode(0o644)).expect("chmod rootfs.tar");
     tar
-}
-
-/// busybox from Debian's busybox-static package (which conflicts with the
-/// busybox package the lab uses, so it is unpacked, not installed),
-/// downloaded once into the target dir.
-pub fn busybox_static() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("busybox-static");
-    let bin = dir.join("unpacked/bin/busybox");
-    if bin.is_file() {
-        return bin;
-    }
-    fs::create_dir_all(&dir).expect("mkdir busybox-static");
-    let mut cmd = root_command(&["apt-get", "download", "busybox-static"]);
-    cmd.current_dir(&dir);
-    let out = run_command(
-        cmd,
-        "apt-get download busybox-static".into(),
-        None,
-        Duration::from_secs(120),
-    );
-    assert!(out.ok(), "{out}");
-    let deb = Lab::list(&dir)
-        .into_iter()
-        .find(|n| n.ends_with(".deb"))
-        .unwrap_or_else(|| panic!("no .deb after apt-get download: {out}"));
-    let out = run_root(
-        &[
-            "dpkg-deb",
-            "-x",
-            &dir.join(deb).display().to_string(),
-            &dir.join("unpacked").display().to_string(),
-        ],
-        Duration::from_secs(60),
-    );
-    assert!(out.ok(), "{out}");
-    assert!(bin.is_file(), "no bin/busybox in busybox-static");
-    bin
 }
 
 /// Runs `f` until it succeeds or `within` has passed; the last output.

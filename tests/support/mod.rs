@@ -259,3 +259,13 @@ pub fn seed(name: &str, default: u64) -> u64 {
     eprintln!("{name}: seed {seed} (TEST_SEED to replay)");
     seed
 }
+
+/// Writes an inner plugin of the test's own (a whole script, shebang
+/// included) into the lab's CNI dir, executable, owned by the lab user.
+pub fn install_plugin(lab: &Lab, name: &str, script: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = lab.bin().join(name);
+    write_as_user(lab, &path, script.as_bytes());
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
