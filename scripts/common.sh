@@ -18,8 +18,8 @@ is_root() { [[ "$(id -u)" -eq 0 ]]; }
 
 # rustup installs into ~/.cargo/bin, which non-login shells (CI, sudo) often
 # do not have on PATH.
-if ! command -v cargo >/dev/null 2>&1 && [[ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]]; then
-    PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+if ! command -v cargo >/dev/null 2>&1 && [[ -x "${CARGO_HOME:-${HOME:-}/.cargo}/bin/cargo" ]]; then
+    PATH="${CARGO_HOME:-${HOME:-}/.cargo}/bin:$PATH"
     export PATH
 fi
 

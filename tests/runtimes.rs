@@ -20,14 +20,18 @@
 //!   host (/var/lib/cni, /var/lib/containers, /run/netns and its mount,
 //!   /run/runc, ip_forward, cgroups) is recorded before and undone after.
 //! - podman 4.3, rootless (CNI backend): the lab uid itself runs podman
-//!   with conf-examples/podman/containers.conf and rootless.conflist in its
-//!   ~/.config, publishes a port and the page is fetched on the host's
+//!   with conf-examples/podman/containers.conf (a drop-in) and
+//!   rootless.conflist in its ~/.config (tests/common/podman.rs), publishes a port and the page is fetched on the host's
 //!   127.0.0.1. podman runs CNI plugins in its own rootless-netns, so the
 //!   infra starts there; see the test's doc for how the ports fit.
 
 mod common;
 
 use common::host_tools::{busybox_static, is_static_elf, skip_without, write_user_files};
+use common::podman::{
+    assert_page_on_host, busybox_rootfs_tar, leftovers_but, ns_of, private_mount_ns_holder, retry,
+    root_command, run_root, web_container_args, RootlessPodman, IMAGE, PAGE, PODMAN_NET, ULIMITS,
+};
 use common::{
     example_conflist, free_tcp_port, plugin_stdin, result_ipv4, run_command, Host, Lab, LabOptions,
     Out, RuntimeDir, NET,
@@ -42,84 +46,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
-
-/// A command run as root, with a clean environment. mount(8) keeps its
-/// utab (and makes /run/mount for it) under the machine's /run unless told
-/// otherwise: it goes to the target dir.
-fn root_command(argv: &[&str]) -> Command {
-    let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..]).env_clear().env("PATH", PATH).env(
-        "LIBMOUNT_UTAB",
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("utab"),
-    );
-    cmd
-}
-
-fn run_root(argv: &[&str], timeout: Duration) -> Out {
-    run_command(root_command(argv), argv.join(" "), None, timeout)
-}
-
-/// `podman run` arguments of the test's web server: container `name` on
-/// our network, publishing `publish` when given, httpd of `image` serving
-/// the test page.
-fn web_container_args<'a>(name: &'a str, publish: Option<&'a str>, image: &'a str) -> Vec<&'a str> {
-    let mut args = vec!["run", "-d", "--name", name, "--network", PODMAN_NET];
-    if let Some(publish) = publish {
-        args.extend(["-p", publish]);
-    }
-    args.extend(ULIMITS);
-    args.extend([image, "httpd", "-f", "-p", "80", "-h", "/www"]);
-    args
-}
-
-/// The test page, fetched with curl on the host's 127.0.0.1:`port`
-/// (retried while the published port comes up).
-fn assert_page_on_host(port: u16) {
-    let url = format!("http://127.0.0.1:{port}/");
-    let got = retry(Duration::from_secs(5), || {
-        run_root(
-            &["curl", "-sS", "--max-time", "3", &url],
-            Duration::from_secs(10),
-        )
-    });
-    assert!(got.ok(), "curl {url} on the host: {got}");
-    assert_eq!(got.stdout, PAGE, "{got}");
-}
-
-/// A root process in a private mount namespace where `setup` (shell) has
-/// run, holding it until killed. It reports on `<dir>/<name>.err`; a setup
-/// that fails or hangs is a panic, with the holder killed first.
-fn private_mount_ns_holder(dir: &Path, name: &str, setup: &str) -> std::process::Child {
-    let ready = dir.join(format!("{name}-ready"));
-    let err = dir.join(format!("{name}.err"));
-    let script = format!(
-        "set -e\n{setup}\ntouch '{}'\nexec sleep infinity",
-        ready.display()
-    );
-    let mut child = root_command(&["unshare", "--mount", "--propagation", "private"])
-        .args(["sh", "-c", &script])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(
-            fs::File::create(&err)
-                .map(std::process::Stdio::from)
-                .unwrap_or_else(|e| panic!("{}: {e}", err.display())),
-        )
-        .spawn()
-        .expect("starting the mount namespace holder");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ready.exists() {
-        let exited = child.try_wait().ok().flatten();
-        if exited.is_some() || Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = fs::read_to_string(&err).unwrap_or_default();
-            panic!("the private mount namespace did not come up ({exited:?}): {err}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    child
-}
 
 // ---------------------------------------------------------------------------
 // rootlesskit
@@ -714,10 +640,6 @@ fn as_root_starting_the_infra_keeps_the_hosts_netns_mounts() {
     assert!(diffs.is_empty(), "the host is not as it was: {diffs:?}");
 }
 
-/// The network podman's containers join here.
-const PODMAN_NET: &str = "rootless";
-const PAGE: &str = "hello from a podman container on rootless-cni\n";
-
 /// podman with everything private: root, runroot, tmpdir, network config
 /// dir (conf-examples/podman/rootless.conflist with the box's state dir),
 /// CNI plugin dirs (our binary, then /usr/lib/cni), in a RootBox.
@@ -796,34 +718,6 @@ impl Drop for Podman {
     }
 }
 
-/// The image the podman tests import (no registry here).
-const IMAGE: &str = "localhost/rcni-busybox:test";
-
-/// A busybox-static rootfs with httpd, ping and a page at /www, as
-/// `dir/rootfs.tar` for `podman import` (readable by all: a rootless podman
-/// reads it too); its path.
-fn busybox_rootfs_tar(dir: &Path) -> String {
-    let busybox = busybox_static();
-    let rootfs = dir.join("rootfs");
-    for sub in ["bin", "www", "etc", "proc", "sys", "dev", "tmp", "root"] {
-        fs::create_dir_all(rootfs.join(sub)).expect("mkdir in rootfs");
-    }
-    fs::copy(&busybox, rootfs.join("bin/busybox")).expect("copying busybox");
-    for applet in ["sh", "httpd", "ip", "ping", "sleep", "cat"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))
-            .expect("applet symlink");
-    }
-    fs::write(rootfs.join("www/index.html"), PAGE).expect("index.html");
-    let tar = dir.join("rootfs.tar").display().to_string();
-    let out = run_root(
-        &["tar", "-C", &rootfs.display().to_string(), "-cf", &tar, "."],
-        Duration::from_secs(30),
-    );
-    assert!(out.ok(), "{out}");
-    fs::set_permissions(&tar, fs::Permissions::from_mode(0o644)).expect("chmod rootfs.tar");
-    tar
-}
-
 /// The busybox that goes into container images is static, whichever
 /// busybox package the machine has (a dynamic one is not taken).
 #[test]
@@ -860,25 +754,6 @@ fn podman_prerequisites(test: &str) -> bool {
         ],
     )
 }
-
-/// Runs `f` until it succeeds or `within` has passed; the last output.
-fn retry(within: Duration, mut f: impl FnMut() -> Out) -> Out {
-    let deadline = Instant::now() + within;
-    loop {
-        let out = f();
-        if out.ok() || Instant::now() > deadline {
-            return out;
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-const ULIMITS: [&str; 4] = [
-    "--ulimit",
-    "nofile=1024:1024",
-    "--ulimit",
-    "nproc=1024:1024",
-];
 
 #[test]
 fn podman_runs_containers_on_a_rootless_cni_network() {
@@ -954,198 +829,6 @@ fn podman_publishes_a_port_through_rootless_cni() {
 
 // ---------------------------------------------------------------------------
 // Rootless podman: the lab's unprivileged uid runs podman itself
-
-/// Rootless podman 4.3 with the CNI backend, run by the lab's uid with the
-/// documented files: conf-examples/podman/containers.conf (its plugin dirs
-/// made the lab's) in ~/.config/containers/, conf-examples/podman/
-/// rootless.conflist as it is in ~/.config/cni/net.d/ (podman's rootless
-/// default), the plugin's default state dir
-/// $XDG_RUNTIME_DIR/rootless-cni-plugin.
-///
-/// Every podman call runs in one private mount namespace of root's, held by
-/// a `sleep`, where the lab's 0666 tun node and the lab's copies of
-/// /etc/passwd, group, subuid and subgid (the uid as a user with a
-/// subordinate range, for newuidmap) are bound over the machine's; there
-/// root drops to the uid with setpriv. podman then makes its own user
-/// namespace (its pause process holds it) and, for CNI, its own
-/// rootless-netns: nothing of it is in the machine's namespaces.
-///
-/// Dropping it removes the containers, kills podman's pause process (by the
-/// pid in its pause.pid, when that is a process of the uid) and the mount
-/// namespace's holder, and removes podman's storage; the lab's drop then
-/// kills whatever of the uid is left and removes the lab dir.
-struct RootlessPodman {
-    lab: Lab,
-    holder: Option<std::process::Child>,
-    done: bool,
-}
-
-impl RootlessPodman {
-    fn new(lab: Lab) -> RootlessPodman {
-        write_user_files(&lab, "rcnipodman");
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/podman");
-        let conf = fs::read_to_string(examples.join("containers.conf"))
-            .expect("reading conf-examples/podman/containers.conf");
-        let dirs_line = format!(
-            "cni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]",
-            lab.bin().display()
-        );
-        let mut replaced = false;
-        let mut text = String::new();
-        for line in conf.lines() {
-            if line.starts_with("cni_plugin_dirs") {
-                text.push_str(&dirs_line);
-                replaced = true;
-            } else {
-                text.push_str(line);
-            }
-            text.push('\n');
-        }
-        assert!(replaced, "no cni_plugin_dirs line in the example: {conf}");
-        // What this machine needs besides the example (LAB.md): crun refuses
-        // the hybrid cgroup layout, there is no systemd user session.
-        text.push_str(
-            "[engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"none\"\n",
-        );
-        lab.write_file(".config/containers/containers.conf", &text);
-        // Overlay needs what a user namespace may not have here; vfs always works.
-        lab.write_file(
-            ".config/containers/storage.conf",
-            "[storage]\ndriver = \"vfs\"\n",
-        );
-        let conflist = fs::read_to_string(examples.join("rootless.conflist"))
-            .expect("reading conf-examples/podman/rootless.conflist");
-        lab.write_file(
-            &format!(".config/cni/net.d/{PODMAN_NET}.conflist"),
-            &conflist,
-        );
-        for rel in [
-            ".config",
-            ".config/containers",
-            ".config/cni",
-            ".config/cni/net.d",
-        ] {
-            chown_to(&lab, &lab.dir.join(rel));
-        }
-        fs::create_dir_all(lab.dir.join("tmp")).expect("mkdir tmp");
-        chown_to(&lab, &lab.dir.join("tmp"));
-
-        let d = lab.dir.display().to_string();
-        let setup = format!(
-            "for f in passwd group subuid subgid; do mount --bind {d}/etc-$f /etc/$f; done
-             mount --bind {d}/tun /dev/net/tun"
-        );
-        let child = private_mount_ns_holder(&lab.dir, "podman-ns", &setup);
-        RootlessPodman {
-            lab,
-            holder: Some(child),
-            done: false,
-        }
-    }
-
-    /// `argv` as the lab uid in the holder's mount namespace, with a clean
-    /// environment: HOME the lab dir, XDG_RUNTIME_DIR the lab's, TMPDIR the
-    /// lab's (podman import stages the image there, not in /var/tmp).
-    fn user_run(&self, argv: &[&str]) -> Out {
-        let pid = self.holder.as_ref().map(|c| c.id()).unwrap_or(0);
-        let u = self.lab.uid.to_string();
-        let mut cmd = root_command(&["nsenter", &format!("--target={pid}"), "--mount", "--"]);
-        cmd.args([
-            "setpriv",
-            "--reuid",
-            &u,
-            "--regid",
-            &u,
-            "--clear-groups",
-            "--",
-        ])
-        .args(["env", "-i", &format!("PATH={PATH}")])
-        .arg(format!("HOME={}", self.lab.dir.display()))
-        .arg(format!("XDG_RUNTIME_DIR={}", self.lab.run_dir().display()))
-        .arg(format!("TMPDIR={}", self.lab.dir.join("tmp").display()))
-        .args(argv);
-        run_command(cmd, argv.join(" "), None, Duration::from_secs(120))
-    }
-
-    fn podman(&self, args: &[&str]) -> Out {
-        self.user_run(&[&["podman"][..], args].concat())
-    }
-
-    /// `rootless-cni status --json` of the default state dir, as the uid.
-    fn status(&self) -> Value {
-        let bin = self.lab.bin().join("rootless-cni").display().to_string();
-        let out = self.user_run(&[&bin, "status", "--json"]);
-        assert!(out.ok(), "status: {out}");
-        out.json().unwrap_or_else(|| panic!("status --json: {out}"))
-    }
-
-    /// podman's pause process (it holds podman's user namespace), if alive.
-    fn pause_pid(&self) -> Option<u32> {
-        let file = self.lab.run_dir().join("libpod/tmp/pause.pid");
-        let pid = fs::read_to_string(file).ok()?.trim().parse().ok()?;
-        self.lab.is_running(pid).then_some(pid)
-    }
-
-    /// Removes the containers, stops podman's pause process and the mount
-    /// namespace, removes podman's storage.
-    fn finish(&mut self) {
-        if self.done {
-            return;
-        }
-        self.done = true;
-        let _ = self.podman(&["rm", "--all", "--force", "--time", "0"]);
-        if let Some(pid) = self.pause_pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        if let Some(mut holder) = self.holder.take() {
-            let _ = holder.kill();
-            let _ = holder.wait();
-        }
-        // Owned by the uid's subordinate ids: the lab's own removal would
-        // get them too, but not with LAB_KEEP.
-        let _ = fs::remove_dir_all(self.lab.dir.join(".local/share/containers"));
-        let _ = fs::remove_dir_all(self.lab.run_dir().join("containers"));
-    }
-}
-
-impl Drop for RootlessPodman {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-fn chown_to(lab: &Lab, path: &Path) {
-    std::os::unix::fs::chown(path, Some(lab.uid), Some(lab.uid))
-        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
-}
-
-/// The lab uid's processes but the lab's own and `except`, described, after
-/// up to `grace` for them to go.
-fn leftovers_but(lab: &Lab, except: u32, grace: Duration) -> Vec<String> {
-    let deadline = Instant::now() + grace;
-    let prefix = format!("pid {except} ");
-    loop {
-        let left: Vec<String> = lab
-            .leftovers()
-            .into_iter()
-            .filter(|p| !p.starts_with(&prefix))
-            .collect();
-        if left.is_empty() || Instant::now() >= deadline {
-            return left;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The namespace `kind` (net, user) of `pid`, as readlink shows it.
-fn ns_of(pid: u32, kind: &str) -> String {
-    fs::read_link(format!("/proc/{pid}/ns/{kind}"))
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|e| panic!("/proc/{pid}/ns/{kind}: {e}"))
-}
 
 /// An unprivileged uid runs rootless podman 4.3 (CNI backend) on a network
 /// whose conflist uses rootless-cni, publishes a port on the host's

@@ -103,17 +103,35 @@ fn user_namespaces() -> Check {
     })
 }
 
+/// Whether we run as an ordinary user in the initial user namespace: the
+/// user's own shell, not where a rootless runtime runs its plugins.
+fn from_users_shell() -> bool {
+    let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let initial = map.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"];
+    initial && !nix::unistd::geteuid().is_root()
+}
+
+/// The note both namespace checks carry when run from the user's shell:
+/// they test what a runtime's user namespace would give, not the shell.
+const FROM_SHELL: &str = "(from your shell: rootless runtimes run the plugin inside their own user namespace, never in your shell's; `podman unshare rootless-cni doctor` checks from inside podman's)";
+
 /// The plugin must run where the runtime's user namespace makes it root.
+/// From the user's shell that is never so, and need not be: a rootless
+/// runtime calls the plugin inside its user namespace. Then what matters is
+/// that such a namespace can be made, which is checked instead.
 fn inside_user_namespace() -> Check {
     let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
     let initial = crate::userns::in_initial_user_namespace();
     check(
         "in a user namespace",
-        if initial && !nix::unistd::geteuid().is_root() {
-            Err((
-            "running as an ordinary user in the initial user namespace".into(),
-            "run inside the runtime's user namespace: podman unshare rootless-cni doctor, or unshare -Ur".into(),
-        ))
+        if from_users_shell() {
+            match probe_namespaces(true) {
+                Ok(()) => Ok(format!("not here, but a user namespace can be made {FROM_SHELL}")),
+                Err(e) => Err((
+                    format!("not here, and a user namespace cannot be made: {e}"),
+                    "see the user namespaces check; the plugin must be called inside a user namespace (rootless podman, rootlesskit, unshare -Ur)".into(),
+                )),
+            }
         } else if initial {
             Ok("real root: rootless-cni works, but a rootful runtime does not need it".into())
         } else {
@@ -123,6 +141,31 @@ fn inside_user_namespace() -> Check {
             ))
         },
     )
+}
+
+/// Whether a child can make network and mount namespaces, in a new user
+/// namespace of its own when `in_new_userns` (what a rootless runtime has).
+fn probe_namespaces(in_new_userns: bool) -> Result<(), String> {
+    use nix::sched::CloneFlags;
+    use std::os::unix::process::CommandExt;
+    let mut flags = CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS;
+    if in_new_userns {
+        flags |= CloneFlags::CLONE_NEWUSER;
+    }
+    let mut probe = std::process::Command::new("/bin/true");
+    probe
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: runs between fork and exec; unshare is async-signal-safe.
+    unsafe {
+        probe.pre_exec(move || nix::sched::unshare(flags).map_err(std::io::Error::from));
+    }
+    match probe.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("unshare failed ({s})")),
+        Err(e) => Err(format!("unshare failed: {e}")),
+    }
 }
 
 fn sub_ids() -> Check {
@@ -244,6 +287,19 @@ fn runtime_dir(state_dir: Option<PathBuf>) -> Check {
 }
 
 fn namespaces() -> Check {
+    if from_users_shell() {
+        // can_start_infra would fail here by design; check what a rootless
+        // runtime's user namespace gives the plugin instead.
+        return check(
+            "namespaces",
+            match can_start_infra_in_userns() {
+                Ok(()) => Ok(format!(
+                    "network and mount namespaces can be created in a user namespace {FROM_SHELL}"
+                )),
+                Err(msg) => Err((msg, "see the checks above".into())),
+            },
+        );
+    }
     check(
         "namespaces",
         match can_start_infra() {
@@ -251,4 +307,13 @@ fn namespaces() -> Check {
             Err(msg) => Err((msg, "see the checks above".into())),
         },
     )
+}
+
+/// `can_start_infra`'s checks as they would go in a new user namespace.
+fn can_start_infra_in_userns() -> Result<(), String> {
+    find_in_path("slirp4netns")
+        .ok_or("slirp4netns is not in PATH (Debian/Ubuntu: apt-get install slirp4netns)")?;
+    probe_namespaces(true).map_err(|e| {
+        format!("cannot create network and mount namespaces in a new user namespace: {e}")
+    })
 }

@@ -31,6 +31,7 @@ pub mod gocni;
 pub mod host_tools;
 mod hosts;
 mod leaks;
+pub mod podman;
 #[allow(unused_imports)] // each test file uses a different part of the harness
 pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
 pub use leaks::Snapshot;
