@@ -193,6 +193,26 @@ fn assert_bad_ipam_error(out: &common::Out) {
     );
 }
 
+/// The only record of `id` is a failed one, and the runtime's DEL of it
+/// succeeds and removes it.
+fn assert_failed_record_then_del(lab: &Lab, id: &str, c: &common::Container) {
+    let records: Vec<_> = lab
+        .attachment_records()
+        .into_iter()
+        .filter(|r| r["containerId"] == id)
+        .collect();
+    assert_eq!(records.len(), 1, "records of {id}: {records:?}");
+    assert_eq!(records[0]["state"], "failed", "{}", records[0]);
+    let del = lab.plugin(&lab.plugin_env("DEL", id, &c.netns()), &bad_ipam_stdin());
+    assert!(del.ok(), "the runtime's DEL after the failed ADD: {del}");
+    assert!(
+        !lab.attachment_records()
+            .iter()
+            .any(|r| r["containerId"] == id),
+        "{id}'s record survived its DEL"
+    );
+}
+
 /// A bad-IPAM ADD that started the infra: rolled back, infra stopped, and
 /// a good ADD afterwards works.
 #[test]
@@ -206,7 +226,10 @@ fn bad_ipam_on_first_add_leaves_nothing_behind() {
     assert_bad_ipam_error(&out);
     assert_eq!(lab.links(&c), vec!["lo"], "the container kept an interface");
     assert_eq!(lab.lease_files(NET), Vec::<String>::new(), "leases");
-    lab.assert_no_infra("after the failed ADD");
+    // The rollback's DEL fails too (no IPAM plugin to release with): the
+    // record stays, failed, until the runtime's DEL after the failed ADD.
+    assert_failed_record_then_del(&lab, "bad-ipam-1", &c);
+    lab.assert_no_infra("after the failed ADD and its DEL");
 
     let add = lab.cnitool("add", NET, &c.netns());
     assert!(add.ok(), "good ADD after the failed one: {add}");
@@ -236,6 +259,7 @@ fn bad_ipam_on_a_live_bridge_leaves_it_usable() {
         "c2 kept the half-made interface"
     );
     assert_eq!(lab.lease_files(NET), vec![ip1.clone()], "leases");
+    assert_failed_record_then_del(&lab, "bad-ipam-2", &c2);
     assert_eq!(lab.attachment_files().len(), 1, "records");
     assert_eq!(lab.sandbox_pid(), sandbox, "the infra was replaced");
     lab.assert_ping(&c1, GATEWAY, "c1 -> gateway after the failed ADD");

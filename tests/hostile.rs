@@ -80,8 +80,9 @@ fn chain_ending_in(plugin: &str) -> String {
 }
 
 /// The ADD through a chain ending in `plugin` fails with code 102 naming
-/// it (and `also`), within `bound`, and leaves nothing: no lease, record,
-/// infra or process; a good ADD after it works on the same bridge.
+/// it (and `also`), within `bound`; the container keeps nothing, and after
+/// the runtime's DEL nothing is left: no lease, record, infra or process; a
+/// good ADD after it works on the same bridge.
 fn bad_inner_plugin(lab: &Lab, plugin: &str, also: &str, bound: Duration) {
     let c = lab.container();
     let env = lab.plugin_env("ADD", &format!("bad-{plugin}"), &c.netns());
@@ -105,6 +106,20 @@ fn bad_inner_plugin(lab: &Lab, plugin: &str, also: &str, bound: Duration) {
     }
     if lab.links(&c) != vec!["lo"] {
         problems.push(format!("the container kept {:?}", lab.links(&c)));
+    }
+    // The plugin fails its DEL too, so the rollback cannot be sure it undid
+    // everything: the record stays, failed, for the DEL a runtime sends
+    // after a failed ADD, which must succeed and leave nothing.
+    let records = lab.attachment_records();
+    if records.iter().any(|r| r["state"] != "failed") {
+        problems.push(format!("records after the failed ADD: {records:?}"));
+    }
+    let del = lab.plugin(
+        &lab.plugin_env("DEL", &format!("bad-{plugin}"), &c.netns()),
+        &chain_ending_in(plugin),
+    );
+    if !del.ok() {
+        problems.push(format!("the runtime's DEL after the failed ADD: {del}"));
     }
     if !lab.status()["infra"].is_null() {
         problems.push(format!("an infra runs: {}", lab.status()));
