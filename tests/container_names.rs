@@ -35,7 +35,7 @@ fn have_dnsname(test: &str) -> bool {
         "{} (apt-get install golang-github-containernetworking-plugin-dnsname dnsmasq-base)",
         missing.join(", ")
     );
-    if std::env::var("CI").as_deref() == Ok("true") {
+    if common::in_ci() {
         panic!("{test} needs {why}");
     }
     eprintln!("skipping {test}: it needs {why}");

@@ -322,7 +322,7 @@ fn lookup(lab: &Lab, c: &common::Container) -> Out {
 fn dns_through_the_infra_forwarder() {
     if !Path::new(Dnsmasq::BIN).exists() {
         let why = format!("{} (apt-get install dnsmasq-base)", Dnsmasq::BIN);
-        if std::env::var("CI").as_deref() == Ok("true") {
+        if common::in_ci() {
             panic!("dns_through_the_infra_forwarder needs {why}");
         }
         eprintln!("skipping dns_through_the_infra_forwarder: it needs {why}");

@@ -91,7 +91,7 @@ pub fn cri_prerequisites(test: &str, rootless: bool) -> bool {
         return true;
     }
     let list = missing.join(", ");
-    if std::env::var("CI").as_deref() == Ok("true") {
+    if super::in_ci() {
         panic!("{test}: missing {list} (CI=true); scripts/deps and scripts/test provide them");
     }
     eprintln!("skipping {test}: missing {list} (scripts/deps and scripts/test provide them)");

@@ -36,7 +36,7 @@ pub fn skip_without(test: &str, tools: &[&str]) -> bool {
         return false;
     }
     let list = missing.join(", ");
-    if std::env::var("CI").as_deref() == Ok("true") {
+    if super::in_ci() {
         panic!("{test}: missing {list} (CI=true); scripts/deps installs them");
     }
     eprintln!("skipping {test}: missing {list} (scripts/deps installs them)");
