@@ -9,7 +9,7 @@ use crate::error::{code, Error, ErrorList, Result};
 use crate::exec::ContainerNetns;
 use crate::infra::{self, InfraInfo};
 use crate::procfs::ProcessId;
-use crate::state::{Attachment, StateDir};
+use crate::state::{Attachment, AttachmentState, StateDir};
 use serde_json::json;
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -84,9 +84,19 @@ pub fn collect(
             // Gone with its infra: nothing to undo but its leases (below).
             None => Ok(()),
         };
-        if let Err(e) = deleted {
-            errors.push_if_err::<()>(Err(e.context(format!("GC of {}", rec.container_id))));
-            continue;
+        match (deleted, rec.state) {
+            (Ok(()), _) => {}
+            // As DEL does: an ADD that was killed half-way, or failed and
+            // could not roll back, leaves what the plugins' DEL may trip
+            // over; what could be undone was, and keeping the record would
+            // keep the infra forever.
+            (Err(e), AttachmentState::Pending | AttachmentState::Failed) => {
+                log::warn!("GC of the interrupted ADD of {}: {e}", rec.container_id)
+            }
+            (Err(e), AttachmentState::Ready) => {
+                errors.push_if_err::<()>(Err(e.context(format!("GC of {}", rec.container_id))));
+                continue;
+            }
         }
         errors.push_if_err(forget_claimed(state, &rec, info.is_none()));
     }

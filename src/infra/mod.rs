@@ -132,7 +132,7 @@ pub fn running(state: &StateDir, _lock: &StateLock) -> Result<Option<InfraInfo>>
         "infra recorded in {} is gone; cleaning up",
         state.path.display()
     );
-    kill_and_reap(&info);
+    kill_and_reap(state, &info);
     forget_infra_files(state)?;
     Ok(None)
 }
@@ -235,7 +235,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
         Err(e) => e.msg,
     };
     if let Some(info) = InfraInfo::load(state) {
-        kill_and_reap(&info);
+        kill_and_reap(state, &info);
     }
     let _ = forget_infra_files(state);
     Err(
@@ -330,13 +330,13 @@ pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()>
         .signal(nix::sys::signal::Signal::SIGTERM, supervisor::ENTRY);
     if wait_gone(&[info.supervisor, info.sandbox], STOP_TIMEOUT) {
         // The supervisor ended them already; a second look costs little.
-        end_leftovers(info);
+        end_leftovers(state, info);
     } else {
         log::warn!(
             "infra supervisor {} did not stop in time; killing",
             info.supervisor.pid
         );
-        kill_and_reap(info);
+        kill_and_reap(state, info);
     }
     forget_infra_files(state)
 }
@@ -344,7 +344,7 @@ pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()>
 /// SIGKILL to every recorded process that is still the one recorded (the
 /// supervisor first, so it does not restart slirp4netns), then to what is
 /// left in the infra's network namespace.
-fn kill_and_reap(info: &InfraInfo) {
+fn kill_and_reap(state: &StateDir, info: &InfraInfo) {
     let procs: Vec<ProcessId> = info
         .processes()
         .filter(|(p, marker)| p.signal(nix::sys::signal::Signal::SIGKILL, marker))
@@ -356,19 +356,31 @@ fn kill_and_reap(info: &InfraInfo) {
             info.supervisor.pid
         );
     }
-    end_leftovers(info);
+    end_leftovers(state, info);
 }
 
 /// Kills every process still in the infra's network and mount namespaces
-/// (their inodes as recorded) and waits until they are gone. The sandbox's
+/// (their inodes as recorded, and a /run that is the state dir's `run/`)
+/// and waits until they are gone. The sandbox's
 /// death does not end them: a daemon an inner plugin started there
 /// (dnsname's dnsmasq) has its own session and no parent of ours, and
 /// would keep the namespaces alive, with the bridge and the containers'
 /// veth peers in them.
-pub(crate) fn end_leftovers(info: &InfraInfo) {
+pub(crate) fn end_leftovers(state: &StateDir, info: &InfraInfo) {
+    // The inodes alone do not name the infra: once its namespaces are gone
+    // (a crashed infra, or right after the sandbox died) the kernel gives
+    // the same numbers to the next namespaces made on the machine, any
+    // process's. What only the infra's mount namespace has is the state
+    // dir's `run/` (made anew at each start) bound on /run.
+    let Some(run) = dev_ino(&state.file(state::RUN_DIR)) else {
+        return;
+    };
     let left: Vec<ProcessId> = procfs::in_netns(info.netns)
         .into_iter()
         .filter(|p| procfs::ns_inode(format!("/proc/{}/ns/mnt", p.pid)) == Some(info.mntns))
+        .filter(|p| {
+            dev_ino(std::path::Path::new(&format!("/proc/{}/root/run", p.pid))) == Some(run)
+        })
         .collect();
     // The kernel reuses a namespace's inode once the namespace is gone, and
     // another infra of ours makes its two the same way: a live sandbox
@@ -397,6 +409,12 @@ pub(crate) fn end_leftovers(info: &InfraInfo) {
     if !wait_gone(&killed, STOP_TIMEOUT) {
         log::warn!("processes left in the infra's namespaces survive SIGKILL");
     }
+}
+
+/// Device and inode of what `path` names.
+fn dev_ino(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn wait_gone(procs: &[ProcessId], timeout: Duration) -> bool {

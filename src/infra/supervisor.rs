@@ -297,7 +297,7 @@ impl Supervisor {
     fn kill_children(&mut self) {
         let _ = self.sandbox.kill();
         let _ = self.sandbox.wait();
-        super::end_leftovers(&self.info);
+        super::end_leftovers(&self.state, &self.info);
         if let Some(mut slirp) = self.slirp.take() {
             let _ = slirp.child.kill();
             let _ = slirp.child.wait();

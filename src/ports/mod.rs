@@ -81,11 +81,18 @@ fn parse_one(m: &Value) -> Result<PortMapping> {
             .filter(|p| *p != 0)
             .ok_or_else(|| Error::config(format!("{key:?} must be a port from 1 to 65535")))
     };
-    let protocol = match gojson::field(m, "protocol")
-        .and_then(Value::as_str)
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
+    // A string field of another type fails the Go plugins' decoding; read
+    // as absent, a hostIP would open the port on every address.
+    let string = |key: &str| -> Result<Option<&str>> {
+        match gojson::field(m, key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(Error::config(format!(
+                "{key:?} must be a string, not {other}"
+            ))),
+        }
+    };
+    let protocol = match string("protocol")?.map(str::to_ascii_lowercase).as_deref() {
         None | Some("") | Some("tcp") => Protocol::Tcp,
         Some("udp") => Protocol::Udp,
         Some(other) => {
@@ -94,7 +101,7 @@ fn parse_one(m: &Value) -> Result<PortMapping> {
             )))
         }
     };
-    let host_ip = match gojson::field(m, "hostIP").and_then(Value::as_str) {
+    let host_ip = match string("hostIP")? {
         None | Some("") => None,
         Some(ip) => Some(
             ip.parse::<IpAddr>()
@@ -195,6 +202,14 @@ mod tests {
             (json!([{"hostPort": 80}]), "containerPort"),
             (json!([{"HostPort": "80", "ContainerPort": 80}]), "hostPort"),
             (json!([80]), "must be an object"),
+            (
+                json!([{"hostPort": 80, "containerPort": 80, "HostIP": 5}]),
+                "\"hostIP\" must be a string",
+            ),
+            (
+                json!([{"hostPort": 80, "containerPort": 80, "protocol": ["udp"]}]),
+                "\"protocol\" must be a string",
+            ),
             (
                 json!([{"hostPort": 80, "containerPort": 80, "protocol": "sctp"}]),
                 "sctp",

@@ -1,0 +1,121 @@
+//! A dead infra's clean-up ends only its own leftovers: the network and
+//! mount namespace inodes it recorded are reused by the kernel for the next
+//! namespaces made on the machine, and what runs in them is not ours.
+
+mod common;
+
+use common::{Lab, LAB_PATH, NET};
+use serde_json::Value;
+use std::fs;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn ns(pid: u32, kind: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/proc/{pid}/ns/{kind}"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+struct Victim(Child);
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A process of the lab user, in a network and mount namespace of its own:
+/// someone else's container as far as the plugin is concerned.
+fn victim(lab: &Lab) -> Victim {
+    let u = lab.uid.to_string();
+    let child = Command::new("/usr/bin/setpriv")
+        .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
+        .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
+        .arg(format!("--target={}", lab.holder))
+        .args(["--", "unshare", "--net", "--mount", "sleep", "infinity"])
+        .env_clear()
+        .env("PATH", LAB_PATH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let v = Victim(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        != "sleep"
+    {
+        assert!(Instant::now() < deadline);
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(100));
+    v
+}
+
+/// A crashed infra's recorded namespace inodes are free for the kernel to
+/// give to any new namespace. The next call's clean-up of the dead infra
+/// must not kill what runs in them.
+#[test]
+fn dead_infra_cleanup_spares_a_stranger_in_reused_namespaces() {
+    let Some(lab) = Lab::with_example_net("rv_reuse") else {
+        return;
+    };
+    let c = lab.container();
+    lab.attach(&c);
+    let infra_file = lab.state_dir().join("infra.json");
+    let mut info: Value = serde_json::from_str(&fs::read_to_string(&infra_file).unwrap()).unwrap();
+    // The infra crashes (OOM killer, say): every recorded process SIGKILLed.
+    for p in ["supervisor", "sandbox", "slirp4netns"] {
+        if let Some(pid) = info[p]["pid"].as_u64() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for p in ["supervisor", "sandbox", "slirp4netns"] {
+        if let Some(pid) = info[p]["pid"].as_u64() {
+            while alive(pid as u32) {
+                assert!(Instant::now() < deadline, "{p} survived");
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    thread::sleep(Duration::from_millis(200));
+    // Then someone else makes a container.
+    let v = victim(&lab);
+    let pid = v.0.id();
+    let (net, mnt) = (ns(pid, "net").unwrap(), ns(pid, "mnt").unwrap());
+    let natural = info["netns"] == net && info["mntns"] == mnt;
+    eprintln!(
+        "recorded netns {} mntns {}; stranger's {net} {mnt}: natural reuse: {natural}",
+        info["netns"], info["mntns"]
+    );
+    if !natural {
+        // The kernel handed the stranger other numbers this time; as it
+        // may hand it the recorded ones, say so in the record.
+        info["netns"] = net.into();
+        info["mntns"] = mnt.into();
+        fs::write(&infra_file, info.to_string()).unwrap();
+    }
+    let del = lab.cnitool("del", NET, &c.netns());
+    eprintln!("DEL: {del}");
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        alive(pid),
+        "the plugin killed a stranger's process {pid} in the namespaces a dead infra had \
+         (natural reuse: {natural})"
+    );
+}
