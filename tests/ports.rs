@@ -884,9 +884,11 @@ fn go_cased_mappings(driver: &str) {
     };
     let t0 = Instant::now();
     let c = lab.container();
-    let (p_lo, p_empty) = (free_port(), free_port());
+    let (p_lo, p_empty, p_bare) = (free_port(), free_port(), free_port());
     let go = |port: u16, host_ip: &str| json!({"HostPort": port, "ContainerPort": 80, "Protocol": "tcp", "HostIP": host_ip});
-    add(&lab, &c, &[go(p_lo, "127.0.0.1"), go(p_empty, "")]);
+    // No protocol at all: tcp, for us and for the inner portmap alike.
+    let bare = json!({"HOSTPORT": p_bare, "containerport": 80});
+    add(&lab, &c, &[go(p_lo, "127.0.0.1"), go(p_empty, ""), bare]);
     let body = format!("go-cased mappings, {driver}\n");
     let web = httpd(&lab, &c, 80, &body);
 
@@ -894,8 +896,9 @@ fn go_cased_mappings(driver: &str) {
     // forward, which lands on the infra's own address.
     assert_serves(at(LOCALHOST, p_lo), &body, "HostIP 127.0.0.1");
     assert_serves(at(LOCALHOST, p_empty), &body, "HostIP \"\"");
+    assert_serves(at(LOCALHOST, p_bare), &body, "no protocol");
     let ports = status_ports(&lab);
-    for p in [p_lo, p_empty] {
+    for p in [p_lo, p_empty, p_bare] {
         assert!(
             ports.iter().any(|s| s.contains(&format!(":{p}/tcp"))),
             "status does not list port {p}: {ports:?}"
@@ -903,7 +906,7 @@ fn go_cased_mappings(driver: &str) {
     }
 
     del(&lab, &c);
-    for p in [p_lo, p_empty] {
+    for p in [p_lo, p_empty, p_bare] {
         assert_port_free(p, false, &format!("{driver}: after DEL"));
     }
     stop_all(&lab, vec![web]);

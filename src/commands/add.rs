@@ -176,6 +176,18 @@ fn attach(
             .map_err(undo)?
     };
     let lock = state.lock().map_err(undo)?;
+    if !is_still_ours(state, record, &lock) {
+        // Another ADD of this key took it over (ours was in an infra that
+        // died, or its caller was killed): the container netns is that
+        // call's now, so nothing of ours may be undone there.
+        return Err(Failure::from(Error::new(
+            code::ALREADY_ATTACHED,
+            format!(
+                "another ADD of container {} took over its attachment while this one ran",
+                record.container_id
+            ),
+        )));
+    }
     let mut ready = record.clone();
     ready.state = AttachmentState::Ready;
     ready.owner = None;
@@ -211,7 +223,6 @@ fn abort(
     started: bool,
 ) -> Error {
     let key = record.key();
-    unpublish_ports(state, &key, published);
     // The runtime waits for our answer, but a record left pending by a
     // lock we could not have would outlive us: wait longer than a call.
     let lock = match state.lock_patiently() {
@@ -221,9 +232,18 @@ fn abort(
                 "after the failed ADD of {}: {e}; its record stays for the DEL",
                 key.container_id
             );
+            unpublish_ports(state, &key, published);
             return failure.error;
         }
     };
+    if !is_still_ours(state, &record, &lock) {
+        log::warn!(
+            "after the failed ADD of {}: another call owns its record now; left to it",
+            key.container_id
+        );
+        return failure.error;
+    }
+    unpublish_ports(state, &key, published);
     let cleaned = if failure.left {
         record.state = AttachmentState::Failed;
         record.owner = None;
@@ -237,6 +257,11 @@ fn abort(
         log::warn!("cleaning up after the failed ADD: {e}");
     }
     failure.error
+}
+
+/// Whether the record under `record`'s key is still the one this ADD wrote.
+fn is_still_ours(state: &StateDir, record: &Attachment, lock: &state::StateLock) -> bool {
+    matches!(state.read_attachment(&record.key(), lock), Ok(Some(now)) if now.is_same_as(record))
 }
 
 /// Opens the host side of the published ports through the supervisor: a

@@ -119,7 +119,9 @@ fn parse_one(m: &Value) -> Result<PortMapping> {
 /// The capability args for the inner plugins. `hostIP` means a host address
 /// and is honoured by the forward; inside the infra the forward arrives at
 /// tap0's address, so portmap must match any local address. Every spelling
-/// of `hostIP` goes: the inner portmap reads `HostIP` as `hostIP`.
+/// of `hostIP` goes: the inner portmap reads `HostIP` as `hostIP`. The
+/// protocol is spelt out (`tcp` when the runtime left it out, as we read
+/// it): portmap hands iptables an empty one as it is, and fails.
 pub fn inner_capability_args(rc: &Map<String, Value>) -> Map<String, Value> {
     let mut inner = rc.clone();
     for (key, value) in inner.iter_mut() {
@@ -129,6 +131,12 @@ pub fn inner_capability_args(rc: &Map<String, Value>) -> Map<String, Value> {
         for m in value.as_array_mut().into_iter().flatten() {
             if let Some(m) = m.as_object_mut() {
                 gojson::remove_field(m, "hostIP");
+                let protocol = match gojson::field(m, "protocol").and_then(Value::as_str) {
+                    None | Some("") => "tcp".to_string(),
+                    Some(p) => p.to_ascii_lowercase(),
+                };
+                gojson::remove_field(m, "protocol");
+                m.insert("protocol".into(), Value::String(protocol));
             }
         }
     }
@@ -236,18 +244,22 @@ mod tests {
         ])));
         assert_eq!(
             inner["portMappings"],
-            json!([{"HostPort": 1, "ContainerPort": 2}])
+            json!([{"HostPort": 1, "ContainerPort": 2, "protocol": "tcp"}])
         );
     }
 
     #[test]
     fn inner_args_drop_host_ip_only() {
-        let inner = inner_capability_args(&rc(
-            json!([{"hostPort": 1, "containerPort": 2, "hostIP": "127.0.0.1"}]),
-        ));
+        let inner = inner_capability_args(&rc(json!([
+            {"hostPort": 1, "containerPort": 2, "hostIP": "127.0.0.1"},
+            {"hostPort": 3, "containerPort": 4, "Protocol": "UDP"}
+        ])));
         assert_eq!(
             inner["portMappings"],
-            json!([{"hostPort": 1, "containerPort": 2}])
+            json!([
+                {"hostPort": 1, "containerPort": 2, "protocol": "tcp"},
+                {"hostPort": 3, "containerPort": 4, "protocol": "udp"}
+            ])
         );
     }
 }
