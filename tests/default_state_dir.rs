@@ -256,6 +256,25 @@ impl Drop for RootPod<'_> {
                 eprintln!("stopping real root's infra: {stop}");
             }
         }
+        // What real root started there and the stop did not end (it
+        // failed, or the ADD died before infra.json): by pid, found by the
+        // pod's mount namespace, before the holder that names it goes.
+        if let Ok(mnt) = fs::read_link(format!("/proc/{}/ns/mnt", self.holder.id())) {
+            let ours =
+                |p: &u32| fs::read_link(format!("/proc/{p}/ns/mnt")).ok().as_ref() == Some(&mnt);
+            let left: Vec<u32> = Lab::list(Path::new("/proc"))
+                .into_iter()
+                .filter_map(|n| n.parse::<u32>().ok())
+                .filter(|&p| p != self.holder.id())
+                .filter(ours)
+                .collect();
+            for p in left {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
         let _ = self.holder.kill();
         let _ = self.holder.wait();
     }

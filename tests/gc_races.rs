@@ -77,7 +77,7 @@ fn gc_leaves_an_attachment_re_added_while_it_ran() {
     std::thread::sleep(Duration::from_millis(1100));
     add("k", &k1);
 
-    let gc = spawn(&lab, &gc_call(&lab, json!([])));
+    let mut gc = spawn(&lab, &gc_call(&lab, json!([])));
     let log = lab.bin().join("slowdel.log");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(&log)
@@ -92,6 +92,11 @@ fn gc_leaves_an_attachment_re_added_while_it_ran() {
     assert!(out.ok(), "DEL k: {out}");
     let readded = add("k", &k2);
     let ip = result_ipv4(&readded).expect("an IPv4 address for the new k");
+    // Else GC went on to k after the re-add was done, and nothing raced.
+    assert!(
+        !gc.exited(),
+        "GC ended before the re-add of k: the race was not exercised"
+    );
 
     let out = gc.wait(Duration::from_secs(60));
     assert!(out.ok(), "GC: {out}");

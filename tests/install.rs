@@ -161,8 +161,10 @@ fn host_package_state() -> (bool, bool, bool) {
         &["dpkg-query", "-W", "-f=${Status}", "rootless-cni"],
         Duration::from_secs(30),
     );
+    // "unknown ok not-installed" (a package dpkg knows of, purged) is
+    // not installed: the status's last word says it.
     (
-        known.ok() && known.stdout.contains("installed"),
+        known.ok() && known.stdout.trim().ends_with(" installed"),
         Path::new("/usr/lib/cni/rootless-cni").exists(),
         Path::new("/usr/share/doc/rootless-cni").exists(),
     )

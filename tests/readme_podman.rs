@@ -15,10 +15,11 @@
 //!   imported beforehand (no registry is reachable here).
 //! - port 8080 is a free port (tests run in parallel).
 //!
-//! The user's PATH starts with ~/.local/bin, as Debian's ~/.profile makes
-//! it at login once that dir exists. What this machine needs of any podman
-//! (runc, cgroupfs, ulimits, vfs) is the lab's system containers.conf and
-//! storage.conf, never the user's files.
+//! The user's PATH is the lab's, without ~/.local/bin: a new user's login
+//! shell has it only once that dir exists, and scripts/install makes it;
+//! the block must put it on PATH itself. What this machine needs of any
+//! podman (runc, cgroupfs, ulimits, vfs) is the lab's system
+//! containers.conf and storage.conf, never the user's files.
 
 mod common;
 
@@ -91,8 +92,7 @@ fn readme_rootless_podman_steps_work_as_written() {
     let mut pm = RootlessPodman::start(lab, "");
     let clone = user_clone(&pm.lab);
     pm.import_image();
-    let path = format!("{}/.local/bin:{LAB_PATH}", pm.lab.dir.display());
-    let out = pm.user_run_in(&clone, &path, &["bash", "-e", "-x", "-c", &script]);
+    let out = pm.user_run_in(&clone, LAB_PATH, &["bash", "-e", "-x", "-c", &script]);
     assert!(
         out.ok(),
         "the README's podman steps failed:\n{script}\n{out}"
