@@ -141,6 +141,17 @@ pub fn busybox_rootfs_tar(dir: &Path) -> String {
     tar
 }
 
+/// The attachment a `rootless-cni status --json` report lists, which must
+/// be its only one.
+pub fn only_attachment(status: &Value) -> Value {
+    let attachments = status["attachments"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(attachments.len(), 1, "{status}");
+    attachments[0].clone()
+}
+
 /// Runs `f` until it succeeds or `within` has passed; the last output.
 pub fn retry(within: Duration, mut f: impl FnMut() -> Out) -> Out {
     let deadline = Instant::now() + within;
