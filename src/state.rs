@@ -271,6 +271,12 @@ impl StateDir {
     }
 
     /// Every record, unreadable ones skipped with a warning.
+    /// `list_attachments` for a caller that holds the lock and acts on what
+    /// it reads before letting go.
+    pub fn list_attachments_locked(&self, _lock: &StateLock) -> Result<Vec<Attachment>> {
+        self.list_attachments()
+    }
+
     pub fn list_attachments(&self) -> Result<Vec<Attachment>> {
         let dir = self.path.join(ATTACHMENTS_DIR);
         let mut out = Vec::new();
