@@ -79,7 +79,7 @@ impl InfraInfo {
     /// The recorded infra, if the record is readable. A corrupt record is a
     /// dead infra, never an error: a crash may have left it.
     pub fn load(state: &StateDir) -> Option<Self> {
-        match state::read_json::<InfraInfo>(&state.file(state::INFRA_FILE)) {
+        match state.read_json::<InfraInfo>(state::INFRA_FILE) {
             Ok(info) => info,
             Err(e) => {
                 log::warn!("ignoring {e}");
@@ -97,11 +97,7 @@ impl InfraInfo {
     }
 
     pub fn save(&self, state: &StateDir) -> Result<()> {
-        state::write_json_atomic(
-            &state.file(state::INFRA_FILE),
-            self,
-            state::Durability::Synced,
-        )
+        state.write_json(state::INFRA_FILE, self, state::Durability::Synced)
     }
 
     /// Each process with what its command line must hold to be ours.
@@ -140,9 +136,9 @@ pub fn running(state: &StateDir, _lock: &StateLock) -> Result<Option<InfraInfo>>
 /// Removes what only a running infra has in the state dir: infra.json and
 /// the sockets. A SIGKILLed supervisor could not remove them itself.
 fn forget_infra_files(state: &StateDir) -> Result<()> {
-    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
-    state::remove_if_exists(&state.file(control::SOCKET))?;
-    state::remove_if_exists(&state.file(state::INFRA_FILE))
+    state.remove(state::SLIRP_SOCKET)?;
+    state.remove(control::SOCKET)?;
+    state.remove(state::INFRA_FILE)
 }
 
 /// A caller outside the infra's user namespace joins it when it owns it;
@@ -201,9 +197,9 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
         state::OVERLAY_DIR,
         state::WARM_DIR,
     ] {
-        state::reset_dir(&state.file(dir))?;
+        state.reset_dir(dir)?;
     }
-    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
+    state.remove(state::SLIRP_SOCKET)?;
     let log_path = state.file(state::LOG_FILE);
     let log = open_log(&log_path)?;
     let spawned = spawn_own(
