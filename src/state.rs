@@ -113,7 +113,9 @@ fn unsafe_ancestor(st: &FileStat, me: u32) -> Option<String> {
         || owner == me
         || (owner == overflow_uid() && !crate::userns::in_initial_user_namespace());
     if !owner_ok {
-        return Some(format!("it is owned by uid {owner}, who could replace what is below it"));
+        return Some(format!(
+            "it is owned by uid {owner}, who could replace what is below it"
+        ));
     }
     let mode = st.st_mode & 0o7777;
     if mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
@@ -176,7 +178,12 @@ fn open_checked(path: &Path, create: bool) -> Result<Option<(PathBuf, OwnedFd)>>
         // 0700 whatever the umask, which can only take bits away.
         match nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), name, Mode::S_IRWXU) {
             Ok(()) | Err(Errno::EEXIST) => {}
-            Err(e) => return Err(io_error(e, format!("creating state dir {}", path.display()))),
+            Err(e) => {
+                return Err(io_error(
+                    e,
+                    format!("creating state dir {}", path.display()),
+                ))
+            }
         }
     }
     let fd = match sys::openat(dir.as_fd(), name, dir_flags(), 0) {
@@ -238,9 +245,8 @@ impl StateDir {
     /// The existing dir at `path`, opened and checked again: for the
     /// infra's own processes, which the plugin started on a dir it checked.
     pub fn at(path: PathBuf) -> Result<Self> {
-        StateDir::open_existing(path.clone())?.ok_or_else(|| {
-            Error::internal(format!("state dir {} is gone", path.display()))
-        })
+        StateDir::open_existing(path.clone())?
+            .ok_or_else(|| Error::internal(format!("state dir {} is gone", path.display())))
     }
 
     fn from_checked((path, fd): (PathBuf, OwnedFd)) -> Self {
@@ -294,7 +300,23 @@ impl StateDir {
     /// Opens the dir `name` of the state dir, never through a symlink.
     pub fn open_dir(&self, name: &str) -> Result<OwnedFd> {
         sys::openat(self.dir_fd(), name.as_ref(), dir_flags(), 0)
-            .map_err(|e| io_error(e, format!("opening {}", self.file(name).display())))
+            .map_err(|e| self.open_error(name, e))
+    }
+
+    /// What a failed open of `name` in the state dir says: something other
+    /// than what we made in its place (a symlink) is a tampered state dir.
+    fn open_error(&self, name: &str, e: Errno) -> Error {
+        match e {
+            Errno::ELOOP | Errno::ENOTDIR => Error::new(
+                code::UNSAFE_STATE_DIR,
+                format!(
+                    "state dir {} is not safe to use: {name} in it is a symlink or not what we made; \
+                     it was not followed (remove it if you put it there)",
+                    self.path.display()
+                ),
+            ),
+            e => io_error(e, format!("opening {}", self.file(name).display())),
+        }
     }
 
     /// Creates the dir `name` (0700) unless it exists.
@@ -341,10 +363,7 @@ impl StateDir {
         match sys::openat(self.dir_fd(), ATTACHMENTS_DIR.as_ref(), dir_flags(), 0) {
             Ok(fd) => Ok(Some(fd)),
             Err(Errno::ENOENT) => Ok(None),
-            Err(e) => Err(io_error(
-                e,
-                format!("opening {}", self.file(ATTACHMENTS_DIR).display()),
-            )),
+            Err(e) => Err(self.open_error(ATTACHMENTS_DIR, e)),
         }
     }
 
@@ -421,7 +440,7 @@ impl StateDir {
         let flags = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW;
         sys::openat(self.dir_fd(), name.as_ref(), flags, 0o600)
             .map(fs::File::from)
-            .map_err(|e| io_error(e, format!("opening lock {}", self.file(name).display())))
+            .map_err(|e| self.open_error(name, e))
     }
 
     fn wait_for_lock(&self, name: &str) -> Result<StateLock> {
@@ -624,7 +643,9 @@ impl StateDir {
             };
             for lease in sys::dir_names(dir.as_fd()).unwrap_or_default() {
                 let name = lease.to_string_lossy();
-                if name == "lock" || name.starts_with("last_reserved_ip") || !holds(dir.as_fd(), &lease)
+                if name == "lock"
+                    || name.starts_with("last_reserved_ip")
+                    || !holds(dir.as_fd(), &lease)
                 {
                     continue;
                 }
