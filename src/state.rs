@@ -186,7 +186,9 @@ fn open_checked(path: &Path, create: bool) -> Result<Option<(PathBuf, OwnedFd)>>
             }
         }
     }
-    let fd = match sys::openat(dir.as_fd(), name, dir_flags(), 0) {
+    // O_PATH first: another user's dir is checked (and refused) before a
+    // read open could fail on its permissions.
+    let fd = match sys::openat(dir.as_fd(), name, walk, 0) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) if !create => return Ok(None),
         Err(e @ (Errno::ELOOP | Errno::ENOTDIR)) => {
@@ -220,6 +222,8 @@ fn open_checked(path: &Path, create: bool) -> Result<Option<(PathBuf, OwnedFd)>>
             path.display()
         )));
     }
+    let fd = sys::openat(fd.as_fd(), ".".as_ref(), dir_flags(), 0)
+        .map_err(|e| io_error(e, format!("state dir {}", path.display())))?;
     Ok(Some((parent.join(name), fd)))
 }
 
@@ -317,6 +321,39 @@ impl StateDir {
             ),
             e => io_error(e, format!("opening {}", self.file(name).display())),
         }
+    }
+
+    /// Device and inode of the dir `name`, None when it cannot be opened.
+    pub fn dir_dev_ino(&self, name: &str) -> Option<(u64, u64)> {
+        let dir = self.open_dir(name).ok()?;
+        let st = nix::sys::stat::fstat(dir.as_raw_fd()).ok()?;
+        Some((st.st_dev, st.st_ino))
+    }
+
+    /// The log file `name` for appending (0600, never through a symlink),
+    /// emptied first when it has grown past `max_len`.
+    pub fn open_log(&self, name: &str, max_len: u64) -> Result<fs::File> {
+        let what = || format!("opening {}", self.file(name).display());
+        // O_NONBLOCK: a fifo in its place fails instead of blocking us.
+        let flags = OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_APPEND
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK;
+        let file = sys::openat(self.dir_fd(), name.as_ref(), flags, 0o600)
+            .map(fs::File::from)
+            .map_err(|e| self.open_error(name, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::from(e).context(what()))?;
+        if !meta.is_file() {
+            return Err(Error::internal(format!("{}: not a regular file", what())));
+        }
+        if meta.len() > max_len {
+            file.set_len(0)
+                .map_err(|e| Error::from(e).context(what()))?;
+        }
+        Ok(file)
     }
 
     /// Creates the dir `name` (0700) unless it exists.

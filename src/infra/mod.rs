@@ -15,7 +15,6 @@ use crate::sys;
 use serde::{Deserialize, Serialize};
 
 pub use crate::cni::config::PortDriver;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -201,7 +200,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     }
     state.remove(state::SLIRP_SOCKET)?;
     let log_path = state.file(state::LOG_FILE);
-    let log = open_log(&log_path)?;
+    let log = state.open_log(state::LOG_FILE, MAX_LOG)?;
     let spawned = spawn_own(
         supervisor::ENTRY,
         state,
@@ -304,21 +303,6 @@ pub fn spawn_own(
     Err(fail(why))
 }
 
-fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
-    let too_big = std::fs::metadata(path)
-        .map(|m| m.len() > MAX_LOG)
-        .unwrap_or(false);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
-    if too_big {
-        opts.write(true).truncate(true);
-    } else {
-        opts.append(true);
-    }
-    opts.open(path)
-        .map_err(|e| Error::from(e).context(format!("opening {}", path.display())))
-}
-
 /// Asks the supervisor to stop everything and waits until it has; what
 /// still runs after STOP_TIMEOUT is killed. Removes infra.json.
 pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()> {
@@ -368,7 +352,7 @@ pub(crate) fn end_leftovers(state: &StateDir, info: &InfraInfo) {
     // the same numbers to the next namespaces made on the machine, any
     // process's. What only the infra's mount namespace has is the state
     // dir's `run/` (made anew at each start) bound on /run.
-    let Some(run) = dev_ino(&state.file(state::RUN_DIR)) else {
+    let Some(run) = state.dir_dev_ino(state::RUN_DIR) else {
         return;
     };
     let left: Vec<ProcessId> = procfs::in_netns(info.netns)
