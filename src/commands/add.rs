@@ -114,11 +114,11 @@ fn attach(
     published: &mut bool,
 ) -> std::result::Result<Vec<u8>, Failure> {
     let warm = state.warm_marker(&list.name, &conf.runtime_config);
-    let first_chain = match warm.exists() {
+    let first_chain = match state.is_warm(&warm) {
         true => None,
         // The first ADD we waited for may have warmed the network: then
         // the chains exist and the waiters need not run one by one.
-        false => Some(state.first_chain_lock()?).filter(|_| !warm.exists()),
+        false => Some(state.first_chain_lock()?).filter(|_| !state.is_warm(&warm)),
     };
     publish_ports(state, &record.key(), mappings)?;
     *published = true;
@@ -150,8 +150,8 @@ fn attach(
         left: !f.undone,
     })?;
     if first_chain.is_some() {
-        if let Err(e) = std::fs::write(&warm, b"") {
-            log::warn!("marking {} warm: {e}", warm.display());
+        if let Err(e) = state.mark_warm(&warm) {
+            log::warn!("{e}");
         }
     }
     drop(first_chain);
