@@ -7,7 +7,7 @@ use crate::state;
 use crate::sys;
 use nix::mount::{mount, MsFlags};
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 pub const ENTRY: &str = "__sandbox";
@@ -43,9 +43,31 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
         None::<&str>,
     )
     .context("making / private")?;
+    // The state dir's parts, held open: the state dir may lie under the
+    // mounts detached below.
+    let overlay = state_dir.join(state::OVERLAY_DIR);
+    let (upper, work) = (overlay.join("upper"), overlay.join("work"));
+    state::ensure_dir(&upper)?;
+    state::ensure_dir(&work)?;
+    let dirs = Dirs {
+        run: open_dir(&state_dir.join(state::RUN_DIR))?,
+        var_lib_cni: open_dir(&state_dir.join(state::VAR_LIB_CNI_DIR))?,
+        upper: open_dir(&upper)?,
+        work: open_dir(&work)?,
+    };
+    // The caller's own mounts on /var/lib and /run (rootless podman binds
+    // them from directories of the user's, and deletes those when its
+    // last container goes) must not carry the infra's: a mount whose
+    // mountpoint is deleted is detached by the kernel in every namespace,
+    // and the infra, which outlives the caller, would lose /var/lib/cni
+    // and /run. What the caller's user namespace did not mount (the
+    // machine's own mounts) is locked and stays.
+    for path in ["/var/lib/cni", "/var/lib", "/run"] {
+        detach_all(path);
+    }
     // /var/lib first: the state dir may live under /run, which is covered next.
-    mount_var_lib_cni(state_dir)?;
-    bind(&state_dir.join(state::RUN_DIR), Path::new("/run"))?;
+    mount_var_lib_cni(state_dir, &dirs)?;
+    bind(&dirs.run, Path::new("/run"))?;
     sys::loopback_up()?;
     sysctl("net/ipv4/ip_forward", "1")?;
     if settings.ipv6 {
@@ -65,27 +87,65 @@ fn sysctl(key: &str, value: &str) -> Result<()> {
         .with_context(|| format!("setting {key} to {value}"))
 }
 
-fn bind(src: &Path, dst: &Path) -> Result<()> {
-    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .with_context(|| format!("bind-mounting {} on {}", src.display(), dst.display()))
+/// The state dir's parts the sandbox mounts, as O_PATH fds.
+struct Dirs {
+    run: OwnedFd,
+    var_lib_cni: OwnedFd,
+    upper: OwnedFd,
+    work: OwnedFd,
 }
 
-/// /var/lib/cni from the state dir. When the host has no /var/lib/cni (and
+fn open_dir(path: &Path) -> Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)
+        .map(OwnedFd::from)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// The path through which the kernel reaches an fd's directory.
+fn fd_path(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Lazily unmounts every mount stacked on `path` (with what is mounted
+/// under it), up to the first one we may not unmount: a locked mount of
+/// the machine's, or none left.
+fn detach_all(path: &str) {
+    for _ in 0..32 {
+        match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => log::debug!("sandbox: detached the caller's mount on {path}"),
+            Err(_) => return,
+        }
+    }
+}
+
+fn bind(src: &OwnedFd, dst: &Path) -> Result<()> {
+    mount(
+        Some(fd_path(src).as_str()),
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .with_context(|| format!("bind-mounting the state dir's part on {}", dst.display()))
+}
+
+/// /var/lib/cni from the state dir. When there is no /var/lib/cni (and
 /// the user cannot create it), /var/lib gets an overlay to make room.
-fn mount_var_lib_cni(state_dir: &Path) -> Result<()> {
+fn mount_var_lib_cni(state_dir: &Path, dirs: &Dirs) -> Result<()> {
     let target = Path::new("/var/lib/cni");
     if !target.is_dir() {
         let overlay = state_dir.join(state::OVERLAY_DIR);
-        let (upper, work) = (overlay.join("upper"), overlay.join("work"));
-        state::ensure_dir(&upper)?;
-        state::ensure_dir(&work)?;
-        let (u, w) = (upper.display().to_string(), work.display().to_string());
-        if [&u, &w].iter().any(|p| p.contains([',', ':', '\\'])) {
+        if overlay.display().to_string().contains([',', ':', '\\']) {
             return Err(Error::config(format!(
                 "state dir {} holds a ',' or ':', which an overlay mount cannot take",
                 state_dir.display()
             )));
         }
+        let (u, w) = (fd_path(&dirs.upper), fd_path(&dirs.work));
         let opts = format!("lowerdir=/var/lib,upperdir={u},workdir={w}");
         let with_userxattr = format!("{opts},userxattr");
         mount(
@@ -107,5 +167,5 @@ fn mount_var_lib_cni(state_dir: &Path) -> Result<()> {
         .context("mounting an overlay on /var/lib to make room for /var/lib/cni")?;
         std::fs::create_dir_all(target).context("creating /var/lib/cni in the overlay")?;
     }
-    bind(&state_dir.join(state::VAR_LIB_CNI_DIR), target)
+    bind(&dirs.var_lib_cni, target)
 }
