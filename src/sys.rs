@@ -172,3 +172,18 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: nix::sys::signal::Signal) -> bool
         ) == 0
     }
 }
+
+/// Takes an exclusive flock on `file` without waiting: Ok(false) when
+/// another open file holds it. Released when the last fd of this open
+/// file is closed, by the kernel when its holder dies.
+pub fn try_flock(file: &std::fs::File) -> std::io::Result<bool> {
+    // SAFETY: flock takes an fd we own for the call and plain flags.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        e => Err(e),
+    }
+}

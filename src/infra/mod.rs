@@ -159,16 +159,16 @@ pub fn hold_alive_lock(state: &StateDir) -> Result<std::fs::File> {
     let path = state.file(ALIVE_LOCK);
     let file = open_alive_lock(&path, true)
         .map_err(|e| Error::new(code::INFRA_START, format!("{}: {e}", path.display())))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(Error::new(
+    match sys::try_flock(&file) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(Error::new(
             code::INFRA_START,
             format!(
                 "another infra's supervisor holds {}: not starting a second infra",
                 path.display()
             ),
         )),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::new(
+        Err(e) => Err(Error::new(
             code::INFRA_START,
             format!("locking {}: {e}", path.display()),
         )),
@@ -195,12 +195,11 @@ fn supervisor_holds_lock(state: &StateDir, wait: Duration) -> bool {
     };
     let deadline = sys::deadline(wait);
     loop {
-        match file.try_lock() {
+        match sys::try_flock(&file) {
             // Taken only to look: released at once (dropped with the file).
-            Ok(()) => return false,
-            Err(std::fs::TryLockError::Error(_)) => return false,
-            Err(std::fs::TryLockError::WouldBlock) if Instant::now() >= deadline => return true,
-            Err(std::fs::TryLockError::WouldBlock) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(true) | Err(_) => return false,
+            Ok(false) if Instant::now() >= deadline => return true,
+            Ok(false) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
 }
