@@ -474,7 +474,16 @@ impl StateDir {
     }
 
     fn open_lock(&self, name: &str) -> Result<fs::File> {
-        let flags = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_NOFOLLOW;
+        self.open_file(name, true)
+    }
+
+    /// Opens the file `name` read-write (made 0600 when `create`), never
+    /// through a symlink.
+    pub fn open_file(&self, name: &str, create: bool) -> Result<fs::File> {
+        let mut flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW;
+        if create {
+            flags |= OFlag::O_CREAT;
+        }
         sys::openat(self.dir_fd(), name.as_ref(), flags, 0o600)
             .map(fs::File::from)
             .map_err(|e| self.open_error(name, e))

@@ -23,16 +23,32 @@ pub enum Request {
     RemovePorts {
         key: String,
     },
+    /// What the supervisor knows of its infra: how a caller that finds
+    /// infra.json unreadable learns it, instead of starting a second infra.
+    Info,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Response {
     pub error: Option<String>,
     pub code: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<super::InfraInfo>,
 }
 
 /// Sends `req` to the supervisor of the infra in `state`.
 pub fn call(state: &StateDir, req: &Request) -> Result<()> {
+    exchange(state, req).map(drop)
+}
+
+/// The running supervisor's own record of its infra.
+pub fn info(state: &StateDir) -> Result<super::InfraInfo> {
+    exchange(state, &Request::Info)?
+        .info
+        .ok_or_else(|| Error::internal("the supervisor did not say what its infra is"))
+}
+
+fn exchange(state: &StateDir, req: &Request) -> Result<Response> {
     let path = state.file(SOCKET);
     let fail = |e: std::io::Error| {
         Error::internal(format!("infra control socket {}: {e}", path.display()))
@@ -49,7 +65,7 @@ pub fn call(state: &StateDir, req: &Request) -> Result<()> {
         Error::internal(format!("infra control socket: bad answer {answer:?}: {e}"))
     })?;
     match resp.error {
-        None => Ok(()),
+        None => Ok(resp),
         Some(msg) => Err(Error::new(resp.code.unwrap_or(code::INTERNAL), msg)),
     }
 }
@@ -67,7 +83,7 @@ pub fn listen(state: &StateDir) -> Result<UnixListener> {
 }
 
 /// Answers one waiting request, if any.
-pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver) {
+pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super::InfraInfo) {
     let Ok((conn, _)) = listener.accept() else {
         return;
     };
@@ -77,12 +93,16 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver) {
     let response = match BufReader::new(&conn).read_line(&mut line) {
         Err(e) => Response {
             error: Some(format!("reading the request: {e}")),
-            code: None,
+            ..Response::default()
         },
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response {
                 error: Some(format!("bad request: {e}")),
-                code: None,
+                ..Response::default()
+            },
+            Ok(Request::Info) => Response {
+                info: Some(info.clone()),
+                ..Response::default()
             },
             Ok(req) => handle(req, driver),
         },
@@ -99,12 +119,14 @@ fn handle(req: Request, driver: &mut dyn Driver) -> Response {
             driver.remove(&key);
             Ok(())
         }
+        Request::Info => Ok(()),
     };
     match outcome {
         Ok(()) => Response::default(),
         Err(e) => Response {
             error: Some(e.to_string()),
             code: Some(e.code),
+            info: None,
         },
     }
 }

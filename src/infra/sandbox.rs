@@ -43,12 +43,24 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
         None::<&str>,
     )
     .context("making / private")?;
-    // The state dir checked and opened again, its dirs mounted from their
-    // fds: no path is looked up after the check, and the mounts below
-    // (the state dir may live under /var/lib or /run) cannot hide it.
+    // The state dir checked and opened again, its dirs opened from its fd
+    // and mounted from theirs: no path is looked up after the check, and
+    // the mounts below (the state dir may live under /var/lib or /run)
+    // cannot hide it.
     let state = StateDir::at(state_dir.to_path_buf())?;
     let run = state.open_dir(state::RUN_DIR)?;
-    mount_var_lib_cni(&state)?;
+    let var_lib_cni = state.open_dir(state::VAR_LIB_CNI_DIR)?;
+    // The caller's own mounts on /var/lib and /run (rootless podman binds
+    // them from directories of the user's, and deletes those when its
+    // last container goes) must not carry the infra's: a mount whose
+    // mountpoint is deleted is detached by the kernel in every namespace,
+    // and the infra, which outlives the caller, would lose /var/lib/cni
+    // and /run. What the caller's user namespace did not mount (the
+    // machine's own mounts) is locked and stays.
+    for path in ["/var/lib/cni", "/var/lib", "/run"] {
+        detach_all(path);
+    }
+    mount_var_lib_cni(&state, &var_lib_cni)?;
     bind(&sys::fd_path(run.as_fd()), Path::new("/run"))?;
     sys::loopback_up()?;
     sysctl("net/ipv4/ip_forward", "1")?;
@@ -69,16 +81,27 @@ fn sysctl(key: &str, value: &str) -> Result<()> {
         .with_context(|| format!("setting {key} to {value}"))
 }
 
+/// Lazily unmounts every mount stacked on `path` (with what is mounted
+/// under it), up to the first one we may not unmount: a locked mount of
+/// the machine's, or none left.
+fn detach_all(path: &str) {
+    for _ in 0..32 {
+        match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => log::debug!("sandbox: detached the caller's mount on {path}"),
+            Err(_) => return,
+        }
+    }
+}
+
 fn bind(src: &Path, dst: &Path) -> Result<()> {
     mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         .with_context(|| format!("bind-mounting {} on {}", src.display(), dst.display()))
 }
 
-/// /var/lib/cni from the state dir. When the host has no /var/lib/cni (and
+/// /var/lib/cni from the state dir. When there is no /var/lib/cni (and
 /// the user cannot create it), /var/lib gets an overlay to make room.
-fn mount_var_lib_cni(state: &StateDir) -> Result<()> {
+fn mount_var_lib_cni(state: &StateDir, var_lib_cni: &OwnedFd) -> Result<()> {
     let target = Path::new("/var/lib/cni");
-    let var_lib_cni = state.open_dir(state::VAR_LIB_CNI_DIR)?;
     if !target.is_dir() {
         state.ensure_dir(state::OVERLAY_DIR)?;
         let overlay = state.open_dir(state::OVERLAY_DIR)?;

@@ -66,8 +66,16 @@ struct Supervisor {
     settings: Settings,
     sandbox: Child,
     sandbox_id: ProcessId,
+    /// Pins the sandbox: a signal through it never reaches a process that
+    /// got its PID after `waitpid(-1)` reaped it. None on kernels < 5.3,
+    /// where `sandbox_reaped` alone keeps us from signalling a reaped PID.
+    sandbox_pidfd: Option<OwnedFd>,
+    sandbox_reaped: bool,
     slirp: Option<Slirp>,
     info: InfraInfo,
+    /// Held for the supervisor's lifetime (see `super::ALIVE_LOCK`);
+    /// released in `shutdown`, before infra.json goes.
+    alive: Option<std::fs::File>,
 }
 
 /// Entry of the hidden `__supervise` command.
@@ -124,7 +132,11 @@ fn block_signals() -> Result<SignalFd> {
 impl Supervisor {
     fn start(state_dir: PathBuf, settings: Settings) -> Result<Self> {
         let state = StateDir::at(state_dir)?;
+        // First: a second supervisor of the same state dir must not start.
+        let alive = super::hold_alive_lock(&state)?;
         let (sandbox, sandbox_id) = spawn_sandbox(&state, &settings)?;
+        // Our unreaped child: its PID cannot have been reused yet.
+        let sandbox_pidfd = sys::pidfd_open(sandbox_id.pid);
         let ns = |kind: &str| procfs::ns_inode(format!("/proc/{}/ns/{kind}", sandbox_id.pid));
         let (Some(netns), Some(mntns)) = (ns("net"), ns("mnt")) else {
             return Err(Error::new(
@@ -140,6 +152,7 @@ impl Supervisor {
             mntns,
             slirp4netns: None,
             userns: procfs::self_ns_inode("user").unwrap_or(0),
+            pidns: procfs::self_ns_inode("pid").unwrap_or(0),
             started: state::now_secs(),
             settings: settings.clone(),
         };
@@ -160,8 +173,11 @@ impl Supervisor {
             settings,
             sandbox,
             sandbox_id,
+            sandbox_pidfd,
+            sandbox_reaped: false,
             slirp: None,
             info,
+            alive: Some(alive),
         };
         if let Err(e) = sup.start_slirp() {
             sup.kill_children();
@@ -198,7 +214,7 @@ impl Supervisor {
             let polled = nix::poll::poll(&mut fds, timeout);
             let control_ready = fds[1].any().unwrap_or(false);
             if control_ready {
-                control::serve_one(&self.control, self.ports.as_mut());
+                control::serve_one(&self.control, self.ports.as_mut(), &self.info);
             }
             match polled {
                 Ok(0) => {
@@ -245,6 +261,7 @@ impl Supervisor {
                 Ok(status) => {
                     let Some(pid) = status.pid() else { return true };
                     if pid.as_raw() == self.sandbox_id.pid {
+                        self.sandbox_reaped = true;
                         log::error!("sandbox exited ({status:?}); the infra is gone");
                         self.shutdown();
                         return false;
@@ -285,6 +302,8 @@ impl Supervisor {
         log::info!("idle for {secs}s: stopping the infra");
         self.shutdown();
         let _ = self.state.remove(state::INFRA_FILE);
+        // Released in shutdown; under the state lock no caller looks at it.
+        let _ = self.state.remove(super::ALIVE_LOCK);
         drop(lock);
         true
     }
@@ -294,13 +313,23 @@ impl Supervisor {
         self.ports.close_all();
         let _ = self.state.remove(state::SLIRP_SOCKET);
         let _ = self.state.remove(control::SOCKET);
+        // Nothing of the infra runs any more.
+        self.alive = None;
     }
 
     /// The sandbox first, then what else runs in the infra's namespaces (an
     /// inner plugin's daemon outlives the sandbox), so they die with them.
     fn kill_children(&mut self) {
-        let _ = self.sandbox.kill();
-        let _ = self.sandbox.wait();
+        // std's Child does not know when `waitpid(-1)` reaped it, and would
+        // signal the (maybe reused) PID: only an unreaped sandbox is killed.
+        if !self.sandbox_reaped {
+            match &self.sandbox_pidfd {
+                Some(fd) => drop(sys::pidfd_send_signal(fd, Signal::SIGKILL)),
+                None => drop(self.sandbox.kill()),
+            }
+            let _ = self.sandbox.wait();
+            self.sandbox_reaped = true;
+        }
         super::end_leftovers(&self.state, &self.info);
         if let Some(mut slirp) = self.slirp.take() {
             let _ = slirp.child.kill();
