@@ -80,15 +80,15 @@ fn parse_valid(v: &str) -> Result<(String, String)> {
 /// that is not at its path from here but still has a process in it or a
 /// mount of it is alive to someone, so it is kept.
 fn verdict(a: &Attachment, info: Option<&InfraInfo>) -> Verdict {
-    if !info.is_some_and(|i| i.sandbox == a.infra) {
+    let Some(info) = info.filter(|i| i.sandbox == a.infra) else {
         return Verdict::Gone;
-    }
+    };
     match (&a.netns, a.netns_inode) {
         (Some(path), Some(ino)) => {
             if crate::procfs::ns_inode(path) == Some(ino) {
                 return Verdict::Alive;
             }
-            match netns_still_held(ino) {
+            match netns_still_held(ino, &infra_mount_namespaces(info)) {
                 None => Verdict::Gone,
                 Some(holder) => Verdict::CannotTell(format!(
                     "{path} is not its netns (net:[{ino}]) from here, but that netns still exists ({holder}); run gc where the runtime sees its netns files (podman: `podman unshare rootless-cni gc`), or name the attachments to keep with --valid"
@@ -101,10 +101,22 @@ fn verdict(a: &Attachment, info: Option<&InfraInfo>) -> Verdict {
     }
 }
 
+/// The mount namespaces of the infra's sandbox and slirp4netns: copies of
+/// the caller's, made when the infra started, so they hold copies of the
+/// netns mounts the runtime had then; those are no sign of life.
+fn infra_mount_namespaces(info: &InfraInfo) -> std::collections::HashSet<u64> {
+    let mut set: std::collections::HashSet<u64> = [info.mntns].into_iter().collect();
+    if let Some(p) = info.slirp4netns.filter(|p| p.is_alive()) {
+        set.extend(crate::procfs::ns_inode(format!("/proc/{}/ns/mnt", p.pid)));
+    }
+    set
+}
+
 /// Who still holds the network namespace of inode `ino`, as far as /proc
 /// shows us: a process in it, or an nsfs mount of it in any mount
-/// namespace a visible process is in (our own included).
-fn netns_still_held(ino: u64) -> Option<String> {
+/// namespace a visible process is in (our own included, the infra's own
+/// `ignored`).
+fn netns_still_held(ino: u64, ignored: &std::collections::HashSet<u64>) -> Option<String> {
     if let Some(p) = crate::procfs::in_netns(ino).first() {
         return Some(format!("process {} is in it", p.pid));
     }
@@ -120,7 +132,7 @@ fn netns_still_held(ino: u64) -> Option<String> {
     if let Some(at) = mounted_in("/proc/self/mountinfo") {
         return Some(format!("mounted at {at} here"));
     }
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = ignored.clone();
     let pids = std::fs::read_dir("/proc")
         .ok()?
         .flatten()
