@@ -76,6 +76,9 @@ pub struct InfraInfo {
     /// Seconds since the epoch.
     pub started: u64,
     pub settings: Settings,
+    /// slirp4netns's restarts, and whether it is down now.
+    #[serde(default)]
+    pub outbound: slirp::Outbound,
 }
 
 impl InfraInfo {

@@ -23,9 +23,11 @@ use std::time::{Duration, Instant};
 pub const ENTRY: &str = "__supervise";
 
 const SANDBOX_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause before restarting a slirp4netns that died, so a broken one does
-/// not spin.
+/// Pause before restarting a slirp4netns that died, doubled after each
+/// failed restart up to RESTART_PAUSE_MAX: a broken one does not spin, and
+/// one that can start again (the cause fixed) is back within seconds.
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
+const RESTART_PAUSE_MAX: Duration = Duration::from_secs(5);
 const IDLE_TICK_MS: u16 = 1000;
 
 pub struct Args {
@@ -76,6 +78,8 @@ struct Supervisor {
     /// Held for the supervisor's lifetime (see `super::ALIVE_LOCK`);
     /// released in `shutdown`, before infra.json goes.
     alive: Option<std::fs::File>,
+    /// While slirp4netns is down: when to try again, and the pause after that.
+    restart: Option<(Instant, Duration)>,
 }
 
 /// Entry of the hidden `__supervise` command.
@@ -155,6 +159,7 @@ impl Supervisor {
             pidns: procfs::self_ns_inode("pid").unwrap_or(0),
             started: state::now_secs(),
             settings: settings.clone(),
+            outbound: Default::default(),
         };
         let ports: Box<dyn Driver> = match settings.port_driver {
             PortDriver::Builtin => {
@@ -178,6 +183,7 @@ impl Supervisor {
             slirp: None,
             info,
             alive: Some(alive),
+            restart: None,
         };
         if let Err(e) = sup.start_slirp() {
             sup.kill_children();
@@ -197,15 +203,26 @@ impl Supervisor {
         self.info.slirp4netns = Some(slirp.id);
         self.slirp = Some(slirp);
         self.ports.slirp_restarted(&socket);
+        if self.info.outbound.down.take().is_some() {
+            self.info.outbound.restarts += 1;
+        }
         self.info.save(&self.state)
     }
 
     fn run(&mut self, signals: SignalFd) {
         let mut idle_since: Option<Instant> = None;
         loop {
-            let timeout = match self.settings.idle_timeout_secs {
-                Some(_) => nix::poll::PollTimeout::from(IDLE_TICK_MS),
-                None => nix::poll::PollTimeout::NONE,
+            self.restart_slirp_if_due();
+            let idle_tick = self.settings.idle_timeout_secs.map(|_| IDLE_TICK_MS);
+            let restart_in = self.restart.map(|(at, _)| {
+                // Rounded up, so the wake-up is never early (no busy loop).
+                let left = at.saturating_duration_since(Instant::now()).as_millis() + 1;
+                u16::try_from(left).unwrap_or(u16::MAX)
+            });
+            let timeout = match (idle_tick, restart_in) {
+                (Some(a), Some(b)) => nix::poll::PollTimeout::from(a.min(b)),
+                (Some(t), None) | (None, Some(t)) => nix::poll::PollTimeout::from(t),
+                (None, None) => nix::poll::PollTimeout::NONE,
             };
             let mut fds = [
                 nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN),
@@ -268,13 +285,61 @@ impl Supervisor {
                     }
                     if Some(pid.as_raw()) == self.info.slirp4netns.map(|p| p.pid) {
                         log::warn!("slirp4netns exited ({status:?}); restarting it");
-                        self.slirp = None;
-                        std::thread::sleep(RESTART_PAUSE);
-                        if let Err(e) = self.start_slirp() {
-                            log::error!("restarting slirp4netns: {e}");
-                        }
+                        self.slirp_down(format!("slirp4netns exited ({status:?})"));
                     }
                 }
+            }
+        }
+    }
+
+    /// Records the way out as down (so STATUS, CHECK and `status` say so)
+    /// and schedules the first restart.
+    fn slirp_down(&mut self, why: String) {
+        self.slirp = None;
+        self.info.slirp4netns = None;
+        self.info.outbound.down = Some(slirp::Down {
+            since: state::now_secs(),
+            failed_restarts: 0,
+            error: why,
+        });
+        if let Err(e) = self.info.save(&self.state) {
+            log::error!("recording that slirp4netns is down: {e}");
+        }
+        self.restart = Some((Instant::now() + RESTART_PAUSE, RESTART_PAUSE));
+    }
+
+    /// Tries to restart slirp4netns when a restart is due; after a failure,
+    /// schedules the next try with a doubled pause, and never gives up
+    /// while the infra runs.
+    fn restart_slirp_if_due(&mut self) {
+        let Some((at, pause_done)) = self.restart else {
+            return;
+        };
+        if Instant::now() < at {
+            return;
+        }
+        match self.start_slirp() {
+            Ok(()) => {
+                self.restart = None;
+                log::info!(
+                    "slirp4netns restarted (pid {:?})",
+                    self.info.slirp4netns.map(|p| p.pid)
+                );
+            }
+            Err(e) => {
+                let next = (pause_done * 2).min(RESTART_PAUSE_MAX);
+                log::error!(
+                    "restarting slirp4netns: {e}; trying again in {}ms",
+                    next.as_millis()
+                );
+                if let Some(down) = self.info.outbound.down.as_mut() {
+                    down.failed_restarts += 1;
+                    down.error = format!("last restart: {}", e.msg);
+                }
+                if let Err(e) = self.info.save(&self.state) {
+                    log::error!("recording the failed restart: {e}");
+                }
+                self.restart = Some((Instant::now() + next, next));
             }
         }
     }
