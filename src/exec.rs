@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -49,15 +49,19 @@ impl InfraNs {
 
 impl InfraNs {
     /// Makes `cmd` start inside the infra: `setns` into its mount and
-    /// network namespaces between fork and exec. `keep` is a fd to pass on.
-    pub fn enter(&self, cmd: &mut Command, keep: Option<std::os::fd::RawFd>) {
+    /// network namespaces between fork and exec. `keep` are the fds to pass
+    /// on; every other fd the caller had without CLOEXEC (the runtime's)
+    /// is closed on exec: an inner plugin may start a daemon (dnsname's
+    /// dnsmasq) that would hold it as long as the infra lives.
+    pub fn enter(&self, cmd: &mut Command, keep: [Option<std::os::fd::RawFd>; 2]) {
         let (net, mnt) = (self.net.as_raw_fd(), self.mnt.as_raw_fd());
         // SAFETY: runs between fork and exec in the single-threaded child;
-        // join_namespaces and fcntl are async-signal-safe.
+        // join_namespaces, close_range and fcntl are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
                 join_namespaces(mnt, net)?;
-                if let Some(fd) = keep {
+                sys::cloexec_inherited_fds()?;
+                for fd in keep.into_iter().flatten() {
                     sys::keep_on_exec(fd)?;
                 }
                 Ok(())
@@ -196,13 +200,43 @@ pub struct Invocation<'a> {
     pub timeout: std::time::Duration,
 }
 
-/// The plugin binary for `plugin_type`, first match in CNI_PATH.
-pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
+/// An inner plugin as the caller found it in CNI_PATH, held open: the
+/// exec happens after `setns` into the infra's mount namespace and
+/// `chdir("/")`, where the path (relative, or under /run or /var/lib/cni,
+/// which the infra has its own of) may name nothing or another binary.
+pub struct PluginBinary {
+    pub path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl PluginBinary {
+    fn name(&self) -> String {
+        self.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("plugin")
+            .to_string()
+    }
+}
+
+/// The plugin binary for `plugin_type`, first match in CNI_PATH, opened
+/// (O_PATH) where the caller stands.
+pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PluginBinary> {
     for dir in cni_path {
         let candidate = dir.join(plugin_type);
-        if let Ok(meta) = std::fs::metadata(&candidate) {
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&candidate)
+        else {
+            continue;
+        };
+        if let Ok(meta) = file.metadata() {
             if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
-                return Ok(candidate);
+                return Ok(PluginBinary {
+                    path: candidate,
+                    fd: OwnedFd::from(file),
+                });
             }
         }
     }
@@ -220,18 +254,17 @@ pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
 /// object is passed through unchanged.
 pub fn run_plugin(
     infra: &InfraNs,
-    binary: &Path,
+    binary: &PluginBinary,
     inv: &Invocation,
     netns: &ContainerNetns,
     stdin: &[u8],
 ) -> Result<Vec<u8>> {
-    let name = binary
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("plugin")
-        .to_string();
-    let mut cmd = Command::new(binary);
-    cmd.env_clear()
+    let name = binary.name();
+    // The binary the caller found, by its fd: /proc/self is the child
+    // when it execs, whatever the infra's mount namespace holds.
+    let mut cmd = Command::new(format!("/proc/self/fd/{}", binary.fd.as_raw_fd()));
+    cmd.arg0(&binary.path)
+        .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !k.to_string_lossy().starts_with("CNI_")))
         .env("PATH", path_with_sbin())
         // The infra's own runtime dir, which lives and goes with it (its
@@ -245,7 +278,7 @@ pub fn run_plugin(
         .env("CNI_NETNS", netns.inner_path())
         .env("CNI_IFNAME", inv.ifname)
         .env("CNI_ARGS", inv.args)
-        .env("CNI_PATH", join_paths(inv.cni_path))
+        .env("CNI_PATH", inner_cni_path(inv.cni_path))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -256,13 +289,17 @@ pub fn run_plugin(
         // the veth before its masquerade chain); the next call on the
         // attachment waits for it instead (`settle_orphans`).
         .process_group(0);
-    infra.enter(&mut cmd, netns.fd.as_ref().map(|f| f.as_raw_fd()));
+    let keep = [
+        netns.fd.as_ref().map(|f| f.as_raw_fd()),
+        Some(binary.fd.as_raw_fd()),
+    ];
+    infra.enter(&mut cmd, keep);
     let mut child = cmd.spawn().map_err(|e| {
         Error::new(
             code::INNER_PLUGIN,
             format!(
                 "running inner plugin {name} ({}) in the infra: {e}",
-                binary.display()
+                binary.path.display()
             ),
         )
     })?;
@@ -279,8 +316,15 @@ pub fn run_plugin(
         .take()
         .map(OwnedFd::from)
         .ok_or_else(|| Error::internal("no stdout pipe"))?;
+    // pluginTimeout bounds the whole run: a plugin that closed its stdout
+    // (or left it to a child) and hangs is as stuck as a silent one.
+    let deadline = sys::deadline(inv.timeout);
     let output = sys::read_to_end_timeout(stdout, inv.timeout)?;
-    let Some(output) = output else {
+    let status = match output {
+        Some(_) => wait_until(&mut child, deadline)?,
+        None => None,
+    };
+    let (Some(output), Some(status)) = (output, status) else {
         // The whole group: what the plugin started must not outlive it
         // (nor hold the runtime's stderr open).
         let _ = nix::sys::signal::killpg(
@@ -297,14 +341,26 @@ pub fn run_plugin(
             ),
         ));
     };
-    let status = child.wait()?;
-    if let Some(w) = writer {
-        let _ = w.join();
-    }
+    // The writer is not joined: a child of the plugin that kept its stdin
+    // without reading would block it, and us, forever.
+    drop(writer);
     if status.success() {
         return Ok(output);
     }
     Err(inner_error(&name, inv.verb, &output, status))
+}
+
+/// The child's exit status, or None when it still runs at `deadline`.
+fn wait_until(
+    child: &mut std::process::Child,
+    deadline: Instant,
+) -> Result<Option<std::process::ExitStatus>> {
+    // Not reaped yet (we hold `child`), so its pid is still its own.
+    let left = deadline.saturating_duration_since(Instant::now());
+    if !sys::wait_exit_timeout(child.id() as i32, left)? {
+        return Ok(None);
+    }
+    Ok(Some(child.wait()?))
 }
 
 /// Waits for inner plugins that still run for `container_id`/`ifname` in
@@ -398,10 +454,21 @@ pub fn path_with_sbin() -> String {
     path
 }
 
-fn join_paths(paths: &[PathBuf]) -> String {
+/// CNI_PATH as the inner plugins must see it to find the binaries the
+/// caller would (bridge runs its IPAM plugin from CNI_PATH): each entry
+/// through `/proc/<our pid>/root`, which is our root in our mount
+/// namespace, and relative entries made absolute against our working
+/// directory. We outlive every inner plugin we run.
+fn inner_cni_path(paths: &[PathBuf]) -> String {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let root = PathBuf::from(format!("/proc/{}/root", std::process::id()));
     paths
         .iter()
-        .map(|p| p.display().to_string())
+        .map(|p| {
+            let absolute = cwd.join(p);
+            let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
+            root.join(inside).display().to_string()
+        })
         .collect::<Vec<_>>()
         .join(":")
 }
