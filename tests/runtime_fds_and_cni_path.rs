@@ -43,8 +43,7 @@ fn a_fd_the_runtime_passed_is_closed_when_the_add_returns() {
     // A FIFO stands for the runtime's pipe: the test reads it, the ADD's
     // process gets its write end as fd 9, without CLOEXEC.
     let fifo = lab.dir.join("runtime-pipe");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
-        .expect("mkfifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
     std::os::unix::fs::chown(&fifo, Some(lab.uid), Some(lab.uid)).expect("chown the fifo");
     let reader = fs::OpenOptions::new()
         .read(true)
@@ -166,5 +165,11 @@ fn cni_path_is_resolved_where_the_runtime_stands() {
     // Under /var/lib/cni in the session's mount namespace: inside the infra
     // /var/lib/cni is its own (the state dir's), where this is not.
     wrappers(&lab.var_lib_cni().join("plugins"), &log);
-    attach_through(&lab, "CNI_PATH under /var/lib/cni", "/", "/var/lib/cni/plugins", &log);
+    attach_through(
+        &lab,
+        "CNI_PATH under /var/lib/cni",
+        "/",
+        "/var/lib/cni/plugins",
+        &log,
+    );
 }

@@ -90,18 +90,34 @@ fn add_chained_after_another_plugin_keeps_its_prev_result() {
     let out = call(&lab, "ADD", "chained", &c.netns(), &conf);
     let result = out.add_result("ADD with a prevResult");
     let names = names(&result);
-    assert_eq!(names.first().map(String::as_str), Some("dummy0"), "{result}");
+    assert_eq!(
+        names.first().map(String::as_str),
+        Some("dummy0"),
+        "{result}"
+    );
     let eth0 = names
         .iter()
         .position(|n| n == "eth0")
         .unwrap_or_else(|| panic!("no eth0 in {result}"));
     let ips = result["ips"].as_array().cloned().unwrap_or_default();
-    assert_eq!(ips.first().map(|ip| &ip["address"]), Some(&json!("192.0.2.5/24")), "{result}");
+    assert_eq!(
+        ips.first().map(|ip| &ip["address"]),
+        Some(&json!("192.0.2.5/24")),
+        "{result}"
+    );
     let ours = ips
         .iter()
-        .find(|ip| ip["address"].as_str().is_some_and(|a| a.starts_with("10.89.0.")))
+        .find(|ip| {
+            ip["address"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("10.89.0."))
+        })
         .unwrap_or_else(|| panic!("no address of ours in {result}"));
-    assert_eq!(ours["interface"], json!(eth0), "our address names eth0: {result}");
+    assert_eq!(
+        ours["interface"],
+        json!(eth0),
+        "our address names eth0: {result}"
+    );
     let dns = &result["dns"]["nameservers"];
     assert!(
         dns.as_array()
@@ -269,7 +285,9 @@ exit 0"#,
     let conf = outer_over("1.0.0", "0.4.0", json!([{"type": "refuses"}]));
     let c = lab.container();
     let out = call(&lab, "ADD", "refused", &c.netns(), &conf);
-    let err = out.cni_error().unwrap_or_else(|| panic!("no error object: {out}"));
+    let err = out
+        .cni_error()
+        .unwrap_or_else(|| panic!("no error object: {out}"));
     assert_eq!(err.code, 7, "{out}");
     assert_eq!(out.json().unwrap()["cniVersion"], "1.0.0", "{out}");
     let out = call(&lab, "DEL", "refused", &c.netns(), &conf);
