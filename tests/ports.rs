@@ -9,13 +9,14 @@
 
 mod common;
 
+use common::net::http_get;
 use common::{
     example_conflist, host_global_ipv4, outer, plugin_stdin, result_ipv4, Container, HostServer,
     Lab, Out, NET, SLIRP_HOST,
 };
 use serde_json::{json, Value};
-use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -322,25 +323,6 @@ fn have_python3() -> bool {
 
 // ---------------------------------------------------------------------------
 // Clients on the host
-
-/// GET / over HTTP/1.0: the body of a 200 answer.
-fn http_get(addr: SocketAddr) -> Result<String, String> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    conn.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer)
-        .map_err(|e| format!("read from {addr}: {e} (got {answer:?})"))?;
-    match answer.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
-            Ok(body.to_string())
-        }
-        _ => Err(format!("{addr}: not a 200 answer: {answer:?}")),
-    }
-}
 
 /// Asserts that GET http://`addr`/ answers `body`.
 fn assert_serves(addr: SocketAddr, body: &str, what: &str) {
