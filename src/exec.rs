@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 pub struct InfraNs {
     net: OwnedFd,
     mnt: OwnedFd,
+    /// `/proc/<our pid>/root` when that names our root from inside the
+    /// infra too: the prefix of the CNI_PATH the inner plugins get.
+    caller_root: Option<String>,
 }
 
 impl InfraNs {
@@ -43,7 +46,26 @@ impl InfraNs {
         Ok(InfraNs {
             net: open("net", info.netns)?,
             mnt: open("mnt", info.mntns)?,
+            caller_root: caller_root_seen_from(info.sandbox.pid),
         })
+    }
+}
+
+/// `/proc/<our pid>/root`, if the infra's /proc shows that pid in our mount
+/// namespace (a caller in another PID namespace would be someone else
+/// there, or no one; in our mount namespace it resolves the same paths).
+fn caller_root_seen_from(sandbox: i32) -> Option<String> {
+    let me = std::process::id();
+    let inside = format!("/proc/{sandbox}/root/proc/{me}/ns/mnt");
+    let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino()).ok();
+    match (ino(&inside), ino("/proc/self/ns/mnt")) {
+        (Some(a), Some(b)) if a == b => Some(format!("/proc/{me}/root")),
+        _ => {
+            log::warn!(
+                "our pid {me} is not us inside the infra: the inner plugins get CNI_PATH as it is"
+            );
+            None
+        }
     }
 }
 
@@ -278,7 +300,10 @@ pub fn run_plugin(
         .env("CNI_NETNS", netns.inner_path())
         .env("CNI_IFNAME", inv.ifname)
         .env("CNI_ARGS", inv.args)
-        .env("CNI_PATH", inner_cni_path(inv.cni_path))
+        .env(
+            "CNI_PATH",
+            inner_cni_path(inv.cni_path, infra.caller_root.as_deref()),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -456,18 +481,22 @@ pub fn path_with_sbin() -> String {
 
 /// CNI_PATH as the inner plugins must see it to find the binaries the
 /// caller would (bridge runs its IPAM plugin from CNI_PATH): each entry
-/// through `/proc/<our pid>/root`, which is our root in our mount
+/// under `root`, `/proc/<our pid>/root`, which is our root in our mount
 /// namespace, and relative entries made absolute against our working
 /// directory. We outlive every inner plugin we run.
-fn inner_cni_path(paths: &[PathBuf]) -> String {
+fn inner_cni_path(paths: &[PathBuf], root: Option<&str>) -> String {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let root = PathBuf::from(format!("/proc/{}/root", std::process::id()));
     paths
         .iter()
         .map(|p| {
             let absolute = cwd.join(p);
-            let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
-            root.join(inside).display().to_string()
+            match root {
+                Some(root) => {
+                    let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
+                    Path::new(root).join(inside).display().to_string()
+                }
+                None => absolute.display().to_string(),
+            }
         })
         .collect::<Vec<_>>()
         .join(":")
