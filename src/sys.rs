@@ -200,3 +200,45 @@ pub fn wait_exit_timeout(pid: i32, timeout: Duration) -> Result<bool> {
         }
     }
 }
+
+/// openat(2) with O_CLOEXEC: `name` is looked up in `dir` alone (give
+/// O_NOFOLLOW to refuse a symlink there).
+pub fn openat(
+    dir: std::os::fd::BorrowedFd,
+    name: &std::ffi::OsStr,
+    flags: OFlag,
+    mode: u32,
+) -> nix::Result<OwnedFd> {
+    let mode = nix::sys::stat::Mode::from_bits_truncate(mode as libc::mode_t);
+    let fd = nix::fcntl::openat(Some(dir.as_raw_fd()), name, flags | OFlag::O_CLOEXEC, mode)?;
+    // SAFETY: openat just returned this fd; nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// The names in the dir `dir` is open on (not `.` and `..`), read through
+/// a fresh open of it, so that `dir`'s own offset is left alone.
+pub fn dir_names(dir: std::os::fd::BorrowedFd) -> nix::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let mut d = nix::dir::Dir::openat(
+        Some(dir.as_raw_fd()),
+        ".",
+        flags,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let mut names = Vec::new();
+    for entry in d.iter() {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(std::ffi::OsStr::from_bytes(&name).to_os_string());
+        }
+    }
+    Ok(names)
+}
+
+/// A path naming what `fd` is open on, for the calls that take a path
+/// only (mount sources, socket addresses): resolving it re-resolves no
+/// name of the path `fd` was opened by.
+pub fn fd_path(fd: std::os::fd::BorrowedFd) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}

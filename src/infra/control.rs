@@ -4,7 +4,7 @@
 
 use crate::error::{code, Error, Result};
 use crate::ports::{Driver, PortMapping};
-use crate::state::{self, StateDir};
+use crate::state::StateDir;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -37,7 +37,8 @@ pub fn call(state: &StateDir, req: &Request) -> Result<()> {
     let fail = |e: std::io::Error| {
         Error::internal(format!("infra control socket {}: {e}", path.display()))
     };
-    let mut conn = UnixStream::connect(&path).map_err(fail)?;
+    // Through the state dir's fd: no name above it is looked up again.
+    let mut conn = UnixStream::connect(state.fd_path(SOCKET)).map_err(fail)?;
     conn.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
     let mut line = serde_json::to_vec(req).map_err(|e| Error::internal(e.to_string()))?;
     line.push(b'\n');
@@ -54,11 +55,12 @@ pub fn call(state: &StateDir, req: &Request) -> Result<()> {
 }
 
 /// The supervisor's end. The socket lives in the 0700 state dir, so only
-/// the user can reach it.
+/// the user can reach it, and is made under umask 077 (see main), so it is
+/// 0600 itself.
 pub fn listen(state: &StateDir) -> Result<UnixListener> {
     let path = state.file(SOCKET);
-    state::remove_if_exists(&path)?;
-    let listener = UnixListener::bind(&path)
+    state.remove(SOCKET)?;
+    let listener = UnixListener::bind(state.fd_path(SOCKET))
         .map_err(|e| Error::internal(format!("binding {}: {e}", path.display())))?;
     listener.set_nonblocking(true)?;
     Ok(listener)

@@ -15,7 +15,6 @@ use crate::sys;
 use serde::{Deserialize, Serialize};
 
 pub use crate::cni::config::PortDriver;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,7 +78,7 @@ impl InfraInfo {
     /// The recorded infra, if the record is readable. A corrupt record is a
     /// dead infra, never an error: a crash may have left it.
     pub fn load(state: &StateDir) -> Option<Self> {
-        match state::read_json::<InfraInfo>(&state.file(state::INFRA_FILE)) {
+        match state.read_json::<InfraInfo>(state::INFRA_FILE) {
             Ok(info) => info,
             Err(e) => {
                 log::warn!("ignoring {e}");
@@ -97,11 +96,7 @@ impl InfraInfo {
     }
 
     pub fn save(&self, state: &StateDir) -> Result<()> {
-        state::write_json_atomic(
-            &state.file(state::INFRA_FILE),
-            self,
-            state::Durability::Synced,
-        )
+        state.write_json(state::INFRA_FILE, self, state::Durability::Synced)
     }
 
     /// Each process with what its command line must hold to be ours.
@@ -140,9 +135,9 @@ pub fn running(state: &StateDir, _lock: &StateLock) -> Result<Option<InfraInfo>>
 /// Removes what only a running infra has in the state dir: infra.json and
 /// the sockets. A SIGKILLed supervisor could not remove them itself.
 fn forget_infra_files(state: &StateDir) -> Result<()> {
-    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
-    state::remove_if_exists(&state.file(control::SOCKET))?;
-    state::remove_if_exists(&state.file(state::INFRA_FILE))
+    state.remove(state::SLIRP_SOCKET)?;
+    state.remove(control::SOCKET)?;
+    state.remove(state::INFRA_FILE)
 }
 
 /// A caller outside the infra's user namespace joins it when it owns it;
@@ -201,11 +196,11 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
         state::OVERLAY_DIR,
         state::WARM_DIR,
     ] {
-        state::reset_dir(&state.file(dir))?;
+        state.reset_dir(dir)?;
     }
-    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
+    state.remove(state::SLIRP_SOCKET)?;
     let log_path = state.file(state::LOG_FILE);
-    let log = open_log(&log_path)?;
+    let log = state.open_log(state::LOG_FILE, MAX_LOG)?;
     let spawned = spawn_own(
         supervisor::ENTRY,
         state,
@@ -311,21 +306,6 @@ pub fn spawn_own(
     Err(fail(why))
 }
 
-fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
-    let too_big = std::fs::metadata(path)
-        .map(|m| m.len() > MAX_LOG)
-        .unwrap_or(false);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
-    if too_big {
-        opts.write(true).truncate(true);
-    } else {
-        opts.append(true);
-    }
-    opts.open(path)
-        .map_err(|e| Error::from(e).context(format!("opening {}", path.display())))
-}
-
 /// Asks the supervisor to stop everything and waits until it has; what
 /// still runs after STOP_TIMEOUT is killed. Removes infra.json.
 pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()> {
@@ -375,7 +355,7 @@ pub(crate) fn end_leftovers(state: &StateDir, info: &InfraInfo) {
     // the same numbers to the next namespaces made on the machine, any
     // process's. What only the infra's mount namespace has is the state
     // dir's `run/` (made anew at each start) bound on /run.
-    let Some(run) = dev_ino(&state.file(state::RUN_DIR)) else {
+    let Some(run) = state.dir_dev_ino(state::RUN_DIR) else {
         return;
     };
     let left: Vec<ProcessId> = procfs::in_netns(info.netns)

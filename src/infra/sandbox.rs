@@ -2,12 +2,12 @@
 //! in new network and mount namespaces, which are the infra. Here it makes
 //! them fit for the reference plugins, then reports ready.
 
-use crate::error::{Context, Error, Result};
-use crate::state;
+use crate::error::{Context, Result};
+use crate::state::{self, StateDir};
 use crate::sys;
 use nix::mount::{mount, MsFlags};
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 pub const ENTRY: &str = "__sandbox";
@@ -43,9 +43,13 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
         None::<&str>,
     )
     .context("making / private")?;
-    // /var/lib first: the state dir may live under /run, which is covered next.
-    mount_var_lib_cni(state_dir)?;
-    bind(&state_dir.join(state::RUN_DIR), Path::new("/run"))?;
+    // The state dir checked and opened again, its dirs mounted from their
+    // fds: no path is looked up after the check, and the mounts below
+    // (the state dir may live under /var/lib or /run) cannot hide it.
+    let state = StateDir::at(state_dir.to_path_buf())?;
+    let run = state.open_dir(state::RUN_DIR)?;
+    mount_var_lib_cni(&state)?;
+    bind(&sys::fd_path(run.as_fd()), Path::new("/run"))?;
     sys::loopback_up()?;
     sysctl("net/ipv4/ip_forward", "1")?;
     if settings.ipv6 {
@@ -72,20 +76,19 @@ fn bind(src: &Path, dst: &Path) -> Result<()> {
 
 /// /var/lib/cni from the state dir. When the host has no /var/lib/cni (and
 /// the user cannot create it), /var/lib gets an overlay to make room.
-fn mount_var_lib_cni(state_dir: &Path) -> Result<()> {
+fn mount_var_lib_cni(state: &StateDir) -> Result<()> {
     let target = Path::new("/var/lib/cni");
+    let var_lib_cni = state.open_dir(state::VAR_LIB_CNI_DIR)?;
     if !target.is_dir() {
-        let overlay = state_dir.join(state::OVERLAY_DIR);
-        let (upper, work) = (overlay.join("upper"), overlay.join("work"));
-        state::ensure_dir(&upper)?;
-        state::ensure_dir(&work)?;
-        let (u, w) = (upper.display().to_string(), work.display().to_string());
-        if [&u, &w].iter().any(|p| p.contains([',', ':', '\\'])) {
-            return Err(Error::config(format!(
-                "state dir {} holds a ',' or ':', which an overlay mount cannot take",
-                state_dir.display()
-            )));
-        }
+        state.ensure_dir(state::OVERLAY_DIR)?;
+        let overlay = state.open_dir(state::OVERLAY_DIR)?;
+        let upper = state::dir_in(overlay.as_fd(), "upper")?;
+        let work = state::dir_in(overlay.as_fd(), "work")?;
+        // The overlay takes paths in a comma-separated list: /proc/self/fd/N
+        // names the dirs without the state dir's path (and whatever commas
+        // or colons it holds).
+        let u = sys::fd_path(upper.as_fd()).display().to_string();
+        let w = sys::fd_path(work.as_fd()).display().to_string();
         let opts = format!("lowerdir=/var/lib,upperdir={u},workdir={w}");
         let with_userxattr = format!("{opts},userxattr");
         mount(
@@ -107,5 +110,5 @@ fn mount_var_lib_cni(state_dir: &Path) -> Result<()> {
         .context("mounting an overlay on /var/lib to make room for /var/lib/cni")?;
         std::fs::create_dir_all(target).context("creating /var/lib/cni in the overlay")?;
     }
-    bind(&state_dir.join(state::VAR_LIB_CNI_DIR), target)
+    bind(&sys::fd_path(var_lib_cni.as_fd()), target)
 }

@@ -84,6 +84,10 @@ pub fn main(args: Args) -> i32 {
             return 1;
         }
     };
+    // What the infra makes without an explicit mode is for the user alone
+    // whatever umask the runtime had: our control socket, slirp4netns's API
+    // socket (either lets its user open host ports as us).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let mut sup = match Supervisor::start(args.state_dir, args.settings) {
         Ok(s) => s,
         Err(e) => {
@@ -119,7 +123,7 @@ fn block_signals() -> Result<SignalFd> {
 
 impl Supervisor {
     fn start(state_dir: PathBuf, settings: Settings) -> Result<Self> {
-        let state = StateDir::at(state_dir);
+        let state = StateDir::at(state_dir)?;
         let (sandbox, sandbox_id) = spawn_sandbox(&state, &settings)?;
         let ns = |kind: &str| procfs::ns_inode(format!("/proc/{}/ns/{kind}", sandbox_id.pid));
         let (Some(netns), Some(mntns)) = (ns("net"), ns("mnt")) else {
@@ -168,7 +172,7 @@ impl Supervisor {
 
     fn start_slirp(&mut self) -> Result<()> {
         let socket = self.state.file(state::SLIRP_SOCKET);
-        let _ = state::remove_if_exists(&socket);
+        let _ = self.state.remove(state::SLIRP_SOCKET);
         let slirp = slirp::start(&SlirpOptions {
             sandbox_pid: self.sandbox_id.pid,
             settings: &self.settings,
@@ -280,7 +284,7 @@ impl Supervisor {
         }
         log::info!("idle for {secs}s: stopping the infra");
         self.shutdown();
-        let _ = state::remove_if_exists(&self.state.file(state::INFRA_FILE));
+        let _ = self.state.remove(state::INFRA_FILE);
         drop(lock);
         true
     }
@@ -288,8 +292,8 @@ impl Supervisor {
     fn shutdown(&mut self) {
         self.kill_children();
         self.ports.close_all();
-        let _ = state::remove_if_exists(&self.state.file(state::SLIRP_SOCKET));
-        let _ = state::remove_if_exists(&self.state.file(control::SOCKET));
+        let _ = self.state.remove(state::SLIRP_SOCKET);
+        let _ = self.state.remove(control::SOCKET);
     }
 
     /// The sandbox first, then what else runs in the infra's namespaces (an
