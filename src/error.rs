@@ -136,14 +136,20 @@ impl ErrorList {
         let mut errors = self.0.into_iter();
         match errors.next() {
             None => Ok(()),
-            Some(first) => {
+            Some(mut first) => {
                 let rest: Vec<String> = errors.map(|e| e.to_string()).collect();
                 if rest.is_empty() {
-                    Err(first)
-                } else {
-                    let details = rest.join("; ");
-                    Err(first.with_details(details))
+                    return Err(first);
                 }
+                // An inner plugin's own object would be printed as it is,
+                // without the others: ours, with its code, names them all.
+                first.passthrough = None;
+                let details = std::iter::once(std::mem::take(&mut first.details))
+                    .filter(|d| !d.is_empty())
+                    .chain(rest)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                Err(first.with_details(details))
             }
         }
     }

@@ -746,14 +746,38 @@ pub struct AttachmentKey {
 
 impl AttachmentKey {
     /// Each part escaped, so no input can become a path or collide.
+    /// A name too long for the file system (a legal 128-character id of
+    /// dots escapes to 382) is cut, and made unique again by a hash of the
+    /// whole: the record itself holds the key.
     pub fn file_name(&self) -> String {
-        format!(
-            "{}+{}+{}.json",
+        let name = format!(
+            "{}+{}+{}",
             escape(&self.network),
             escape(&self.container_id),
             escape(&self.ifname)
-        )
+        );
+        // NAME_MAX is 255; the temporary file adds ".", ".json" and ".tmp".
+        if name.len() <= MAX_KEY_NAME {
+            return format!("{name}.json");
+        }
+        let prefix = &name[..KEPT_PREFIX];
+        format!("{prefix}~{:032x}.json", fnv1a_128(name.as_bytes()))
     }
+}
+
+/// The longest escaped key used as it is in a file name.
+const MAX_KEY_NAME: usize = 200;
+/// What a longer one keeps, before its hash (escaped names are ASCII).
+const KEPT_PREFIX: usize = 100;
+
+/// FNV-1a, 128 bits: stable across releases and builds (unlike std's
+/// hasher), which a file name must be.
+fn fnv1a_128(bytes: &[u8]) -> u128 {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    bytes.iter().fold(OFFSET, |hash, b| {
+        (hash ^ u128::from(*b)).wrapping_mul(PRIME)
+    })
 }
 
 /// Percent-encodes everything but letters, digits, '-' and '_'.
@@ -1006,6 +1030,21 @@ fn is_empty_arg(v: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_keys_fit_in_a_file_name() {
+        let dots = format!("a{}", ".".repeat(127));
+        let key = |id: &str, ifname: &str| AttachmentKey {
+            network: "n".repeat(64),
+            container_id: id.to_string(),
+            ifname: ifname.to_string(),
+        };
+        let a = key(&dots, "eth0").file_name();
+        assert!(format!(".{a}.tmp").len() <= 255, "{a}");
+        assert_ne!(a, key(&dots, "eth1").file_name());
+        assert_eq!(a, key(&dots, "eth0").file_name());
+        assert_eq!(fnv1a_128(b""), 0x6c62272e07bb014262b821756295c58d);
+    }
 
     #[test]
     fn key_file_names_cannot_escape() {

@@ -147,6 +147,60 @@ pub fn tail(path: &std::path::Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Marks every fd from 3 up close-on-exec, so that what the runtime passed
+/// us without CLOEXEC (a pipe it watches for EOF, a socket) does not live
+/// on in the infra or an inner plugin's daemons. The fds meant to pass are
+/// handed on afterwards with `keep_on_exec`. Meant for `pre_exec`: it does
+/// not allocate.
+pub fn cloexec_inherited_fds() -> std::io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range only changes flags in this process's fd table.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC) };
+    if rc == 0 {
+        return Ok(());
+    }
+    // Kernels before 5.11: every fd up to the limit, one by one.
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: limit is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let top = limit.rlim_cur.min(1 << 20) as RawFd;
+    for fd in 3..top {
+        // SAFETY: F_SETFD on a closed fd fails with EBADF and touches nothing.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Ok(())
+}
+
+/// Waits until the child `pid` (not yet reaped) has exited, at most
+/// `timeout`; false when it still runs. It is not reaped here.
+pub fn wait_exit_timeout(pid: i32, timeout: Duration) -> Result<bool> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: the fd was just created for us and is owned by nothing else.
+    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as RawFd) };
+    let deadline = deadline(timeout);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) if left.is_zero() => return Ok(false),
+            Ok(0) => continue,
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// openat(2) with O_CLOEXEC: `name` is looked up in `dir` alone (give
 /// O_NOFOLLOW to refuse a symlink there).
 pub fn openat(

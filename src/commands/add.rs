@@ -107,7 +107,10 @@ fn attach(
     netns: &ContainerNetns,
     env: &CniEnv,
     conf: &NetConf,
-    (list, binaries): (crate::cni::config::InnerList, Vec<std::path::PathBuf>),
+    (list, binaries): (
+        crate::cni::config::InnerList,
+        Vec<crate::exec::PluginBinary>,
+    ),
     mappings: &[PortMapping],
     record: &Attachment,
     progress: &mut Option<serde_json::Value>,
@@ -169,12 +172,20 @@ fn attach(
             left: undone.is_err(),
         }
     };
-    let reply = if inner_version == conf.cni_version {
-        chain::rewrite_sandbox_raw(&result.raw, &inner, &runtime)
-    } else {
-        version::convert_result(&value, &inner_version, &conf.cni_version)
+    // Chained after other plugins, we append ours to their result (the
+    // spec: a plugin handles prevResult, it does not drop it). The record
+    // keeps ours alone: it is what the inner DEL and CHECK get.
+    let reply = match &conf.prev_result {
+        None if inner_version == conf.cni_version => {
+            chain::rewrite_sandbox_raw(&result.raw, &inner, &runtime)
+        }
+        prev => version::convert_result(&value, &inner_version, &conf.cni_version)
+            .map(|ours| match prev {
+                Some(prev) => crate::cni::merge_results(prev, &ours),
+                None => ours,
+            })
             .and_then(|v| serde_json::to_vec(&v).map_err(|e| Error::internal(e.to_string())))
-            .map_err(undo)?
+            .map_err(undo)?,
     };
     let lock = state.lock().map_err(undo)?;
     if !is_still_ours(state, record, &lock) {

@@ -21,6 +21,10 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             ),
         )
     };
+    // As libcni: an inner chain too old to know CHECK is the runtime's
+    // config error, answered before anything is looked at.
+    let list = conf.inner_list()?;
+    crate::chain::check_knows_check(&list.cni_version, &conf.cni_version)?;
     let state = super::state_dir(conf, false)?.ok_or_else(unknown)?;
     let (record, info) = {
         let lock = state.lock()?;
@@ -64,6 +68,8 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
     let netns = ContainerNetns::open(env.netns())?;
     let chain = Chain::recorded(&record, &info, &netns, env, conf.plugin_timeout)?;
+    // The chain the attachment was made with may be older than today's.
+    crate::chain::check_knows_check(chain.cni_version(), &conf.cni_version)?;
     if chain.disable_check() {
         return Ok(());
     }

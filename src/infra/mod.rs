@@ -442,6 +442,9 @@ pub fn spawn_own(
     unsafe {
         cmd.pre_exec(move || {
             child_setup()?;
+            // Only the ready pipe passes: the infra outlives the call, and
+            // must not hold what the runtime passed it.
+            sys::cloexec_inherited_fds()?;
             sys::keep_on_exec(ready_fd)
         });
     }
