@@ -12,7 +12,7 @@ mod common;
 
 use common::gocni::{assert_page_on_loopback, WebServer};
 use common::net::http_get;
-use common::{free_tcp_port, in_ci, Container, Lab, NET};
+use common::{example_conflist, free_tcp_port, in_ci, plugin_stdin, Container, Lab, NET};
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -64,11 +64,14 @@ fn build_previous() -> Result<PathBuf, String> {
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(|e| format!("mkdir {}: {e}", tmp.display()))?;
         // A shallow clone lacks the commit: say so rather than fail vaguely.
-        run(Command::new("git")
-            .arg("-C")
-            .arg(repo)
-            .args(["cat-file", "-e", &format!("{PREVIOUS_RELEASE}^{{commit}}")]))
-        .map_err(|e| format!("the clone lacks the commit (shallow? `git fetch --unshallow`): {e}"))?;
+        run(Command::new("git").arg("-C").arg(repo).args([
+            "cat-file",
+            "-e",
+            &format!("{PREVIOUS_RELEASE}^{{commit}}"),
+        ]))
+        .map_err(|e| {
+            format!("the clone lacks the commit (shallow? `git fetch --unshallow`): {e}")
+        })?;
         run(Command::new("sh").arg("-c").arg(format!(
             "git -C '{}' archive {PREVIOUS_RELEASE} | tar -x -C '{}'",
             repo.display(),
@@ -164,7 +167,11 @@ fn attachments_of_the_previous_release_survive_an_upgrade() {
     let ip2 = call(&lab, &bins.previous, "add", &c2, None).added_ipv4("previous ADD of c2");
     let old_supervisor = supervisor_pid(&lab).expect("the previous release's infra.json");
     let _web1 = WebServer::start(&lab, &c1, "c1\n");
-    assert_page_on_loopback(port1, "c1\n", "c1's port, published by the previous release");
+    assert_page_on_loopback(
+        port1,
+        "c1\n",
+        "c1's port, published by the previous release",
+    );
 
     // The binary is upgraded: CHECK passes on both.
     for (c, port) in [(&c1, Some(port1)), (&c2, None)] {
@@ -193,9 +200,20 @@ fn attachments_of_the_previous_release_survive_an_upgrade() {
     lab.assert_ping(&c2, &ip3, "c2 (previous release) to c3 (new)");
     let _web3 = WebServer::start(&lab, &c3, "c3\n");
     assert_page_on_loopback(port3, "c3\n", "c3's port, published after the upgrade");
-    eprintln!(
-        "infra after the upgrade: supervisor {:?} (the previous release's was {old_supervisor})",
-        supervisor_pid(&lab)
+    // Worked with, not replaced: c2's address and routes never moved.
+    assert_eq!(
+        supervisor_pid(&lab),
+        Some(old_supervisor),
+        "the previous release's infra keeps running after the upgrade"
+    );
+    let versions: Vec<Option<u64>> = lab
+        .attachment_records()
+        .iter()
+        .map(|r| r["formatVersion"].as_u64())
+        .collect();
+    assert!(
+        versions.contains(&None) && versions.contains(&Some(2)),
+        "c2's record as the previous release wrote it, c3's with its format: {versions:?}"
     );
 
     for (c, port) in [(&c2, None), (&c3, Some(port3))] {
@@ -237,13 +255,99 @@ fn the_previous_release_meets_the_state_of_this_one() {
     assert_eq!(lab.lease_files(NET), vec![ip2.clone()], "{ip1} released");
 
     let ip3 = call(&lab, &bins.previous, "add", &c3, None).added_ipv4("previous ADD of c3");
+    lab.assert_attached(&c3, &ip3);
     lab.assert_ping(&c3, &ip2, "c3 (previous release) to c2 (new)");
 
-    for c in [&c2, &c3] {
-        let del = call(&lab, &bins.current, "del", c, None);
-        assert!(del.ok(), "DEL: {del}");
-    }
+    // This binary goes on with what the previous one changed, and the
+    // previous one stops this one's infra with its last DEL.
+    let check = call(&lab, &bins.current, "check", &c3, None);
+    assert!(check.ok(), "CHECK of the previous release's c3: {check}");
+    let del2 = call(&lab, &bins.current, "del", &c2, None);
+    assert!(del2.ok(), "DEL of c2: {del2}");
+    let del3 = call(&lab, &bins.previous, "del", &c3, None);
+    assert!(del3.ok(), "the previous release's last DEL: {del3}");
     drop(_web1);
+    lab.assert_no_infra("after the previous release deleted the last attachment");
+
+    // What the previous release left (it does not know infra.lck) does
+    // not stop this binary from starting the next infra.
+    let ip1 = call(&lab, &bins.current, "add", &c1, None).added_ipv4("new ADD after that");
+    lab.assert_attached(&c1, &ip1);
+    let del = call(&lab, &bins.current, "del", &c1, None);
+    assert!(del.ok(), "DEL: {del}");
     lab.assert_no_infra("after every attachment was deleted");
-    eprintln!("the previous release on this one's state: {:?}", started.elapsed());
+    eprintln!(
+        "the previous release on this one's state: {:?}",
+        started.elapsed()
+    );
+}
+
+/// Sets `formatVersion` of the JSON file at `path` (owner and mode kept).
+fn set_format(path: &Path, version: Option<u64>) {
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut v: serde_json::Value = serde_json::from_str(&text).expect("a JSON record");
+    match version {
+        Some(n) => v["formatVersion"] = n.into(),
+        None => drop(
+            v.as_object_mut()
+                .expect("an object")
+                .remove("formatVersion"),
+        ),
+    }
+    fs::write(path, v.to_string()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// This binary, meeting a record and an infra.json of a newer format (as
+/// an older release meets this one's, were it able to tell): a clear
+/// error, and the files left as they are; never taken for corrupt, dead
+/// or absent.
+#[test]
+fn a_newer_state_format_is_refused_and_left_as_it_is() {
+    let Some(lab) = Lab::with_example_net("upgrade_newer_format") else {
+        return;
+    };
+    let (c1, c2) = (lab.container(), lab.container());
+    let stdin = plugin_stdin(&example_conflist()).to_string();
+    let plugin = |cmd: &str, id: &str, c: &Container| {
+        lab.plugin(&lab.plugin_env(cmd, id, &c.netns()), &stdin)
+    };
+    let ip1 = plugin("ADD", "c1", &c1).added_ipv4("ADD of c1");
+    let state = lab.state_dir();
+    let record = state.join("attachments").join(&lab.attachment_files()[0]);
+    let infra_json = state.join("infra.json");
+    let supervisor = supervisor_pid(&lab);
+    let newer = rootless_cni::state::FORMAT_VERSION + 1;
+    let refused = |out: &common::Out, what: &str| {
+        let err = out
+            .cni_error()
+            .unwrap_or_else(|| panic!("{what}: no CNI error: {out}"));
+        assert_eq!(err.code, 109, "{what}: {out}");
+        assert!(err.mentions("newer rootless-cni"), "{what}: {out}");
+    };
+
+    set_format(&record, Some(newer));
+    refused(&plugin("DEL", "c1", &c1), "DEL of a newer record");
+    refused(&plugin("ADD", "c1", &c1), "ADD over a newer record");
+    assert!(record.exists(), "the newer record is kept");
+    assert_eq!(lab.lease_files(NET), vec![ip1.clone()], "its lease is kept");
+    let status = lab.cli(&["status"]);
+    assert!(
+        !status.ok() && status.stderr.contains("newer"),
+        "status: {status}"
+    );
+    set_format(&record, None);
+
+    set_format(&infra_json, Some(newer));
+    refused(&plugin("ADD", "c2", &c2), "ADD next to a newer infra");
+    assert_eq!(
+        supervisor_pid(&lab),
+        supervisor,
+        "no second infra was started"
+    );
+    assert_eq!(lab.attachment_files().len(), 1, "no record for c2");
+    set_format(&infra_json, Some(rootless_cni::state::FORMAT_VERSION));
+
+    let del = plugin("DEL", "c1", &c1);
+    assert!(del.ok(), "DEL once the format is ours again: {del}");
+    lab.assert_no_infra("after the DEL");
 }
