@@ -148,7 +148,11 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
             ..Response::default()
         },
         Ok(_) => match read_request(&line) {
-            Err(response) => response,
+            Err(refusal) => Response {
+                error: Some(refusal.error),
+                code: refusal.code,
+                ..Response::default()
+            },
             Ok(Request::Info) => Response {
                 info: Some(info.clone()),
                 ..Response::default()
@@ -161,17 +165,23 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
     let _ = (&conn).write_all(&out);
 }
 
-/// The request in `line`, or the answer refusing it: one of a newer
+/// Why a request is not served, and with which code.
+#[derive(Debug)]
+struct Refusal {
+    error: String,
+    code: Option<u32>,
+}
+
+/// The request in `line`, or why it is refused: one of a newer
 /// protocol, or an op we do not know, is refused by version, never guessed.
-fn read_request(line: &str) -> std::result::Result<Request, Response> {
+fn read_request(line: &str) -> std::result::Result<Request, Refusal> {
     let version = serde_json::from_str::<serde_json::Value>(line)
         .ok()
         .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64))
         .unwrap_or(1);
-    let refuse = |why: String| Response {
-        error: Some(why),
+    let refuse = |why: String| Refusal {
+        error: why,
         code: Some(code::NEWER_STATE),
-        ..Response::default()
     };
     if version > u64::from(PROTOCOL_VERSION) {
         return Err(refuse(format!(
@@ -183,9 +193,9 @@ fn read_request(line: &str) -> std::result::Result<Request, Response> {
         Err(e) if e.to_string().contains("unknown variant") => Err(refuse(format!(
             "unknown request of control protocol {version} (this supervisor speaks {PROTOCOL_VERSION}): {e}"
         ))),
-        Err(e) => Err(Response {
-            error: Some(format!("bad request: {e}")),
-            ..Response::default()
+        Err(e) => Err(Refusal {
+            error: format!("bad request: {e}"),
+            code: None,
         }),
     }
 }
