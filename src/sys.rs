@@ -283,3 +283,49 @@ pub fn try_flock(file: &std::fs::File) -> std::io::Result<bool> {
         e => Err(e),
     }
 }
+
+/// A copy of the mount at what `dir` is open on, attached nowhere
+/// (`open_tree` with OPEN_TREE_CLONE, Linux ≥ 5.2): unlike a bind from
+/// `dir`'s path, it can still be mounted after the mount `dir` lies on was
+/// detached from our namespace (the kernel refuses to bind from a detached
+/// mount). None when the kernel cannot.
+pub fn clone_mount(dir: std::os::fd::BorrowedFd) -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    // SAFETY: open_tree takes a dir fd, a NUL-terminated path and flags,
+    // and returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            dir.as_raw_fd(),
+            b"\0".as_ptr().cast::<libc::c_char>(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint,
+        )
+    };
+    // SAFETY: the fd was just returned to us and is owned by no one else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Mounts a tree made by `clone_mount` on `dst`.
+pub fn move_mount_to(tree: &OwnedFd, dst: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let dst = std::ffi::CString::new(dst.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: move_mount takes fds, NUL-terminated paths and flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            b"\0".as_ptr().cast::<libc::c_char>(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
