@@ -213,7 +213,22 @@ pub fn running(state: &StateDir, lock: &StateLock) -> Result<Option<InfraInfo>> 
     };
     let my_pidns = procfs::self_ns_inode("pid").unwrap_or(0);
     if info.pidns != 0 && my_pidns != 0 && info.pidns != my_pidns {
-        return Err(other_pid_namespace(state, &info, my_pidns));
+        if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
+            return Err(other_pid_namespace(state, &info, my_pidns));
+        }
+        // A record with a PID namespace is one whose supervisor took
+        // `ALIVE_LOCK`, and none holds it: that infra is dead (its PID
+        // namespace may have gone, killing it). Its PIDs name nothing
+        // here, so none is signalled: what it left in its namespaces is
+        // found by their inodes, as after any death.
+        log::info!(
+            "infra recorded in {} (started in PID namespace {}) is gone; cleaning up",
+            state.path.display(),
+            info.pidns
+        );
+        end_leftovers(state, &info);
+        forget_infra_files(state)?;
+        return Ok(None);
     }
     if info.is_alive() {
         let mine = procfs::self_ns_inode("user").unwrap_or(0);
