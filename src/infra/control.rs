@@ -114,7 +114,12 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
 
 fn handle(req: Request, driver: &mut dyn Driver) -> Response {
     let outcome = match req {
-        Request::AddPorts { key, mappings } => driver.add(&key, &mappings),
+        // Only the ADD holding the attachment's record publishes under its
+        // key: forwards still there were left by a call that died.
+        Request::AddPorts { key, mappings } => {
+            driver.remove(&key);
+            driver.add(&key, &mappings)
+        }
         Request::RemovePorts { key } => {
             driver.remove(&key);
             Ok(())
