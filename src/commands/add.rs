@@ -55,18 +55,28 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         let orphaned = existing
             .clone()
             .filter(|old| old.infra == info.sandbox && old.owner.is_some_and(|o| !o.is_alive()));
-        if let Some(old) = existing.filter(|old| still_attached(old, &info)) {
-            return Err(Error::new(
+        record.infra = info.sandbox;
+        let pending = match existing.filter(|old| still_attached(old, &info)) {
+            Some(old) => Err(Error::new(
                 code::ALREADY_ATTACHED,
                 format!(
                     "container {} is already attached to network {} as {} (state {:?}); DEL it first",
                     old.container_id, old.network, old.ifname, old.state
                 ),
-            ));
+            )),
+            None => refuse_shared_ports(&state, &lock, &key, &info, &mappings)
+                .and_then(|()| state.write_attachment(&record, &lock)),
+        };
+        if let Err(e) = pending {
+            // No record of ours: an infra this call started under this very
+            // lock holds nothing, and goes (whatever the state dir says).
+            if started {
+                if let Err(stop) = infra::stop(&state, &lock, &info) {
+                    log::warn!("stopping the infra started for the refused ADD: {stop}");
+                }
+            }
+            return Err(e);
         }
-        refuse_shared_ports(&state, &lock, &key, &info, &mappings)?;
-        record.infra = info.sandbox;
-        state.write_attachment(&record, &lock)?;
         (info, started, orphaned)
     };
     if let Some(old) = &orphaned {

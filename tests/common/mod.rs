@@ -67,7 +67,9 @@ pub const REQUIRED_CNI_VARS: [&str; 5] = [
     "CNI_IFNAME",
     "CNI_PATH",
 ];
-/// The PATH everything inside the lab gets (no root-only dirs: see LAB.md).
+/// The PATH everything inside the lab gets: no root-only dirs, since a
+/// PATH entry the lab user cannot search breaks `nsenter … ping` for it;
+/// /usr/sbin and /sbin for iptables and ip.
 pub const LAB_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
 /// The plugins the example network uses.
 const REFERENCE_PLUGINS: &[&str] = &["bridge", "host-local", "portmap", "firewall", "tuning"];
