@@ -48,7 +48,11 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     };
     let (info, started, orphaned) = {
         let lock = state.lock()?;
-        let existing = state.read_attachment(&key, &lock).unwrap_or(None);
+        let existing = match state.read_attachment(&key, &lock) {
+            // Another release's record: not to be written over.
+            Err(e) if e.code == code::NEWER_STATE => return Err(e),
+            read => read.unwrap_or(None),
+        };
         let (info, started) = infra::ensure_running(&state, &lock, &Settings::from_conf(conf))?;
         // A killed call on this attachment: its inner plugins may still run,
         // and what it made is this call's to remove.

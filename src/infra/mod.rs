@@ -85,11 +85,18 @@ impl InfraInfo {
     /// The recorded infra, if the record is readable. A corrupt record is
     /// no infra here; `running` asks a supervisor that still runs.
     pub fn load(state: &StateDir) -> Option<Self> {
+        Self::load_checked(state).unwrap_or(None)
+    }
+
+    /// `load`, except that an infra.json of a newer state format is an
+    /// error: that infra is another release's, neither dead nor ours.
+    pub fn load_checked(state: &StateDir) -> Result<Option<Self>> {
         match state.read_json::<InfraInfo>(state::INFRA_FILE) {
-            Ok(info) => info,
+            Ok(info) => Ok(info),
+            Err(e) if e.code == code::NEWER_STATE => Err(e),
             Err(e) => {
                 log::warn!("ignoring {e}");
-                None
+                Ok(None)
             }
         }
     }
@@ -193,7 +200,7 @@ fn supervisor_holds_lock(state: &StateDir, wait: Duration) -> bool {
 /// and a broken one (its mounts are not the state dir's) is stopped: its
 /// attachments are then lost.
 pub fn running(state: &StateDir, lock: &StateLock) -> Result<Option<InfraInfo>> {
-    let info = match InfraInfo::load(state) {
+    let info = match InfraInfo::load_checked(state)? {
         Some(info) => info,
         None => match unrecorded_supervisor(state)? {
             Some(info) => info,
