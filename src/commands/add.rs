@@ -7,7 +7,7 @@ use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::cni::version;
 use crate::error::{code, Error, Result};
-use crate::exec::{self, ContainerNetns};
+use crate::exec::ContainerNetns;
 use crate::infra::control::{self, Request};
 use crate::infra::{self, InfraInfo, Settings};
 use crate::ports::{self, PortMapping};
@@ -54,10 +54,11 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
             read => read.unwrap_or(None),
         };
         let (info, started) = infra::ensure_running(&state, &lock, &Settings::from_conf(conf))?;
-        // A killed call on this attachment: its inner plugins may still run.
-        let orphaned = existing.as_ref().is_some_and(|old| {
-            old.infra == info.sandbox && old.owner.is_some_and(|o| !o.is_alive())
-        });
+        // A killed call on this attachment: its inner plugins may still run,
+        // and what it made is this call's to remove.
+        let orphaned = existing
+            .clone()
+            .filter(|old| old.infra == info.sandbox && old.owner.is_some_and(|o| !o.is_alive()));
         record.infra = info.sandbox;
         let pending = match existing.filter(|old| still_attached(old, &info)) {
             Some(old) => Err(Error::new(
@@ -82,8 +83,8 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
         }
         (info, started, orphaned)
     };
-    if orphaned {
-        exec::settle_orphans(&info, &key.container_id, &key.ifname, conf.plugin_timeout);
+    if let Some(old) = &orphaned {
+        take_over(&state, &info, env, conf, old);
     }
 
     // From here on the pending record exists: every way out that is not
@@ -109,6 +110,22 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
             let ports = if published { &mappings[..] } else { &[] };
             Err(abort(&state, record, ports, failure, started))
         }
+    }
+}
+
+/// Removes what a killed ADD of this attachment left, as its DEL would:
+/// its forwards hold the ports this call publishes, and its interface and
+/// lease would trip the new chain. The record it left is already replaced
+/// by ours, so nothing else will. Best effort, as for the DEL of an ADD
+/// killed half-way: the plugins' DEL may trip over a step never made.
+fn take_over(state: &StateDir, info: &InfraInfo, env: &CniEnv, conf: &NetConf, old: &Attachment) {
+    log::info!(
+        "the last ADD of {} was killed; removing what it left",
+        old.container_id
+    );
+    let undone = super::gc::delete_recorded(state, info, &env.path, conf.plugin_timeout, old, true);
+    if let Err(e) = undone {
+        log::warn!("undoing the killed ADD of {}: {e}", old.container_id);
     }
 }
 
@@ -349,9 +366,14 @@ fn publish_ports(state: &StateDir, key: &AttachmentKey, mappings: &[PortMapping]
 
 /// Best effort: the caller is already failing or tearing down.
 pub fn unpublish_ports(state: &StateDir, key: &AttachmentKey, mappings: &[PortMapping]) {
-    if mappings.is_empty() {
-        return;
+    if !mappings.is_empty() {
+        close_forwards(state, key);
     }
+}
+
+/// Closes whatever the supervisor forwards under `key`, known or not.
+/// Best effort too.
+pub fn close_forwards(state: &StateDir, key: &AttachmentKey) {
     let req = Request::RemovePorts {
         key: key.file_name(),
     };

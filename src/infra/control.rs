@@ -202,7 +202,12 @@ fn read_request(line: &str) -> std::result::Result<Request, Refusal> {
 
 fn handle(req: Request, driver: &mut dyn Driver) -> Response {
     let outcome = match req {
-        Request::AddPorts { key, mappings } => driver.add(&key, &mappings),
+        // Only the ADD holding the attachment's record publishes under its
+        // key: forwards still there were left by a call that died.
+        Request::AddPorts { key, mappings } => {
+            driver.remove(&key);
+            driver.add(&key, &mappings)
+        }
         Request::RemovePorts { key } => {
             driver.remove(&key);
             Ok(())
