@@ -343,27 +343,34 @@ pub fn run_plugin(
     // pluginTimeout bounds the whole run: a plugin that closed its stdout
     // (or left it to a child) and hangs is as stuck as a silent one.
     let deadline = sys::deadline(inv.timeout);
-    let output = sys::read_to_end_timeout(stdout, inv.timeout)?;
-    let status = match output {
-        Some(_) => wait_until(&mut child, deadline)?,
-        None => None,
-    };
-    let (Some(output), Some(status)) = (output, status) else {
-        // The whole group: what the plugin started must not outlive it
-        // (nor hold the runtime's stderr open).
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = child.wait();
-        return Err(Error::new(
-            code::INNER_PLUGIN,
-            format!(
-                "inner plugin {name} {} did not finish within {}s and was killed (pluginTimeout)",
-                inv.verb.as_str(),
-                inv.timeout.as_secs()
-            ),
-        ));
+    // Ok(None): still running at the deadline. Any way out but an exit
+    // kills and reaps the plugin's group below.
+    let finished = sys::read_to_end_timeout(stdout, inv.timeout).and_then(|output| match output {
+        Some(output) => Ok(wait_until(&mut child, deadline)?.map(|status| (output, status))),
+        None => Ok(None),
+    });
+    let (output, status) = match finished {
+        Ok(Some(done)) => done,
+        failed => {
+            // The whole group: what the plugin started must not outlive it
+            // (nor hold the runtime's stderr open).
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+            let why = match failed {
+                Err(e) => format!("could not be waited for ({e}) and was killed"),
+                _ => format!(
+                    "did not finish within {}s and was killed (pluginTimeout)",
+                    inv.timeout.as_secs()
+                ),
+            };
+            return Err(Error::new(
+                code::INNER_PLUGIN,
+                format!("inner plugin {name} {} {why}", inv.verb.as_str()),
+            ));
+        }
     };
     // The writer is not joined: a child of the plugin that kept its stdin
     // without reading would block it, and us, forever.
