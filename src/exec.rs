@@ -72,6 +72,34 @@ fn caller_root_seen_from(sandbox: i32) -> Option<String> {
 }
 
 impl InfraNs {
+    /// What to exec for `binary` once inside the infra: its absolute path
+    /// when the infra sees the very file the caller found there (a script
+    /// plugin then sees its own path as $0), else the caller's fd of it:
+    /// /proc/self is the child when it execs, whatever the infra's mount
+    /// namespace holds at that path.
+    fn program(&self, binary: &PluginBinary) -> PathBuf {
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", binary.fd.as_raw_fd()));
+        let Ok(cwd) = std::env::current_dir() else {
+            return by_fd;
+        };
+        let absolute = cwd.join(&binary.path);
+        let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
+        let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+        let ours = binary
+            .fd
+            .try_clone()
+            .ok()
+            .and_then(|fd| std::fs::File::from(fd).metadata().ok())
+            .map(id);
+        let theirs = std::fs::metadata(Path::new(&self.infra_root).join(inside))
+            .ok()
+            .map(id);
+        match ours.is_some() && ours == theirs {
+            true => absolute,
+            false => by_fd,
+        }
+    }
+
     /// Makes `cmd` start inside the infra: `setns` into its mount and
     /// network namespaces between fork and exec. `keep` are the fds to pass
     /// on; every other fd the caller had without CLOEXEC (the runtime's)
@@ -284,9 +312,7 @@ pub fn run_plugin(
     stdin: &[u8],
 ) -> Result<Vec<u8>> {
     let name = binary.name();
-    // The binary the caller found, by its fd: /proc/self is the child
-    // when it execs, whatever the infra's mount namespace holds.
-    let mut cmd = Command::new(format!("/proc/self/fd/{}", binary.fd.as_raw_fd()));
+    let mut cmd = Command::new(infra.program(binary));
     cmd.arg0(&binary.path)
         .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !k.to_string_lossy().starts_with("CNI_")))
@@ -304,7 +330,11 @@ pub fn run_plugin(
         .env("CNI_ARGS", inv.args)
         .env(
             "CNI_PATH",
-            inner_cni_path(inv.cni_path, infra.caller_root.as_deref(), &infra.infra_root),
+            inner_cni_path(
+                inv.cni_path,
+                infra.caller_root.as_deref(),
+                &infra.infra_root,
+            ),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -517,8 +547,8 @@ fn inner_cni_path(paths: &[PathBuf], root: Option<&str>, infra_root: &str) -> St
         .map(|p| {
             let absolute = cwd.join(p);
             let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
-            let same_inside = id(&absolute).is_some()
-                && id(&absolute) == id(&Path::new(infra_root).join(inside));
+            let same_inside =
+                id(&absolute).is_some() && id(&absolute) == id(&Path::new(infra_root).join(inside));
             match root {
                 Some(root) if !same_inside => Path::new(root).join(inside).display().to_string(),
                 _ => absolute.display().to_string(),

@@ -64,12 +64,18 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
     // mount. A kernel without open_tree keeps the caller's mounts.
     let run_tree = sys::clone_mount(run.as_fd());
     let var_lib_cni_tree = sys::clone_mount(var_lib_cni.as_fd());
-    if run_tree.is_some() && var_lib_cni_tree.is_some() {
-        for path in ["/var/lib/cni", "/var/lib", "/run"] {
-            detach_all(path);
-        }
+    let detach = run_tree.is_some() && var_lib_cni_tree.is_some();
+    if detach {
+        detach_all("/var/lib/cni");
+        detach_all("/var/lib");
     }
+    // /run goes last: the overlay that may make room for /var/lib/cni
+    // takes its upper dir from the state dir, which may lie under /run,
+    // and the kernel refuses an upper dir on a detached mount.
     mount_var_lib_cni(&state, &var_lib_cni, var_lib_cni_tree.as_ref())?;
+    if detach {
+        detach_all("/run");
+    }
     place(&run, run_tree.as_ref(), Path::new("/run"))?;
     sys::loopback_up()?;
     sysctl("net/ipv4/ip_forward", "1")?;
@@ -158,7 +164,22 @@ fn mount_var_lib_cni(
                 Some(with_userxattr.as_str()),
             )
         })
-        .context("mounting an overlay on /var/lib to make room for /var/lib/cni")?;
+        .or_else(|e| {
+            // The kernel refuses a lower dir with mounts under it that our
+            // user namespace may not unmount (a host's /var/lib/docker,
+            // /var/lib/kubelet, ...): "failed to clone lowerpath". The
+            // inner plugins need nothing of /var/lib but cni: an empty
+            // tmpfs then makes the room instead.
+            log::info!("sandbox: no overlay on /var/lib ({e}); a tmpfs instead");
+            mount(
+                Some("tmpfs"),
+                "/var/lib",
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some("mode=0755"),
+            )
+        })
+        .context("mounting an overlay (or a tmpfs) on /var/lib to make room for /var/lib/cni")?;
         std::fs::create_dir_all(target).context("creating /var/lib/cni in the overlay")?;
     }
     place(var_lib_cni, tree, target)
