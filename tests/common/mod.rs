@@ -606,6 +606,9 @@ pub struct Lab {
     /// (tests/common/hosts.rs), when the options need one; killed on drop.
     host_holder: Option<Child>,
     options: LabOptions,
+    /// The session's mounts once the lab was ready (and after the test's
+    /// own binds): what the no-leak checker does not count.
+    session_mounts: RefCell<Vec<String>>,
 }
 
 /// How a lab's session differs from the default one.
@@ -691,6 +694,7 @@ impl Lab {
             children: RefCell::new(Vec::new()),
             host_holder: None,
             options,
+            session_mounts: RefCell::new(Vec::new()),
         };
         // From here on, Drop cleans up whatever was made.
         let sh = |args: &[&str]| -> Result<(), String> {
@@ -820,6 +824,7 @@ impl Lab {
             }
             thread::sleep(Duration::from_millis(10));
         }
+        lab.session_mounts.replace(lab.session_mounts());
         Ok(lab)
     }
 
@@ -918,6 +923,8 @@ impl Lab {
         let file = self.dir.join("resolv.conf").display().to_string();
         let out = self.exec(&[], None, &["mount", "--bind", &file, "/etc/resolv.conf"]);
         assert!(out.ok(), "binding {file} on /etc/resolv.conf: {out}");
+        // The test's own mount, not a leak.
+        self.session_mounts.replace(self.session_mounts());
     }
 
     /// Names of the entries of a dir, sorted; empty if it does not exist.
@@ -1300,27 +1307,34 @@ impl Lab {
         }
     }
 
-    /// Mounts in the session's mount namespace that an infra could have left:
-    /// anything under XDG_RUNTIME_DIR, and nsfs mounts (bound namespaces).
+    /// Every mount of the session's mount namespace (the caller's, where
+    /// the plugin runs), as `TARGET FSTYPE SOURCE`: a bind's source names
+    /// the bound dir, so a leaked bind over `/run` differs from `/run`.
+    fn session_mounts(&self) -> Vec<String> {
+        let out = self.exec(&[], None, &["findmnt", "-rn", "-o", "TARGET,FSTYPE,SOURCE"]);
+        assert!(out.ok(), "findmnt in the session: {out}");
+        out.stdout.lines().map(str::to_string).collect()
+    }
+
+    /// Mounts in the session's mount namespace that were not there when the
+    /// lab was ready, and those gone since: anywhere (a `/var/lib` overlay or a `/run` bind left
+    /// in the caller's namespace as much as a bound netns), counted, so a
+    /// second mount on the same target shows too.
     pub fn session_mount_leftovers(&self) -> Vec<String> {
-        let out = self.exec(&[], None, &["findmnt", "-rn", "-o", "TARGET,FSTYPE"]);
-        let run = self.xdg_runtime_dir().display().to_string();
-        // The session's mount namespace is a copy of the lab's host's: what
-        // the machine (or the lab's host) itself has mounted (another
-        // tool's netns, the logind-style runtime dir) is not ours.
-        let host = self
-            .host_command("findmnt")
-            .args(["-rn", "-o", "TARGET,FSTYPE"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let host: Vec<&str> = host.lines().collect();
-        out.stdout
-            .lines()
-            .filter(|l| l.starts_with(&run) || l.ends_with(" nsfs"))
-            .filter(|l| !host.contains(l))
-            .map(str::to_string)
-            .collect()
+        let mut before = self.session_mounts.borrow().clone();
+        let mut left = Vec::new();
+        for m in self.session_mounts() {
+            match before.iter().position(|b| *b == m) {
+                Some(i) => {
+                    before.swap_remove(i);
+                }
+                None => left.push(m),
+            }
+        }
+        // A lab mount taken away (a slirp4netns sandbox once unmounted the
+        // caller's netns mounts) is as much a change.
+        left.extend(before.into_iter().map(|m| format!("unmounted: {m}")));
+        left
     }
 
     /// Asserts that nothing of an infra is left: status says no infra, and
