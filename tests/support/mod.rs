@@ -136,6 +136,30 @@ impl Running {
     }
 }
 
+/// A call that must not outlive the test, pass or fail: its process group
+/// is SIGKILLed (by its pid) and reaped when the guard goes.
+pub struct KillOnDrop(Option<Running>);
+
+impl KillOnDrop {
+    pub fn new(running: Running) -> KillOnDrop {
+        KillOnDrop(Some(running))
+    }
+
+    /// Kills it now, and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(running) = self.0.take() {
+            running.kill_group();
+            let _ = running.wait(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// SIGKILL to the process group led by `pid`.
 fn killpg(pid: u32) {
     let _ = nix::sys::signal::killpg(
