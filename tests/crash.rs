@@ -690,7 +690,7 @@ fn corrupt_attachment_records() {
 /// The runtime kills the plugin (libcni does, on its timeout) while an
 /// inner plugin is half-way through its ADD. The inner plugin finishes its
 /// step, as it would under libcni; the call that follows on that attachment
-/// (`verb`: DEL, or a GC that drops it) waits for it instead of undoing a
+/// (`verb`: DEL, the runtime's retried ADD, or a GC that drops it) waits for it instead of undoing a
 /// half-made step it would then redo behind the call's back. The inner
 /// plugin logs each step: "ADD end" must come before "DEL".
 fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
@@ -761,7 +761,7 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
     } else {
         must(
             &lab,
-            "DEL",
+            verb,
             "orphan",
             &c,
             &stdin.to_string(),
@@ -770,10 +770,18 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
     };
     assert!(out.ok(), "{verb} after the killed ADD: {out}");
     eprintln!("{verb} after the killed ADD took {:?}", started.elapsed());
+    let expected: &[&str] = if verb == "ADD" {
+        // The runtime's retry: it replaces the killed ADD's pending record
+        // once the orphan's step is done; its DEL ends it.
+        must(&lab, "DEL", "orphan", &c, &stdin.to_string(), "the retry");
+        &["ADD start", "ADD end", "ADD start", "ADD end", "DEL"]
+    } else {
+        &["ADD start", "ADD end", "DEL"]
+    };
     let steps = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(
         steps.lines().collect::<Vec<_>>(),
-        ["ADD start", "ADD end", "DEL"],
+        expected,
         "inner plugin steps"
     );
     lab.assert_no_infra(&format!("after the {verb}"));
@@ -782,6 +790,11 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
 #[test]
 fn del_waits_for_the_inner_plugin_of_a_killed_add() {
     orphan_inner_plugin_is_waited_for("orphan_del", "DEL");
+}
+
+#[test]
+fn add_waits_for_the_inner_plugin_of_a_killed_add() {
+    orphan_inner_plugin_is_waited_for("orphan_add", "ADD");
 }
 
 #[test]
