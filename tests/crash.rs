@@ -604,6 +604,121 @@ fn stale_infra_record_naming_live_processes() {
     }
 }
 
+/// infra.json naming live processes of the user with the right PIDs and
+/// start times, while the recorded network namespace is not the sandbox's:
+/// the infra counts as dead and is cleaned up, yet these processes are not
+/// signalled, because their command lines are not ours (the last of the
+/// three things checked before any signal).
+#[test]
+fn live_processes_with_right_start_times_but_not_our_command_line_are_left_alone() {
+    let Some(lab) = Lab::new("stale_right_starts") else {
+        return;
+    };
+    let c = lab.container();
+    let (infra, _) = capture(&lab, &c);
+    let bystanders: Vec<Container> = (0..3).map(|_| lab.container()).collect();
+    let starts: Vec<u64> = bystanders
+        .iter()
+        .map(|b| support::start_time(b.pid).expect("start time"))
+        .collect();
+    let mut info = infra.clone();
+    for (i, key) in ["supervisor", "sandbox", "slirp4netns"].iter().enumerate() {
+        info[*key] = serde_json::json!({ "pid": bystanders[i].pid, "start_time": starts[i] });
+    }
+    // Another bystander's netns: not the "sandbox"'s own, so not alive.
+    let ns = fs::metadata(format!("/proc/{}/ns/net", bystanders[0].pid))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("bystander netns");
+    info["netns"] = ns.into();
+    write_as_user(
+        &lab,
+        &lab.state_dir().join("infra.json"),
+        info.to_string().as_bytes(),
+    );
+    let when = "infra.json naming live processes with their right start times";
+    all_status(&lab, when);
+    fresh_add(&lab, "after-reboot", &c, when);
+    let out = sane_plugin(&lab, "DEL", "after-reboot", &c, when);
+    assert!(out.ok(), "{when}: DEL: {out}");
+    for (b, start) in bystanders.iter().zip(&starts) {
+        assert!(
+            lab.is_running(b.pid) && support::start_time(b.pid) == Some(*start),
+            "{when}: bystander {} was killed",
+            Lab::describe(b.pid)
+        );
+        let state = fs::read_to_string(format!("/proc/{}/stat", b.pid)).unwrap_or_default();
+        assert!(
+            !state.contains(") T "),
+            "{when}: bystander {} was stopped",
+            Lab::describe(b.pid)
+        );
+    }
+    lab.assert_no_infra(when);
+}
+
+/// The infra's own processes, with infra.json naming another network
+/// namespace than the sandbox's: not alive (the sandbox must still hold the
+/// recorded netns). The next call cleans it up, the next ADD gets a fresh
+/// infra, and the attachment made in the old one is reported lost.
+#[test]
+fn infra_whose_sandbox_is_not_in_the_recorded_netns_is_dead() {
+    let Some(lab) = Lab::new("stale_netns") else {
+        return;
+    };
+    let (old, new, bystander) = (lab.container(), lab.container(), lab.container());
+    must(&lab, "ADD", "before", &old, &stdin(), "before");
+    let path = lab.state_dir().join("infra.json");
+    let mut info: Value =
+        serde_json::from_str(&fs::read_to_string(&path).expect("infra.json")).expect("JSON");
+    let supervisor = (
+        info["supervisor"]["pid"].as_u64().expect("supervisor pid") as u32,
+        info["supervisor"]["start_time"]
+            .as_u64()
+            .expect("start time"),
+    );
+    let ns = fs::metadata(bystander.netns())
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("bystander netns");
+    assert_ne!(info["netns"], ns, "the bystander is in the infra's netns");
+    info["netns"] = ns.into();
+    write_as_user(&lab, &path, info.to_string().as_bytes());
+
+    let when = "infra.json naming another netns";
+    let status = lab.status();
+    assert!(status["infra"].is_null(), "{when}: alive: {status}");
+    fresh_add(&lab, "after", &new, when);
+    let now = infra_identity(&lab).expect("an infra after the ADD");
+    assert_ne!(
+        (now.0 as u32, now.1),
+        supervisor,
+        "{when}: the ADD used the infra whose sandbox left the recorded netns"
+    );
+    let runs =
+        || lab.is_running(supervisor.0) && support::start_time(supervisor.0) == Some(supervisor.1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while runs() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!runs(), "{when}: the old supervisor still runs");
+    let check = sane_plugin(&lab, "CHECK", "before", &old, when);
+    let err = check
+        .cni_error()
+        .unwrap_or_else(|| panic!("{when}: CHECK of the old attachment: {check}"));
+    assert_eq!(
+        err.code, 103,
+        "{when}: CHECK of the old attachment: {check}"
+    );
+    assert!(
+        lab.is_running(bystander.pid),
+        "{when}: the bystander was killed"
+    );
+    for (id, c) in [("before", &old), ("after", &new)] {
+        let out = sane_plugin(&lab, "DEL", id, c, when);
+        assert!(out.ok(), "{when}: DEL {id}: {out}");
+    }
+    lab.assert_no_infra(when);
+}
+
 /// (c) An empty and a truncated infra.json: treated as no infra.
 #[test]
 fn corrupt_infra_record() {
