@@ -500,7 +500,6 @@ fn describe_process(pid: u32) -> String {
     )
 }
 
-/// A TCP port nobody listens on right now on 127.0.0.1.
 /// Whether this is a CI run, where a missing prerequisite must fail the
 /// test, never skip it: `CI` set to anything but empty, `0`, `false`, `no`
 /// or `off` (CI services set `true`, `1`, or their own name).
@@ -513,11 +512,46 @@ pub fn in_ci() -> bool {
     })
 }
 
+/// A TCP port nobody listens on right now, on 127.0.0.1 or 0.0.0.0, for a
+/// test to publish a moment later. Not one the kernel hands out (port 0 is
+/// from the ephemeral range, where any outgoing connection made meanwhile
+/// can take it): one below that range, never handed out twice by this
+/// process, starting from a place that differs between processes.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_from: u32 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (base, span) = (10_000, ephemeral_from.saturating_sub(10_000).max(1000));
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + (start + n * 37) % span) as u16;
+        let free = TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {base}..{}", base + span);
+}
+
+/// How often a ping or a fetch is tried before it counts as failed: a lost
+/// packet or a stalled machine is not a broken network, and a test that
+/// expects no answer gets none from any attempt.
+const NET_ATTEMPTS: usize = 3;
+
+fn retried(mut attempt: impl FnMut() -> Out) -> Out {
+    let mut out = attempt();
+    for _ in 1..NET_ATTEMPTS {
+        if out.ok() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(300));
+        out = attempt();
+    }
+    out
 }
 
 /// Pids of all processes whose real uid is `uid`.
@@ -1201,14 +1235,16 @@ impl Lab {
         self.exec(&[], None, &full)
     }
 
-    /// One ping from a container.
+    /// A ping from a container: one echo, tried up to NET_ATTEMPTS times
+    /// until one is answered.
     pub fn ping(&self, c: &Container, ip: &str) -> Out {
-        self.in_netns(c, &["busybox", "ping", "-c1", "-W2", ip])
+        retried(|| self.in_netns(c, &["busybox", "ping", "-c1", "-W2", ip]))
     }
 
-    /// curl from a container.
+    /// curl from a container, tried up to NET_ATTEMPTS times until one
+    /// succeeds (what it fetched is for the caller to judge).
     pub fn curl(&self, c: &Container, url: &str) -> Out {
-        self.in_netns(c, &["curl", "-sS", "--max-time", "3", url])
+        retried(|| self.in_netns(c, &["curl", "-sS", "--max-time", "3", url]))
     }
 
     /// The IPv4 address of `ifname` in a container, if any.
