@@ -79,8 +79,10 @@ done
 "$CNITOOL" check "$NET" /proc/$C2/ns/net
 IP2=$(nsenter --net=/proc/$C2/ns/net ip -o -4 addr show dev eth0 | sed -n 's/.* inet \([0-9.]*\)\/.*/\1/p')
 IP1=$(nsenter --net=/proc/$C1/ns/net ip -o -4 addr show dev eth0 | sed -n 's/.* inet \([0-9.]*\)\/.*/\1/p')
-nsenter --net=/proc/$C1/ns/net busybox ping -c1 -W2 "$IP2"
-nsenter --net=/proc/$C2/ns/net busybox ping -c1 -W2 "$IP1"
+# Up to three echoes each: one lost on a loaded machine is no broken network.
+ping_from() { for _ in 1 2 3; do nsenter --net="/proc/$1/ns/net" busybox ping -c1 -W2 "$2" && return 0; sleep 0.3; done; return 1; }
+ping_from "$C1" "$IP2"
+ping_from "$C2" "$IP1"
 echo "PINGED $IP1 $IP2"
 "$RCNI" status --json > "$W/status-during.json"
 "$CNITOOL" del "$NET" /proc/$C1/ns/net
@@ -208,13 +210,9 @@ fn rootlesskit_runs_cnitool(name: &str, options: LabOptions) {
         "{after}"
     );
 
-    assert!(
-        !lab.state_dir().join("infra.json").exists(),
-        "infra.json left"
-    );
-    assert_eq!(lab.attachment_files(), Vec::<String>::new(), "records left");
-    let left = lab.leftovers_after(Duration::from_secs(3));
-    assert!(left.is_empty(), "processes left:\n{}", left.join("\n"));
+    // Processes, namespaces, mounts, leases, records, the infra's files:
+    // the no-leak checker, as everywhere.
+    lab.assert_no_infra("after the DELs inside rootlesskit");
     assert_eq!(
         Path::new("/var/lib/cni").exists(),
         var_lib_cni_before,
