@@ -13,6 +13,9 @@ pub mod code {
     pub const TRY_AGAIN_LATER: u32 = 11;
     /// STATUS: the plugin cannot serve ADDs now.
     pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
+    /// STATUS: as 50, and existing containers may have limited connectivity
+    /// (the infra's way out is down).
+    pub const LIMITED_CONNECTIVITY: u32 = 51;
     /// An I/O or system call failure of our own.
     pub const INTERNAL: u32 = 100;
     /// The infra (supervisor, sandbox, slirp4netns) could not be started.
@@ -27,6 +30,9 @@ pub mod code {
     pub const UNSAFE_STATE_DIR: u32 = 105;
     /// A published host port cannot be had (in use, privileged, no such address).
     pub const HOST_PORT: u32 = 107;
+    /// CHECK: the infra's way out (slirp4netns) is down; the supervisor
+    /// keeps restarting it.
+    pub const OUTBOUND_DOWN: u32 = 108;
 }
 
 #[derive(Debug)]

@@ -9,7 +9,6 @@ use crate::infra::InfraInfo;
 use crate::procfs::{self, ProcessId};
 use crate::sys;
 use nix::sched::{setns, CloneFlags};
-use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -322,18 +321,17 @@ pub fn settle_orphans(infra: &InfraInfo, container_id: &str, ifname: &str, timeo
         "waiting for {} inner plugin process(es) of {container_id} left by a killed call",
         orphans.len()
     );
+    let (id_var, ifname_var) = orphan_vars(container_id, ifname);
     let deadline = sys::deadline(timeout);
     while orphans.iter().any(ProcessId::is_alive) {
         if Instant::now() >= deadline {
             log::warn!("inner plugins of {container_id} still run after {timeout:?}; killing");
-            for p in orphans.iter().filter(|p| p.is_alive()) {
-                let pid = nix::unistd::Pid::from_raw(p.pid);
+            for p in &orphans {
                 // The plugin leads its group (process_group(0)); a child of
-                // it that it started, e.g. iptables, is killed with it.
-                let _ = match nix::unistd::getpgid(Some(pid)) {
-                    Ok(group) if group == pid => nix::sys::signal::killpg(group, Signal::SIGKILL),
-                    _ => nix::sys::signal::kill(pid, Signal::SIGKILL),
-                };
+                // it that it started, e.g. iptables, is killed with it. The
+                // PID is pinned and re-checked first: it may have exited and
+                // been reused since the scan.
+                p.kill_group_if(|p| is_orphan_of(p, infra.netns, &id_var, &ifname_var));
             }
             return;
         }
@@ -342,17 +340,31 @@ pub fn settle_orphans(infra: &InfraInfo, container_id: &str, ifname: &str, timeo
 }
 
 fn orphans_of(infra: &InfraInfo, container_id: &str, ifname: &str) -> Vec<ProcessId> {
-    let id_var = format!("CNI_CONTAINERID={container_id}");
-    let ifname_var = format!("CNI_IFNAME={ifname}");
+    let (id_var, ifname_var) = orphan_vars(container_id, ifname);
     procfs::in_netns(infra.netns)
         .into_iter()
         .filter(|p| p.pid != infra.sandbox.pid)
-        .filter(|p| {
-            let environ = std::fs::read(format!("/proc/{}/environ", p.pid)).unwrap_or_default();
-            let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
-            vars.contains(&id_var.as_bytes()) && vars.contains(&ifname_var.as_bytes())
-        })
+        .filter(|p| has_vars(p, &id_var, &ifname_var))
         .collect()
+}
+
+fn orphan_vars(container_id: &str, ifname: &str) -> (String, String) {
+    (
+        format!("CNI_CONTAINERID={container_id}"),
+        format!("CNI_IFNAME={ifname}"),
+    )
+}
+
+/// Still in the infra's netns with the attachment's variables.
+fn is_orphan_of(p: &ProcessId, netns: u64, id_var: &str, ifname_var: &str) -> bool {
+    procfs::ns_inode(format!("/proc/{}/ns/net", p.pid)) == Some(netns)
+        && has_vars(p, id_var, ifname_var)
+}
+
+fn has_vars(p: &ProcessId, id_var: &str, ifname_var: &str) -> bool {
+    let environ = std::fs::read(format!("/proc/{}/environ", p.pid)).unwrap_or_default();
+    let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+    vars.contains(&id_var.as_bytes()) && vars.contains(&ifname_var.as_bytes())
 }
 
 /// The plugin's own error object when it printed one, else ours naming it.

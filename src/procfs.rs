@@ -31,9 +31,50 @@ impl ProcessId {
     /// however it came about, never gets it killed.
     /// True when it was signalled.
     pub fn signal(&self, sig: nix::sys::signal::Signal, marker: &str) -> bool {
-        self.is_alive()
-            && self.runs(marker)
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig).is_ok()
+        self.signal_if(sig, |p| p.runs(marker))
+    }
+
+    /// Sends `sig` if the PID is still the recorded process and `check`
+    /// holds for it. Every signal we send to a process goes through here:
+    /// the process is pinned by a pidfd *before* the checks, so a PID freed
+    /// and reused between check and signal is never signalled. True when
+    /// it was signalled.
+    pub fn signal_if(
+        &self,
+        sig: nix::sys::signal::Signal,
+        check: impl FnOnce(&ProcessId) -> bool,
+    ) -> bool {
+        let pidfd = crate::sys::pidfd_open(self.pid);
+        if !self.is_alive() || !check(self) {
+            return false;
+        }
+        match pidfd {
+            Some(fd) => crate::sys::pidfd_send_signal(&fd, sig),
+            // A kernel without pidfds (before 5.3): checked, then signalled.
+            None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig).is_ok(),
+        }
+    }
+
+    /// SIGKILL to the process group this process leads, if it is still the
+    /// recorded process, leads its group and `check` holds: what it started
+    /// (an inner plugin's iptables) dies with it. The leader is pinned
+    /// while checked, then its group is killed, then the leader through its
+    /// pidfd; a group outlives its leader only while a member lives, so the
+    /// group id cannot name strangers then. True when signalled.
+    pub fn kill_group_if(&self, check: impl FnOnce(&ProcessId) -> bool) -> bool {
+        use nix::sys::signal::Signal::SIGKILL;
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        let pidfd = crate::sys::pidfd_open(self.pid);
+        if !self.is_alive() || !check(self) {
+            return false;
+        }
+        let group = nix::unistd::getpgid(Some(pid)) == Ok(pid)
+            && nix::sys::signal::killpg(pid, SIGKILL).is_ok();
+        let leader = match pidfd {
+            Some(fd) => crate::sys::pidfd_send_signal(&fd, SIGKILL),
+            None => nix::sys::signal::kill(pid, SIGKILL).is_ok(),
+        };
+        group || leader
     }
 
     /// `marker` is one of its arguments, or the end of its program name.
@@ -88,37 +129,12 @@ pub fn in_netns(netns: u64) -> Vec<ProcessId> {
 }
 
 /// SIGKILL to `p` if it is still the process recorded and still in the
-/// network namespace `netns`. The process is pinned by a pidfd before the
-/// check, so a PID reused after it is never signalled. True when killed.
+/// network namespace `netns` (pinned by a pidfd before the check, see
+/// `ProcessId::signal_if`). True when killed.
 pub fn kill_in_netns(p: &ProcessId, netns: u64) -> bool {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p.pid, 0) };
-    let pidfd = (fd >= 0).then(|| {
-        // SAFETY: the fd was just returned to us and is owned by no one else.
-        unsafe { OwnedFd::from_raw_fd(fd as i32) }
-    });
-    if !p.is_alive() || ns_inode(format!("/proc/{}/ns/net", p.pid)) != Some(netns) {
-        return false;
-    }
-    match pidfd {
-        // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
-        Some(fd) => unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            ) == 0
-        },
-        // A kernel without pidfds (before 5.3): checked, then signalled.
-        None => nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .is_ok(),
-    }
+    p.signal_if(nix::sys::signal::Signal::SIGKILL, |p| {
+        ns_inode(format!("/proc/{}/ns/net", p.pid)) == Some(netns)
+    })
 }
 
 /// Seconds since boot, to turn a start time into an uptime.

@@ -2,14 +2,22 @@
 //! Every file is written to a temporary name, synced, then renamed, so a
 //! crash never leaves half a record.
 
-use crate::error::{code, Context, Error, Result};
+use crate::error::{code, Error, Result};
 use crate::procfs::ProcessId;
+use crate::sys;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::sys::stat::{FileStat, Mode, SFlag};
+use nix::unistd::UnlinkatFlags;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const LOCK_FILE: &str = "rootless-cni-infra.lck";
@@ -28,10 +36,16 @@ pub const LOG_FILE: &str = "infra.log";
 /// unless the config's `lockTimeout` says otherwise.
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The state dir, held by one fd opened without following a symlink once
+/// its path and every dir above it were checked: records, locks, temporary
+/// files and removals are `*at()` calls on it, never a path resolved again.
 #[derive(Debug, Clone)]
 pub struct StateDir {
+    /// Where it is (the dirs above it resolved once), for messages and for
+    /// the infra's processes, which open and check it again.
     pub path: PathBuf,
     pub lock_timeout: Duration,
+    fd: Arc<OwnedFd>,
 }
 
 /// The state dir's name under XDG_RUNTIME_DIR. Not `rootless-cni`: podman
@@ -70,6 +84,149 @@ fn default_without_runtime_dir() -> Result<PathBuf> {
     )))
 }
 
+/// How every dir of ours is opened: a symlink in its place is refused.
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW
+}
+
+fn io_error(e: Errno, what: impl std::fmt::Display) -> Error {
+    Error::from(std::io::Error::from(e)).context(what.to_string())
+}
+
+/// The uid the kernel shows for an owner our user namespace does not map.
+fn overflow_uid() -> u32 {
+    fs::read_to_string("/proc/sys/kernel/overflowuid")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65534)
+}
+
+/// Why a dir above the state dir would let another user replace what is
+/// below it, if it would: owned by a user other than us or root, or
+/// writable by group or others without the sticky bit (as /tmp has it).
+/// Inside a user namespace, real root shows as the overflow uid, as does
+/// every other user the namespace does not map: they cannot be told apart
+/// from there, so that uid passes.
+fn unsafe_ancestor(st: &FileStat, me: u32) -> Option<String> {
+    let owner = st.st_uid;
+    let owner_ok = owner == 0
+        || owner == me
+        || (owner == overflow_uid() && !crate::userns::in_initial_user_namespace());
+    if !owner_ok {
+        return Some(format!(
+            "it is owned by uid {owner}, who could replace what is below it"
+        ));
+    }
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
+        return Some(format!(
+            "its mode {mode:o} lets others replace what is below it (writable by group or others, without the sticky bit)"
+        ));
+    }
+    None
+}
+
+/// Opens the state dir at `path` (absolute), creating it 0700 when asked:
+/// the dirs above it are resolved once, then walked down from `/` one
+/// name at a time without following a symlink, each checked; the dir
+/// itself must be a real dir, ours, with no access for group or others.
+/// None when it (or a dir above it) does not exist and `create` is not set.
+fn open_checked(path: &Path, create: bool) -> Result<Option<(PathBuf, OwnedFd)>> {
+    let unsafe_dir = |why: String| {
+        Error::new(
+            code::UNSAFE_STATE_DIR,
+            format!("state dir {} is not safe to use: {why}", path.display()),
+        )
+    };
+    if !path.is_absolute() {
+        return Err(Error::config(format!(
+            "state dir {:?} is not an absolute path",
+            path.display().to_string()
+        )));
+    }
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(unsafe_dir("it names no directory below /".into()));
+    };
+    let parent = match fs::canonicalize(parent) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !create => return Ok(None),
+        Err(e) => return Err(Error::from(e).context(format!("state dir {}", path.display()))),
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let walk = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let root = nix::fcntl::open("/", walk, Mode::empty()).map_err(|e| io_error(e, "opening /"))?;
+    // SAFETY: open just returned this fd; nothing else owns it.
+    let mut dir = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(root) };
+    let mut walked = PathBuf::from("/");
+    let mut components = parent.components().skip(1).peekable();
+    loop {
+        let st = nix::sys::stat::fstat(dir.as_raw_fd())
+            .map_err(|e| io_error(e, format!("state dir {}", path.display())))?;
+        if let Some(why) = unsafe_ancestor(&st, me) {
+            return Err(unsafe_dir(format!("{} above it: {why}", walked.display())));
+        }
+        let Some(next) = components.next() else { break };
+        walked.push(next);
+        dir = sys::openat(dir.as_fd(), next.as_os_str(), walk, 0).map_err(|e| {
+            unsafe_dir(format!(
+                "{} above it changed while it was checked: {e}",
+                walked.display()
+            ))
+        })?;
+    }
+    if create {
+        // 0700 whatever the umask, which can only take bits away.
+        match nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), name, Mode::S_IRWXU) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => {
+                return Err(io_error(
+                    e,
+                    format!("creating state dir {}", path.display()),
+                ))
+            }
+        }
+    }
+    // O_PATH first: another user's dir is checked (and refused) before a
+    // read open could fail on its permissions.
+    let fd = match sys::openat(dir.as_fd(), name, walk, 0) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) if !create => return Ok(None),
+        Err(e @ (Errno::ELOOP | Errno::ENOTDIR)) => {
+            let st = nix::sys::stat::fstatat(
+                Some(dir.as_raw_fd()),
+                name,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            );
+            let kind = st.map(|s| SFlag::from_bits_truncate(s.st_mode) & SFlag::S_IFMT);
+            return Err(unsafe_dir(match kind {
+                Ok(SFlag::S_IFLNK) => "it is a symlink".into(),
+                Ok(_) => "it is not a directory".into(),
+                Err(_) => format!("{e}"),
+            }));
+        }
+        Err(e) => return Err(io_error(e, format!("state dir {}", path.display()))),
+    };
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())
+        .map_err(|e| io_error(e, format!("state dir {}", path.display())))?;
+    if st.st_uid != me {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not by us ({me})",
+            st.st_uid
+        )));
+    }
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(unsafe_dir(format!(
+            "its mode {mode:o} gives other users access to its sockets and records; \
+             run `chmod 700 {}`",
+            path.display()
+        )));
+    }
+    let fd = sys::openat(fd.as_fd(), ".".as_ref(), dir_flags(), 0)
+        .map_err(|e| io_error(e, format!("state dir {}", path.display())))?;
+    Ok(Some((parent.join(name), fd)))
+}
+
 impl StateDir {
     /// The config's `stateDir`, else `$XDG_RUNTIME_DIR/rootless-cni-plugin`,
     /// else the default of `default_without_runtime_dir`.
@@ -89,81 +246,168 @@ impl StateDir {
         }
     }
 
-    /// The dir at `path`, unchecked: for the infra's own processes, which
-    /// the plugin started on a dir it checked.
-    pub fn at(path: PathBuf) -> Self {
+    /// The existing dir at `path`, opened and checked again: for the
+    /// infra's own processes, which the plugin started on a dir it checked.
+    pub fn at(path: PathBuf) -> Result<Self> {
+        StateDir::open_existing(path.clone())?
+            .ok_or_else(|| Error::internal(format!("state dir {} is gone", path.display())))
+    }
+
+    fn from_checked((path, fd): (PathBuf, OwnedFd)) -> Self {
         StateDir {
             path,
             lock_timeout: LOCK_TIMEOUT,
+            fd: Arc::new(fd),
         }
     }
 
     /// Creates the dir if needed (0700) and refuses one that another user
-    /// could tamper with.
+    /// could reach or tamper with.
     pub fn create(path: PathBuf) -> Result<Self> {
-        match fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(Error::from(e).context(format!("creating state dir {}", path.display())))
-            }
-        }
-        let dir = StateDir::at(path);
-        dir.check_safe()?;
-        ensure_dir(&dir.path.join(ATTACHMENTS_DIR))?;
+        let opened = open_checked(&path, true)?
+            .ok_or_else(|| Error::internal(format!("state dir {} vanished", path.display())))?;
+        let dir = StateDir::from_checked(opened);
+        dir.ensure_dir(ATTACHMENTS_DIR)?;
         Ok(dir)
     }
 
     /// Opens an existing state dir; None when there is none (nothing was
     /// ever attached, so there is nothing to do).
     pub fn open_existing(path: PathBuf) -> Result<Option<Self>> {
-        match fs::symlink_metadata(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::from(e).context(format!("state dir {}", path.display()))),
-            Ok(_) => {
-                let dir = StateDir::at(path);
-                dir.check_safe()?;
-                Ok(Some(dir))
-            }
+        Ok(open_checked(&path, false)?.map(StateDir::from_checked))
+    }
+
+    /// The same dir with the config's `lockTimeout`.
+    pub fn with_lock_timeout(self, lock_timeout: Duration) -> Self {
+        StateDir {
+            lock_timeout,
+            ..self
         }
     }
 
-    fn check_safe(&self) -> Result<()> {
-        let meta = fs::symlink_metadata(&self.path)
-            .with_context(|| format!("state dir {}", self.path.display()))?;
-        let unsafe_dir = |why: String| {
-            Err(Error::new(
-                code::UNSAFE_STATE_DIR,
-                format!(
-                    "state dir {} is not safe to use: {why}",
-                    self.path.display()
-                ),
-            ))
-        };
-        if meta.file_type().is_symlink() {
-            return unsafe_dir("it is a symlink".into());
-        }
-        if !meta.is_dir() {
-            return unsafe_dir("it is not a directory".into());
-        }
-        let me = nix::unistd::geteuid().as_raw();
-        if meta.uid() != me {
-            return unsafe_dir(format!(
-                "it is owned by uid {}, not by us ({me})",
-                meta.uid()
-            ));
-        }
-        if meta.mode() & 0o022 != 0 {
-            return unsafe_dir(format!(
-                "its mode {:o} lets others write to it",
-                meta.mode() & 0o7777
-            ));
-        }
-        Ok(())
-    }
-
+    /// Where `name` is, for messages and logs only: access goes through
+    /// the dir's fd.
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+
+    fn dir_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// A path to `name` in the dir through our fd, for what takes only a
+    /// path (binding or connecting a socket); valid while `self` lives.
+    pub fn fd_path(&self, name: &str) -> PathBuf {
+        sys::fd_path(self.dir_fd()).join(name)
+    }
+
+    /// Opens the dir `name` of the state dir, never through a symlink.
+    pub fn open_dir(&self, name: &str) -> Result<OwnedFd> {
+        sys::openat(self.dir_fd(), name.as_ref(), dir_flags(), 0)
+            .map_err(|e| self.open_error(name, e))
+    }
+
+    /// What a failed open of `name` in the state dir says: something other
+    /// than what we made in its place (a symlink) is a tampered state dir.
+    fn open_error(&self, name: &str, e: Errno) -> Error {
+        match e {
+            Errno::ELOOP | Errno::ENOTDIR => Error::new(
+                code::UNSAFE_STATE_DIR,
+                format!(
+                    "state dir {} is not safe to use: {name} in it is a symlink or not what we made; \
+                     it was not followed (remove it if you put it there)",
+                    self.path.display()
+                ),
+            ),
+            e => io_error(e, format!("opening {}", self.file(name).display())),
+        }
+    }
+
+    /// Device and inode of the dir `name`, None when it cannot be opened.
+    pub fn dir_dev_ino(&self, name: &str) -> Option<(u64, u64)> {
+        let dir = self.open_dir(name).ok()?;
+        let st = nix::sys::stat::fstat(dir.as_raw_fd()).ok()?;
+        Some((st.st_dev, st.st_ino))
+    }
+
+    /// The log file `name` for appending (0600, never through a symlink),
+    /// emptied first when it has grown past `max_len`.
+    pub fn open_log(&self, name: &str, max_len: u64) -> Result<fs::File> {
+        let what = || format!("opening {}", self.file(name).display());
+        // O_NONBLOCK: a fifo in its place fails instead of blocking us.
+        let flags = OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_APPEND
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK;
+        let file = sys::openat(self.dir_fd(), name.as_ref(), flags, 0o600)
+            .map(fs::File::from)
+            .map_err(|e| self.open_error(name, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::from(e).context(what()))?;
+        if !meta.is_file() {
+            return Err(Error::internal(format!("{}: not a regular file", what())));
+        }
+        if meta.len() > max_len {
+            file.set_len(0)
+                .map_err(|e| Error::from(e).context(what()))?;
+        }
+        Ok(file)
+    }
+
+    /// Creates the dir `name` (0700) unless it exists.
+    pub fn ensure_dir(&self, name: &str) -> Result<()> {
+        ensure_dir_at(self.dir_fd(), name.as_ref(), &self.file(name))
+    }
+
+    /// Empties the dir `name` by replacing it: what an old infra left is
+    /// meaningless to a new one. Never follows a symlink found inside.
+    pub fn reset_dir(&self, name: &str) -> Result<()> {
+        remove_tree_at(self.dir_fd(), name.as_ref())
+            .map_err(|e| io_error(e, format!("removing {}", self.file(name).display())))?;
+        self.ensure_dir(name)
+    }
+
+    /// Removes the file `name`, if it is there.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        remove_at(self.dir_fd(), name.as_ref(), &self.file(name))
+    }
+
+    /// The JSON file `name`; None when it does not exist.
+    pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
+        read_json_at(self.dir_fd(), name.as_ref(), &self.file(name))
+    }
+
+    /// Writes the JSON file `name` atomically (see `write_json_at`).
+    pub fn write_json<T: Serialize>(
+        &self,
+        name: &str,
+        value: &T,
+        durability: Durability,
+    ) -> Result<()> {
+        write_json_at(
+            self.dir_fd(),
+            name.as_ref(),
+            &self.file(name),
+            value,
+            durability,
+        )
+    }
+
+    /// The attachments dir; None when there is none yet.
+    fn attachments(&self) -> Result<Option<OwnedFd>> {
+        match sys::openat(self.dir_fd(), ATTACHMENTS_DIR.as_ref(), dir_flags(), 0) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(self.open_error(ATTACHMENTS_DIR, e)),
+        }
+    }
+
+    /// The attachments dir, created if a call removed it meanwhile.
+    fn attachments_for_writing(&self) -> Result<OwnedFd> {
+        self.ensure_dir(ATTACHMENTS_DIR)?;
+        self.open_dir(ATTACHMENTS_DIR)
     }
 
     /// Takes the lifecycle lock, waiting at most `lock_timeout`.
@@ -174,11 +418,9 @@ impl StateDir {
     /// The lock for cleaning up after a failure, which must not be given up
     /// as quickly as a call's: at least the default `lockTimeout`.
     pub fn lock_patiently(&self) -> Result<StateLock> {
-        StateDir {
-            path: self.path.clone(),
-            lock_timeout: self.lock_timeout.max(LOCK_TIMEOUT),
-        }
-        .lock()
+        self.clone()
+            .with_lock_timeout(self.lock_timeout.max(LOCK_TIMEOUT))
+            .lock()
     }
 
     /// Taken by ADDs of a network whose inner chain has not yet succeeded
@@ -190,55 +432,105 @@ impl StateDir {
         self.wait_for_lock(FIRST_CHAIN_LOCK_FILE)
     }
 
-    /// The marker that a network's inner chain ran once in this infra with
-    /// these capabilities in use. An empty one does not count: portmap
-    /// makes its chains only for mappings, and containerd sends
+    /// The name of the marker that a network's inner chain ran once in this
+    /// infra with these capabilities in use. An empty one does not count:
+    /// portmap makes its chains only for mappings, and containerd sends
     /// `portMappings: []` for every pod without ports.
-    pub fn warm_marker(&self, network: &str, capabilities: &Map<String, Value>) -> PathBuf {
+    pub fn warm_marker(&self, network: &str, capabilities: &Map<String, Value>) -> String {
         let mut name = escape(network);
         let in_use = capabilities.iter().filter(|(_, v)| !is_empty_arg(v));
         for (cap, _) in in_use {
             name.push('+');
             name.push_str(&escape(cap));
         }
-        self.path.join(WARM_DIR).join(name)
+        name
+    }
+
+    /// Whether the marker `name` (of `warm_marker`) is there.
+    pub fn is_warm(&self, name: &str) -> bool {
+        let Ok(warm) = self.open_dir(WARM_DIR) else {
+            return false;
+        };
+        nix::sys::stat::fstatat(
+            Some(warm.as_raw_fd()),
+            name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .is_ok()
+    }
+
+    /// Leaves the marker `name` (of `warm_marker`).
+    pub fn mark_warm(&self, name: &str) -> Result<()> {
+        let warm = self.open_dir(WARM_DIR)?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW;
+        sys::openat(warm.as_fd(), name.as_ref(), flags, 0o600)
+            .map(drop)
+            .map_err(|e| {
+                io_error(
+                    e,
+                    format!("marking {}", self.file(WARM_DIR).join(name).display()),
+                )
+            })
+    }
+
+    fn open_lock(&self, name: &str) -> Result<fs::File> {
+        self.open_file(name, true)
+    }
+
+    /// Opens the file `name` read-write (made 0600 when `create`), never
+    /// through a symlink.
+    pub fn open_file(&self, name: &str, create: bool) -> Result<fs::File> {
+        let mut flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW;
+        if create {
+            flags |= OFlag::O_CREAT;
+        }
+        sys::openat(self.dir_fd(), name.as_ref(), flags, 0o600)
+            .map(fs::File::from)
+            .map_err(|e| self.open_error(name, e))
     }
 
     fn wait_for_lock(&self, name: &str) -> Result<StateLock> {
-        let path = self.file(name);
-        let mut file = open_lock(&path)?;
+        let mut file = self.open_lock(name)?;
         let deadline = crate::sys::deadline(self.lock_timeout);
         let mut pause = Duration::from_micros(200);
         loop {
-            match file.try_lock() {
-                Ok(true) => return Ok(StateLock { _file: file }),
-                Ok(false) if Instant::now() < deadline => {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(locked) => return Ok(StateLock { _file: locked }),
+                Err((f, Errno::EWOULDBLOCK | Errno::EINTR)) if Instant::now() < deadline => {
+                    file = f;
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(20));
                 }
-                Ok(false) => {
+                Err((_, Errno::EWOULDBLOCK | Errno::EINTR)) => {
                     return Err(Error::new(
                         code::TRY_AGAIN_LATER,
                         format!(
                             "lock {} still held after {}s by another call; try again later (lockTimeout)",
-                            path.display(),
+                            self.file(name).display(),
                             self.lock_timeout.as_secs_f32()
                         ),
                     ))
                 }
-                Err(e) => return Err(Error::internal(format!("locking {}: {e}", path.display()))),
+                Err((_, e)) => {
+                    return Err(Error::internal(format!(
+                        "locking {}: {e}",
+                        self.file(name).display()
+                    )))
+                }
             }
         }
     }
 
     /// The lock if it is free right now; None if another call holds it.
     pub fn try_lock(&self) -> Result<Option<StateLock>> {
-        let path = self.file(LOCK_FILE);
-        let mut file = open_lock(&path)?;
-        match file.try_lock() {
-            Ok(true) => Ok(Some(StateLock { _file: file })),
-            Ok(false) => Ok(None),
-            Err(e) => Err(Error::internal(format!("locking {}: {e}", path.display()))),
+        let file = self.open_lock(LOCK_FILE)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => Ok(Some(StateLock { _file: locked })),
+            Err((_, Errno::EWOULDBLOCK | Errno::EINTR)) => Ok(None),
+            Err((_, e)) => Err(Error::internal(format!(
+                "locking {}: {e}",
+                self.file(LOCK_FILE).display()
+            ))),
         }
     }
 
@@ -251,40 +543,85 @@ impl StateDir {
         key: &AttachmentKey,
         _lock: &StateLock,
     ) -> Result<Option<Attachment>> {
-        read_json(&self.attachment_path(key))
+        let Some(dir) = self.attachments()? else {
+            return Ok(None);
+        };
+        read_json_at(
+            dir.as_fd(),
+            key.file_name().as_ref(),
+            &self.attachment_path(key),
+        )
     }
 
     pub fn write_attachment(&self, rec: &Attachment, _lock: &StateLock) -> Result<()> {
-        write_json_atomic(&self.attachment_path(&rec.key()), rec, Durability::Synced)
+        self.write_record(rec, Durability::Synced)
     }
 
     /// A pending record's progress: atomic, but not worth an fsync (after
     /// a power loss the infra it describes is gone anyway).
     pub fn write_progress(&self, rec: &Attachment) -> Result<()> {
-        write_json_atomic(&self.attachment_path(&rec.key()), rec, Durability::Unsynced)
+        self.write_record(rec, Durability::Unsynced)
+    }
+
+    fn write_record(&self, rec: &Attachment, durability: Durability) -> Result<()> {
+        let key = rec.key();
+        let dir = self.attachments_for_writing()?;
+        write_json_at(
+            dir.as_fd(),
+            key.file_name().as_ref(),
+            &self.attachment_path(&key),
+            rec,
+            durability,
+        )
     }
 
     pub fn remove_attachment(&self, key: &AttachmentKey, _lock: &StateLock) -> Result<()> {
+        let Some(dir) = self.attachments()? else {
+            return Ok(());
+        };
         let path = self.attachment_path(key);
-        remove_if_exists(&temp_path(&path))?;
-        remove_if_exists(&path)
+        let name = key.file_name();
+        remove_at(dir.as_fd(), temp_name(&name).as_ref(), &temp_path(&path))?;
+        remove_at(dir.as_fd(), name.as_ref(), &path)
+    }
+
+    /// The names in the attachments dir (none when there is none).
+    fn attachment_names(&self) -> Result<(Option<OwnedFd>, Vec<String>)> {
+        let Some(dir) = self.attachments()? else {
+            return Ok((None, Vec::new()));
+        };
+        let names = sys::dir_names(dir.as_fd()).map_err(|e| {
+            io_error(
+                e,
+                format!("reading {}", self.file(ATTACHMENTS_DIR).display()),
+            )
+        })?;
+        let names = names
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .collect();
+        Ok((Some(dir), names))
     }
 
     /// Every record, unreadable ones skipped with a warning.
+    /// `list_attachments` for a caller that holds the lock and acts on what
+    /// it reads before letting go.
+    pub fn list_attachments_locked(&self, _lock: &StateLock) -> Result<Vec<Attachment>> {
+        self.list_attachments()
+    }
+
     pub fn list_attachments(&self) -> Result<Vec<Attachment>> {
-        let dir = self.path.join(ATTACHMENTS_DIR);
+        let (dir, names) = self.attachment_names()?;
         let mut out = Vec::new();
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(Error::from(e).context(format!("reading {}", dir.display()))),
+        let Some(dir) = dir else {
+            return Ok(out);
         };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+        for name in names {
+            if name.starts_with('.') || !name.ends_with(".json") {
                 continue;
             }
-            match read_json::<Attachment>(&path) {
+            let path = self.path.join(ATTACHMENTS_DIR).join(&name);
+            match read_json_at::<Attachment>(dir.as_fd(), name.as_ref(), &path) {
                 Ok(Some(a)) => out.push(a),
                 Ok(None) => {}
                 Err(e) => log::warn!("skipping unreadable record {}: {e}", path.display()),
@@ -298,15 +635,17 @@ impl StateDir {
     /// records that are gone. Called when no record is left, so no write is
     /// in progress (every writer has a record).
     pub fn remove_temp_files(&self, _lock: &StateLock) {
-        let Ok(entries) = fs::read_dir(self.path.join(ATTACHMENTS_DIR)) else {
+        let Ok((Some(dir), names)) = self.attachment_names() else {
             return;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
+        for name in names {
             if name.starts_with('.') && name.ends_with(".tmp") {
                 log::info!("removing {name}, left by a call that was killed");
-                let _ = fs::remove_file(entry.path());
+                let _ = nix::unistd::unlinkat(
+                    Some(dir.as_raw_fd()),
+                    name.as_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                );
             }
         }
     }
@@ -323,22 +662,21 @@ impl StateDir {
         ifname: &str,
         _lock: &StateLock,
     ) -> usize {
-        let networks = self.path.join(VAR_LIB_CNI_DIR).join("networks");
-        let Ok(dirs) = fs::read_dir(&networks) else {
+        let networks = self
+            .open_dir(VAR_LIB_CNI_DIR)
+            .ok()
+            .and_then(|d| sys::openat(d.as_fd(), "networks".as_ref(), dir_flags(), 0).ok());
+        let Some(networks) = networks else {
             return 0;
         };
-        let holds = |path: &Path| -> bool {
+        let holds = |dir: BorrowedFd, name: &OsStr| -> bool {
             // O_NOFOLLOW|O_NONBLOCK: a symlink or a fifo planted there is
             // not a lease and must not make us read elsewhere or block.
-            let file = fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(path);
-            let Ok(file) = file.and_then(|f| f.metadata().map(|m| (f, m))) else {
+            let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
+            let Ok(file) = sys::openat(dir, name, flags, 0).map(fs::File::from) else {
                 return false;
             };
-            let (file, meta) = file;
-            if !meta.is_file() {
+            if !file.metadata().is_ok_and(|m| m.is_file()) {
                 return false;
             }
             let mut text = String::new();
@@ -350,22 +688,30 @@ impl StateDir {
             lines.next() == Some(container_id) && lines.next() == Some(ifname)
         };
         let mut released = 0;
-        for dir in dirs
-            .flatten()
-            .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
-        {
-            let Ok(leases) = fs::read_dir(dir.path()) else {
+        for net in sys::dir_names(networks.as_fd()).unwrap_or_default() {
+            // A file or a symlink there is no network's dir: not opened.
+            let Ok(dir) = sys::openat(networks.as_fd(), &net, dir_flags(), 0) else {
                 continue;
             };
-            for lease in leases.flatten() {
-                let name = lease.file_name();
-                let name = name.to_string_lossy();
-                if name == "lock" || name.starts_with("last_reserved_ip") || !holds(&lease.path()) {
+            for lease in sys::dir_names(dir.as_fd()).unwrap_or_default() {
+                let name = lease.to_string_lossy();
+                if name == "lock"
+                    || name.starts_with("last_reserved_ip")
+                    || !holds(dir.as_fd(), &lease)
+                {
                     continue;
                 }
-                match fs::remove_file(lease.path()) {
+                let unlinked = nix::unistd::unlinkat(
+                    Some(dir.as_raw_fd()),
+                    lease.as_os_str(),
+                    UnlinkatFlags::NoRemoveDir,
+                );
+                match unlinked {
                     Ok(()) => released += 1,
-                    Err(e) => log::warn!("releasing lease {}: {e}", lease.path().display()),
+                    Err(e) => log::warn!(
+                        "releasing lease {}: {e}",
+                        Path::new(&net).join(&lease).display()
+                    ),
                 }
             }
         }
@@ -378,31 +724,16 @@ impl StateDir {
     /// True while any record is left (false: the infra may stop). Reads the
     /// dir only, never the records.
     pub fn has_attachments(&self, _lock: &StateLock) -> Result<bool> {
-        let dir = self.path.join(ATTACHMENTS_DIR);
-        match fs::read_dir(&dir) {
-            Ok(mut entries) => Ok(entries.any(|e| {
-                e.ok()
-                    .and_then(|e| {
-                        e.file_name()
-                            .to_str()
-                            .map(|n| n.ends_with(".json") && !n.starts_with('.'))
-                    })
-                    .unwrap_or(false)
-            })),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(Error::from(e).context(format!("reading {}", dir.display()))),
-        }
+        let (_, names) = self.attachment_names()?;
+        Ok(names
+            .iter()
+            .any(|n| n.ends_with(".json") && !n.starts_with('.')))
     }
-}
-
-fn open_lock(path: &Path) -> Result<fslock::LockFile> {
-    fslock::LockFile::open(path)
-        .map_err(|e| Error::internal(format!("opening lock {}: {e}", path.display())))
 }
 
 /// Held while lifecycle and records change; released on drop.
 pub struct StateLock {
-    _file: fslock::LockFile,
+    _file: Flock<fs::File>,
 }
 
 /// An attachment's identity, as the spec defines it.
@@ -532,43 +863,78 @@ pub fn since_epoch() -> Duration {
         .unwrap_or_default()
 }
 
-pub fn ensure_dir(path: &Path) -> Result<()> {
-    match fs::DirBuilder::new().mode(0o700).create(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(Error::from(e).context(format!("creating {}", path.display()))),
+/// Creates the dir `name` in `dir` (0700) unless it exists.
+fn ensure_dir_at(dir: BorrowedFd, name: &OsStr, path: &Path) -> Result<()> {
+    match nix::sys::stat::mkdirat(Some(dir.as_raw_fd()), name, Mode::S_IRWXU) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(e) => Err(io_error(e, format!("creating {}", path.display()))),
     }
 }
 
-/// Empties a dir by replacing it: what an old infra left is meaningless to
-/// a new one.
-pub fn reset_dir(path: &Path) -> Result<()> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::from(e).context(format!("removing {}", path.display()))),
-    }
-    ensure_dir(path)
+/// The dir `name` in `dir`, created (0700) unless it exists, opened
+/// without following a symlink.
+pub fn dir_in(dir: BorrowedFd, name: &str) -> Result<OwnedFd> {
+    let what = || format!("dir {name} of the state dir");
+    ensure_dir_at(dir, name.as_ref(), Path::new(name))?;
+    sys::openat(dir, name.as_ref(), dir_flags(), 0).map_err(|e| io_error(e, what()))
 }
 
-pub fn remove_if_exists(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::from(e).context(format!("removing {}", path.display()))),
+/// Removes `name` in `dir` and, when it is a dir, all below it, each entry
+/// through its own dir's fd: a symlink is removed, never followed.
+fn remove_tree_at(dir: BorrowedFd, name: &OsStr) -> nix::Result<()> {
+    match nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+        Err(Errno::EISDIR) => {}
+        Err(e) => return Err(e),
+    }
+    let sub = sys::openat(dir, name, dir_flags(), 0)?;
+    for entry in sys::dir_names(sub.as_fd())? {
+        remove_tree_at(sub.as_fd(), &entry)?;
+    }
+    match nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::RemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the file `name` in `dir`, if it is there.
+fn remove_at(dir: BorrowedFd, name: &OsStr, path: &Path) -> Result<()> {
+    match nix::unistd::unlinkat(Some(dir.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(io_error(e, format!("removing {}", path.display()))),
     }
 }
 
 /// None when the file does not exist; an empty or truncated file is an
-/// error the caller can treat as stale.
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
-    match fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| Error::internal(format!("{} is corrupt: {e}", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::from(e).context(format!("reading {}", path.display()))),
+/// error the caller can treat as stale. A symlink or anything but a
+/// regular file in its place is an error too, never followed or waited on.
+fn read_json_at<T: DeserializeOwned>(
+    dir: BorrowedFd,
+    name: &OsStr,
+    path: &Path,
+) -> Result<Option<T>> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
+    let mut file = match sys::openat(dir, name, flags, 0) {
+        Ok(fd) => fs::File::from(fd),
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(io_error(e, format!("reading {}", path.display()))),
+    };
+    let is_file = file
+        .metadata()
+        .map_err(|e| Error::from(e).context(format!("reading {}", path.display())))?
+        .is_file();
+    if !is_file {
+        return Err(Error::internal(format!(
+            "{} is corrupt: not a regular file",
+            path.display()
+        )));
     }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| Error::from(e).context(format!("reading {}", path.display())))?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::internal(format!("{} is corrupt: {e}", path.display())))
 }
 
 /// Whether a write is fsynced before the rename: a rename alone already
@@ -579,43 +945,49 @@ pub enum Durability {
     Unsynced,
 }
 
-/// Where `write_json_atomic` writes before the rename: `.NAME.tmp`.
+/// Where `write_json_at` writes before the rename: `.NAME.tmp`.
+fn temp_name(name: &str) -> String {
+    format!(".{name}.tmp")
+}
+
 fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("record");
-    path.with_file_name(format!(".{name}.tmp"))
+    path.with_file_name(temp_name(name))
 }
 
-/// Write to a fresh temporary file (O_EXCL|O_NOFOLLOW), fsync when durable, rename.
-/// A file has one writer at a time (the lock holder, or the owner of a
-/// pending record, whom every other call leaves alone), so the temporary
-/// name is fixed: a write killed half-way leaves it, and the next write or
-/// removal of the same file takes it away, at no cost per call.
-pub fn write_json_atomic<T: Serialize>(
+/// Write to a fresh temporary file in `dir` (O_EXCL|O_NOFOLLOW, 0600),
+/// fsync when durable, rename over `name`. A file has one writer at a time
+/// (the lock holder, or the owner of a pending record, whom every other
+/// call leaves alone), so the temporary name is fixed: a write killed
+/// half-way leaves it, and the next write or removal of the same file
+/// takes it away, at no cost per call.
+fn write_json_at<T: Serialize>(
+    dir: BorrowedFd,
+    name: &OsStr,
     path: &Path,
     value: &T,
     durability: Durability,
 ) -> Result<()> {
     let bytes = serde_json::to_vec(value).map_err(|e| Error::internal(e.to_string()))?;
-    let tmp = temp_path(path);
-    let _ = fs::remove_file(&tmp);
+    let tmp = temp_name(&name.to_string_lossy());
+    let tmp = OsStr::new(&tmp);
+    let unlink = || nix::unistd::unlinkat(Some(dir.as_raw_fd()), tmp, UnlinkatFlags::NoRemoveDir);
+    let _ = unlink();
     let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW;
+        let mut f = fs::File::from(sys::openat(dir, tmp, flags, 0o600)?);
         f.write_all(&bytes)?;
         if durability == Durability::Synced {
             f.sync_all()?;
         }
-        fs::rename(&tmp, path)
+        nix::fcntl::renameat(Some(dir.as_raw_fd()), tmp, Some(dir.as_raw_fd()), name)?;
+        Ok(())
     };
     write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
+        let _ = unlink();
         Error::from(e).context(format!("writing {}", path.display()))
     })
 }

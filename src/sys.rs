@@ -146,3 +146,86 @@ pub fn tail(path: &std::path::Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// openat(2) with O_CLOEXEC: `name` is looked up in `dir` alone (give
+/// O_NOFOLLOW to refuse a symlink there).
+pub fn openat(
+    dir: std::os::fd::BorrowedFd,
+    name: &std::ffi::OsStr,
+    flags: OFlag,
+    mode: u32,
+) -> nix::Result<OwnedFd> {
+    let mode = nix::sys::stat::Mode::from_bits_truncate(mode as libc::mode_t);
+    let fd = nix::fcntl::openat(Some(dir.as_raw_fd()), name, flags | OFlag::O_CLOEXEC, mode)?;
+    // SAFETY: openat just returned this fd; nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// The names in the dir `dir` is open on (not `.` and `..`), read through
+/// a fresh open of it, so that `dir`'s own offset is left alone.
+pub fn dir_names(dir: std::os::fd::BorrowedFd) -> nix::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStrExt;
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let mut d = nix::dir::Dir::openat(
+        Some(dir.as_raw_fd()),
+        ".",
+        flags,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let mut names = Vec::new();
+    for entry in d.iter() {
+        let name = entry?.file_name().to_bytes().to_vec();
+        if name != b"." && name != b".." {
+            names.push(std::ffi::OsStr::from_bytes(&name).to_os_string());
+        }
+    }
+    Ok(names)
+}
+
+/// A path naming what `fd` is open on, for the calls that take a path
+/// only (mount sources, socket addresses): resolving it re-resolves no
+/// name of the path `fd` was opened by.
+pub fn fd_path(fd: std::os::fd::BorrowedFd) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// A pidfd for `pid` (Linux ≥ 5.3), or None when the kernel has none or
+/// the process is gone. It names that very process from now on: a signal
+/// sent through it never reaches a later process given the same PID.
+pub fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a PID and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: the fd was just returned to us and is owned by no one else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` through a pidfd; true when delivered (false once the
+/// process has exited, even if its PID was reused since).
+pub fn pidfd_send_signal(pidfd: &OwnedFd, sig: nix::sys::signal::Signal) -> bool {
+    // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        ) == 0
+    }
+}
+
+/// Takes an exclusive flock on `file` without waiting: Ok(false) when
+/// another open file holds it. Released when the last fd of this open
+/// file is closed, by the kernel when its holder dies.
+pub fn try_flock(file: &std::fs::File) -> std::io::Result<bool> {
+    // SAFETY: flock takes an fd we own for the call and plain flags.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    match std::io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        e => Err(e),
+    }
+}

@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::{Lab, LAB_PATH, NET};
+use common::{Container, Lab, NET};
 use serde_json::Value;
 use std::fs;
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,41 +23,10 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-struct Victim(Child);
-impl Drop for Victim {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A process of the lab user, in a network and mount namespace of its own:
 /// someone else's container as far as the plugin is concerned.
-fn victim(lab: &Lab) -> Victim {
-    let u = lab.uid.to_string();
-    let child = Command::new("/usr/bin/setpriv")
-        .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-        .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-        .arg(format!("--target={}", lab.holder))
-        .args(["--", "unshare", "--net", "--mount", "sleep", "infinity"])
-        .env_clear()
-        .env("PATH", LAB_PATH)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let v = Victim(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        != "sleep"
-    {
-        assert!(Instant::now() < deadline);
-        thread::sleep(Duration::from_millis(10));
-    }
+fn victim(lab: &Lab) -> Container {
+    let v = lab.container_with(&["--net", "--mount"]);
     thread::sleep(Duration::from_millis(100));
     v
 }
@@ -96,7 +64,7 @@ fn dead_infra_cleanup_spares_a_stranger_in_reused_namespaces() {
     thread::sleep(Duration::from_millis(200));
     // Then someone else makes a container.
     let v = victim(&lab);
-    let pid = v.0.id();
+    let pid = v.pid;
     let (net, mnt) = (ns(pid, "net").unwrap(), ns(pid, "mnt").unwrap());
     let natural = info["netns"] == net && info["mntns"] == mnt;
     eprintln!(

@@ -13,11 +13,17 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use support::{install_plugin, spawn, Call};
 
-/// A dir the lab user's inner plugins may write their marks into.
-fn plugin_dir(lab: &Lab) -> std::path::PathBuf {
+/// Installs the inner plugin `name`, `script` with DIR standing for a dir
+/// the lab user may write its marks into; that dir.
+fn install_marking_plugin(lab: &Lab, name: &str, script: &str) -> std::path::PathBuf {
     let dir = lab.dir.join("plugin-marks");
     std::fs::create_dir_all(&dir).expect("mkdir plugin-marks");
     std::os::unix::fs::chown(&dir, Some(lab.uid), Some(lab.uid)).expect("chown plugin-marks");
+    install_plugin(
+        lab,
+        name,
+        &script.replace("DIR", &dir.display().to_string()),
+    );
     dir
 }
 
@@ -63,12 +69,7 @@ fn del_finishes_what_a_failed_rollback_left() {
     let Some(lab) = Lab::new("failed_rollback") else {
         return;
     };
-    let marks = plugin_dir(&lab);
-    install_plugin(
-        &lab,
-        "flaky",
-        &FLAKY.replace("DIR", &marks.display().to_string()),
-    );
+    let marks = install_marking_plugin(&lab, "flaky", FLAKY);
     let conf = conf_with("flaky", None).to_string();
     let c = lab.container();
     let made = marks.join("made");
@@ -129,12 +130,7 @@ fn add_that_cannot_record_its_result_undoes_itself() {
     let Some(lab) = Lab::new("add_lock_lost") else {
         return;
     };
-    let marks = plugin_dir(&lab);
-    install_plugin(
-        &lab,
-        "slowadd",
-        &SLOWADD.replace("DIR", &marks.display().to_string()),
-    );
+    let marks = install_marking_plugin(&lab, "slowadd", SLOWADD);
     let mut conf = conf_with("slowadd", Some(1));
     let port = free_tcp_port();
     conf["runtimeConfig"] = json!({"portMappings": [

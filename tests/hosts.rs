@@ -66,6 +66,16 @@ fn assert_host_is(lab: &Lab, host: Host, runtime_dir: RuntimeDir) {
     }
 }
 
+/// The core flow in a lab `name` whose host is `host` with `runtime_dir`,
+/// once the lab shows it is.
+fn core_flow_on(name: &str, host: Host, runtime_dir: RuntimeDir) {
+    let Some(lab) = lab(name, host, runtime_dir) else {
+        return;
+    };
+    assert_host_is(&lab, host, runtime_dir);
+    core_flow(&lab);
+}
+
 /// Two containers through cnitool: ADD, CHECK, pings, DEL, nothing left.
 fn core_flow(lab: &Lab) {
     let (c1, c2) = (lab.container(), lab.container());
@@ -91,29 +101,17 @@ fn core_flow(lab: &Lab) {
 
 #[test]
 fn a_used_host_attaches_pings_and_detaches_through_cnitool() {
-    let Some(lab) = lab("used_host", Host::Used, RuntimeDir::LabDir) else {
-        return;
-    };
-    assert_host_is(&lab, Host::Used, RuntimeDir::LabDir);
-    core_flow(&lab);
+    core_flow_on("used_host", Host::Used, RuntimeDir::LabDir);
 }
 
 #[test]
 fn a_logind_runtime_dir_attaches_pings_and_detaches_through_cnitool() {
-    let Some(lab) = lab("logind_run", Host::Pristine, RuntimeDir::Logind) else {
-        return;
-    };
-    assert_host_is(&lab, Host::Pristine, RuntimeDir::Logind);
-    core_flow(&lab);
+    core_flow_on("logind_run", Host::Pristine, RuntimeDir::Logind);
 }
 
 #[test]
 fn a_used_host_with_a_logind_runtime_dir_attaches_pings_and_detaches() {
-    let Some(lab) = lab("used_logind", Host::Used, RuntimeDir::Logind) else {
-        return;
-    };
-    assert_host_is(&lab, Host::Used, RuntimeDir::Logind);
-    core_flow(&lab);
+    core_flow_on("used_logind", Host::Used, RuntimeDir::Logind);
 }
 
 /// A runtime's own call of the plugin (no libcni cache of the user's) on a

@@ -10,9 +10,9 @@
 
 mod common;
 
-use common::host_tools::skip_without;
 use common::podman::{
-    assert_page_on_host, run_root, user_clone, web_container_args, RootlessPodman, IMAGE,
+    assert_page_on_host, only_attachment, run_root, skip_without_rootless_podman, user_clone,
+    web_container_args, RootlessPodman, IMAGE,
 };
 use common::{free_tcp_port, Lab, LAB_PATH};
 use serde_json::json;
@@ -180,24 +180,7 @@ fn host_package_state() -> (bool, bool, bool) {
 #[test]
 fn debian_package_installs_serves_rootless_podman_and_removes_cleanly() {
     let test = "debian_package";
-    if skip_without(
-        test,
-        &[
-            "podman",
-            "runc",
-            "conmon",
-            "slirp4netns",
-            "newuidmap",
-            "newgidmap",
-            "curl",
-            "tar",
-            "apt-get",
-            "dpkg",
-            "dpkg-deb",
-            "dpkg-query",
-            "bash",
-        ],
-    ) {
+    if skip_without_rootless_podman(test, &["dpkg", "dpkg-query", "bash"]) {
         return;
     }
     let Some(lab) = Lab::new(test) else {
@@ -286,13 +269,9 @@ fn debian_package_installs_serves_rootless_podman_and_removes_cleanly() {
     assert_page_on_host(port);
     let status = pm.user_run(&["rootless-cni", "status", "--json"]);
     let status = status.json().unwrap_or_else(|| panic!("status: {status}"));
-    let attachments = status["attachments"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(attachments.len(), 1, "{status}");
+    let attachment = only_attachment(&status);
     assert_eq!(
-        attachments[0]["ports"],
+        attachment["ports"],
         json!([format!("127.0.0.1:{port}/tcp -> container port 80")]),
         "{status}"
     );

@@ -9,13 +9,14 @@
 
 mod common;
 
+use common::net::http_get;
 use common::{
     example_conflist, host_global_ipv4, outer, plugin_stdin, result_ipv4, Container, HostServer,
     Lab, Out, NET, SLIRP_HOST,
 };
 use serde_json::{json, Value};
-use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -322,25 +323,6 @@ fn have_python3() -> bool {
 
 // ---------------------------------------------------------------------------
 // Clients on the host
-
-/// GET / over HTTP/1.0: the body of a 200 answer.
-fn http_get(addr: SocketAddr) -> Result<String, String> {
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    conn.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer)
-        .map_err(|e| format!("read from {addr}: {e} (got {answer:?})"))?;
-    match answer.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
-            Ok(body.to_string())
-        }
-        _ => Err(format!("{addr}: not a 200 answer: {answer:?}")),
-    }
-}
 
 /// Asserts that GET http://`addr`/ answers `body`.
 fn assert_serves(addr: SocketAddr, body: &str, what: &str) {
@@ -922,4 +904,89 @@ fn go_cased_mappings_builtin() {
 #[test]
 fn go_cased_mappings_slirp4netns() {
     go_cased_mappings("slirp4netns");
+}
+
+// ---------------------------------------------------------------------------
+// One (protocol, host port) serves one container. Inside the infra every
+// forward lands on tap0's address and portmap tells forwards apart by
+// protocol and port alone, so the same port from a second host address
+// would reach the first container: such an ADD is refused with code 107.
+
+fn one_port_one_container(driver: &str) {
+    let Some(lab) = lab_for("p_oneport", driver) else {
+        return;
+    };
+    let (c1, c2) = (lab.container(), lab.container());
+    let p = free_port();
+    add(&lab, &c1, &[mapping("tcp", p, 80, Some("127.0.0.1"))]);
+    let body = format!("container 1, {driver}\n");
+    let web = httpd(&lab, &c1, 80, &body);
+
+    let mut refused = vec![
+        (
+            "another loopback address",
+            mapping("tcp", p, 80, Some("127.0.0.2")),
+        ),
+        ("every address", mapping("tcp", p, 80, Some("0.0.0.0"))),
+    ];
+    if driver == "builtin" {
+        refused.push(("IPv6 loopback", mapping("tcp", p, 80, Some("::1"))));
+    }
+    for (what, m) in refused {
+        let out = plugin_add(&lab, driver, "container-2", &c2, &[m]);
+        let err = cni_error(&out, &format!("ADD of container 2 on port {p}, {what}"));
+        assert_eq!(err.code, HOST_PORT_CODE, "{what}: {out}");
+        assert!(
+            err.mentions(&p.to_string()),
+            "{what}: the port is not named: {out}"
+        );
+        assert_eq!(
+            lab.attachment_files().len(),
+            1,
+            "{what}: records after the refusal"
+        );
+    }
+    assert_serves(at(LOCALHOST, p), &body, "container 1 after the refusals");
+
+    // The other protocol on the same port is another forward: allowed, and
+    // each container gets its own traffic.
+    let mut servers = vec![web];
+    if have_python3() {
+        add(&lab, &c2, &[mapping("udp", p, 53, Some("127.0.0.1"))]);
+        servers.push(udp_echo_server(&lab, &c2, 53, "container 2: "));
+        assert_echoes(at(LOCALHOST, p), "container 2: ", "UDP to container 2");
+        assert_serves(at(LOCALHOST, p), &body, "TCP still to container 1");
+        del(&lab, &c2);
+    }
+
+    // One ADD's own mappings: the same port to two container ports is as
+    // ambiguous, and refused before anything is touched.
+    let q = free_port();
+    let out = plugin_add(
+        &lab,
+        driver,
+        "container-2",
+        &c2,
+        &[
+            mapping("tcp", q, 80, Some("127.0.0.1")),
+            mapping("tcp", q, 81, Some("127.0.0.2")),
+        ],
+    );
+    let err = cni_error(&out, "one ADD publishing a port twice");
+    assert_eq!(err.code, HOST_PORT_CODE, "{out}");
+    assert_port_free(q, false, "after the refused ADD");
+
+    del(&lab, &c1);
+    stop_all(&lab, servers);
+    lab.assert_no_infra(&format!("{driver}: after DEL"));
+}
+
+#[test]
+fn one_port_one_container_builtin() {
+    one_port_one_container("builtin");
+}
+
+#[test]
+fn one_port_one_container_slirp4netns() {
+    one_port_one_container("slirp4netns");
 }

@@ -24,7 +24,7 @@
 mod common;
 
 use common::host_tools::skip_without;
-use common::podman::{user_clone, RootlessPodman, IMAGE};
+use common::podman::{skip_without_rootless_podman, user_clone, RootlessPodman, IMAGE};
 use common::{free_tcp_port, Lab, LAB_PATH};
 use std::fs;
 use std::path::Path;
@@ -60,23 +60,7 @@ fn substitute(text: &str, from: &str, to: &str) -> String {
 #[test]
 fn readme_rootless_podman_steps_work_as_written() {
     let test = "readme_rootless_podman";
-    if skip_without(
-        test,
-        &[
-            "podman",
-            "runc",
-            "conmon",
-            "slirp4netns",
-            "newuidmap",
-            "newgidmap",
-            "curl",
-            "tar",
-            "apt-get",
-            "dpkg-deb",
-            "bash",
-            "sed",
-        ],
-    ) {
+    if skip_without_rootless_podman(test, &["bash", "sed"]) {
         return;
     }
     let Some(lab) = Lab::new(test) else {

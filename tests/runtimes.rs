@@ -29,8 +29,9 @@ mod common;
 
 use common::host_tools::{busybox_static, is_static_elf, skip_without, write_user_files};
 use common::podman::{
-    assert_page_on_host, busybox_rootfs_tar, leftovers_but, ns_of, private_mount_ns_holder, retry,
-    root_command, run_root, web_container_args, RootlessPodman, IMAGE, PAGE, PODMAN_NET, ULIMITS,
+    assert_page_on_host, busybox_rootfs_tar, leftovers_but, ns_of, only_attachment,
+    private_mount_ns_holder, retry, root_command, run_root, skip_without_rootless_podman,
+    web_container_args, RootlessPodman, IMAGE, PAGE, PODMAN_NET, PODMAN_TOOLS, ULIMITS,
 };
 use common::{
     example_conflist, free_tcp_port, plugin_stdin, result_ipv4, run_command, Host, Lab, LabOptions,
@@ -738,19 +739,7 @@ fn podman_prerequisites(test: &str) -> bool {
         eprintln!("skipping {test}: podman runs as root here");
         return false;
     }
-    !skip_without(
-        test,
-        &[
-            "podman",
-            "runc",
-            "conmon",
-            "slirp4netns",
-            "curl",
-            "tar",
-            "apt-get",
-            "dpkg-deb",
-        ],
-    )
+    !skip_without(test, &PODMAN_TOOLS)
 }
 
 #[test]
@@ -846,21 +835,7 @@ fn podman_publishes_a_port_through_rootless_cni() {
 #[test]
 fn rootless_podman_publishes_a_port_through_rootless_cni() {
     let test = "rootless_podman_publishes_a_port";
-    if skip_without(
-        test,
-        &[
-            "podman",
-            "runc",
-            "conmon",
-            "slirp4netns",
-            "newuidmap",
-            "newgidmap",
-            "curl",
-            "tar",
-            "apt-get",
-            "dpkg-deb",
-        ],
-    ) {
+    if skip_without_rootless_podman(test, &[]) {
         return;
     }
     let Some(lab) = Lab::new("rootless_podman") else {
@@ -895,18 +870,14 @@ fn rootless_podman_publishes_a_port_through_rootless_cni() {
 
     let status = pm.status();
     assert!(status["infra"].is_object(), "no infra: {status}");
-    let attachments = status["attachments"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(attachments.len(), 1, "{status}");
+    let attachment = only_attachment(&status);
     assert_eq!(
-        attachments[0]["addresses"],
+        attachment["addresses"],
         json!([format!("{ip}/24")]),
         "{status}"
     );
     assert_eq!(
-        attachments[0]["ports"],
+        attachment["ports"],
         json!([format!("127.0.0.1:{port}/tcp -> container port 80")]),
         "podman passed no portMappings: {status}"
     );

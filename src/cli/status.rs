@@ -42,6 +42,15 @@ pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> Result<()> {
             if i.settings.allow_host_loopback { "allowed" } else { "blocked" },
         ),
     }
+    if let Some(i) = &info {
+        match crate::infra::slirp::outbound_down(i) {
+            None => println!(
+                "outbound:    up (slirp4netns restarted {} time(s))",
+                i.outbound.restarts
+            ),
+            Some(why) => println!("outbound:    DOWN: {why}"),
+        }
+    }
     println!("attachments: {}", attachments.len());
     if !attachments.is_empty() {
         println!(
@@ -73,6 +82,19 @@ fn infra_json(i: &InfraInfo) -> Value {
         "mtu": i.settings.mtu,
         "allowHostLoopback": i.settings.allow_host_loopback,
         "idleTimeoutSeconds": i.settings.idle_timeout_secs,
+        "outbound": outbound_json(i),
+    })
+}
+
+/// Whether the infra's way out works, and slirp4netns's restarts.
+fn outbound_json(i: &InfraInfo) -> Value {
+    let down = crate::infra::slirp::outbound_down(i);
+    json!({
+        "up": down.is_none(),
+        "restarts": i.outbound.restarts,
+        "failedRestarts": i.outbound.down.as_ref().map_or(0, |d| d.failed_restarts),
+        "downSince": i.outbound.down.as_ref().map(|d| d.since),
+        "error": down,
     })
 }
 

@@ -63,6 +63,7 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
                 ),
             ));
         }
+        refuse_shared_ports(&state, &lock, &key, &info, &mappings)?;
         record.infra = info.sandbox;
         state.write_attachment(&record, &lock)?;
         (info, started, orphaned)
@@ -113,11 +114,11 @@ fn attach(
     published: &mut bool,
 ) -> std::result::Result<Vec<u8>, Failure> {
     let warm = state.warm_marker(&list.name, &conf.runtime_config);
-    let first_chain = match warm.exists() {
+    let first_chain = match state.is_warm(&warm) {
         true => None,
         // The first ADD we waited for may have warmed the network: then
         // the chains exist and the waiters need not run one by one.
-        false => Some(state.first_chain_lock()?).filter(|_| !warm.exists()),
+        false => Some(state.first_chain_lock()?).filter(|_| !state.is_warm(&warm)),
     };
     publish_ports(state, &record.key(), mappings)?;
     *published = true;
@@ -149,8 +150,8 @@ fn attach(
         left: !f.undone,
     })?;
     if first_chain.is_some() {
-        if let Err(e) = std::fs::write(&warm, b"") {
-            log::warn!("marking {} warm: {e}", warm.display());
+        if let Err(e) = state.mark_warm(&warm) {
+            log::warn!("{e}");
         }
     }
     drop(first_chain);
@@ -257,6 +258,48 @@ fn abort(
         log::warn!("cleaning up after the failed ADD: {e}");
     }
     failure.error
+}
+
+/// Inside the infra every forward lands on the same address (tap0's), and
+/// the inner portmap matches only protocol and port: two forwards of one
+/// (protocol, port) from different host addresses would both reach
+/// whichever container's rule comes first. Such a mapping is refused (code
+/// 107, naming who has the port); `ports::from_runtime_config` refuses
+/// the same among one ADD's own mappings.
+fn refuse_shared_ports(
+    state: &StateDir,
+    lock: &state::StateLock,
+    key: &AttachmentKey,
+    info: &InfraInfo,
+    mappings: &[PortMapping],
+) -> Result<()> {
+    if mappings.is_empty() {
+        return Ok(());
+    }
+    // Ports are open for a ready attachment and for an ADD under way; a
+    // failed one closed its own.
+    let holds_ports = |r: &Attachment| {
+        r.key() != *key
+            && r.infra == info.sandbox
+            && match r.state {
+                AttachmentState::Ready => true,
+                AttachmentState::Pending => r.owner.is_some_and(|o| o.is_alive()),
+                AttachmentState::Failed => false,
+            }
+    };
+    let others = state.list_attachments_locked(lock)?;
+    for rec in others.iter().filter(|r| holds_ports(r)) {
+        let theirs = ports::from_runtime_config(&rec.capability_args).unwrap_or_default();
+        for m in mappings {
+            if let Some(t) = theirs.iter().find(|t| t.shares_infra_port(m)) {
+                return Err(ports::shared_port(
+                    m,
+                    &format!("container {} ({})", rec.container_id, t.describe()),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether the record under `record`'s key is still the one this ADD wrote.

@@ -22,10 +22,7 @@ fn state_dir(conf: &NetConf, create: bool) -> Result<Option<StateDir>> {
     } else {
         StateDir::open_existing(path)?
     };
-    Ok(dir.map(|d| StateDir {
-        lock_timeout: conf.lock_timeout,
-        ..d
-    }))
+    Ok(dir.map(|d| d.with_lock_timeout(conf.lock_timeout)))
 }
 
 /// The state dir for DEL and GC, which only undo: None when there is none,

@@ -17,7 +17,12 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
         .and_then(|d| d.ok_or_else(|| Error::internal("no state dir")))
         .map_err(unavailable)?;
     match infra::running(&state, &state.lock()?)? {
-        Some(info) => super::network_verb(list, binaries, &info, env, conf, Verb::Status, None),
+        Some(info) => {
+            if let Some(why) = infra::slirp::outbound_down(&info) {
+                return Err(Error::new(code::LIMITED_CONNECTIVITY, why));
+            }
+            super::network_verb(list, binaries, &info, env, conf, Verb::Status, None)
+        }
         None => can_start_infra().map_err(|msg| Error::new(code::PLUGIN_NOT_AVAILABLE, msg)),
     }
 }

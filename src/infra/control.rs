@@ -4,7 +4,7 @@
 
 use crate::error::{code, Error, Result};
 use crate::ports::{Driver, PortMapping};
-use crate::state::{self, StateDir};
+use crate::state::StateDir;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -23,21 +23,38 @@ pub enum Request {
     RemovePorts {
         key: String,
     },
+    /// What the supervisor knows of its infra: how a caller that finds
+    /// infra.json unreadable learns it, instead of starting a second infra.
+    Info,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Response {
     pub error: Option<String>,
     pub code: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<super::InfraInfo>,
 }
 
 /// Sends `req` to the supervisor of the infra in `state`.
 pub fn call(state: &StateDir, req: &Request) -> Result<()> {
+    exchange(state, req).map(drop)
+}
+
+/// The running supervisor's own record of its infra.
+pub fn info(state: &StateDir) -> Result<super::InfraInfo> {
+    exchange(state, &Request::Info)?
+        .info
+        .ok_or_else(|| Error::internal("the supervisor did not say what its infra is"))
+}
+
+fn exchange(state: &StateDir, req: &Request) -> Result<Response> {
     let path = state.file(SOCKET);
     let fail = |e: std::io::Error| {
         Error::internal(format!("infra control socket {}: {e}", path.display()))
     };
-    let mut conn = UnixStream::connect(&path).map_err(fail)?;
+    // Through the state dir's fd: no name above it is looked up again.
+    let mut conn = UnixStream::connect(state.fd_path(SOCKET)).map_err(fail)?;
     conn.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
     let mut line = serde_json::to_vec(req).map_err(|e| Error::internal(e.to_string()))?;
     line.push(b'\n');
@@ -48,24 +65,25 @@ pub fn call(state: &StateDir, req: &Request) -> Result<()> {
         Error::internal(format!("infra control socket: bad answer {answer:?}: {e}"))
     })?;
     match resp.error {
-        None => Ok(()),
+        None => Ok(resp),
         Some(msg) => Err(Error::new(resp.code.unwrap_or(code::INTERNAL), msg)),
     }
 }
 
 /// The supervisor's end. The socket lives in the 0700 state dir, so only
-/// the user can reach it.
+/// the user can reach it, and is made under umask 077 (see main), so it is
+/// 0600 itself.
 pub fn listen(state: &StateDir) -> Result<UnixListener> {
     let path = state.file(SOCKET);
-    state::remove_if_exists(&path)?;
-    let listener = UnixListener::bind(&path)
+    state.remove(SOCKET)?;
+    let listener = UnixListener::bind(state.fd_path(SOCKET))
         .map_err(|e| Error::internal(format!("binding {}: {e}", path.display())))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
 
 /// Answers one waiting request, if any.
-pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver) {
+pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super::InfraInfo) {
     let Ok((conn, _)) = listener.accept() else {
         return;
     };
@@ -75,12 +93,16 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver) {
     let response = match BufReader::new(&conn).read_line(&mut line) {
         Err(e) => Response {
             error: Some(format!("reading the request: {e}")),
-            code: None,
+            ..Response::default()
         },
         Ok(_) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response {
                 error: Some(format!("bad request: {e}")),
-                code: None,
+                ..Response::default()
+            },
+            Ok(Request::Info) => Response {
+                info: Some(info.clone()),
+                ..Response::default()
             },
             Ok(req) => handle(req, driver),
         },
@@ -97,12 +119,14 @@ fn handle(req: Request, driver: &mut dyn Driver) -> Response {
             driver.remove(&key);
             Ok(())
         }
+        Request::Info => Ok(()),
     };
     match outcome {
         Ok(()) => Response::default(),
         Err(e) => Response {
             error: Some(e.to_string()),
             code: Some(e.code),
+            info: None,
         },
     }
 }

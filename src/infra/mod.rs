@@ -15,7 +15,6 @@ use crate::sys;
 use serde::{Deserialize, Serialize};
 
 pub use crate::cni::config::PortDriver;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -70,16 +69,23 @@ pub struct InfraInfo {
     pub mntns: u64,
     pub slirp4netns: Option<ProcessId>,
     pub userns: u64,
+    /// The supervisor's PID namespace: the PIDs above mean these processes
+    /// only there (0 in a record of a version that did not keep it).
+    #[serde(default)]
+    pub pidns: u64,
     /// Seconds since the epoch.
     pub started: u64,
     pub settings: Settings,
+    /// slirp4netns's restarts, and whether it is down now.
+    #[serde(default)]
+    pub outbound: slirp::Outbound,
 }
 
 impl InfraInfo {
-    /// The recorded infra, if the record is readable. A corrupt record is a
-    /// dead infra, never an error: a crash may have left it.
+    /// The recorded infra, if the record is readable. A corrupt record is
+    /// no infra here; `running` asks a supervisor that still runs.
     pub fn load(state: &StateDir) -> Option<Self> {
-        match state::read_json::<InfraInfo>(&state.file(state::INFRA_FILE)) {
+        match state.read_json::<InfraInfo>(state::INFRA_FILE) {
             Ok(info) => info,
             Err(e) => {
                 log::warn!("ignoring {e}");
@@ -96,12 +102,29 @@ impl InfraInfo {
             && procfs::ns_inode(format!("/proc/{}/ns/net", self.sandbox.pid)) == Some(self.netns)
     }
 
+    /// The sandbox's /run and /var/lib/cni are still the state dir's `run/`
+    /// and `var-lib-cni/`: a mount whose mountpoint the caller's mount
+    /// namespace deleted is detached by the kernel, and a deleted source
+    /// leaves a `//deleted` mount that no file can be made in. When the
+    /// sandbox's side cannot be looked at, that is not proof of damage.
+    pub fn mounts_ok(&self, state: &StateDir) -> bool {
+        let root = format!("/proc/{}/root", self.sandbox.pid);
+        [
+            ("run", state::RUN_DIR),
+            ("var/lib/cni", state::VAR_LIB_CNI_DIR),
+        ]
+        .iter()
+        .all(|(inside, ours)| {
+            use std::os::unix::fs::MetadataExt;
+            match std::fs::metadata(std::path::Path::new(&root).join(inside)) {
+                Err(_) => true,
+                Ok(m) => m.nlink() > 0 && Some((m.dev(), m.ino())) == dir_id(state, ours),
+            }
+        })
+    }
+
     pub fn save(&self, state: &StateDir) -> Result<()> {
-        state::write_json_atomic(
-            &state.file(state::INFRA_FILE),
-            self,
-            state::Durability::Synced,
-        )
+        state.write_json(state::INFRA_FILE, self, state::Durability::Synced)
     }
 
     /// Each process with what its command line must hold to be ours.
@@ -116,17 +139,93 @@ impl InfraInfo {
     }
 }
 
-/// The running infra, or None. A dead infra's leftovers are cleaned up.
-pub fn running(state: &StateDir, _lock: &StateLock) -> Result<Option<InfraInfo>> {
-    let Some(info) = InfraInfo::load(state) else {
-        return Ok(None);
+/// Held (flock) by the supervisor for as long as it runs, released by the
+/// kernel when it dies however it dies: whether an infra still runs does not
+/// depend on infra.json being readable, nor on its PIDs being visible from
+/// the caller's PID namespace.
+pub const ALIVE_LOCK: &str = "infra.lck";
+
+/// How long a caller waits for a supervisor that is shutting down to let go
+/// of the lock (its own teardown waits up to STOP_TIMEOUT for leftovers).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The supervisor's side of `ALIVE_LOCK`; refuses when another supervisor
+/// holds it. Close-on-exec: the sandbox and slirp4netns do not hold it.
+pub fn hold_alive_lock(state: &StateDir) -> Result<std::fs::File> {
+    let path = state.file(ALIVE_LOCK);
+    let file = state.open_file(ALIVE_LOCK, true)?;
+    match sys::try_flock(&file) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(Error::new(
+            code::INFRA_START,
+            format!(
+                "another infra's supervisor holds {}: not starting a second infra",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(Error::new(
+            code::INFRA_START,
+            format!("locking {}: {e}", path.display()),
+        )),
+    }
+}
+
+/// Whether a supervisor holds `ALIVE_LOCK` after up to `wait` (one that
+/// is shutting down lets go within it). A lock file we cannot open says
+/// nothing: an older supervisor did not take it, and none is there when
+/// no supervisor made it.
+fn supervisor_holds_lock(state: &StateDir, wait: Duration) -> bool {
+    let Ok(file) = state.open_file(ALIVE_LOCK, false) else {
+        return false;
     };
+    let deadline = sys::deadline(wait);
+    loop {
+        match sys::try_flock(&file) {
+            // Taken only to look: released at once (dropped with the file).
+            Ok(true) | Err(_) => return false,
+            Ok(false) if Instant::now() >= deadline => return true,
+            Ok(false) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// The running infra, or None. A dead infra's leftovers are cleaned up,
+/// and a broken one (its mounts are not the state dir's) is stopped: its
+/// attachments are then lost.
+pub fn running(state: &StateDir, lock: &StateLock) -> Result<Option<InfraInfo>> {
+    let info = match InfraInfo::load(state) {
+        Some(info) => info,
+        None => match unrecorded_supervisor(state)? {
+            Some(info) => info,
+            None => {
+                // A torn record of a dead infra, or none at all.
+                forget_infra_files(state)?;
+                return Ok(None);
+            }
+        },
+    };
+    let my_pidns = procfs::self_ns_inode("pid").unwrap_or(0);
+    if info.pidns != 0 && my_pidns != 0 && info.pidns != my_pidns {
+        return Err(other_pid_namespace(state, &info, my_pidns));
+    }
     if info.is_alive() {
         let mine = procfs::self_ns_inode("user").unwrap_or(0);
         if info.userns != mine {
             join_infra_userns(state, &info, mine)?;
         }
-        return Ok(Some(info));
+        if info.mounts_ok(state) {
+            return Ok(Some(info));
+        }
+        log::warn!(
+            "the infra's /run or /var/lib/cni is no longer the state dir's (deleted under it?); replacing the infra, its attachments are lost"
+        );
+        stop(state, lock, &info)?;
+        return Ok(None);
+    }
+    if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
+        // /proc says the recorded processes are gone, yet a supervisor
+        // runs: the record's PIDs mean other processes from here.
+        return Err(other_pid_namespace(state, &info, my_pidns));
     }
     log::info!(
         "infra recorded in {} is gone; cleaning up",
@@ -137,12 +236,58 @@ pub fn running(state: &StateDir, _lock: &StateLock) -> Result<Option<InfraInfo>>
     Ok(None)
 }
 
+/// infra.json is missing or unreadable: a supervisor that still runs says
+/// what its infra is, and the record is written again. None when no
+/// supervisor runs.
+fn unrecorded_supervisor(state: &StateDir) -> Result<Option<InfraInfo>> {
+    if !supervisor_holds_lock(state, SHUTDOWN_GRACE) {
+        return Ok(None);
+    }
+    let lock = state.file(ALIVE_LOCK);
+    let info = control::info(state).map_err(|e| {
+        Error::new(
+            code::UNSAFE_STATE_DIR,
+            format!(
+                "an infra supervisor still runs (it holds {}) but {} is unreadable and its control socket does not answer ({}); end that supervisor (`fuser {}` names it), then retry",
+                lock.display(),
+                state.file(state::INFRA_FILE).display(),
+                e.msg,
+                lock.display()
+            ),
+        )
+    })?;
+    log::warn!(
+        "{} was unreadable; written again from what supervisor {} says",
+        state::INFRA_FILE,
+        info.supervisor.pid
+    );
+    info.save(state)?;
+    Ok(Some(info))
+}
+
+/// A caller whose PID namespace is not the supervisor's cannot tell the
+/// infra's processes from others (a PID names another process there, or
+/// none): it must neither use nor clean up the infra.
+fn other_pid_namespace(state: &StateDir, info: &InfraInfo, mine: u64) -> Error {
+    Error::new(
+        code::UNSAFE_STATE_DIR,
+        format!(
+            "state dir {} belongs to an infra started in another PID namespace ({}, ours is {mine}); run this in the PID namespace the infra was started from, or give this runtime its own \"stateDir\"",
+            state.path.display(),
+            if info.pidns == 0 { "unrecorded".to_string() } else { info.pidns.to_string() },
+        ),
+    )
+}
+
 /// Removes what only a running infra has in the state dir: infra.json and
 /// the sockets. A SIGKILLed supervisor could not remove them itself.
+/// Callers hold the state lock and have seen no supervisor holding
+/// `ALIVE_LOCK` (a new one starts only under the state lock).
 fn forget_infra_files(state: &StateDir) -> Result<()> {
-    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
-    state::remove_if_exists(&state.file(control::SOCKET))?;
-    state::remove_if_exists(&state.file(state::INFRA_FILE))
+    state.remove(ALIVE_LOCK)?;
+    state.remove(state::SLIRP_SOCKET)?;
+    state.remove(control::SOCKET)?;
+    state.remove(state::INFRA_FILE)
 }
 
 /// A caller outside the infra's user namespace joins it when it owns it;
@@ -195,17 +340,27 @@ pub fn ensure_running(
 /// for it to report the infra ready.
 pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result<InfraInfo> {
     let started = Instant::now();
+    // The dirs below are the running infra's: never reset under it.
+    if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
+        return Err(Error::new(
+            code::INFRA_START,
+            format!(
+                "an infra supervisor still holds {}: not starting a second infra",
+                state.file(ALIVE_LOCK).display()
+            ),
+        ));
+    }
     for dir in [
         state::RUN_DIR,
         state::VAR_LIB_CNI_DIR,
         state::OVERLAY_DIR,
         state::WARM_DIR,
     ] {
-        state::reset_dir(&state.file(dir))?;
+        state.reset_dir(dir)?;
     }
-    state::remove_if_exists(&state.file(state::SLIRP_SOCKET))?;
+    state.remove(state::SLIRP_SOCKET)?;
     let log_path = state.file(state::LOG_FILE);
-    let log = open_log(&log_path)?;
+    let log = state.open_log(state::LOG_FILE, MAX_LOG)?;
     let spawned = spawn_own(
         supervisor::ENTRY,
         state,
@@ -308,21 +463,6 @@ pub fn spawn_own(
     Err(fail(why))
 }
 
-fn open_log(path: &std::path::Path) -> Result<std::fs::File> {
-    let too_big = std::fs::metadata(path)
-        .map(|m| m.len() > MAX_LOG)
-        .unwrap_or(false);
-    let mut opts = std::fs::OpenOptions::new();
-    opts.create(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
-    if too_big {
-        opts.write(true).truncate(true);
-    } else {
-        opts.append(true);
-    }
-    opts.open(path)
-        .map_err(|e| Error::from(e).context(format!("opening {}", path.display())))
-}
-
 /// Asks the supervisor to stop everything and waits until it has; what
 /// still runs after STOP_TIMEOUT is killed. Removes infra.json.
 pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()> {
@@ -372,7 +512,7 @@ pub(crate) fn end_leftovers(state: &StateDir, info: &InfraInfo) {
     // the same numbers to the next namespaces made on the machine, any
     // process's. What only the infra's mount namespace has is the state
     // dir's `run/` (made anew at each start) bound on /run.
-    let Some(run) = dev_ino(&state.file(state::RUN_DIR)) else {
+    let Some(run) = state.dir_dev_ino(state::RUN_DIR) else {
         return;
     };
     let left: Vec<ProcessId> = procfs::in_netns(info.netns)
@@ -415,6 +555,18 @@ pub(crate) fn end_leftovers(state: &StateDir, info: &InfraInfo) {
 fn dev_ino(path: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// `dev_ino` of a directory that is not deleted (a deleted one has no
+/// links left, a live one at least two).
+/// Device and inode of the state dir's dir `name`, opened through its fd.
+fn dir_id(state: &StateDir, name: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::File::from(state.open_dir(name).ok()?);
+    dir.metadata()
+        .ok()
+        .filter(|m| m.nlink() > 0)
+        .map(|m| (m.dev(), m.ino()))
 }
 
 fn wait_gone(procs: &[ProcessId], timeout: Duration) -> bool {

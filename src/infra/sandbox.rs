@@ -2,12 +2,12 @@
 //! in new network and mount namespaces, which are the infra. Here it makes
 //! them fit for the reference plugins, then reports ready.
 
-use crate::error::{Context, Error, Result};
-use crate::state;
+use crate::error::{Context, Result};
+use crate::state::{self, StateDir};
 use crate::sys;
 use nix::mount::{mount, MsFlags};
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 pub const ENTRY: &str = "__sandbox";
@@ -43,9 +43,25 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
         None::<&str>,
     )
     .context("making / private")?;
-    // /var/lib first: the state dir may live under /run, which is covered next.
-    mount_var_lib_cni(state_dir)?;
-    bind(&state_dir.join(state::RUN_DIR), Path::new("/run"))?;
+    // The state dir checked and opened again, its dirs opened from its fd
+    // and mounted from theirs: no path is looked up after the check, and
+    // the mounts below (the state dir may live under /var/lib or /run)
+    // cannot hide it.
+    let state = StateDir::at(state_dir.to_path_buf())?;
+    let run = state.open_dir(state::RUN_DIR)?;
+    let var_lib_cni = state.open_dir(state::VAR_LIB_CNI_DIR)?;
+    // The caller's own mounts on /var/lib and /run (rootless podman binds
+    // them from directories of the user's, and deletes those when its
+    // last container goes) must not carry the infra's: a mount whose
+    // mountpoint is deleted is detached by the kernel in every namespace,
+    // and the infra, which outlives the caller, would lose /var/lib/cni
+    // and /run. What the caller's user namespace did not mount (the
+    // machine's own mounts) is locked and stays.
+    for path in ["/var/lib/cni", "/var/lib", "/run"] {
+        detach_all(path);
+    }
+    mount_var_lib_cni(&state, &var_lib_cni)?;
+    bind(&sys::fd_path(run.as_fd()), Path::new("/run"))?;
     sys::loopback_up()?;
     sysctl("net/ipv4/ip_forward", "1")?;
     if settings.ipv6 {
@@ -65,27 +81,37 @@ fn sysctl(key: &str, value: &str) -> Result<()> {
         .with_context(|| format!("setting {key} to {value}"))
 }
 
+/// Lazily unmounts every mount stacked on `path` (with what is mounted
+/// under it), up to the first one we may not unmount: a locked mount of
+/// the machine's, or none left.
+fn detach_all(path: &str) {
+    for _ in 0..32 {
+        match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => log::debug!("sandbox: detached the caller's mount on {path}"),
+            Err(_) => return,
+        }
+    }
+}
+
 fn bind(src: &Path, dst: &Path) -> Result<()> {
     mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         .with_context(|| format!("bind-mounting {} on {}", src.display(), dst.display()))
 }
 
-/// /var/lib/cni from the state dir. When the host has no /var/lib/cni (and
+/// /var/lib/cni from the state dir. When there is no /var/lib/cni (and
 /// the user cannot create it), /var/lib gets an overlay to make room.
-fn mount_var_lib_cni(state_dir: &Path) -> Result<()> {
+fn mount_var_lib_cni(state: &StateDir, var_lib_cni: &OwnedFd) -> Result<()> {
     let target = Path::new("/var/lib/cni");
     if !target.is_dir() {
-        let overlay = state_dir.join(state::OVERLAY_DIR);
-        let (upper, work) = (overlay.join("upper"), overlay.join("work"));
-        state::ensure_dir(&upper)?;
-        state::ensure_dir(&work)?;
-        let (u, w) = (upper.display().to_string(), work.display().to_string());
-        if [&u, &w].iter().any(|p| p.contains([',', ':', '\\'])) {
-            return Err(Error::config(format!(
-                "state dir {} holds a ',' or ':', which an overlay mount cannot take",
-                state_dir.display()
-            )));
-        }
+        state.ensure_dir(state::OVERLAY_DIR)?;
+        let overlay = state.open_dir(state::OVERLAY_DIR)?;
+        let upper = state::dir_in(overlay.as_fd(), "upper")?;
+        let work = state::dir_in(overlay.as_fd(), "work")?;
+        // The overlay takes paths in a comma-separated list: /proc/self/fd/N
+        // names the dirs without the state dir's path (and whatever commas
+        // or colons it holds).
+        let u = sys::fd_path(upper.as_fd()).display().to_string();
+        let w = sys::fd_path(work.as_fd()).display().to_string();
         let opts = format!("lowerdir=/var/lib,upperdir={u},workdir={w}");
         let with_userxattr = format!("{opts},userxattr");
         mount(
@@ -107,5 +133,5 @@ fn mount_var_lib_cni(state_dir: &Path) -> Result<()> {
         .context("mounting an overlay on /var/lib to make room for /var/lib/cni")?;
         std::fs::create_dir_all(target).context("creating /var/lib/cni in the overlay")?;
     }
-    bind(&state_dir.join(state::VAR_LIB_CNI_DIR), target)
+    bind(&sys::fd_path(var_lib_cni.as_fd()), target)
 }

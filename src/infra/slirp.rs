@@ -3,6 +3,7 @@
 use crate::error::{code, Error, Result};
 use crate::procfs::ProcessId;
 use crate::sys;
+use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -118,5 +119,47 @@ fn read_byte_timeout(fd: OwnedFd, timeout: Duration) -> bool {
         }
         let mut b = [0u8; 1];
         return matches!(file.read(&mut b), Ok(1));
+    }
+}
+
+/// The infra's way out as the supervisor last saw it; kept in infra.json.
+/// An infra.json without it (an older supervisor) says nothing: then the
+/// recorded slirp4netns process alone tells.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outbound {
+    /// Restarts of slirp4netns that succeeded since the infra started.
+    pub restarts: u32,
+    /// Set while slirp4netns is down and the supervisor retries it.
+    pub down: Option<Down>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Down {
+    /// Seconds since the epoch.
+    pub since: u64,
+    /// Restart attempts that failed since it went down.
+    pub failed_restarts: u32,
+    /// Why it is down: how it exited, then why the last restart failed.
+    pub error: String,
+}
+
+/// Why the infra has no way out now, or None when slirp4netns runs.
+pub fn outbound_down(info: &super::InfraInfo) -> Option<String> {
+    if let Some(down) = &info.outbound.down {
+        let for_secs = crate::state::now_secs().saturating_sub(down.since);
+        return Some(format!(
+            "the infra has no way out: slirp4netns is down for {for_secs}s, {} restart(s) failed ({}); the supervisor keeps retrying (see infra.log)",
+            down.failed_restarts, down.error
+        ));
+    }
+    match info.slirp4netns {
+        Some(p) if p.is_alive() => None,
+        Some(p) => Some(format!(
+            "the infra has no way out: slirp4netns (pid {}) is not running",
+            p.pid
+        )),
+        None => Some("the infra has no way out: slirp4netns is not running".into()),
     }
 }

@@ -23,9 +23,11 @@ use std::time::{Duration, Instant};
 pub const ENTRY: &str = "__supervise";
 
 const SANDBOX_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause before restarting a slirp4netns that died, so a broken one does
-/// not spin.
+/// Pause before restarting a slirp4netns that died, doubled after each
+/// failed restart up to RESTART_PAUSE_MAX: a broken one does not spin, and
+/// one that can start again (the cause fixed) is back within seconds.
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
+const RESTART_PAUSE_MAX: Duration = Duration::from_secs(5);
 const IDLE_TICK_MS: u16 = 1000;
 
 pub struct Args {
@@ -66,8 +68,18 @@ struct Supervisor {
     settings: Settings,
     sandbox: Child,
     sandbox_id: ProcessId,
+    /// Pins the sandbox: a signal through it never reaches a process that
+    /// got its PID after `waitpid(-1)` reaped it. None on kernels < 5.3,
+    /// where `sandbox_reaped` alone keeps us from signalling a reaped PID.
+    sandbox_pidfd: Option<OwnedFd>,
+    sandbox_reaped: bool,
     slirp: Option<Slirp>,
     info: InfraInfo,
+    /// Held for the supervisor's lifetime (see `super::ALIVE_LOCK`);
+    /// released in `shutdown`, before infra.json goes.
+    alive: Option<std::fs::File>,
+    /// While slirp4netns is down: when to try again, and the pause after that.
+    restart: Option<(Instant, Duration)>,
 }
 
 /// Entry of the hidden `__supervise` command.
@@ -84,6 +96,10 @@ pub fn main(args: Args) -> i32 {
             return 1;
         }
     };
+    // What the infra makes without an explicit mode is for the user alone
+    // whatever umask the runtime had: our control socket, slirp4netns's API
+    // socket (either lets its user open host ports as us).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let mut sup = match Supervisor::start(args.state_dir, args.settings) {
         Ok(s) => s,
         Err(e) => {
@@ -119,8 +135,12 @@ fn block_signals() -> Result<SignalFd> {
 
 impl Supervisor {
     fn start(state_dir: PathBuf, settings: Settings) -> Result<Self> {
-        let state = StateDir::at(state_dir);
+        let state = StateDir::at(state_dir)?;
+        // First: a second supervisor of the same state dir must not start.
+        let alive = super::hold_alive_lock(&state)?;
         let (sandbox, sandbox_id) = spawn_sandbox(&state, &settings)?;
+        // Our unreaped child: its PID cannot have been reused yet.
+        let sandbox_pidfd = sys::pidfd_open(sandbox_id.pid);
         let ns = |kind: &str| procfs::ns_inode(format!("/proc/{}/ns/{kind}", sandbox_id.pid));
         let (Some(netns), Some(mntns)) = (ns("net"), ns("mnt")) else {
             return Err(Error::new(
@@ -136,8 +156,10 @@ impl Supervisor {
             mntns,
             slirp4netns: None,
             userns: procfs::self_ns_inode("user").unwrap_or(0),
+            pidns: procfs::self_ns_inode("pid").unwrap_or(0),
             started: state::now_secs(),
             settings: settings.clone(),
+            outbound: Default::default(),
         };
         let ports: Box<dyn Driver> = match settings.port_driver {
             PortDriver::Builtin => {
@@ -156,8 +178,12 @@ impl Supervisor {
             settings,
             sandbox,
             sandbox_id,
+            sandbox_pidfd,
+            sandbox_reaped: false,
             slirp: None,
             info,
+            alive: Some(alive),
+            restart: None,
         };
         if let Err(e) = sup.start_slirp() {
             sup.kill_children();
@@ -168,7 +194,7 @@ impl Supervisor {
 
     fn start_slirp(&mut self) -> Result<()> {
         let socket = self.state.file(state::SLIRP_SOCKET);
-        let _ = state::remove_if_exists(&socket);
+        let _ = self.state.remove(state::SLIRP_SOCKET);
         let slirp = slirp::start(&SlirpOptions {
             sandbox_pid: self.sandbox_id.pid,
             settings: &self.settings,
@@ -177,15 +203,26 @@ impl Supervisor {
         self.info.slirp4netns = Some(slirp.id);
         self.slirp = Some(slirp);
         self.ports.slirp_restarted(&socket);
+        if self.info.outbound.down.take().is_some() {
+            self.info.outbound.restarts += 1;
+        }
         self.info.save(&self.state)
     }
 
     fn run(&mut self, signals: SignalFd) {
         let mut idle_since: Option<Instant> = None;
         loop {
-            let timeout = match self.settings.idle_timeout_secs {
-                Some(_) => nix::poll::PollTimeout::from(IDLE_TICK_MS),
-                None => nix::poll::PollTimeout::NONE,
+            self.restart_slirp_if_due();
+            let idle_tick = self.settings.idle_timeout_secs.map(|_| IDLE_TICK_MS);
+            let restart_in = self.restart.map(|(at, _)| {
+                // Rounded up, so the wake-up is never early (no busy loop).
+                let left = at.saturating_duration_since(Instant::now()).as_millis() + 1;
+                u16::try_from(left).unwrap_or(u16::MAX)
+            });
+            let timeout = match (idle_tick, restart_in) {
+                (Some(a), Some(b)) => nix::poll::PollTimeout::from(a.min(b)),
+                (Some(t), None) | (None, Some(t)) => nix::poll::PollTimeout::from(t),
+                (None, None) => nix::poll::PollTimeout::NONE,
             };
             let mut fds = [
                 nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN),
@@ -194,7 +231,7 @@ impl Supervisor {
             let polled = nix::poll::poll(&mut fds, timeout);
             let control_ready = fds[1].any().unwrap_or(false);
             if control_ready {
-                control::serve_one(&self.control, self.ports.as_mut());
+                control::serve_one(&self.control, self.ports.as_mut(), &self.info);
             }
             match polled {
                 Ok(0) => {
@@ -241,19 +278,68 @@ impl Supervisor {
                 Ok(status) => {
                     let Some(pid) = status.pid() else { return true };
                     if pid.as_raw() == self.sandbox_id.pid {
+                        self.sandbox_reaped = true;
                         log::error!("sandbox exited ({status:?}); the infra is gone");
                         self.shutdown();
                         return false;
                     }
                     if Some(pid.as_raw()) == self.info.slirp4netns.map(|p| p.pid) {
                         log::warn!("slirp4netns exited ({status:?}); restarting it");
-                        self.slirp = None;
-                        std::thread::sleep(RESTART_PAUSE);
-                        if let Err(e) = self.start_slirp() {
-                            log::error!("restarting slirp4netns: {e}");
-                        }
+                        self.slirp_down(format!("slirp4netns exited ({status:?})"));
                     }
                 }
+            }
+        }
+    }
+
+    /// Records the way out as down (so STATUS, CHECK and `status` say so)
+    /// and schedules the first restart.
+    fn slirp_down(&mut self, why: String) {
+        self.slirp = None;
+        self.info.slirp4netns = None;
+        self.info.outbound.down = Some(slirp::Down {
+            since: state::now_secs(),
+            failed_restarts: 0,
+            error: why,
+        });
+        if let Err(e) = self.info.save(&self.state) {
+            log::error!("recording that slirp4netns is down: {e}");
+        }
+        self.restart = Some((Instant::now() + RESTART_PAUSE, RESTART_PAUSE));
+    }
+
+    /// Tries to restart slirp4netns when a restart is due; after a failure,
+    /// schedules the next try with a doubled pause, and never gives up
+    /// while the infra runs.
+    fn restart_slirp_if_due(&mut self) {
+        let Some((at, pause_done)) = self.restart else {
+            return;
+        };
+        if Instant::now() < at {
+            return;
+        }
+        match self.start_slirp() {
+            Ok(()) => {
+                self.restart = None;
+                log::info!(
+                    "slirp4netns restarted (pid {:?})",
+                    self.info.slirp4netns.map(|p| p.pid)
+                );
+            }
+            Err(e) => {
+                let next = (pause_done * 2).min(RESTART_PAUSE_MAX);
+                log::error!(
+                    "restarting slirp4netns: {e}; trying again in {}ms",
+                    next.as_millis()
+                );
+                if let Some(down) = self.info.outbound.down.as_mut() {
+                    down.failed_restarts += 1;
+                    down.error = format!("last restart: {}", e.msg);
+                }
+                if let Err(e) = self.info.save(&self.state) {
+                    log::error!("recording the failed restart: {e}");
+                }
+                self.restart = Some((Instant::now() + next, next));
             }
         }
     }
@@ -280,7 +366,9 @@ impl Supervisor {
         }
         log::info!("idle for {secs}s: stopping the infra");
         self.shutdown();
-        let _ = state::remove_if_exists(&self.state.file(state::INFRA_FILE));
+        let _ = self.state.remove(state::INFRA_FILE);
+        // Released in shutdown; under the state lock no caller looks at it.
+        let _ = self.state.remove(super::ALIVE_LOCK);
         drop(lock);
         true
     }
@@ -288,15 +376,25 @@ impl Supervisor {
     fn shutdown(&mut self) {
         self.kill_children();
         self.ports.close_all();
-        let _ = state::remove_if_exists(&self.state.file(state::SLIRP_SOCKET));
-        let _ = state::remove_if_exists(&self.state.file(control::SOCKET));
+        let _ = self.state.remove(state::SLIRP_SOCKET);
+        let _ = self.state.remove(control::SOCKET);
+        // Nothing of the infra runs any more.
+        self.alive = None;
     }
 
     /// The sandbox first, then what else runs in the infra's namespaces (an
     /// inner plugin's daemon outlives the sandbox), so they die with them.
     fn kill_children(&mut self) {
-        let _ = self.sandbox.kill();
-        let _ = self.sandbox.wait();
+        // std's Child does not know when `waitpid(-1)` reaped it, and would
+        // signal the (maybe reused) PID: only an unreaped sandbox is killed.
+        if !self.sandbox_reaped {
+            match &self.sandbox_pidfd {
+                Some(fd) => drop(sys::pidfd_send_signal(fd, Signal::SIGKILL)),
+                None => drop(self.sandbox.kill()),
+            }
+            let _ = self.sandbox.wait();
+            self.sandbox_reaped = true;
+        }
         super::end_leftovers(&self.state, &self.info);
         if let Some(mut slirp) = self.slirp.take() {
             let _ = slirp.child.kill();

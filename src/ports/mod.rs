@@ -8,7 +8,7 @@ pub mod builtin;
 pub mod slirp;
 
 use crate::cni::gojson;
-use crate::error::{Error, Result};
+use crate::error::{code, Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -42,6 +42,12 @@ impl PortMapping {
         )
     }
 
+    /// Whether both forwards would land on the same port of the infra's
+    /// address, where the inner portmap tells them apart by nothing else.
+    pub fn shares_infra_port(&self, other: &PortMapping) -> bool {
+        self.protocol == other.protocol && self.host_port == other.host_port
+    }
+
     pub fn describe(&self) -> String {
         let proto = match self.protocol {
             Protocol::Tcp => "tcp",
@@ -64,10 +70,35 @@ pub fn from_runtime_config(rc: &Map<String, Value>) -> Result<Vec<PortMapping>> 
     let list = list
         .as_array()
         .ok_or_else(|| Error::config("runtimeConfig \"portMappings\" must be a list"))?;
-    list.iter()
+    let mappings: Vec<PortMapping> = list
+        .iter()
         .enumerate()
         .map(|(i, m)| parse_one(m).map_err(|e| e.context(format!("portMappings[{i}]"))))
-        .collect()
+        .collect::<Result<_>>()?;
+    for (i, m) in mappings.iter().enumerate() {
+        // The same port to the same container port (0.0.0.0 and ::, say)
+        // reaches the same place: only a different target is ambiguous.
+        let ambiguous =
+            |o: &&PortMapping| o.shares_infra_port(m) && o.container_port != m.container_port;
+        if let Some(other) = mappings[..i].iter().find(ambiguous) {
+            let holder = format!("this ADD's own {}", other.describe());
+            return Err(shared_port(m, &holder).context(format!("portMappings[{i}]")));
+        }
+    }
+    Ok(mappings)
+}
+
+/// The error for a mapping whose (protocol, host port) another forward
+/// already lands on inside the infra (code 107, naming `holder`).
+pub fn shared_port(m: &PortMapping, holder: &str) -> Error {
+    Error::new(
+        code::HOST_PORT,
+        format!(
+            "{}: port {} is already published by {holder}; inside the infra both would reach the same address, so one (protocol, host port) serves one container",
+            m.describe(),
+            m.host_port
+        ),
+    )
 }
 
 fn parse_one(m: &Value) -> Result<PortMapping> {

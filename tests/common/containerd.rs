@@ -20,6 +20,7 @@
 //! and the overlayfs snapshotter, and the images of scripts/build-cri-images
 //! imported with `ctr` (no registry), the sandbox image among them.
 
+use super::host_tools::write_user_files;
 use super::{describe_process, proc_state, run_command, sigkill, Lab, Out, LAB_PATH};
 use serde_json::{json, Value};
 use std::fs;
@@ -822,31 +823,4 @@ fn chown_tree(dir: &Path, uid: u32) {
             let _ = std::os::unix::fs::lchown(&p, Some(uid), Some(uid));
         }
     }
-}
-
-/// The lab uid as user `user` (home: the lab dir) with a subordinate id
-/// range, in copies of /etc/passwd, /etc/group, /etc/subuid and /etc/subgid
-/// at `<lab>/etc-{passwd,group,subuid,subgid}`, to bind over the machine's
-/// in a private mount namespace (the machine's files stay as they are).
-fn write_user_files(lab: &Lab, user: &str) {
-    let d = lab.dir.display().to_string();
-    let u = lab.uid;
-    // Derived from the uid, so that labs of different uids get their own.
-    let sub_start = 3_000_000_000u64 + u64::from(u % 10_000) * 65_536;
-    let copy_with = |from: &str, to: &str, line: String| {
-        let mut text = fs::read_to_string(from).unwrap_or_else(|e| panic!("reading {from}: {e}"));
-        if !text.is_empty() && !text.ends_with('\n') {
-            text.push('\n');
-        }
-        text.push_str(&line);
-        lab.write_file(to, &text);
-    };
-    copy_with(
-        "/etc/passwd",
-        "etc-passwd",
-        format!("{user}:x:{u}:{u}::{d}:/bin/sh\n"),
-    );
-    copy_with("/etc/group", "etc-group", format!("{user}:x:{u}:\n"));
-    lab.write_file("etc-subuid", &format!("{user}:{sub_start}:65536\n"));
-    lab.write_file("etc-subgid", &format!("{user}:{sub_start}:65536\n"));
 }

@@ -3,11 +3,11 @@
 //! user inside the session, driving a pod's netns the way containerd's CRI
 //! plugin drives go-cni (same options on setup, check and remove).
 
+use super::net::http_get;
 use super::{Container, Lab, Out};
 use serde_json::Value;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -199,32 +199,12 @@ impl Drop for WebServer {
     }
 }
 
-/// GET / from the host's 127.0.0.1:`port` (HTTP/1.0): the body of a 200.
-pub fn http_get(port: u16) -> Result<String, String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    conn.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer)
-        .map_err(|e| format!("read from {addr}: {e} (got {answer:?})"))?;
-    match answer.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.") && head.contains(" 200 ") => {
-            Ok(body.to_string())
-        }
-        _ => Err(format!("{addr}: not a 200 answer: {answer:?}")),
-    }
-}
-
 /// Asserts that the host's 127.0.0.1:`port` serves `body` within 10 s (the
 /// server in the pod may still be starting).
 pub fn assert_page_on_loopback(port: u16, body: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match http_get(port) {
+        match http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, port))) {
             Ok(got) => {
                 assert_eq!(got, body, "{what}: GET http://127.0.0.1:{port}/");
                 return;

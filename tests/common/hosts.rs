@@ -120,18 +120,29 @@ pub fn start_host_ns(
         .stderr(err)
         .spawn()
         .map_err(|e| format!("starting the lab host's holder: {e}"))?;
+    await_holder(&mut child, &ready, &err_path, "the lab host's holder")?;
+    Ok(child)
+}
+
+/// Waits (10 s at most) for a mount namespace holder `child` to touch
+/// `ready`; one that exits or hangs first is killed and reaped, and the
+/// error names `what` with what it wrote to `err_path`.
+pub(super) fn await_holder(
+    child: &mut Child,
+    ready: &Path,
+    err_path: &Path,
+    what: &str,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !ready.exists() {
         let exited = child.try_wait().ok().flatten();
         if exited.is_some() || Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            let err = fs::read_to_string(&err_path).unwrap_or_default();
-            return Err(format!(
-                "the lab host's holder did not come up ({exited:?}): {err}"
-            ));
+            let err = fs::read_to_string(err_path).unwrap_or_default();
+            return Err(format!("{what} did not come up ({exited:?}): {err}"));
         }
         thread::sleep(Duration::from_millis(10));
     }
-    Ok(child)
+    Ok(())
 }

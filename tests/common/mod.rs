@@ -31,6 +31,7 @@ pub mod gocni;
 pub mod host_tools;
 mod hosts;
 mod leaks;
+pub mod net;
 pub mod podman;
 #[allow(unused_imports)] // each test file uses a different part of the harness
 pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
@@ -1184,12 +1185,20 @@ impl Lab {
 
     /// Starts a container (a netns held by `sleep`) inside the session.
     pub fn container(&self) -> Container {
+        self.container_with(&["--net"])
+    }
+
+    /// Starts a container inside the session whose `sleep` is in the new
+    /// namespaces `unshare_flags` ask for (a netns among them).
+    pub fn container_with(&self, unshare_flags: &[&str]) -> Container {
         let u = self.uid.to_string();
         let child = Command::new("/usr/bin/setpriv")
             .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
             .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
             .arg(format!("--target={}", self.holder))
-            .args(["--", "unshare", "--net", "sleep", "infinity"])
+            .args(["--", "unshare"])
+            .args(unshare_flags)
+            .args(["sleep", "infinity"])
             .env_clear()
             .env("PATH", LAB_PATH)
             .stdin(Stdio::null())

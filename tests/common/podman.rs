@@ -2,7 +2,8 @@
 //! mount namespace of root's, the busybox-static image the podman tests
 //! import (no registry here), and the tools their checks share.
 
-use super::host_tools::{busybox_static, write_user_files};
+use super::host_tools::{busybox_static, skip_without, write_user_files};
+use super::hosts::await_holder;
 use super::{run_command, Lab, Out, LAB_PATH};
 use serde_json::Value;
 use std::fs;
@@ -80,18 +81,32 @@ pub fn private_mount_ns_holder(dir: &Path, name: &str, setup: &str) -> std::proc
         )
         .spawn()
         .expect("starting the mount namespace holder");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ready.exists() {
-        let exited = child.try_wait().ok().flatten();
-        if exited.is_some() || Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = fs::read_to_string(&err).unwrap_or_default();
-            panic!("the private mount namespace did not come up ({exited:?}): {err}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
+    await_holder(&mut child, &ready, &err, "the private mount namespace")
+        .unwrap_or_else(|e| panic!("{e}"));
     child
+}
+
+/// What a podman test needs on the host: podman, its OCI runtime, conmon
+/// and slirp4netns, curl for the page, and tar, apt-get and dpkg-deb for
+/// the busybox image (busybox_rootfs_tar).
+pub const PODMAN_TOOLS: [&str; 8] = [
+    "podman",
+    "runc",
+    "conmon",
+    "slirp4netns",
+    "curl",
+    "tar",
+    "apt-get",
+    "dpkg-deb",
+];
+
+/// Whether to skip `test`, a rootless podman test, for lack of PODMAN_TOOLS,
+/// the uid map helpers or the test's own `more` (with CI=true: a failure).
+pub fn skip_without_rootless_podman(test: &str, more: &[&str]) -> bool {
+    skip_without(
+        test,
+        &[&PODMAN_TOOLS[..], &["newuidmap", "newgidmap"], more].concat(),
+    )
 }
 
 /// The network podman's containers join here.
@@ -124,6 +139,17 @@ pub fn busybox_rootfs_tar(dir: &Path) -> String {
     assert!(out.ok(), "{out}");
     fs::set_permissions(&tar, fs::Permissions::from_mode(0o644)).expect("chmod rootfs.tar");
     tar
+}
+
+/// The attachment a `rootless-cni status --json` report lists, which must
+/// be its only one.
+pub fn only_attachment(status: &Value) -> Value {
+    let attachments = status["attachments"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(attachments.len(), 1, "{status}");
+    attachments[0].clone()
 }
 
 /// Runs `f` until it succeeds or `within` has passed; the last output.
