@@ -89,22 +89,14 @@ fn records_are_written_through_fresh_temporary_files() {
     }
     let c = lab.container();
     let stdin = plugin_stdin(&example_conflist()).to_string();
-    // The state dir as the plugin makes it, and the planted link.
-    let out = lab.plugin(&lab.plugin_env("DEL", "nothing", &c.netns()), &stdin);
-    assert!(out.ok(), "DEL of nothing: {out}");
+    // The state dir as the plugin makes it (an ADD and its DEL), then the
+    // planted link.
+    for verb in ["ADD", "DEL"] {
+        let out = lab.plugin(&lab.plugin_env(verb, "first", &c.netns()), &stdin);
+        assert!(out.ok(), "{verb} first: {out}");
+    }
     let state = lab.state_dir();
-    let made = lab.exec(
-        &[],
-        None,
-        &[
-            "mkdir",
-            "-p",
-            "-m",
-            "0700",
-            &state.join("attachments").display().to_string(),
-        ],
-    );
-    assert!(made.ok(), "{made}");
+    assert!(state.join("attachments").is_dir(), "no attachments dir");
     let victim = lab.dir.join("victim");
     support::write_as_user(&lab, &victim, b"the user's own file\n");
     let tmp = state.join("attachments/.rootless+planted+eth0.json.tmp");
