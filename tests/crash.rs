@@ -658,24 +658,21 @@ fn live_processes_with_right_start_times_but_not_our_command_line_are_left_alone
 
 /// The infra's own processes, with infra.json naming another network
 /// namespace than the sandbox's: not alive (the sandbox must still hold the
-/// recorded netns). The next call cleans it up, the next ADD gets a fresh
-/// infra, and the attachment made in the old one is reported lost.
+/// recorded netns), so never used as the infra; and since its supervisor
+/// still runs (it holds its lifetime lock), never cleaned up either: calls
+/// refuse the state dir (code 105) and nothing is signalled. With the
+/// record put back, the infra is the same one and DEL works.
 #[test]
-fn infra_whose_sandbox_is_not_in_the_recorded_netns_is_dead() {
+fn infra_whose_sandbox_is_not_in_the_recorded_netns_is_not_alive() {
     let Some(lab) = Lab::new("stale_netns") else {
         return;
     };
     let (old, new, bystander) = (lab.container(), lab.container(), lab.container());
     must(&lab, "ADD", "before", &old, &stdin(), "before");
     let path = lab.state_dir().join("infra.json");
-    let mut info: Value =
-        serde_json::from_str(&fs::read_to_string(&path).expect("infra.json")).expect("JSON");
-    let supervisor = (
-        info["supervisor"]["pid"].as_u64().expect("supervisor pid") as u32,
-        info["supervisor"]["start_time"]
-            .as_u64()
-            .expect("start time"),
-    );
+    let text = fs::read_to_string(&path).expect("infra.json");
+    let mut info: Value = serde_json::from_str(&text).expect("JSON");
+    let supervisor = infra_identity(&lab).expect("the infra");
     let ns = fs::metadata(bystander.netns())
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
         .expect("bystander netns");
@@ -684,38 +681,34 @@ fn infra_whose_sandbox_is_not_in_the_recorded_netns_is_dead() {
     write_as_user(&lab, &path, info.to_string().as_bytes());
 
     let when = "infra.json naming another netns";
-    let status = lab.status();
-    assert!(status["infra"].is_null(), "{when}: alive: {status}");
-    fresh_add(&lab, "after", &new, when);
-    let now = infra_identity(&lab).expect("an infra after the ADD");
-    assert_ne!(
-        (now.0 as u32, now.1),
-        supervisor,
-        "{when}: the ADD used the infra whose sandbox left the recorded netns"
-    );
-    let runs =
-        || lab.is_running(supervisor.0) && support::start_time(supervisor.0) == Some(supervisor.1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while runs() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!runs(), "{when}: the old supervisor still runs");
-    let check = sane_plugin(&lab, "CHECK", "before", &old, when);
-    let err = check
+    let status = lab.cli(&["status", "--json"]);
+    let alive = status
+        .json()
+        .is_some_and(|s| s["infra"]["supervisor"]["pid"].as_u64() == Some(supervisor.0));
+    assert!(!alive, "{when}: taken for alive: {status}");
+    let add = sane_plugin(&lab, "ADD", "after", &new, when);
+    let err = add
         .cni_error()
-        .unwrap_or_else(|| panic!("{when}: CHECK of the old attachment: {check}"));
-    assert_eq!(
-        err.code, 103,
-        "{when}: CHECK of the old attachment: {check}"
+        .unwrap_or_else(|| panic!("{when}: the ADD used the infra: {add}"));
+    assert_eq!(err.code, 105, "{when}: ADD: {add}");
+    assert_eq!(lab.links(&new), vec!["lo"], "{when}: the ADD attached");
+    assert!(
+        lab.is_running(supervisor.0 as u32)
+            && support::start_time(supervisor.0 as u32) == Some(supervisor.1),
+        "{when}: the supervisor was signalled"
     );
     assert!(
         lab.is_running(bystander.pid),
         "{when}: the bystander was killed"
     );
-    for (id, c) in [("before", &old), ("after", &new)] {
-        let out = sane_plugin(&lab, "DEL", id, c, when);
-        assert!(out.ok(), "{when}: DEL {id}: {out}");
-    }
+
+    // The record put back: the same infra, alive again.
+    write_as_user(&lab, &path, text.as_bytes());
+    assert_eq!(infra_identity(&lab), Some(supervisor), "the infra changed");
+    let check = sane_plugin(&lab, "CHECK", "before", &old, "record restored");
+    assert!(check.ok(), "CHECK with the record restored: {check}");
+    let out = sane_plugin(&lab, "DEL", "before", &old, "record restored");
+    assert!(out.ok(), "DEL: {out}");
     lab.assert_no_infra(when);
 }
 
