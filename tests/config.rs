@@ -1,5 +1,5 @@
-//! Issue #2, tests 5 and 6: the `network` key, and bad input refused with
-//! the right CNI error, leaving nothing behind.
+//! Configs: the `network` key, and bad input refused with the right CNI
+//! error (an inner plugin not in CNI_PATH: 102), leaving nothing behind.
 
 mod common;
 

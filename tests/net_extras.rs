@@ -1,4 +1,5 @@
-//! Issue #3: DNS through the infra, the host's loopback over IPv6, and MTU.
+//! DNS through the infra (following a changed resolv.conf), the host's
+//! loopback over IPv6, and MTU.
 //!
 //! - IPv6: conf-examples/dual-stack.conflist gives containers addresses in
 //!   fd00:89::/64; they ping each other, and reach the host's `::1` as

@@ -1,4 +1,4 @@
-//! Issue #5, part 2: real runtimes other than cnitool in the lab's session.
+//! Real runtimes other than cnitool in the lab's session.
 //!
 //! - rootlesskit: `rootlesskit --net=host --copy-up=/etc --copy-up=/run
 //!   --copy-up=/var/lib CMD` is how rootless containerd/nerdctl/BuildKit

@@ -1,4 +1,4 @@
-//! What the reliability and security tests (issue #4) add to the lab: calls
+//! What the reliability and security tests add to the lab: calls
 //! in the session that the test starts, watches and kills itself (each in a
 //! process group of its own), many calls at once, process start times for
 //! forged records, and a tiny deterministic PRNG.
