@@ -54,9 +54,8 @@ pub struct Snapshot {
     /// The infra's files in the state dir (infra.json, sockets).
     pub infra_files: BTreeSet<String>,
     /// The rest of the state dir, walked: warm markers, `run/` (the
-    /// infra's /run), `var-lib-overlay/`. With no infra running, the dirs a
-    /// stopped infra keeps (they are reset at the next start) are left out,
-    /// as are the warm markers; what an infra left in its `run/` is not.
+    /// infra's /run), `var-lib-overlay/`. With no infra running, what a
+    /// stopped infra keeps until the next start empties it is left out.
     pub state_files: BTreeSet<String>,
     /// Lock files held by someone right now, and panics in infra.log.
     pub held: BTreeSet<String>,
@@ -310,11 +309,10 @@ fn lock_held(path: &Path) -> bool {
 }
 
 /// The state dir's files the other kinds do not cover, relative. With an
-/// infra running, everything; without, what a stopped infra must not have
-/// left: anything in `run/` (the next start empties it, but a daemon's
-/// files there mean the daemon outlived its infra), and stray files. The
-/// dirs themselves, the warm markers and the overlay's upper and work dirs
-/// (reset at each start) are what a stopped infra keeps.
+/// infra running, everything (a call must not change them behind the
+/// infra's back); without, stray files only: `run/` (inner plugins' files,
+/// e.g. dnsname's), the warm markers and the overlay's upper and work dirs
+/// are what a stopped infra keeps, emptied at the next start.
 fn state_files(state: &Path, running: bool) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     walk(state, state, &mut found);
@@ -331,6 +329,7 @@ fn state_files(state: &Path, running: bool) -> BTreeSet<String> {
         .filter(|f| {
             running
                 || !(["run", "warm", "var-lib-overlay"].contains(&f.as_str())
+                    || f.starts_with("run/")
                     || f.starts_with("warm/")
                     || f.starts_with("var-lib-overlay/"))
         })
