@@ -29,7 +29,7 @@ pub struct AddFailure {
 
 pub struct Chain<'a> {
     list: InnerList,
-    binaries: Vec<PathBuf>,
+    binaries: Vec<exec::PluginBinary>,
     infra: InfraNs,
     netns: &'a ContainerNetns,
     env: &'a CniEnv,
@@ -38,8 +38,22 @@ pub struct Chain<'a> {
     timeout: Duration,
 }
 
+/// CHECK needs an inner chain at 0.4.0 or later: code 1 naming both
+/// versions otherwise (`runtime` is the version the runtime asked in).
+pub fn check_knows_check(inner: &str, runtime: &str) -> Result<()> {
+    if version::at_least(inner, "0.4.0") {
+        return Ok(());
+    }
+    Err(Error::new(
+        code::INCOMPATIBLE_VERSION,
+        format!(
+            "CHECK needs cniVersion 0.4.0 or later: the inner chain is at {inner} (the runtime asked at {runtime})"
+        ),
+    ))
+}
+
 /// Every plugin of the list, found in CNI_PATH before anything runs.
-pub fn find_binaries(list: &InnerList, cni_path: &[PathBuf]) -> Result<Vec<PathBuf>> {
+pub fn find_binaries(list: &InnerList, cni_path: &[PathBuf]) -> Result<Vec<exec::PluginBinary>> {
     list.plugins
         .iter()
         .map(|p| exec::find_plugin(InnerList::plugin_type(p), cni_path))
@@ -50,7 +64,7 @@ impl<'a> Chain<'a> {
     /// `binaries` are the list's plugins, found by `find_binaries`.
     pub fn new(
         list: InnerList,
-        binaries: Vec<PathBuf>,
+        binaries: Vec<exec::PluginBinary>,
         info: &InfraInfo,
         netns: &'a ContainerNetns,
         env: &'a CniEnv,
@@ -89,6 +103,10 @@ impl<'a> Chain<'a> {
             &rec.capability_args,
             timeout,
         )
+    }
+
+    pub fn cni_version(&self) -> &str {
+        &self.list.cni_version
     }
 
     pub fn disable_check(&self) -> bool {
@@ -193,14 +211,20 @@ impl<'a> Chain<'a> {
             );
             return Ok(());
         }
+        // GC goes through every plugin and reports every failure (libcni
+        // does the same); STATUS stops at the first plugin not available.
+        let mut errors = crate::error::ErrorList::default();
         for i in 0..self.list.plugins.len() {
             let mut config = self.plugin_config(i, None);
             if let (Some((key, value)), Some(obj)) = (&extra, config.as_object_mut()) {
                 obj.insert(key.to_string(), value.clone());
             }
-            self.invoke(verb, i, &config)?;
+            match self.invoke(verb, i, &config) {
+                Err(e) if verb != Verb::Gc => return Err(e),
+                outcome => errors.push_if_err(outcome),
+            }
         }
-        Ok(())
+        errors.into_result()
     }
 
     fn run(&self, verb: Verb, i: usize, prev: Option<&Value>) -> Result<Vec<u8>> {

@@ -33,6 +33,9 @@ pub mod code {
     /// CHECK: the infra's way out (slirp4netns) is down; the supervisor
     /// keeps restarting it.
     pub const OUTBOUND_DOWN: u32 = 108;
+    /// The state dir holds a file of a newer format than this binary reads
+    /// (another release wrote it); it is left as it is.
+    pub const NEWER_STATE: u32 = 109;
 }
 
 #[derive(Debug)]
@@ -136,14 +139,20 @@ impl ErrorList {
         let mut errors = self.0.into_iter();
         match errors.next() {
             None => Ok(()),
-            Some(first) => {
+            Some(mut first) => {
                 let rest: Vec<String> = errors.map(|e| e.to_string()).collect();
                 if rest.is_empty() {
-                    Err(first)
-                } else {
-                    let details = rest.join("; ");
-                    Err(first.with_details(details))
+                    return Err(first);
                 }
+                // An inner plugin's own object would be printed as it is,
+                // without the others: ours, with its code, names them all.
+                first.passthrough = None;
+                let details = std::iter::once(std::mem::take(&mut first.details))
+                    .filter(|d| !d.is_empty())
+                    .chain(rest)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                Err(first.with_details(details))
             }
         }
     }

@@ -12,7 +12,7 @@ use nix::sched::{setns, CloneFlags};
 use serde_json::Value;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 pub struct InfraNs {
     net: OwnedFd,
     mnt: OwnedFd,
+    /// `/proc/<our pid>/root` when that names our root from inside the
+    /// infra too: the prefix of the CNI_PATH the inner plugins get.
+    caller_root: Option<String>,
 }
 
 impl InfraNs {
@@ -42,21 +45,44 @@ impl InfraNs {
         Ok(InfraNs {
             net: open("net", info.netns)?,
             mnt: open("mnt", info.mntns)?,
+            caller_root: caller_root_seen_from(info.sandbox.pid),
         })
+    }
+}
+
+/// `/proc/<our pid>/root`, if the infra's /proc shows that pid in our mount
+/// namespace (a caller in another PID namespace would be someone else
+/// there, or no one; in our mount namespace it resolves the same paths).
+fn caller_root_seen_from(sandbox: i32) -> Option<String> {
+    let me = std::process::id();
+    let inside = format!("/proc/{sandbox}/root/proc/{me}/ns/mnt");
+    let ino = |p: &str| std::fs::metadata(p).map(|m| m.ino()).ok();
+    match (ino(&inside), ino("/proc/self/ns/mnt")) {
+        (Some(a), Some(b)) if a == b => Some(format!("/proc/{me}/root")),
+        _ => {
+            log::warn!(
+                "our pid {me} is not us inside the infra: the inner plugins get CNI_PATH as it is"
+            );
+            None
+        }
     }
 }
 
 impl InfraNs {
     /// Makes `cmd` start inside the infra: `setns` into its mount and
-    /// network namespaces between fork and exec. `keep` is a fd to pass on.
-    pub fn enter(&self, cmd: &mut Command, keep: Option<std::os::fd::RawFd>) {
+    /// network namespaces between fork and exec. `keep` are the fds to pass
+    /// on; every other fd the caller had without CLOEXEC (the runtime's)
+    /// is closed on exec: an inner plugin may start a daemon (dnsname's
+    /// dnsmasq) that would hold it as long as the infra lives.
+    pub fn enter(&self, cmd: &mut Command, keep: [Option<std::os::fd::RawFd>; 2]) {
         let (net, mnt) = (self.net.as_raw_fd(), self.mnt.as_raw_fd());
         // SAFETY: runs between fork and exec in the single-threaded child;
-        // join_namespaces and fcntl are async-signal-safe.
+        // join_namespaces, close_range and fcntl are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
                 join_namespaces(mnt, net)?;
-                if let Some(fd) = keep {
+                sys::cloexec_inherited_fds()?;
+                for fd in keep.into_iter().flatten() {
                     sys::keep_on_exec(fd)?;
                 }
                 Ok(())
@@ -195,13 +221,43 @@ pub struct Invocation<'a> {
     pub timeout: std::time::Duration,
 }
 
-/// The plugin binary for `plugin_type`, first match in CNI_PATH.
-pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
+/// An inner plugin as the caller found it in CNI_PATH, held open: the
+/// exec happens after `setns` into the infra's mount namespace and
+/// `chdir("/")`, where the path (relative, or under /run or /var/lib/cni,
+/// which the infra has its own of) may name nothing or another binary.
+pub struct PluginBinary {
+    pub path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl PluginBinary {
+    fn name(&self) -> String {
+        self.path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("plugin")
+            .to_string()
+    }
+}
+
+/// The plugin binary for `plugin_type`, first match in CNI_PATH, opened
+/// (O_PATH) where the caller stands.
+pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PluginBinary> {
     for dir in cni_path {
         let candidate = dir.join(plugin_type);
-        if let Ok(meta) = std::fs::metadata(&candidate) {
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&candidate)
+        else {
+            continue;
+        };
+        if let Ok(meta) = file.metadata() {
             if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
-                return Ok(candidate);
+                return Ok(PluginBinary {
+                    path: candidate,
+                    fd: OwnedFd::from(file),
+                });
             }
         }
     }
@@ -219,18 +275,17 @@ pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
 /// object is passed through unchanged.
 pub fn run_plugin(
     infra: &InfraNs,
-    binary: &Path,
+    binary: &PluginBinary,
     inv: &Invocation,
     netns: &ContainerNetns,
     stdin: &[u8],
 ) -> Result<Vec<u8>> {
-    let name = binary
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("plugin")
-        .to_string();
-    let mut cmd = Command::new(binary);
-    cmd.env_clear()
+    let name = binary.name();
+    // The binary the caller found, by its fd: /proc/self is the child
+    // when it execs, whatever the infra's mount namespace holds.
+    let mut cmd = Command::new(format!("/proc/self/fd/{}", binary.fd.as_raw_fd()));
+    cmd.arg0(&binary.path)
+        .env_clear()
         .envs(std::env::vars_os().filter(|(k, _)| !k.to_string_lossy().starts_with("CNI_")))
         .env("PATH", path_with_sbin())
         // The infra's own runtime dir, which lives and goes with it (its
@@ -244,7 +299,10 @@ pub fn run_plugin(
         .env("CNI_NETNS", netns.inner_path())
         .env("CNI_IFNAME", inv.ifname)
         .env("CNI_ARGS", inv.args)
-        .env("CNI_PATH", join_paths(inv.cni_path))
+        .env(
+            "CNI_PATH",
+            inner_cni_path(inv.cni_path, infra.caller_root.as_deref()),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -255,13 +313,17 @@ pub fn run_plugin(
         // the veth before its masquerade chain); the next call on the
         // attachment waits for it instead (`settle_orphans`).
         .process_group(0);
-    infra.enter(&mut cmd, netns.fd.as_ref().map(|f| f.as_raw_fd()));
+    let keep = [
+        netns.fd.as_ref().map(|f| f.as_raw_fd()),
+        Some(binary.fd.as_raw_fd()),
+    ];
+    infra.enter(&mut cmd, keep);
     let mut child = cmd.spawn().map_err(|e| {
         Error::new(
             code::INNER_PLUGIN,
             format!(
                 "running inner plugin {name} ({}) in the infra: {e}",
-                binary.display()
+                binary.path.display()
             ),
         )
     })?;
@@ -278,32 +340,58 @@ pub fn run_plugin(
         .take()
         .map(OwnedFd::from)
         .ok_or_else(|| Error::internal("no stdout pipe"))?;
-    let output = sys::read_to_end_timeout(stdout, inv.timeout)?;
-    let Some(output) = output else {
-        // The whole group: what the plugin started must not outlive it
-        // (nor hold the runtime's stderr open).
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = child.wait();
-        return Err(Error::new(
-            code::INNER_PLUGIN,
-            format!(
-                "inner plugin {name} {} did not finish within {}s and was killed (pluginTimeout)",
-                inv.verb.as_str(),
-                inv.timeout.as_secs()
-            ),
-        ));
+    // pluginTimeout bounds the whole run: a plugin that closed its stdout
+    // (or left it to a child) and hangs is as stuck as a silent one.
+    let deadline = sys::deadline(inv.timeout);
+    // Ok(None): still running at the deadline. Any way out but an exit
+    // kills and reaps the plugin's group below.
+    let finished = sys::read_to_end_timeout(stdout, inv.timeout).and_then(|output| match output {
+        Some(output) => Ok(wait_until(&mut child, deadline)?.map(|status| (output, status))),
+        None => Ok(None),
+    });
+    let (output, status) = match finished {
+        Ok(Some(done)) => done,
+        failed => {
+            // The whole group: what the plugin started must not outlive it
+            // (nor hold the runtime's stderr open).
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+            let why = match failed {
+                Err(e) => format!("could not be waited for ({e}) and was killed"),
+                _ => format!(
+                    "did not finish within {}s and was killed (pluginTimeout)",
+                    inv.timeout.as_secs()
+                ),
+            };
+            return Err(Error::new(
+                code::INNER_PLUGIN,
+                format!("inner plugin {name} {} {why}", inv.verb.as_str()),
+            ));
+        }
     };
-    let status = child.wait()?;
-    if let Some(w) = writer {
-        let _ = w.join();
-    }
+    // The writer is not joined: a child of the plugin that kept its stdin
+    // without reading would block it, and us, forever.
+    drop(writer);
     if status.success() {
         return Ok(output);
     }
     Err(inner_error(&name, inv.verb, &output, status))
+}
+
+/// The child's exit status, or None when it still runs at `deadline`.
+fn wait_until(
+    child: &mut std::process::Child,
+    deadline: Instant,
+) -> Result<Option<std::process::ExitStatus>> {
+    // Not reaped yet (we hold `child`), so its pid is still its own.
+    let left = deadline.saturating_duration_since(Instant::now());
+    if !sys::wait_exit_timeout(child.id() as i32, left)? {
+        return Ok(None);
+    }
+    Ok(Some(child.wait()?))
 }
 
 /// Waits for inner plugins that still run for `container_id`/`ifname` in
@@ -410,10 +498,25 @@ pub fn path_with_sbin() -> String {
     path
 }
 
-fn join_paths(paths: &[PathBuf]) -> String {
+/// CNI_PATH as the inner plugins must see it to find the binaries the
+/// caller would (bridge runs its IPAM plugin from CNI_PATH): each entry
+/// under `root`, `/proc/<our pid>/root`, which is our root in our mount
+/// namespace, and relative entries made absolute against our working
+/// directory. We outlive every inner plugin we run.
+fn inner_cni_path(paths: &[PathBuf], root: Option<&str>) -> String {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     paths
         .iter()
-        .map(|p| p.display().to_string())
+        .map(|p| {
+            let absolute = cwd.join(p);
+            match root {
+                Some(root) => {
+                    let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
+                    Path::new(root).join(inside).display().to_string()
+                }
+                None => absolute.display().to_string(),
+            }
+        })
         .collect::<Vec<_>>()
         .join(":")
 }

@@ -22,7 +22,7 @@ pub fn exec(state_dir: Option<PathBuf>, args: &[String]) -> Result<i32> {
     let infra_ns = InfraNs::open(&info)?;
     let mut cmd = Command::new(program);
     cmd.args(rest).env("PATH", crate::exec::path_with_sbin());
-    infra_ns.enter(&mut cmd, None);
+    infra_ns.enter(&mut cmd, [None, None]);
     let status = cmd
         .status()
         .map_err(|e| Error::internal(format!("running {program:?} in the infra: {e}")))?;

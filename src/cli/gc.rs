@@ -47,8 +47,14 @@ pub fn gc(state_dir: Option<PathBuf>, flags: &Flags) -> Result<()> {
             Verdict::CannotTell(why) => kept.push((a, why)),
         }
     }
-    crate::commands::gc::collect(&state, &cni_path, DEFAULT_PLUGIN_TIMEOUT, &stale)?;
-    infra::stop_if_idle(&state, &state.lock()?, false)?;
+    // An attachment that could not be collected must not keep an infra
+    // the others left idle: both are tried, then both reported.
+    let collected = crate::commands::gc::collect(&state, &cni_path, DEFAULT_PLUGIN_TIMEOUT, &stale);
+    let stopped = state
+        .lock()
+        .and_then(|lock| infra::stop_if_idle(&state, &lock, false));
+    collected?;
+    stopped?;
     report(as_json, &stale, &kept);
     Ok(())
 }

@@ -64,6 +64,8 @@ pub struct NetConf {
     pub runtime_config: Map<String, Value>,
     /// GC's list of attachments to keep: (container id, ifname).
     pub valid_attachments: Option<Vec<(String, String)>>,
+    /// ADD: the result of the plugins before us in the runtime's chain.
+    pub prev_result: Option<Value>,
 }
 
 /// How a published port gets from the host into the infra.
@@ -201,8 +203,18 @@ impl NetConf {
             None => None,
             Some(key) => Some(parse_attachments(key, &obj[key])?),
         };
+        let prev_result = match obj.get("prevResult") {
+            None | Some(Value::Null) => None,
+            Some(v @ Value::Object(_)) => Some(v.clone()),
+            Some(v) => {
+                return Err(Error::config(format!(
+                    "\"prevResult\" must be an object, not {v}"
+                )))
+            }
+        };
         Ok(NetConf {
             valid_attachments,
+            prev_result,
             cni_version,
             name,
             inner,

@@ -75,9 +75,15 @@ impl CniEnv {
         if command == Command::Version {
             return Ok(env);
         }
-        if matches!(command, Command::Gc | Command::Status) {
+        if command == Command::Gc {
             // Verbs about the whole network: no container.
             env.path = split_path(&required(&get, "CNI_PATH")?);
+            return Ok(env);
+        }
+        if command == Command::Status {
+            // STATUS runs no inner ADD or DEL: without CNI_PATH it answers
+            // for the infra, and the inner plugins are not asked.
+            env.path = split_path(&get("CNI_PATH").unwrap_or_default());
             return Ok(env);
         }
         env.container_id = required(&get, "CNI_CONTAINERID")?;

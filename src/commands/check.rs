@@ -21,6 +21,10 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             ),
         )
     };
+    // As libcni: an inner chain too old to know CHECK is the runtime's
+    // config error, answered before anything is looked at.
+    let list = conf.inner_list()?;
+    crate::chain::check_knows_check(&list.cni_version, &conf.cni_version)?;
     let state = super::state_dir(conf, false)?.ok_or_else(unknown)?;
     let (record, info) = {
         let lock = state.lock()?;
@@ -48,6 +52,17 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             ),
         ));
     }
+    // A killed ADD never finishes: what it left is for the DEL (or an ADD
+    // again) to remove.
+    if record.state == AttachmentState::Pending && record.owner.is_some_and(|o| !o.is_alive()) {
+        return Err(Error::new(
+            code::ATTACHMENT_LOST,
+            format!(
+                "the ADD of {} was killed before it finished; DEL it or ADD it again",
+                key.container_id
+            ),
+        ));
+    }
     if record.state == AttachmentState::Pending {
         return Err(Error::new(
             code::TRY_AGAIN_LATER,
@@ -64,6 +79,8 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
     let netns = ContainerNetns::open(env.netns())?;
     let chain = Chain::recorded(&record, &info, &netns, env, conf.plugin_timeout)?;
+    // The chain the attachment was made with may be older than today's.
+    crate::chain::check_knows_check(chain.cni_version(), &conf.cni_version)?;
     if chain.disable_check() {
         return Ok(());
     }

@@ -33,22 +33,41 @@ pub fn gc(env: &CniEnv, conf: &NetConf) -> Result<()> {
             a.network == conf.name && !keep.contains(&(a.container_id.as_str(), a.ifname.as_str()))
         })
         .collect();
-    collect(&state, &env.path, conf.plugin_timeout, &stale)?;
+    // The spec: GC carries on past a failure and reports them all; a stale
+    // attachment that cannot be deleted must not keep the inner plugins
+    // from collecting what they hold.
+    let mut errors = ErrorList::default();
+    errors.push_if_err(collect(&state, &env.path, conf.plugin_timeout, &stale));
+    errors.push_if_err(inner_gc(&state, env, conf, valid));
+    errors.push_if_err(
+        state
+            .lock()
+            .and_then(|lock| infra::stop_if_idle(&state, &lock, false)),
+    );
+    errors.into_result()
+}
 
-    let info = infra::running(&state, &state.lock()?)?;
-    if let Some(info) = info {
-        let list = conf.inner_list()?;
-        if !list.disable_gc {
-            let attachments: Vec<_> = valid
-                .iter()
-                .map(|(c, i)| json!({"containerID": c, "ifname": i}))
-                .collect();
-            let binaries = chain::find_binaries(&list, &env.path)?;
-            let extra = ("cni.dev/valid-attachments", json!(attachments));
-            super::network_verb(list, binaries, &info, env, conf, Verb::Gc, Some(extra))?;
-        }
+/// GC through the inner plugins that know it, in the running infra.
+fn inner_gc(
+    state: &StateDir,
+    env: &CniEnv,
+    conf: &NetConf,
+    valid: &[(String, String)],
+) -> Result<()> {
+    let Some(info) = infra::running(state, &state.lock()?)? else {
+        return Ok(());
+    };
+    let list = conf.inner_list()?;
+    if list.disable_gc {
+        return Ok(());
     }
-    infra::stop_if_idle(&state, &state.lock()?, false)
+    let attachments: Vec<_> = valid
+        .iter()
+        .map(|(c, i)| json!({"containerID": c, "ifname": i}))
+        .collect();
+    let binaries = chain::find_binaries(&list, &env.path)?;
+    let extra = ("cni.dev/valid-attachments", json!(attachments));
+    super::network_verb(list, binaries, &info, env, conf, Verb::Gc, Some(extra))
 }
 
 /// Runs the inner DEL of each stale attachment and forgets it. Used by the
@@ -154,7 +173,9 @@ fn forget_claimed(state: &StateDir, rec: &Attachment, infra_dead: bool) -> Resul
     state.remove_attachment(&key, &lock)
 }
 
-fn delete_recorded(
+/// The inner DEL of `rec`, its forwards closed first; `killed_owner`: a
+/// killed call's inner plugins are waited for first.
+pub(super) fn delete_recorded(
     state: &StateDir,
     info: &InfraInfo,
     cni_path: &[PathBuf],

@@ -42,7 +42,7 @@ fn state_dir_to_undo(conf: &NetConf) -> Result<Option<StateDir>> {
 /// GC or STATUS through the inner chain, in the running infra.
 fn network_verb(
     list: crate::cni::config::InnerList,
-    binaries: Vec<std::path::PathBuf>,
+    binaries: Vec<crate::exec::PluginBinary>,
     info: &crate::infra::InfraInfo,
     env: &CniEnv,
     conf: &NetConf,

@@ -12,18 +12,26 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let unavailable =
         |e: Error| Error::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details);
     let list = conf.inner_list().map_err(unavailable)?;
-    let binaries = chain::find_binaries(&list, &env.path).map_err(unavailable)?;
-    let state = super::state_dir(conf, true)
-        .and_then(|d| d.ok_or_else(|| Error::internal("no state dir")))
-        .map_err(unavailable)?;
-    match infra::running(&state, &state.lock()?)? {
-        Some(info) => {
-            if let Some(why) = infra::slirp::outbound_down(&info) {
-                return Err(Error::new(code::LIMITED_CONNECTIVITY, why));
-            }
+    // Without CNI_PATH the inner plugins can be neither found nor asked.
+    let binaries = match env.path.is_empty() {
+        true => None,
+        false => Some(chain::find_binaries(&list, &env.path).map_err(unavailable)?),
+    };
+    // A question changes nothing: no state dir is made for it.
+    let state = super::state_dir(conf, false).map_err(unavailable)?;
+    let running = match &state {
+        Some(state) => infra::running(state, &state.lock()?)?,
+        None => None,
+    };
+    if let Some(why) = running.as_ref().and_then(infra::slirp::outbound_down) {
+        return Err(Error::new(code::LIMITED_CONNECTIVITY, why));
+    }
+    match (running, binaries) {
+        (Some(info), Some(binaries)) => {
             super::network_verb(list, binaries, &info, env, conf, Verb::Status, None)
         }
-        None => can_start_infra().map_err(|msg| Error::new(code::PLUGIN_NOT_AVAILABLE, msg)),
+        (Some(_), None) => Ok(()),
+        (None, _) => can_start_infra().map_err(|msg| Error::new(code::PLUGIN_NOT_AVAILABLE, msg)),
     }
 }
 

@@ -63,6 +63,7 @@ pub fn start(opts: &SlirpOptions) -> Result<Slirp> {
             // caller's mount namespace that would reach the host's mounts
             // (real root's /run/netns), so it gets a private one.
             sys::private_mount_namespace()?;
+            sys::cloexec_inherited_fds()?;
             sys::keep_on_exec(ready_fd)?;
             sys::keep_on_exec(exit_fd)
         });
