@@ -879,10 +879,11 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
     assert!(out.ok(), "{verb} after the killed ADD: {out}");
     eprintln!("{verb} after the killed ADD took {:?}", started.elapsed());
     let expected: &[&str] = if verb == "ADD" {
-        // The runtime's retry: it replaces the killed ADD's pending record
-        // once the orphan's step is done; its DEL ends it.
+        // The runtime's retry: once the orphan's step is done, it undoes
+        // what the killed ADD made (an inner DEL), then attaches; its DEL
+        // ends it.
         must(&lab, "DEL", "orphan", &c, &stdin.to_string(), "the retry");
-        &["ADD start", "ADD end", "ADD start", "ADD end", "DEL"]
+        &["ADD start", "ADD end", "DEL", "ADD start", "ADD end", "DEL"]
     } else {
         &["ADD start", "ADD end", "DEL"]
     };

@@ -248,7 +248,7 @@ impl Dnsmasq {
     /// `start`, answering LAB_NAME with `answer`.
     fn answering(log: PathBuf, answer: &str) -> Dnsmasq {
         let candidates = ["127.0.0.53", "127.53.0.1", "127.53.0.2", "127.53.0.3"];
-        for ip in candidates {
+        'candidates: for ip in candidates {
             let free = UdpSocket::bind((ip, 53)).is_ok() && TcpListener::bind((ip, 53)).is_ok();
             if !free {
                 continue;
@@ -270,11 +270,16 @@ impl Dnsmasq {
             let mut dns = Dnsmasq {
                 ip: ip.to_string(),
                 child,
-                log,
+                log: log.clone(),
             };
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 if let Ok(Some(st)) = dns.child.try_wait() {
+                    // Another test's dnsmasq took the address between the
+                    // look and the start: the next one.
+                    if dns.log_text().contains("Address already in use") {
+                        continue 'candidates;
+                    }
                     panic!("dnsmasq on {ip} exited ({st}): {}", dns.log_text());
                 }
                 let probe = Command::new("busybox")
@@ -403,7 +408,7 @@ fn dns_forwarder_follows_a_changed_resolv_conf() {
     let Some(lab) = Lab::with_example_net("dns_reread") else {
         return;
     };
-    let first = Dnsmasq::answering(lab.dir.join("first.log"), "10.1.2.3");
+    let first = Dnsmasq::answering(lab.dir.join("first.log"), "10.1.2.4");
     let second = Dnsmasq::answering(lab.dir.join("second.log"), "10.4.5.6");
     lab.bind_resolv_conf(&format!("nameserver {}\n", first.ip));
     let c = lab.container();
@@ -417,7 +422,7 @@ fn dns_forwarder_follows_a_changed_resolv_conf() {
             out
         })
     };
-    let got = answered("10.1.2.3");
+    let got = answered("10.1.2.4");
     assert!(got.ok(), "through the first nameserver: {got}");
     // The bound file rewritten in place, as a resolver manager does.
     fs::write(
