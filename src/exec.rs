@@ -23,8 +23,10 @@ pub struct InfraNs {
     net: OwnedFd,
     mnt: OwnedFd,
     /// `/proc/<our pid>/root` when that names our root from inside the
-    /// infra too: the prefix of the CNI_PATH the inner plugins get.
+    /// infra too: the prefix of CNI_PATH entries the infra sees otherwise.
     caller_root: Option<String>,
+    /// `/proc/<sandbox pid>/root`: the infra's view of the file system.
+    infra_root: String,
 }
 
 impl InfraNs {
@@ -46,6 +48,7 @@ impl InfraNs {
             net: open("net", info.netns)?,
             mnt: open("mnt", info.mntns)?,
             caller_root: caller_root_seen_from(info.sandbox.pid),
+            infra_root: format!("/proc/{}/root", info.sandbox.pid),
         })
     }
 }
@@ -301,7 +304,7 @@ pub fn run_plugin(
         .env("CNI_ARGS", inv.args)
         .env(
             "CNI_PATH",
-            inner_cni_path(inv.cni_path, infra.caller_root.as_deref()),
+            inner_cni_path(inv.cni_path, infra.caller_root.as_deref(), &infra.infra_root),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -499,22 +502,26 @@ pub fn path_with_sbin() -> String {
 }
 
 /// CNI_PATH as the inner plugins must see it to find the binaries the
-/// caller would (bridge runs its IPAM plugin from CNI_PATH): each entry
-/// under `root`, `/proc/<our pid>/root`, which is our root in our mount
-/// namespace, and relative entries made absolute against our working
-/// directory. We outlive every inner plugin we run.
-fn inner_cni_path(paths: &[PathBuf], root: Option<&str>) -> String {
+/// caller would (bridge runs its IPAM plugin from CNI_PATH): relative
+/// entries made absolute against our working directory; an entry the
+/// infra sees as another dir (under /run or /var/lib/cni, which it has its
+/// own of, or not there at all) goes under `root`, `/proc/<our pid>/root`.
+/// Only those: that path dies with us, and an inner plugin of ours that
+/// outlives a killed call (a DEL's bridge, about to run host-local) must
+/// still find its IPAM plugin in the usual dirs.
+fn inner_cni_path(paths: &[PathBuf], root: Option<&str>, infra_root: &str) -> String {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
     paths
         .iter()
         .map(|p| {
             let absolute = cwd.join(p);
+            let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
+            let same_inside = id(&absolute).is_some()
+                && id(&absolute) == id(&Path::new(infra_root).join(inside));
             match root {
-                Some(root) => {
-                    let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
-                    Path::new(root).join(inside).display().to_string()
-                }
-                None => absolute.display().to_string(),
+                Some(root) if !same_inside => Path::new(root).join(inside).display().to_string(),
+                _ => absolute.display().to_string(),
             }
         })
         .collect::<Vec<_>>()
