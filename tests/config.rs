@@ -1,5 +1,5 @@
-//! Issue #2, tests 5 and 6: the `network` key, and bad input refused with
-//! the right CNI error, leaving nothing behind.
+//! Configs: the `network` key, and bad input refused with the right CNI
+//! error (an inner plugin not in CNI_PATH: 102), leaving nothing behind.
 
 mod common;
 
@@ -157,7 +157,7 @@ fn inner_plugin_not_in_cni_path() {
     let err = out
         .cni_error()
         .unwrap_or_else(|| panic!("no CNI error object on stdout: {out}"));
-    assert!(err.code != 0, "{out}");
+    assert_eq!(err.code, 102, "an inner plugin not in CNI_PATH: {out}");
     assert!(
         err.mentions("bridge"),
         "the missing plugin is not named: {out}"

@@ -1,7 +1,9 @@
-//! Issue #4, tests 3 and 4: the plugin SIGKILLed at random points of ADD
-//! and DEL, and stale or broken state left by a "reboot": the next calls
-//! recover, no lock stays held, no record is half-written, and nothing of
-//! ours is left after the last DEL.
+//! Killed calls and stale state: the plugin SIGKILLed at random points of
+//! ADD and DEL (alone, with its process group, or with the inner plugin it
+//! runs), and stale or broken state left by a "reboot": the next calls
+//! recover, no lock stays held, no record is half-written, a witness
+//! attachment keeps its infra and passes CHECK, and nothing of ours is left
+//! (or taken) after the last DEL.
 
 mod common;
 mod support;
@@ -18,6 +20,7 @@ use support::{bad_records, panicked, supervisors, write_as_user, Call, Rng};
 fn stdin() -> String {
     let mut conf = example_conflist();
     outer(&mut conf).insert("lockTimeout".into(), 5.into());
+    outer(&mut conf).insert("logLevel".into(), "debug".into());
     plugin_stdin(&conf).to_string()
 }
 
@@ -64,15 +67,112 @@ fn attempt(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str) -> Resul
     }
 }
 
-/// SIGKILL at random points of ADD or DEL, `iterations` times: to the
-/// plugin's whole process group (inner plugins die too: the runtime was
-/// killed) or to the plugin alone (what libcni does on a timeout; the inner
-/// plugin dies with it). After each kill the container's DEL and a fresh
-/// ADD+DEL must work, and the no-leak checker must find nothing. The second
-/// half runs with another container attached, so the infra is not started
-/// and stopped by the killed call, and what the killed call could leave in
-/// the infra (iptables rules) is compared too.
+/// Who the SIGKILL hits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Victim {
+    /// The plugin alone (what libcni does on a timeout); a running inner
+    /// plugin, in its own process group, finishes its step.
+    Plugin,
+    /// The plugin's process group (the runtime was killed with its group).
+    Group,
+    /// The plugin's group and the group of the inner plugin it is running
+    /// (the runtime and everything it started, at once): the inner plugin
+    /// dies half-way through its step.
+    WithInner,
+}
+
+/// The running infra as infra.json names it: supervisor PID and start time.
+fn infra_identity(lab: &Lab) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(lab.state_dir().join("infra.json")).ok()?;
+    let info: Value = serde_json::from_str(&text).ok()?;
+    let sup = &info["supervisor"];
+    Some((sup["pid"].as_u64()?, sup["start_time"].as_u64()?))
+}
+
+/// The process groups of `pid`'s children other than its own: the inner
+/// plugins it runs (each leads a group of its own). Not the infra it may
+/// be starting: the supervisor is its child too until it dies, and is
+/// found by its hidden entry (`__supervise`, `__sandbox`).
+fn child_groups(lab: &Lab, pid: u32) -> Vec<i32> {
+    let own = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32))).ok();
+    let mut groups = Vec::new();
+    for p in common::pids_of_uid(lab.uid) {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let (ppid, pgrp) = (fields.get(1), fields.get(2));
+        if ppid.and_then(|s| s.parse::<u32>().ok()) != Some(pid) {
+            continue;
+        }
+        let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        if cmdline.split(|&b| b == 0).any(|a| a.starts_with(b"__")) {
+            continue;
+        }
+        if let Some(g) = pgrp.and_then(|s| s.parse::<i32>().ok()) {
+            if Some(nix::unistd::Pid::from_raw(g)) != own && !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+    }
+    groups
+}
+
+/// The shortest time from spawn to exit of `n` undisturbed calls of `verb`
+/// (an ADD is undone, a DEL prepared, outside the measure): the shortest,
+/// so that a kill delay drawn below it lands mid-call on a machine whose
+/// load changes.
+fn measure(lab: &Lab, verb: &str, c: &Container, stdin: &str, n: usize) -> Duration {
+    let took: Vec<Duration> = (0..n)
+        .map(|i| {
+            let id = format!("measure-{i}");
+            if verb == "DEL" {
+                must(lab, "ADD", &id, c, stdin, "measure");
+            }
+            let started = Instant::now();
+            must(lab, verb, &id, c, stdin, "measure");
+            let t = started.elapsed();
+            if verb == "ADD" {
+                must(lab, "DEL", &id, c, stdin, "measure");
+            }
+            t
+        })
+        .collect();
+    took.into_iter().min().unwrap_or_default()
+}
+
+/// The median time from spawn to exit of a call that does nothing: what
+/// the session's setpriv and nsenter take before our binary runs.
+fn spawn_overhead(lab: &Lab) -> Duration {
+    let mut took: Vec<Duration> = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            let out = support::run(lab, &Call::argv(&["true"]), Duration::from_secs(30));
+            assert!(out.ok(), "true: {out}");
+            started.elapsed()
+        })
+        .collect();
+    took.sort();
+    took[1]
+}
+
+/// SIGKILL at random points of ADD or DEL, `iterations` times, to the
+/// plugin alone, its process group, or its group and the inner plugin it
+/// runs. The kill delay is drawn from the measured time of an undisturbed
+/// call (after the session's own start), so most kills land while the call
+/// runs; at least MIN_MID_CALL percent must. After each kill the
+/// container's DEL and a fresh ADD+DEL must work, and the no-leak checker
+/// must find nothing new and nothing gone. The second half runs with a
+/// witness attached, so the infra is not started and stopped by the killed
+/// call: its infra must stay the same one (supervisor PID and start time),
+/// CHECK of it must pass, and what the killed call could leave in the infra
+/// (iptables rules) is compared too.
 fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
+    /// The least share of kills that must land while the call runs.
+    const MIN_MID_CALL: usize = 60;
     let Some(lab) = Lab::new(name) else {
         return;
     };
@@ -83,25 +183,37 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
     let witness = lab.container();
     // What the lab may hold between iterations: nothing, then the witness.
     let mut baseline = Snapshot::default();
-    let (mut finished_before_kill, mut killed) = (0, 0);
+    let mut witness_infra = None;
+    let overhead = spawn_overhead(&lab);
+    let mut call_time = measure(&lab, verb, &c, &stdin, 5);
+    eprintln!("{name}: spawn overhead {overhead:?}, {verb} without an infra {call_time:?}");
+    let (mut finished_before_kill, mut killed, mut inner_killed, mut with_inner) = (0, 0, 0, 0);
     let mut problems: Vec<String> = Vec::new();
 
     for i in 0..iterations {
         if i == iterations / 2 {
             must(&lab, "ADD", "witness", &witness, &stdin, "witness");
+            call_time = measure(&lab, verb, &c, &stdin, 5);
+            eprintln!("{name}: {verb} beside the witness {call_time:?}");
             baseline = lab.snapshot();
+            witness_infra = infra_identity(&lab);
+            assert!(
+                witness_infra.is_some(),
+                "no infra.json after the witness ADD"
+            );
         }
         let id = format!("crash-{i}");
-        let group = rng.chance(50);
-        let delay = rng.below(151);
-        let when = format!(
-            "iteration {i} ({verb} killed after {delay} ms, {})",
-            if group {
-                "process group"
-            } else {
-                "plugin only"
-            }
-        );
+        let victim = *rng.pick(&[Victim::Plugin, Victim::Group, Victim::WithInner]);
+        // From the end of the session's start to just before the call's end.
+        // With the inner plugin: in the first half, where the chain runs
+        // (a DEL that stops the infra spends its second half on that).
+        let span = call_time.saturating_sub(overhead).as_millis().max(1) as u64;
+        let span = match victim {
+            Victim::WithInner => span / 2,
+            _ => span * 9 / 10,
+        };
+        let delay = overhead + Duration::from_millis(rng.below(span + 1));
+        let when = format!("iteration {i} ({verb} killed after {delay:?}, {victim:?})");
         let mut problem = |p: String| problems.push(format!("{when}: {p}"));
         if verb == "DEL" {
             if let Err(e) = attempt(&lab, "ADD", &id, &c, &stdin) {
@@ -109,13 +221,34 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
                 continue;
             }
         }
-        let running = support::spawn(&lab, &call(&lab, verb, &id, &c, &stdin));
-        thread::sleep(Duration::from_millis(delay));
-        if group {
-            running.kill_group();
-        } else {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(running.pid as i32),
+        let mut running = support::spawn(&lab, &call(&lab, verb, &id, &c, &stdin));
+        thread::sleep(delay);
+        // Its children before it dies: once it is gone they are re-parented.
+        // From the delay on, the first inner plugin to run is the one hit
+        // (the delay picks which step of the chain).
+        let mut inner = Vec::new();
+        if victim == Victim::WithInner {
+            let until = Instant::now() + call_time * 2;
+            loop {
+                inner = child_groups(&lab, running.pid);
+                if !inner.is_empty() || running.exited() || Instant::now() > until {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        match victim {
+            Victim::Plugin => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(running.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Victim::Group | Victim::WithInner => running.kill_group(),
+        }
+        for g in &inner {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(*g),
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
@@ -125,11 +258,22 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
         } else {
             killed += 1;
         }
+        if victim == Victim::WithInner {
+            with_inner += 1;
+            if !inner.is_empty() && out.status.is_none() {
+                inner_killed += 1;
+            }
+        }
         eprintln!(
-            "{when}: {}",
+            "{when}: {}{}",
             match out.status {
                 Some(code) => format!("had already exited {code}"),
                 None => "was running".into(),
+            },
+            if inner.is_empty() {
+                String::new()
+            } else {
+                format!(", inner plugin groups {inner:?} killed too")
             }
         );
         if panicked(&out) {
@@ -152,10 +296,17 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
         }
 
         // Recovery: DEL of the container, then a fresh ADD and DEL.
-        if let Err(e) = attempt(&lab, "DEL", &id, &c, &stdin) {
-            problem(format!("recovery: {e}"));
-        } else if lab.links(&c) != vec!["lo"] {
-            problem(format!("after the recovery DEL: {:?}", lab.links(&c)));
+        match attempt(&lab, "DEL", &id, &c, &stdin) {
+            Err(e) => problem(format!("recovery: {e}")),
+            Ok(out) => {
+                let links = lab.links(&c);
+                if links != vec!["lo"] {
+                    problem(format!(
+                        "after the recovery DEL: {links:?}, then {:?}; the DEL: {out}",
+                        lab.links(&c)
+                    ));
+                }
+            }
         }
         let fresh = format!("fresh-{i}");
         for verb in ["ADD", "DEL"] {
@@ -163,19 +314,41 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
                 problem(format!("fresh: {e}"));
             }
         }
-        if lab.links(&c) != vec!["lo"] {
-            problem(format!("after the fresh DEL: {:?}", lab.links(&c)));
+        let links = lab.links(&c);
+        if links != vec!["lo"] {
+            problem(format!(
+                "after the fresh DEL: {links:?}, then {:?}",
+                lab.links(&c)
+            ));
+        }
+        // The witness lives through it all in the same infra.
+        if let Some(expected) = witness_infra {
+            let now = infra_identity(&lab);
+            let alive = now.is_some_and(|(pid, start)| {
+                support::start_time(pid as u32) == Some(start) && lab.is_running(pid as u32)
+            });
+            if now != Some(expected) || !alive {
+                problem(format!(
+                    "the witness's infra (supervisor pid, start time) was {expected:?}, is \
+                     {now:?} (alive: {alive})"
+                ));
+            }
+            if let Err(e) = attempt(&lab, "CHECK", "witness", &witness, &stdin) {
+                problem(format!("the witness: {e}"));
+            }
         }
         let leaks = lab.leaks_since(&baseline);
         if !leaks.is_empty() {
             problem(format!("leaked:\n{leaks}"));
             // Reported once: later iterations compare with what is left.
             baseline = lab.snapshot();
+            witness_infra = witness_infra.and(infra_identity(&lab));
         }
     }
     eprintln!(
         "{name}: {iterations} kills ({killed} while running, {finished_before_kill} after the \
-         call had finished) in {:.1}s, {} problems",
+         call had finished; {inner_killed} of {with_inner} with an inner plugin killed mid-step) \
+         in {:.1}s, {} problems",
         wall.elapsed().as_secs_f64(),
         problems.len()
     );
@@ -184,6 +357,16 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
         "{} problems:\n\n{}",
         problems.len(),
         problems.join("\n\n")
+    );
+    assert!(
+        killed * 100 >= MIN_MID_CALL * iterations,
+        "only {killed} of {iterations} kills landed while the call ran (at least \
+         {MIN_MID_CALL}% must): the kill delays do not fit the call"
+    );
+    assert!(
+        inner_killed * 2 >= with_inner,
+        "only {inner_killed} of {with_inner} kills of the plugin with its inner plugin found an \
+         inner plugin running"
     );
     must(&lab, "DEL", "witness", &witness, &stdin, "witness");
     lab.assert_no_infra("after the last DEL");
@@ -421,6 +604,114 @@ fn stale_infra_record_naming_live_processes() {
     }
 }
 
+/// infra.json naming live processes of the user with the right PIDs and
+/// start times, while the recorded network namespace is not the sandbox's:
+/// the infra counts as dead and is cleaned up, yet these processes are not
+/// signalled, because their command lines are not ours (the last of the
+/// three things checked before any signal).
+#[test]
+fn live_processes_with_right_start_times_but_not_our_command_line_are_left_alone() {
+    let Some(lab) = Lab::new("stale_right_starts") else {
+        return;
+    };
+    let c = lab.container();
+    let (infra, _) = capture(&lab, &c);
+    let bystanders: Vec<Container> = (0..3).map(|_| lab.container()).collect();
+    let starts: Vec<u64> = bystanders
+        .iter()
+        .map(|b| support::start_time(b.pid).expect("start time"))
+        .collect();
+    let mut info = infra.clone();
+    for (i, key) in ["supervisor", "sandbox", "slirp4netns"].iter().enumerate() {
+        info[*key] = serde_json::json!({ "pid": bystanders[i].pid, "start_time": starts[i] });
+    }
+    // Another bystander's netns: not the "sandbox"'s own, so not alive.
+    let ns = fs::metadata(format!("/proc/{}/ns/net", bystanders[0].pid))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("bystander netns");
+    info["netns"] = ns.into();
+    write_as_user(
+        &lab,
+        &lab.state_dir().join("infra.json"),
+        info.to_string().as_bytes(),
+    );
+    let when = "infra.json naming live processes with their right start times";
+    all_status(&lab, when);
+    fresh_add(&lab, "after-reboot", &c, when);
+    let out = sane_plugin(&lab, "DEL", "after-reboot", &c, when);
+    assert!(out.ok(), "{when}: DEL: {out}");
+    for (b, start) in bystanders.iter().zip(&starts) {
+        assert!(
+            lab.is_running(b.pid) && support::start_time(b.pid) == Some(*start),
+            "{when}: bystander {} was killed",
+            Lab::describe(b.pid)
+        );
+        let state = fs::read_to_string(format!("/proc/{}/stat", b.pid)).unwrap_or_default();
+        assert!(
+            !state.contains(") T "),
+            "{when}: bystander {} was stopped",
+            Lab::describe(b.pid)
+        );
+    }
+    lab.assert_no_infra(when);
+}
+
+/// The infra's own processes, with infra.json naming another network
+/// namespace than the sandbox's: not alive (the sandbox must still hold the
+/// recorded netns), so never used as the infra; and since its supervisor
+/// still runs (it holds its lifetime lock), never cleaned up either: calls
+/// refuse the state dir (code 105) and nothing is signalled. With the
+/// record put back, the infra is the same one and DEL works.
+#[test]
+fn infra_whose_sandbox_is_not_in_the_recorded_netns_is_not_alive() {
+    let Some(lab) = Lab::new("stale_netns") else {
+        return;
+    };
+    let (old, new, bystander) = (lab.container(), lab.container(), lab.container());
+    must(&lab, "ADD", "before", &old, &stdin(), "before");
+    let path = lab.state_dir().join("infra.json");
+    let text = fs::read_to_string(&path).expect("infra.json");
+    let mut info: Value = serde_json::from_str(&text).expect("JSON");
+    let supervisor = infra_identity(&lab).expect("the infra");
+    let ns = fs::metadata(bystander.netns())
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("bystander netns");
+    assert_ne!(info["netns"], ns, "the bystander is in the infra's netns");
+    info["netns"] = ns.into();
+    write_as_user(&lab, &path, info.to_string().as_bytes());
+
+    let when = "infra.json naming another netns";
+    let status = lab.cli(&["status", "--json"]);
+    let alive = status
+        .json()
+        .is_some_and(|s| s["infra"]["supervisor"]["pid"].as_u64() == Some(supervisor.0));
+    assert!(!alive, "{when}: taken for alive: {status}");
+    let add = sane_plugin(&lab, "ADD", "after", &new, when);
+    let err = add
+        .cni_error()
+        .unwrap_or_else(|| panic!("{when}: the ADD used the infra: {add}"));
+    assert_eq!(err.code, 105, "{when}: ADD: {add}");
+    assert_eq!(lab.links(&new), vec!["lo"], "{when}: the ADD attached");
+    assert!(
+        lab.is_running(supervisor.0 as u32)
+            && support::start_time(supervisor.0 as u32) == Some(supervisor.1),
+        "{when}: the supervisor was signalled"
+    );
+    assert!(
+        lab.is_running(bystander.pid),
+        "{when}: the bystander was killed"
+    );
+
+    // The record put back: the same infra, alive again.
+    write_as_user(&lab, &path, text.as_bytes());
+    assert_eq!(infra_identity(&lab), Some(supervisor), "the infra changed");
+    let check = sane_plugin(&lab, "CHECK", "before", &old, "record restored");
+    assert!(check.ok(), "CHECK with the record restored: {check}");
+    let out = sane_plugin(&lab, "DEL", "before", &old, "record restored");
+    assert!(out.ok(), "DEL: {out}");
+    lab.assert_no_infra(when);
+}
+
 /// (c) An empty and a truncated infra.json: treated as no infra.
 #[test]
 fn corrupt_infra_record() {
@@ -507,7 +798,7 @@ fn corrupt_attachment_records() {
 /// The runtime kills the plugin (libcni does, on its timeout) while an
 /// inner plugin is half-way through its ADD. The inner plugin finishes its
 /// step, as it would under libcni; the call that follows on that attachment
-/// (`verb`: DEL, or a GC that drops it) waits for it instead of undoing a
+/// (`verb`: DEL, the runtime's retried ADD, or a GC that drops it) waits for it instead of undoing a
 /// half-made step it would then redo behind the call's back. The inner
 /// plugin logs each step: "ADD end" must come before "DEL".
 fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
@@ -578,7 +869,7 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
     } else {
         must(
             &lab,
-            "DEL",
+            verb,
             "orphan",
             &c,
             &stdin.to_string(),
@@ -587,10 +878,19 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
     };
     assert!(out.ok(), "{verb} after the killed ADD: {out}");
     eprintln!("{verb} after the killed ADD took {:?}", started.elapsed());
+    let expected: &[&str] = if verb == "ADD" {
+        // The runtime's retry: once the orphan's step is done, it undoes
+        // what the killed ADD made (an inner DEL), then attaches; its DEL
+        // ends it.
+        must(&lab, "DEL", "orphan", &c, &stdin.to_string(), "the retry");
+        &["ADD start", "ADD end", "DEL", "ADD start", "ADD end", "DEL"]
+    } else {
+        &["ADD start", "ADD end", "DEL"]
+    };
     let steps = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(
         steps.lines().collect::<Vec<_>>(),
-        ["ADD start", "ADD end", "DEL"],
+        expected,
         "inner plugin steps"
     );
     lab.assert_no_infra(&format!("after the {verb}"));
@@ -599,6 +899,11 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
 #[test]
 fn del_waits_for_the_inner_plugin_of_a_killed_add() {
     orphan_inner_plugin_is_waited_for("orphan_del", "DEL");
+}
+
+#[test]
+fn add_waits_for_the_inner_plugin_of_a_killed_add() {
+    orphan_inner_plugin_is_waited_for("orphan_add", "ADD");
 }
 
 #[test]

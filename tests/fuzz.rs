@@ -1,8 +1,10 @@
-//! Issue #4, test 8: random and mutated configs, environments and state
+//! Plugin mode never panics: random and mutated configs, environments and state
 //! files fed to our binary in plugin mode. CNI_PATH never exists, so no
 //! inner plugin and no infra ever runs; what is tested is that every input
-//! gets an answer: success, or a CNI error object with a numeric code, and
-//! never a panic, a signal or a hang.
+//! gets an answer: success, or a CNI error object with a numeric code and a
+//! message, and never a panic, a signal or a hang; and that the inputs
+//! reach every layer (successes, and codes 1, 4, 6 and 7, each at least 1%
+//! of the answers).
 //!
 //! FUZZ_ITERATIONS (default 500), FUZZ_SECONDS (a bound on the run, default
 //! 25), FUZZ_SEED (default fixed) and FUZZ_OUT (a dir for failing inputs)
@@ -656,9 +658,16 @@ fn judge(o: &Outcome) -> Result<(), String> {
         return Ok(());
     }
     match serde_json::from_slice::<Value>(&o.stdout) {
-        Ok(v) if v.get("code").is_some_and(Value::is_u64) => Ok(()),
+        Ok(v)
+            if v.get("code").is_some_and(Value::is_u64)
+                && v.get("msg")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| !m.is_empty()) =>
+        {
+            Ok(())
+        }
         _ => Err(format!(
-            "exit {:?} without a CNI error object on stdout: {:?}",
+            "exit {:?} without a CNI error object (code and msg) on stdout: {:?}",
             o.status,
             String::from_utf8_lossy(&o.stdout)
         )),
@@ -715,7 +724,23 @@ fn plugin_mode_never_panics() {
         failures.len(),
         elapsed.as_secs_f64()
     );
-    assert!(done > 0, "no iteration ran");
+    // It must have run, and its inputs must reach every layer: successes,
+    // and the error of each check an input meets first (variables 4,
+    // stdin 6, config 7, version 1). A generator that only made garbage
+    // would pass the contract check without testing much.
+    let least = iterations.min(100);
+    assert!(
+        done >= least,
+        "only {done} of {iterations} iterations ran in {bound:?} (at least {least} must)"
+    );
+    if done >= 100 {
+        for key in ["exit Some(0)", "code 1", "code 4", "code 6", "code 7"] {
+            assert!(
+                codes.get(key).is_some_and(|&n| n * 100 >= done),
+                "under 1% of the answers were {key}: {codes:?}"
+            );
+        }
+    }
     let shown: Vec<&String> = failures.iter().take(10).collect();
     assert!(
         failures.is_empty(),

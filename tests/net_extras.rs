@@ -1,4 +1,5 @@
-//! Issue #3: DNS through the infra, the host's loopback over IPv6, and MTU.
+//! DNS through the infra (following a changed resolv.conf), the host's
+//! loopback over IPv6, and MTU.
 //!
 //! - IPv6: conf-examples/dual-stack.conflist gives containers addresses in
 //!   fd00:89::/64; they ping each other, and reach the host's `::1` as
@@ -239,10 +240,15 @@ impl Dnsmasq {
     const BIN: &'static str = "/usr/sbin/dnsmasq";
 
     /// Starts one on the first of a few loopback addresses whose port 53 is
-    /// free; the log goes to `log`.
+    /// free, answering LAB_NAME with LAB_NAME_IP; the log goes to `log`.
     fn start(log: PathBuf) -> Dnsmasq {
+        Dnsmasq::answering(log, LAB_NAME_IP)
+    }
+
+    /// `start`, answering LAB_NAME with `answer`.
+    fn answering(log: PathBuf, answer: &str) -> Dnsmasq {
         let candidates = ["127.0.0.53", "127.53.0.1", "127.53.0.2", "127.53.0.3"];
-        for ip in candidates {
+        'candidates: for ip in candidates {
             let free = UdpSocket::bind((ip, 53)).is_ok() && TcpListener::bind((ip, 53)).is_ok();
             if !free {
                 continue;
@@ -253,7 +259,7 @@ impl Dnsmasq {
                 .args(["--no-daemon", "--conf-file=/dev/null", "--port=53"])
                 .arg(format!("--listen-address={ip}"))
                 .args(["--bind-interfaces", "--no-resolv", "--no-hosts"])
-                .arg(format!("--address=/{LAB_NAME}/{LAB_NAME_IP}"))
+                .arg(format!("--address=/{LAB_NAME}/{answer}"))
                 .arg(format!("--local=/{LAB_NAME}/")) // AAAA: no data, not REFUSED
                 .args(["--log-queries", "--log-facility=-"])
                 .stdin(Stdio::null())
@@ -264,17 +270,22 @@ impl Dnsmasq {
             let mut dns = Dnsmasq {
                 ip: ip.to_string(),
                 child,
-                log,
+                log: log.clone(),
             };
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 if let Ok(Some(st)) = dns.child.try_wait() {
+                    // Another test's dnsmasq took the address between the
+                    // look and the start: the next one.
+                    if dns.log_text().contains("Address already in use") {
+                        continue 'candidates;
+                    }
                     panic!("dnsmasq on {ip} exited ({st}): {}", dns.log_text());
                 }
                 let probe = Command::new("busybox")
                     .args(["nslookup", LAB_NAME, ip])
                     .output();
-                if probe.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(LAB_NAME_IP)) {
+                if probe.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(answer)) {
                     return dns;
                 }
                 assert!(
@@ -380,6 +391,59 @@ fn dns_through_the_infra_forwarder() {
         del(&lab, NET, &c.netns());
         lab.assert_no_infra(&format!("after DEL (allowHostLoopback {allow})"));
     }
+}
+
+/// The forwarder follows /etc/resolv.conf as it changes: with the infra
+/// running, the session's file is rewritten to name another nameserver,
+/// and the next lookups through 10.0.2.3 reach that one (each server gives
+/// its own answer, and logs the query).
+#[test]
+fn dns_forwarder_follows_a_changed_resolv_conf() {
+    if !Path::new(Dnsmasq::BIN).exists() {
+        let why = format!("{} (apt-get install dnsmasq-base)", Dnsmasq::BIN);
+        assert!(!common::in_ci(), "the test needs {why}");
+        eprintln!("skipping: it needs {why}");
+        return;
+    }
+    let Some(lab) = Lab::with_example_net("dns_reread") else {
+        return;
+    };
+    let first = Dnsmasq::answering(lab.dir.join("first.log"), "10.1.2.4");
+    let second = Dnsmasq::answering(lab.dir.join("second.log"), "10.4.5.6");
+    lab.bind_resolv_conf(&format!("nameserver {}\n", first.ip));
+    let c = lab.container();
+    add(&lab, NET, &c.netns());
+    let answered = |ip: &str| {
+        retry(Duration::from_secs(10), || {
+            let mut out = lookup(&lab, &c);
+            if !out.stdout.contains(ip) {
+                out.status = Some(1);
+            }
+            out
+        })
+    };
+    let got = answered("10.1.2.4");
+    assert!(got.ok(), "through the first nameserver: {got}");
+    // The bound file rewritten in place, as a resolver manager does.
+    fs::write(
+        lab.dir.join("resolv.conf"),
+        format!("nameserver {}\n", second.ip),
+    )
+    .expect("rewriting resolv.conf");
+    let before = second.queries().len();
+    let got = answered("10.4.5.6");
+    assert!(
+        got.ok(),
+        "after resolv.conf named {}: {got}\nsecond dnsmasq:\n{}",
+        second.ip,
+        second.log_text()
+    );
+    assert!(
+        second.queries().len() > before,
+        "the second nameserver saw no query"
+    );
+    del(&lab, NET, &c.netns());
+    lab.assert_no_infra("after the DEL");
 }
 
 // ---------------------------------------------------------------------------

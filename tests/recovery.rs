@@ -1,4 +1,5 @@
-//! Issue #2, test 7: the sandbox is SIGKILLed under live attachments.
+//! The sandbox SIGKILLed under live attachments: CHECK answers 103, DEL
+//! forgets them, and the next ADD gets a fresh infra that works.
 
 mod common;
 
@@ -47,11 +48,7 @@ fn killed_sandbox_is_reported_and_replaced() {
     let err = out
         .cni_error()
         .unwrap_or_else(|| panic!("no CNI error object on stdout: {out}"));
-    assert!(
-        err.code >= 100,
-        "CHECK of a lost attachment: code {}: {out}",
-        err.code
-    );
+    assert_eq!(err.code, 103, "CHECK of a lost attachment: {out}");
 
     // DEL of the lost attachment succeeds and forgets it.
     let del = lab.cnitool("del", NET, &c.netns());

@@ -1,16 +1,14 @@
 //! Host tools the runtime tests need beyond the lab's own: finding them on
 //! the lab's PATH, skipping (or, with CI=true, failing) without them, a
-//! static busybox for images built without a registry, and the lab uid as
+//! static busybox for images built without a registry (a build script's,
+//! never fetched by a test), and the lab uid as
 //! a named user with subordinate ids (for runtimes that make their own user
 //! namespace).
 
-use super::{run_command, Lab, LAB_PATH};
+use super::{Lab, LAB_PATH};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
-use std::time::Duration;
 
 /// `tool` on the lab's PATH, if it is there and executable.
 pub fn which(tool: &str) -> Option<PathBuf> {
@@ -43,51 +41,33 @@ pub fn skip_without(test: &str, tools: &[&str]) -> bool {
     true
 }
 
-/// `argv` as root with a clean environment, which must succeed.
-fn run_root_ok(argv: &[&str], dir: &Path, timeout: Duration) {
-    let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .env("PATH", LAB_PATH)
-        .current_dir(dir);
-    let out = run_command(cmd, argv.join(" "), None, timeout);
-    assert!(out.ok(), "{out}");
-}
-
 /// A static busybox for a container image: the machine's own when it is
-/// static (Debian's busybox-static package), else the binary of that
-/// package unpacked (not installed: it conflicts with the dynamic busybox
-/// package the user may have), downloaded once into the target dir. A
-/// dynamic busybox fails in an image without a libc (`exec … no such file`).
+/// static (Debian's busybox-static package), else `$BUSYBOX_STATIC`, else
+/// the one `scripts/build-cri-images` unpacks from that package into
+/// `.tools/` (not installed: it conflicts with the dynamic busybox package
+/// the user may have). A test fetches nothing itself: the download is the
+/// build script's, which `scripts/test` runs first. A dynamic busybox fails
+/// in an image without a libc (`exec … no such file`).
 pub fn busybox_static() -> PathBuf {
     if let Some(installed) = which("busybox").filter(|p| is_static_elf(p)) {
         return installed;
     }
-    // Tests of one binary run in parallel: one download at a time.
-    static DOWNLOAD: Mutex<()> = Mutex::new(());
-    let _one = DOWNLOAD.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("busybox-static");
-    let bin = dir.join("unpacked/bin/busybox");
-    if bin.is_file() {
-        return bin;
-    }
-    fs::create_dir_all(&dir).expect("mkdir busybox-static");
-    run_root_ok(
-        &["apt-get", "download", "busybox-static"],
-        &dir,
-        Duration::from_secs(120),
-    );
-    let deb = Lab::list(&dir)
+    let unpacked = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".tools/cri-images-build/busybox-static/bin/busybox");
+    let candidates = std::env::var_os("BUSYBOX_STATIC")
+        .map(PathBuf::from)
         .into_iter()
-        .find(|n| n.ends_with(".deb"))
-        .unwrap_or_else(|| panic!("no .deb in {} after apt-get download", dir.display()));
-    run_root_ok(
-        &["dpkg-deb", "-x", &deb, "unpacked"],
-        &dir,
-        Duration::from_secs(60),
+        .chain([unpacked.clone()]);
+    for bin in candidates {
+        if is_static_elf(&bin) {
+            return bin;
+        }
+    }
+    panic!(
+        "no static busybox: the installed one is dynamic and {} is missing (scripts/build-cri-images \
+         unpacks Debian's busybox-static there; or set BUSYBOX_STATIC)",
+        unpacked.display()
     );
-    assert!(bin.is_file(), "no bin/busybox in busybox-static");
-    bin
 }
 
 /// Whether `path` is an ELF executable without an interpreter (a dynamic

@@ -3,17 +3,23 @@
 //!
 //! A snapshot covers what rootless-cni or the inner plugins could leave
 //! behind: processes of the lab uid (other than the lab's own holder and
-//! containers), the namespaces they or a bind mount hold, mounts in the
-//! session, host-local leases of every inner network, attachment records
-//! and temporary files in the state dir, the infra's own files, and, while
-//! an infra runs, its iptables and ip6tables rules. `Lab::assert_no_leaks`
-//! compares a snapshot with an earlier one; `Lab::assert_no_infra` compares
-//! with the one taken when the lab was built, before anything ran.
+//! containers, each with its start time, so a restarted one differs), the
+//! namespaces they or a bind mount hold, every mount of the session that
+//! was not there when the lab was ready (and every lab mount gone),
+//! host-local leases of every inner network, attachment records and
+//! temporary files in the state dir, the infra's own files, the rest of
+//! the state dir (warm markers, `run/`, the overlay dirs), whether a lock
+//! file is held, a panic in `infra.log`, and, while an infra runs, its
+//! iptables and ip6tables rules (a failed read is a difference, never "no
+//! rules"). `Lab::assert_no_leaks` compares a snapshot with an earlier one,
+//! both ways: what is new and what is gone; `Lab::assert_no_infra` compares
+//! with the empty lab.
 
-use super::{describe_process, pids_of_uid, proc_state, Lab};
+use super::{pids_of_uid, proc_state, Lab};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Child;
 use std::thread;
@@ -25,6 +31,12 @@ const PROCESS_GRACE: Duration = Duration::from_secs(3);
 
 /// The infra's files in the state dir: present only while it runs.
 const INFRA_FILES: &[&str] = &["infra.json", "control.sock", "slirp.sock"];
+
+/// The state dir's lock files: a call that died must not leave one held.
+const LOCK_FILES: &[&str] = &["rootless-cni-infra.lck", "first-chain.lck"];
+
+/// What the other kinds cover, or what lives as long as the state dir.
+const STATE_SKIPPED: &[&str] = &["attachments", "var-lib-cni", "infra.log"];
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -41,31 +53,61 @@ pub struct Snapshot {
     pub records: BTreeSet<String>,
     /// The infra's files in the state dir (infra.json, sockets).
     pub infra_files: BTreeSet<String>,
+    /// The rest of the state dir, walked: warm markers, `run/` (the
+    /// infra's /run), `var-lib-overlay/`. With no infra running, what a
+    /// stopped infra keeps until the next start empties it is left out.
+    pub state_files: BTreeSet<String>,
+    /// Lock files held by someone right now, and panics in infra.log.
+    pub held: BTreeSet<String>,
     /// iptables-save and ip6tables-save inside the infra, counters and
     /// comments dropped; None when no infra runs.
     pub infra_rules: Option<BTreeSet<String>>,
 }
 
 impl Snapshot {
-    /// What is in `self` but was not in `before`, by kind; empty when
-    /// nothing leaked. A rule gone since `before` is listed too: a DEL must
-    /// not take what is not its own.
+    /// What is in `self` but was not in `before`, and what was in `before`
+    /// but is gone, by kind; empty when nothing changed. A call must not
+    /// take what is not its own any more than leave what is: a "recovery"
+    /// that stops a live infra shows as its processes, files and rules gone.
     pub fn leaks_since(&self, before: &Snapshot) -> String {
         let mut report = String::new();
-        let mut new = |kind: &str, now: &BTreeSet<String>, then: &BTreeSet<String>| {
+        let mut diff = |kind: &str, now: &BTreeSet<String>, then: &BTreeSet<String>| {
             for item in now.difference(then) {
                 let _ = writeln!(report, "{kind}: {item}");
             }
+            for item in then.difference(now) {
+                let _ = writeln!(report, "{kind} gone: {item}");
+            }
         };
-        new("process", &self.processes, &before.processes);
-        new("namespace", &self.namespaces, &before.namespaces);
-        new("mount", &self.mounts, &before.mounts);
-        new("lease", &self.leases, &before.leases);
-        new("record", &self.records, &before.records);
-        new("infra file", &self.infra_files, &before.infra_files);
-        if let (Some(now), Some(then)) = (&self.infra_rules, &before.infra_rules) {
-            new("iptables rule added", now, then);
-            new("iptables rule removed", then, now);
+        diff("process", &self.processes, &before.processes);
+        diff("namespace", &self.namespaces, &before.namespaces);
+        diff("mount", &self.mounts, &before.mounts);
+        diff("lease", &self.leases, &before.leases);
+        diff("record", &self.records, &before.records);
+        diff("infra file", &self.infra_files, &before.infra_files);
+        diff("state file", &self.state_files, &before.state_files);
+        diff("held", &self.held, &before.held);
+        match (&self.infra_rules, &before.infra_rules) {
+            (Some(now), Some(then)) => diff("iptables rule", now, then),
+            (None, None) => {}
+            // The infra files and processes say more; this says the rules
+            // went (or came) with it.
+            (now, _) => {
+                let _ = writeln!(
+                    report,
+                    "iptables rules: {} then, {} now",
+                    if before.infra_rules.is_some() {
+                        "an infra"
+                    } else {
+                        "no infra"
+                    },
+                    if now.is_some() {
+                        "an infra"
+                    } else {
+                        "no infra"
+                    }
+                );
+            }
         }
         report
     }
@@ -83,7 +125,12 @@ impl Lab {
         let mounts: BTreeSet<String> = self.session_mount_leftovers().into_iter().collect();
         let mut namespaces: BTreeSet<String> =
             strays.iter().flat_map(|&p| held_namespaces(p)).collect();
-        namespaces.extend(mounts.iter().filter(|m| m.ends_with(" nsfs")).cloned());
+        namespaces.extend(
+            mounts
+                .iter()
+                .filter(|m| m.split(' ').nth(1) == Some("nsfs"))
+                .cloned(),
+        );
         let state = self.state_dir();
         let leases = Lab::list(&state.join("var-lib-cni/networks"))
             .into_iter()
@@ -103,14 +150,29 @@ impl Lab {
             .filter(|f| state.join(f).exists())
             .map(|f| f.to_string())
             .collect();
-        let infra_rules = self.infra_running().then(|| self.infra_rules());
+        let running = self.infra_running();
+        let state_files = state_files(&state, running);
+        let mut held: BTreeSet<String> = LOCK_FILES
+            .iter()
+            .filter(|f| lock_held(&state.join(f)))
+            .map(|f| format!("lock {f}"))
+            .collect();
+        let log = fs::read_to_string(state.join("infra.log")).unwrap_or_default();
+        held.extend(
+            log.lines()
+                .filter(|l| l.contains("panicked"))
+                .map(|l| format!("infra.log: {l}")),
+        );
+        let infra_rules = if running { self.infra_rules() } else { None };
         Snapshot {
-            processes: strays.into_iter().map(describe_process).collect(),
+            processes: strays.into_iter().map(identify_process).collect(),
             namespaces,
             mounts,
             leases,
             records,
             infra_files,
+            state_files,
+            held,
             infra_rules,
         }
     }
@@ -141,14 +203,19 @@ impl Lab {
     }
 
     /// The infra's rule set, counters and comment lines dropped so two
-    /// snapshots compare by content.
-    fn infra_rules(&self) -> BTreeSet<String> {
-        let out = self.cli(&["exec", "--", "sh", "-c", "iptables-save; ip6tables-save"]);
+    /// snapshots compare by content; None when the infra stopped before it
+    /// could be read. A read that fails while the infra runs is a rule of
+    /// its own ("cannot read"), so it never passes for an empty set.
+    fn infra_rules(&self) -> Option<BTreeSet<String>> {
+        let out = self.cli(&["exec", "--", "sh", "-c", "iptables-save && ip6tables-save"]);
         if !out.ok() {
-            // The infra stopped between the check and the exec: no rules.
-            return BTreeSet::new();
+            if !self.infra_running() {
+                return None;
+            }
+            return Some(BTreeSet::from([format!("cannot read the rules: {out}")]));
         }
-        out.stdout
+        let rules = out
+            .stdout
             .lines()
             .filter(|l| !l.starts_with('#'))
             .map(|l| match l.rfind(" [") {
@@ -156,7 +223,8 @@ impl Lab {
                 Some(i) if l.starts_with(':') => l[..i].to_string(),
                 _ => l.to_string(),
             })
-            .collect()
+            .collect();
+        Some(rules)
     }
 
     /// The lab's own processes: the session holder and the containers.
@@ -210,4 +278,83 @@ fn dot_files(root: &Path, dir: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// A process as the checker names it: pid, start time, command line (its
+/// run state left out: it changes by itself).
+fn identify_process(pid: u32) -> String {
+    let start = start_time(pid).unwrap_or_default();
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .split('\0')
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    format!("pid {pid} started {start}: {cmdline}")
+}
+
+/// Whether someone holds `path`'s flock (tried without waiting, and let go
+/// at once); a missing file is not held.
+fn lock_held(path: &Path) -> bool {
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    let how = nix::fcntl::FlockArg::LockExclusiveNonblock;
+    #[allow(deprecated)] // nix's Flock wrapper takes the file by value
+    let held = nix::fcntl::flock(file.as_raw_fd(), how).is_err();
+    held
+}
+
+/// The state dir's files the other kinds do not cover, relative. With an
+/// infra running, everything (a call must not change them behind the
+/// infra's back); without, stray files only: `run/` (inner plugins' files,
+/// e.g. dnsname's), the warm markers and the overlay's upper and work dirs
+/// are what a stopped infra keeps, emptied at the next start.
+fn state_files(state: &Path, running: bool) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    walk(state, state, &mut found);
+    found
+        .into_iter()
+        .filter(|f| {
+            let top = f.split('/').next().unwrap_or_default();
+            !STATE_SKIPPED.contains(&top)
+                && !LOCK_FILES.contains(&top)
+                && !INFRA_FILES.contains(&top)
+                && !f.starts_with('.')
+                && !f.contains("/.")
+        })
+        .filter(|f| {
+            running
+                || !(["run", "warm", "var-lib-overlay"].contains(&f.as_str())
+                    || f.starts_with("run/")
+                    || f.starts_with("warm/")
+                    || f.starts_with("var-lib-overlay/"))
+        })
+        .collect()
+}
+
+fn walk(root: &Path, dir: &Path, found: &mut BTreeSet<String>) {
+    for name in Lab::list(dir) {
+        let path = dir.join(&name);
+        let rel = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        let is_dir = path.is_dir() && !path.is_symlink();
+        found.insert(rel);
+        if is_dir {
+            walk(root, &path, found);
+        }
+    }
+}
+
+/// Field 22 of /proc/PID/stat: the start time, in clock ticks since boot.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &text[text.rfind(')')? + 1..];
+    after.split_whitespace().nth(22 - 3)?.parse().ok()
 }

@@ -503,7 +503,6 @@ fn describe_process(pid: u32) -> String {
     )
 }
 
-/// A TCP port nobody listens on right now on 127.0.0.1.
 /// Whether an attachment record (its JSON) is one a failed ADD kept for
 /// the runtime's DEL: `"failed": true` beside `"state": "ready"`, so that
 /// an older release, which knows no other state, keeps it for its DEL too.
@@ -523,11 +522,46 @@ pub fn in_ci() -> bool {
     })
 }
 
+/// A TCP port nobody listens on right now, on 127.0.0.1 or 0.0.0.0, for a
+/// test to publish a moment later. Not one the kernel hands out (port 0 is
+/// from the ephemeral range, where any outgoing connection made meanwhile
+/// can take it): one below that range, never handed out twice by this
+/// process, starting from a place that differs between processes.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_from: u32 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (base, span) = (10_000, ephemeral_from.saturating_sub(10_000).max(1000));
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (base + (start + n * 37) % span) as u16;
+        let free = TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free TCP port in {base}..{}", base + span);
+}
+
+/// How often a ping or a fetch is tried before it counts as failed: a lost
+/// packet or a stalled machine is not a broken network, and a test that
+/// expects no answer gets none from any attempt.
+const NET_ATTEMPTS: usize = 3;
+
+fn retried(mut attempt: impl FnMut() -> Out) -> Out {
+    let mut out = attempt();
+    for _ in 1..NET_ATTEMPTS {
+        if out.ok() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(300));
+        out = attempt();
+    }
+    out
 }
 
 /// Pids of all processes whose real uid is `uid`.
@@ -616,6 +650,9 @@ pub struct Lab {
     /// (tests/common/hosts.rs), when the options need one; killed on drop.
     host_holder: Option<Child>,
     options: LabOptions,
+    /// The session's mounts once the lab was ready (and after the test's
+    /// own binds): what the no-leak checker does not count.
+    session_mounts: RefCell<Vec<String>>,
 }
 
 /// How a lab's session differs from the default one.
@@ -701,6 +738,7 @@ impl Lab {
             children: RefCell::new(Vec::new()),
             host_holder: None,
             options,
+            session_mounts: RefCell::new(Vec::new()),
         };
         // From here on, Drop cleans up whatever was made.
         let sh = |args: &[&str]| -> Result<(), String> {
@@ -830,6 +868,7 @@ impl Lab {
             }
             thread::sleep(Duration::from_millis(10));
         }
+        lab.session_mounts.replace(lab.session_mounts());
         Ok(lab)
     }
 
@@ -928,6 +967,8 @@ impl Lab {
         let file = self.dir.join("resolv.conf").display().to_string();
         let out = self.exec(&[], None, &["mount", "--bind", &file, "/etc/resolv.conf"]);
         assert!(out.ok(), "binding {file} on /etc/resolv.conf: {out}");
+        // The test's own mount, not a leak.
+        self.session_mounts.replace(self.session_mounts());
     }
 
     /// Names of the entries of a dir, sorted; empty if it does not exist.
@@ -1212,14 +1253,16 @@ impl Lab {
         self.exec(&[], None, &full)
     }
 
-    /// One ping from a container.
+    /// A ping from a container: one echo, tried up to NET_ATTEMPTS times
+    /// until one is answered.
     pub fn ping(&self, c: &Container, ip: &str) -> Out {
-        self.in_netns(c, &["busybox", "ping", "-c1", "-W2", ip])
+        retried(|| self.in_netns(c, &["busybox", "ping", "-c1", "-W2", ip]))
     }
 
-    /// curl from a container.
+    /// curl from a container, tried up to NET_ATTEMPTS times until one
+    /// succeeds (what it fetched is for the caller to judge).
     pub fn curl(&self, c: &Container, url: &str) -> Out {
-        self.in_netns(c, &["curl", "-sS", "--max-time", "3", url])
+        retried(|| self.in_netns(c, &["curl", "-sS", "--max-time", "3", url]))
     }
 
     /// The IPv4 address of `ifname` in a container, if any.
@@ -1318,27 +1361,34 @@ impl Lab {
         }
     }
 
-    /// Mounts in the session's mount namespace that an infra could have left:
-    /// anything under XDG_RUNTIME_DIR, and nsfs mounts (bound namespaces).
+    /// Every mount of the session's mount namespace (the caller's, where
+    /// the plugin runs), as `TARGET FSTYPE SOURCE`: a bind's source names
+    /// the bound dir, so a leaked bind over `/run` differs from `/run`.
+    fn session_mounts(&self) -> Vec<String> {
+        let out = self.exec(&[], None, &["findmnt", "-rn", "-o", "TARGET,FSTYPE,SOURCE"]);
+        assert!(out.ok(), "findmnt in the session: {out}");
+        out.stdout.lines().map(str::to_string).collect()
+    }
+
+    /// Mounts in the session's mount namespace that were not there when the
+    /// lab was ready, and those gone since: anywhere (a `/var/lib` overlay or a `/run` bind left
+    /// in the caller's namespace as much as a bound netns), counted, so a
+    /// second mount on the same target shows too.
     pub fn session_mount_leftovers(&self) -> Vec<String> {
-        let out = self.exec(&[], None, &["findmnt", "-rn", "-o", "TARGET,FSTYPE"]);
-        let run = self.xdg_runtime_dir().display().to_string();
-        // The session's mount namespace is a copy of the lab's host's: what
-        // the machine (or the lab's host) itself has mounted (another
-        // tool's netns, the logind-style runtime dir) is not ours.
-        let host = self
-            .host_command("findmnt")
-            .args(["-rn", "-o", "TARGET,FSTYPE"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        let host: Vec<&str> = host.lines().collect();
-        out.stdout
-            .lines()
-            .filter(|l| l.starts_with(&run) || l.ends_with(" nsfs"))
-            .filter(|l| !host.contains(l))
-            .map(str::to_string)
-            .collect()
+        let mut before = self.session_mounts.borrow().clone();
+        let mut left = Vec::new();
+        for m in self.session_mounts() {
+            match before.iter().position(|b| *b == m) {
+                Some(i) => {
+                    before.swap_remove(i);
+                }
+                None => left.push(m),
+            }
+        }
+        // A lab mount taken away (a slirp4netns sandbox once unmounted the
+        // caller's netns mounts) is as much a change.
+        left.extend(before.into_iter().map(|m| format!("unmounted: {m}")));
+        left
     }
 
     /// Asserts that nothing of an infra is left: status says no infra, and

@@ -1,4 +1,4 @@
-//! What the reliability and security tests (issue #4) add to the lab: calls
+//! What the reliability and security tests add to the lab: calls
 //! in the session that the test starts, watches and kills itself (each in a
 //! process group of its own), many calls at once, process start times for
 //! forged records, and a tiny deterministic PRNG.
@@ -133,6 +133,30 @@ impl Running {
             .wait_exit(timeout, poll, "[test]", |_| killpg(pid))
             .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.what));
         self.spawned.collect(self.what, status, note, "[test]")
+    }
+}
+
+/// A call that must not outlive the test, pass or fail: its process group
+/// is SIGKILLed (by its pid) and reaped when the guard goes.
+pub struct KillOnDrop(Option<Running>);
+
+impl KillOnDrop {
+    pub fn new(running: Running) -> KillOnDrop {
+        KillOnDrop(Some(running))
+    }
+
+    /// Kills it now, and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(running) = self.0.take() {
+            running.kill_group();
+            let _ = running.wait(Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
