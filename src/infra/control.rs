@@ -90,8 +90,7 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
             // The request waits in the queue: pause rather than spin on a
             // socket that stays readable. The forwarder leaves a reserve of
             // fds, so this is rare and short.
-            static LAST: std::sync::Mutex<Option<std::time::Instant>> =
-                std::sync::Mutex::new(None);
+            static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
             if let Ok(mut last) = LAST.lock() {
                 if last.map_or(true, |l| l.elapsed() > Duration::from_secs(5)) {
                     log::warn!("control socket: accept: {e}; waiting");

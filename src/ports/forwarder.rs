@@ -93,7 +93,8 @@ impl Forwarder {
             .spawn(move || {
                 // Only this thread moves: the supervisor's other threads
                 // stay where they are.
-                if let Err(e) = nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                if let Err(e) =
+                    nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                 {
                     let _ = ready_tx.send(Err(io::Error::from(e)));
                     return;
@@ -241,10 +242,6 @@ struct Loop {
 
 impl Loop {
     fn new(poll: Poll, rx: Receiver<Command>, limits: Limits) -> Self {
-        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map(|(soft, _)| soft)
-            .unwrap_or(1024);
-        let soft = usize::try_from(soft).unwrap_or(usize::MAX);
         Loop {
             poll,
             rx,
@@ -255,7 +252,7 @@ impl Loop {
             conns: HashMap::new(),
             flows: HashMap::new(),
             fds: 0,
-            fd_budget: soft.saturating_sub(FD_RESERVE),
+            fd_budget: fd_budget(),
             spare: std::fs::File::open("/dev/null").ok(),
             buf: vec![0u8; 65536],
             refused: RateLimited::default(),
@@ -335,14 +332,22 @@ impl Loop {
         let (kind, target) = match socket {
             Listening::Tcp(l, target) => {
                 let mut l = TcpListener::from_std(l);
-                if let Err(e) = self.poll.registry().register(&mut l, token, Interest::READABLE) {
+                if let Err(e) = self
+                    .poll
+                    .registry()
+                    .register(&mut l, token, Interest::READABLE)
+                {
                     log::error!("forwarder: watching {:?}: {e}", l.local_addr());
                 }
                 (PortKind::Tcp(l), target)
             }
             Listening::Udp(s, target) => {
                 let mut s = UdpSocket::from_std(s);
-                if let Err(e) = self.poll.registry().register(&mut s, token, Interest::READABLE) {
+                if let Err(e) = self
+                    .poll
+                    .registry()
+                    .register(&mut s, token, Interest::READABLE)
+                {
                     log::error!("forwarder: watching {:?}: {e}", s.local_addr());
                 }
                 (PortKind::Udp(s, HashMap::new()), target)
@@ -458,7 +463,8 @@ impl Loop {
                     // Take the waiting connection off the queue with the
                     // spare fd, so the queue drains and nothing spins; with
                     // no spare, wait a little.
-                    self.no_fds.warn(|| format!("forwarder: accept: {e}; refusing connections"));
+                    self.no_fds
+                        .warn(|| format!("forwarder: accept: {e}; refusing connections"));
                     let shed = match self.spare.take() {
                         Some(spare) => {
                             drop(spare);
@@ -479,7 +485,10 @@ impl Loop {
                 Err(e) => {
                     // ECONNABORTED and the like: that connection only.
                     self.failures.warn(|| format!("forwarder: accept: {e}"));
-                    if !matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM)) {
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM)
+                    ) {
                         self.pause(id);
                         return;
                     }
@@ -639,10 +648,10 @@ impl Loop {
             }
         };
         let id = self.new_id();
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut socket, Token(id << 1), Interest::READABLE)
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut socket, Token(id << 1), Interest::READABLE)
         {
             self.failures
                 .warn(|| format!("forwarder: watching a UDP flow: {e}"));
@@ -707,6 +716,8 @@ impl Loop {
     /// Ends connections and flows idle for too long, and dials that did not
     /// connect in time.
     fn sweep(&mut self, now: Instant) {
+        // The limit may change under us (prlimit): follow it.
+        self.fd_budget = fd_budget();
         let tcp_idle = self.limits.tcp_idle;
         let stale: Vec<usize> = self
             .conns
@@ -731,6 +742,16 @@ impl Loop {
             self.close_flow(id);
         }
     }
+}
+
+/// The fds the forwarder may hold: the soft RLIMIT_NOFILE less a reserve.
+fn fd_budget() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    usize::try_from(soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(FD_RESERVE)
 }
 
 fn is_out_of_fds(e: &io::Error) -> bool {
@@ -768,9 +789,8 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// stop waits on an event that will come (`from` readable, `to` writable).
 /// False on an error: the connection is to be closed.
 fn pump(from: &TcpStream, to: &TcpStream, pipe: &(OwnedFd, OwnedFd), half: &mut Half) -> bool {
-    let flags = SpliceFFlags::SPLICE_F_MOVE
-        | SpliceFFlags::SPLICE_F_NONBLOCK
-        | SpliceFFlags::SPLICE_F_MORE;
+    let flags =
+        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MORE;
     loop {
         let mut progress = false;
         if !half.eof {
