@@ -789,8 +789,9 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// stop waits on an event that will come (`from` readable, `to` writable).
 /// False on an error: the connection is to be closed.
 fn pump(from: &TcpStream, to: &TcpStream, pipe: &(OwnedFd, OwnedFd), half: &mut Half) -> bool {
-    let flags =
-        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MORE;
+    // No SPLICE_F_MORE: on the socket it corks small writes (an echo, a
+    // request) for up to 200 ms.
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
         let mut progress = false;
         if !half.eof {
