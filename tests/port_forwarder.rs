@@ -1,5 +1,5 @@
 //! The builtin port driver's forwarder under load: many concurrent TCP
-//! connections through one published port on a few threads, its bounds
+//! connections (2,000) through one published port on a few threads, its bounds
 //! (connections over the limit are reset, those already forwarded keep
 //! working), and a connection flood with a small fd limit that leaves the
 //! control socket (ADD, DEL) working and the supervisor quiet.
@@ -260,7 +260,7 @@ fn open_many(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, Vec<String>) {
 
 #[test]
 fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
-    const N: usize = 1500;
+    const N: usize = 2000;
     if !have_python3() {
         return;
     }
@@ -440,4 +440,47 @@ fn flood_with_a_small_fd_limit_leaves_control_working() {
     drop((s1, s2));
     lab.assert_no_infra("after the last DEL");
     eprintln!("[timing] forwarder flood: {:?}", t0.elapsed());
+}
+
+/// One iperf3 stream through a published port, for a figure (not a
+/// check): `cargo test --test port_forwarder -- --ignored --nocapture
+/// one_stream_throughput`.
+#[test]
+#[ignore]
+fn one_stream_throughput() {
+    let Some(lab) = lab_with("fwd_iperf", json!({})) else {
+        return;
+    };
+    let c = lab.container();
+    let port = free_port();
+    let cap = json!({"portMappings": [
+        {"hostPort": port, "containerPort": 5201, "protocol": "tcp", "hostIP": "127.0.0.1"}
+    ]})
+    .to_string();
+    let out = lab.cnitool_env(&[("CAP_ARGS", &cap)], "add", NET, &c.netns());
+    assert!(out.ok(), "ADD: {out}");
+    let out = lab.in_netns(
+        &c,
+        &[
+            "sh",
+            "-c",
+            "iperf3 -s -p 5201 </dev/null >/dev/null 2>&1 & echo $!",
+        ],
+    );
+    let server = Server(out.stdout.trim().parse().expect("iperf3's pid"));
+    thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        let out = std::process::Command::new("iperf3")
+            .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", "5", "-J"])
+            .output()
+            .expect("iperf3 -c");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        eprintln!("[throughput] one stream: {:.2} Gbit/s", bps / 1e9);
+    }
+    del(&lab, &c);
+    drop(server);
+    lab.assert_no_infra("after DEL");
 }
