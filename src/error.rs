@@ -33,6 +33,9 @@ pub mod code {
     /// CHECK: the infra's way out (slirp4netns) is down; the supervisor
     /// keeps restarting it.
     pub const OUTBOUND_DOWN: u32 = 108;
+    /// The state dir holds a file of a newer format than this binary reads
+    /// (another release wrote it); it is left as it is.
+    pub const NEWER_STATE: u32 = 109;
 }
 
 #[derive(Debug)]

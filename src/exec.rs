@@ -23,8 +23,10 @@ pub struct InfraNs {
     net: OwnedFd,
     mnt: OwnedFd,
     /// `/proc/<our pid>/root` when that names our root from inside the
-    /// infra too: the prefix of the CNI_PATH the inner plugins get.
+    /// infra too: the prefix of CNI_PATH entries the infra sees otherwise.
     caller_root: Option<String>,
+    /// `/proc/<sandbox pid>/root`: the infra's view of the file system.
+    infra_root: String,
 }
 
 impl InfraNs {
@@ -46,6 +48,7 @@ impl InfraNs {
             net: open("net", info.netns)?,
             mnt: open("mnt", info.mntns)?,
             caller_root: caller_root_seen_from(info.sandbox.pid),
+            infra_root: format!("/proc/{}/root", info.sandbox.pid),
         })
     }
 }
@@ -301,7 +304,7 @@ pub fn run_plugin(
         .env("CNI_ARGS", inv.args)
         .env(
             "CNI_PATH",
-            inner_cni_path(inv.cni_path, infra.caller_root.as_deref()),
+            inner_cni_path(inv.cni_path, infra.caller_root.as_deref(), &infra.infra_root),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -343,27 +346,34 @@ pub fn run_plugin(
     // pluginTimeout bounds the whole run: a plugin that closed its stdout
     // (or left it to a child) and hangs is as stuck as a silent one.
     let deadline = sys::deadline(inv.timeout);
-    let output = sys::read_to_end_timeout(stdout, inv.timeout)?;
-    let status = match output {
-        Some(_) => wait_until(&mut child, deadline)?,
-        None => None,
-    };
-    let (Some(output), Some(status)) = (output, status) else {
-        // The whole group: what the plugin started must not outlive it
-        // (nor hold the runtime's stderr open).
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = child.wait();
-        return Err(Error::new(
-            code::INNER_PLUGIN,
-            format!(
-                "inner plugin {name} {} did not finish within {}s and was killed (pluginTimeout)",
-                inv.verb.as_str(),
-                inv.timeout.as_secs()
-            ),
-        ));
+    // Ok(None): still running at the deadline. Any way out but an exit
+    // kills and reaps the plugin's group below.
+    let finished = sys::read_to_end_timeout(stdout, inv.timeout).and_then(|output| match output {
+        Some(output) => Ok(wait_until(&mut child, deadline)?.map(|status| (output, status))),
+        None => Ok(None),
+    });
+    let (output, status) = match finished {
+        Ok(Some(done)) => done,
+        failed => {
+            // The whole group: what the plugin started must not outlive it
+            // (nor hold the runtime's stderr open).
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = child.wait();
+            let why = match failed {
+                Err(e) => format!("could not be waited for ({e}) and was killed"),
+                _ => format!(
+                    "did not finish within {}s and was killed (pluginTimeout)",
+                    inv.timeout.as_secs()
+                ),
+            };
+            return Err(Error::new(
+                code::INNER_PLUGIN,
+                format!("inner plugin {name} {} {why}", inv.verb.as_str()),
+            ));
+        }
     };
     // The writer is not joined: a child of the plugin that kept its stdin
     // without reading would block it, and us, forever.
@@ -492,22 +502,26 @@ pub fn path_with_sbin() -> String {
 }
 
 /// CNI_PATH as the inner plugins must see it to find the binaries the
-/// caller would (bridge runs its IPAM plugin from CNI_PATH): each entry
-/// under `root`, `/proc/<our pid>/root`, which is our root in our mount
-/// namespace, and relative entries made absolute against our working
-/// directory. We outlive every inner plugin we run.
-fn inner_cni_path(paths: &[PathBuf], root: Option<&str>) -> String {
+/// caller would (bridge runs its IPAM plugin from CNI_PATH): relative
+/// entries made absolute against our working directory; an entry the
+/// infra sees as another dir (under /run or /var/lib/cni, which it has its
+/// own of, or not there at all) goes under `root`, `/proc/<our pid>/root`.
+/// Only those: that path dies with us, and an inner plugin of ours that
+/// outlives a killed call (a DEL's bridge, about to run host-local) must
+/// still find its IPAM plugin in the usual dirs.
+fn inner_cni_path(paths: &[PathBuf], root: Option<&str>, infra_root: &str) -> String {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
     paths
         .iter()
         .map(|p| {
             let absolute = cwd.join(p);
+            let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
+            let same_inside = id(&absolute).is_some()
+                && id(&absolute) == id(&Path::new(infra_root).join(inside));
             match root {
-                Some(root) => {
-                    let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
-                    Path::new(root).join(inside).display().to_string()
-                }
-                None => absolute.display().to_string(),
+                Some(root) if !same_inside => Path::new(root).join(inside).display().to_string(),
+                _ => absolute.display().to_string(),
             }
         })
         .collect::<Vec<_>>()

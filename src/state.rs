@@ -1,6 +1,37 @@
 //! The state dir: its lock, the infra record and one record per attachment.
 //! Every file is written to a temporary name, synced, then renamed, so a
 //! crash never leaves half a record.
+//!
+//! # Format versions and what "compatible" means
+//!
+//! Users replace the binary under running containers: the next call meets
+//! an infra, records and a control socket (see `infra::control`) made by
+//! another release. Every JSON file of the state dir (infra.json, each
+//! attachment record) carries `formatVersion`, the state dir format its
+//! writer knew; a file without it is format 1 (releases up to 151877a).
+//!
+//! - A binary reads every format up to its own, `FORMAT_VERSION`. A file of
+//!   a newer format is refused with code `NEWER_STATE`, naming both
+//!   versions: never read as corrupt, dead or absent, so it is never
+//!   forgotten, overwritten, or taken for a dead infra (which would start a
+//!   second one).
+//! - The version is raised only by a change an older reader would misread.
+//!   Adding a field is not one: readers ignore fields they do not know (no
+//!   `deny_unknown_fields`, here or in 151877a), and give a missing one its
+//!   default. A field is never renamed nor given another meaning.
+//! - Format 1 (151877a) cannot check versions, so what this format adds is
+//!   kept readable by it: new fields only, and a record of a failed ADD is
+//!   written as `"state": "ready"` with `"failed": true` (151877a refuses a
+//!   second ADD over it and its DEL runs the inner DEL, finishing the job,
+//!   instead of dropping a record it cannot parse). Record file names are
+//!   151877a's for every key it could store (`MAX_KEY_NAME`). The infra's
+//!   lifetime lock (`infra.lck`) and PID namespace are unknown to 151877a:
+//!   it decides liveness from infra.json's PIDs alone, as it always did.
+//! - Dirs and files keep their names and places; the state dir stays 0700
+//!   (151877a made it so, and checks less).
+//!
+//! Format 2 (this one): infra.json has `pidns` and `outbound`; records have
+//! `createdNanos` and may be failed; `infra.lck` is held by the supervisor.
 
 use crate::error::{code, Error, Result};
 use crate::procfs::ProcessId;
@@ -31,6 +62,12 @@ pub const VAR_LIB_CNI_DIR: &str = "var-lib-cni";
 pub const OVERLAY_DIR: &str = "var-lib-overlay";
 pub const SLIRP_SOCKET: &str = "slirp.sock";
 pub const LOG_FILE: &str = "infra.log";
+
+/// The state dir format this binary writes and the newest it reads (see
+/// the module doc).
+pub const FORMAT_VERSION: u64 = 2;
+/// Where each JSON file of the state dir says its format.
+const FORMAT_KEY: &str = "formatVersion";
 
 /// How long a call waits for the lock before answering "try again later",
 /// unless the config's `lockTimeout` says otherwise.
@@ -546,7 +583,7 @@ impl StateDir {
         let Some(dir) = self.attachments()? else {
             return Ok(None);
         };
-        read_json_at(
+        read_record_at(
             dir.as_fd(),
             key.file_name().as_ref(),
             &self.attachment_path(key),
@@ -570,7 +607,7 @@ impl StateDir {
             dir.as_fd(),
             key.file_name().as_ref(),
             &self.attachment_path(&key),
-            rec,
+            &encode_record(rec)?,
             durability,
         )
     }
@@ -621,9 +658,11 @@ impl StateDir {
                 continue;
             }
             let path = self.path.join(ATTACHMENTS_DIR).join(&name);
-            match read_json_at::<Attachment>(dir.as_fd(), name.as_ref(), &path) {
+            match read_record_at(dir.as_fd(), name.as_ref(), &path) {
                 Ok(Some(a)) => out.push(a),
                 Ok(None) => {}
+                // Not ours to skip: a caller would take it for absent.
+                Err(e) if e.code == code::NEWER_STATE => return Err(e),
                 Err(e) => log::warn!("skipping unreadable record {}: {e}", path.display()),
             }
         }
@@ -765,8 +804,11 @@ impl AttachmentKey {
     }
 }
 
-/// The longest escaped key used as it is in a file name.
-const MAX_KEY_NAME: usize = 200;
+/// The longest escaped key used as it is in a file name: NAME_MAX (255)
+/// less ".", ".json" and ".tmp" of the temporary file. Any key up to this
+/// has the name 151877a gave it (it failed on longer ones), so a record
+/// is found by either.
+const MAX_KEY_NAME: usize = 245;
 /// What a longer one keeps, before its hash (escaped names are ASCII).
 const KEPT_PREFIX: usize = 100;
 
@@ -932,11 +974,7 @@ fn remove_at(dir: BorrowedFd, name: &OsStr, path: &Path) -> Result<()> {
 /// None when the file does not exist; an empty or truncated file is an
 /// error the caller can treat as stale. A symlink or anything but a
 /// regular file in its place is an error too, never followed or waited on.
-fn read_json_at<T: DeserializeOwned>(
-    dir: BorrowedFd,
-    name: &OsStr,
-    path: &Path,
-) -> Result<Option<T>> {
+fn read_value_at(dir: BorrowedFd, name: &OsStr, path: &Path) -> Result<Option<Value>> {
     let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
     let mut file = match sys::openat(dir, name, flags, 0) {
         Ok(fd) => fs::File::from(fd),
@@ -956,9 +994,70 @@ fn read_json_at<T: DeserializeOwned>(
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)
         .map_err(|e| Error::from(e).context(format!("reading {}", path.display())))?;
-    serde_json::from_slice(&bytes)
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::internal(format!("{} is corrupt: {e}", path.display())))?;
+    check_format(&value, path)?;
+    Ok(Some(value))
+}
+
+/// A file of a newer format than ours is not ours to read (see the
+/// module doc).
+fn check_format(value: &Value, path: &Path) -> Result<()> {
+    let version = value.get(FORMAT_KEY).and_then(Value::as_u64).unwrap_or(1);
+    if version <= FORMAT_VERSION {
+        return Ok(());
+    }
+    Err(Error::new(
+        code::NEWER_STATE,
+        format!(
+            "{} was written by a newer rootless-cni (state format {version}; this binary reads up to {FORMAT_VERSION}): \
+             left as it is; run the newer binary (check which one the runtime's CNI_PATH finds), \
+             or stop what uses this state dir and remove it",
+            path.display()
+        ),
+    ))
+}
+
+/// `read_value_at`, as a `T`.
+fn read_json_at<T: DeserializeOwned>(
+    dir: BorrowedFd,
+    name: &OsStr,
+    path: &Path,
+) -> Result<Option<T>> {
+    let Some(value) = read_value_at(dir, name, path)? else {
+        return Ok(None);
+    };
+    serde_json::from_value(value)
         .map(Some)
         .map_err(|e| Error::internal(format!("{} is corrupt: {e}", path.display())))
+}
+
+/// An attachment record, read back from how `encode_record` wrote it.
+fn read_record_at(dir: BorrowedFd, name: &OsStr, path: &Path) -> Result<Option<Attachment>> {
+    let Some(mut value) = read_value_at(dir, name, path)? else {
+        return Ok(None);
+    };
+    if let Some(rec) = value.as_object_mut() {
+        if rec.remove("failed") == Some(Value::Bool(true)) {
+            rec.insert("state".into(), "failed".into());
+        }
+    }
+    serde_json::from_value(value)
+        .map(Some)
+        .map_err(|e| Error::internal(format!("{} is corrupt: {e}", path.display())))
+}
+
+/// A record as 151877a can read it: a failed ADD's is "ready" to it,
+/// with `failed` set (see the module doc).
+fn encode_record(rec: &Attachment) -> Result<Value> {
+    let mut value = serde_json::to_value(rec).map_err(|e| Error::internal(e.to_string()))?;
+    if rec.state == AttachmentState::Failed {
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("state".into(), "ready".into());
+            obj.insert("failed".into(), Value::Bool(true));
+        }
+    }
+    Ok(value)
 }
 
 /// Whether a write is fsynced before the rename: a rename alone already
@@ -995,7 +1094,11 @@ fn write_json_at<T: Serialize>(
     value: &T,
     durability: Durability,
 ) -> Result<()> {
-    let bytes = serde_json::to_vec(value).map_err(|e| Error::internal(e.to_string()))?;
+    let mut value = serde_json::to_value(value).map_err(|e| Error::internal(e.to_string()))?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert(FORMAT_KEY.into(), FORMAT_VERSION.into());
+    }
+    let bytes = serde_json::to_vec(&value).map_err(|e| Error::internal(e.to_string()))?;
     let tmp = temp_name(&name.to_string_lossy());
     let tmp = OsStr::new(&tmp);
     let unlink = || nix::unistd::unlinkat(Some(dir.as_raw_fd()), tmp, UnlinkatFlags::NoRemoveDir);
@@ -1044,6 +1147,54 @@ mod tests {
         assert_ne!(a, key(&dots, "eth1").file_name());
         assert_eq!(a, key(&dots, "eth0").file_name());
         assert_eq!(fnv1a_128(b""), 0x6c62272e07bb014262b821756295c58d);
+    }
+
+    #[test]
+    fn a_failed_record_reads_as_ready_to_the_previous_release() {
+        let rec = Attachment {
+            state: AttachmentState::Failed,
+            network: "n".into(),
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            netns: None,
+            netns_inode: None,
+            infra: ProcessId {
+                pid: 1,
+                start_time: 2,
+            },
+            owner: None,
+            config: Value::Null,
+            cni_args: String::new(),
+            capability_args: Map::new(),
+            result: None,
+            created: 3,
+            created_nanos: 4,
+        };
+        let wire = encode_record(&rec).unwrap();
+        assert_eq!(wire["state"], "ready");
+        assert_eq!(wire["failed"], true);
+        let dir = std::env::temp_dir().join(format!("rootless-cni-format.{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let fd = fs::File::open(&dir).unwrap();
+        let name = OsStr::new("r.json");
+        write_json_at(fd.as_fd(), name, &dir, &wire, Durability::Unsynced).unwrap();
+        let back = read_record_at(fd.as_fd(), name, &dir).unwrap().unwrap();
+        assert_eq!(back.state, AttachmentState::Failed);
+        let raw: Value = serde_json::from_slice(&fs::read(dir.join("r.json")).unwrap()).unwrap();
+        assert_eq!(raw[FORMAT_KEY], FORMAT_VERSION);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_an_unversioned_one_is_format_1() {
+        let path = Path::new("x.json");
+        assert!(check_format(&serde_json::json!({"a": 1}), path).is_ok());
+        assert!(check_format(&serde_json::json!({FORMAT_KEY: FORMAT_VERSION}), path).is_ok());
+        let newer = serde_json::json!({FORMAT_KEY: FORMAT_VERSION + 1});
+        assert_eq!(
+            check_format(&newer, path).unwrap_err().code,
+            code::NEWER_STATE
+        );
     }
 
     #[test]

@@ -179,14 +179,11 @@ pub fn cloexec_inherited_fds() -> std::io::Result<()> {
 /// Waits until the child `pid` (not yet reaped) has exited, at most
 /// `timeout`; false when it still runs. It is not reaped here.
 pub fn wait_exit_timeout(pid: i32, timeout: Duration) -> Result<bool> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: the fd was just created for us and is owned by nothing else.
-    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as RawFd) };
     let deadline = deadline(timeout);
+    let Some(pidfd) = pidfd_open(pid) else {
+        // A kernel without pidfds (before 5.3): asked every few ms.
+        return poll_exit(pid, deadline);
+    };
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
@@ -196,6 +193,24 @@ pub fn wait_exit_timeout(pid: i32, timeout: Duration) -> Result<bool> {
             Ok(0) => continue,
             Ok(_) => return Ok(true),
             Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `wait_exit_timeout` without a pidfd: waitid(WNOWAIT) leaves the child
+/// unreaped, so its PID stays its own for the caller's wait.
+fn poll_exit(pid: i32, deadline: Instant) -> Result<bool> {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    loop {
+        match waitid(Id::Pid(pid), flags) {
+            Ok(WaitStatus::StillAlive) if Instant::now() >= deadline => return Ok(false),
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Ok(_) => return Ok(true),
             Err(e) => return Err(e.into()),
         }
     }
@@ -281,5 +296,77 @@ pub fn try_flock(file: &std::fs::File) -> std::io::Result<bool> {
     match std::io::Error::last_os_error() {
         e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
         e => Err(e),
+    }
+}
+
+/// A copy of the mount at what `dir` is open on, attached nowhere
+/// (`open_tree` with OPEN_TREE_CLONE, Linux ≥ 5.2): unlike a bind from
+/// `dir`'s path, it can still be mounted after the mount `dir` lies on was
+/// detached from our namespace (the kernel refuses to bind from a detached
+/// mount). None when the kernel cannot.
+pub fn clone_mount(dir: std::os::fd::BorrowedFd) -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    // SAFETY: open_tree takes a dir fd, a NUL-terminated path and flags,
+    // and returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            dir.as_raw_fd(),
+            b"\0".as_ptr().cast::<libc::c_char>(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint,
+        )
+    };
+    // SAFETY: the fd was just returned to us and is owned by no one else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Mounts a tree made by `clone_mount` on `dst`.
+pub fn move_mount_to(tree: &OwnedFd, dst: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let dst = std::ffi::CString::new(dst.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: move_mount takes fds, NUL-terminated paths and flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            b"\0".as_ptr().cast::<libc::c_char>(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wait used where the kernel has no pidfds: an exit within the
+    /// timeout is seen, a child still running is not, and neither is reaped.
+    #[test]
+    fn poll_exit_sees_an_exit_and_leaves_the_child_unreaped() {
+        let mut quick = std::process::Command::new("true").spawn().expect("true");
+        let pid = quick.id() as i32;
+        assert!(poll_exit(pid, deadline(Duration::from_secs(5))).expect("poll_exit"));
+        assert!(quick.wait().expect("still ours to reap").success());
+
+        let mut slow = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep");
+        let started = Instant::now();
+        let pid = slow.id() as i32;
+        assert!(!poll_exit(pid, deadline(Duration::from_millis(50))).expect("poll_exit"));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let _ = slow.kill();
+        let _ = slow.wait();
     }
 }

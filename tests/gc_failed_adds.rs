@@ -35,7 +35,7 @@ fn gc_forgets_a_failed_record_as_del_does() {
     assert!(!out.ok(), "the broken ADD succeeded: {out}");
     let records = lab.attachment_records();
     assert!(
-        records.len() == 1 && records[0]["state"] == "failed",
+        records.len() == 1 && common::is_failed_record(&records[0]),
         "records after the failed ADD: {records:?}"
     );
 

@@ -300,3 +300,38 @@ fn symlinks_swapped_into_the_state_dir_are_not_followed() {
     assert_eq!(lab.links(&c), vec!["lo"], "the container kept something");
     lab.assert_no_infra("after the DEL");
 }
+
+/// The first ADD starts the infra, then cannot write its record (its
+/// `attachments` is a symlink someone put there): code 105, and the infra
+/// it started for nothing is stopped, not left running with no record.
+#[test]
+fn an_add_that_cannot_record_stops_the_infra_it_started() {
+    let Some(lab) = Lab::with_example_net("state_dir_first_record") else {
+        return;
+    };
+    let state = lab.state_dir();
+    dir(&state, 0o700, lab.uid);
+    let decoy = PathBuf::from(dir(&lab.dir.join("decoy"), 0o700, lab.uid));
+    let attachments = state.join("attachments");
+    std::os::unix::fs::symlink(&decoy, &attachments).expect("symlink");
+    std::os::unix::fs::lchown(&attachments, Some(lab.uid), Some(lab.uid)).expect("lchown");
+    let c = lab.container();
+    let before = lab.snapshot();
+
+    let out = lab.plugin(
+        &lab.plugin_env("ADD", "no-record", &c.netns()),
+        &stdin_with(None),
+    );
+    assert!(!panicked(&out), "{out}");
+    if let Err(why) = refused(&out, 105, &["attachments"]) {
+        panic!("ADD with attachments a symlink: {why}");
+    }
+    assert_eq!(supervisors(&lab), Vec::<String>::new(), "the infra stayed");
+    assert_eq!(
+        fs::read_dir(&decoy).expect("decoy").count(),
+        0,
+        "written through the symlink"
+    );
+    let leaks = lab.leaks_since(&before);
+    assert!(leaks.is_empty(), "left behind:\n{leaks}");
+}

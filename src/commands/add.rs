@@ -7,7 +7,7 @@ use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::cni::version;
 use crate::error::{code, Error, Result};
-use crate::exec::{self, ContainerNetns};
+use crate::exec::ContainerNetns;
 use crate::infra::control::{self, Request};
 use crate::infra::{self, InfraInfo, Settings};
 use crate::ports::{self, PortMapping};
@@ -48,28 +48,43 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     };
     let (info, started, orphaned) = {
         let lock = state.lock()?;
-        let existing = state.read_attachment(&key, &lock).unwrap_or(None);
+        let existing = match state.read_attachment(&key, &lock) {
+            // Another release's record: not to be written over.
+            Err(e) if e.code == code::NEWER_STATE => return Err(e),
+            read => read.unwrap_or(None),
+        };
         let (info, started) = infra::ensure_running(&state, &lock, &Settings::from_conf(conf))?;
-        // A killed call on this attachment: its inner plugins may still run.
-        let orphaned = existing.as_ref().is_some_and(|old| {
-            old.infra == info.sandbox && old.owner.is_some_and(|o| !o.is_alive())
-        });
-        if let Some(old) = existing.filter(|old| still_attached(old, &info)) {
-            return Err(Error::new(
+        // A killed call on this attachment: its inner plugins may still run,
+        // and what it made is this call's to remove.
+        let orphaned = existing
+            .clone()
+            .filter(|old| old.infra == info.sandbox && old.owner.is_some_and(|o| !o.is_alive()));
+        record.infra = info.sandbox;
+        let pending = match existing.filter(|old| still_attached(old, &info)) {
+            Some(old) => Err(Error::new(
                 code::ALREADY_ATTACHED,
                 format!(
                     "container {} is already attached to network {} as {} (state {:?}); DEL it first",
                     old.container_id, old.network, old.ifname, old.state
                 ),
-            ));
+            )),
+            None => refuse_shared_ports(&state, &lock, &key, &info, &mappings)
+                .and_then(|()| state.write_attachment(&record, &lock)),
+        };
+        if let Err(e) = pending {
+            // No record of ours: an infra this call started under this very
+            // lock holds nothing, and goes (whatever the state dir says).
+            if started {
+                if let Err(stop) = infra::stop(&state, &lock, &info) {
+                    log::warn!("stopping the infra started for the refused ADD: {stop}");
+                }
+            }
+            return Err(e);
         }
-        refuse_shared_ports(&state, &lock, &key, &info, &mappings)?;
-        record.infra = info.sandbox;
-        state.write_attachment(&record, &lock)?;
         (info, started, orphaned)
     };
-    if orphaned {
-        exec::settle_orphans(&info, &key.container_id, &key.ifname, conf.plugin_timeout);
+    if let Some(old) = &orphaned {
+        take_over(&state, &info, env, conf, old);
     }
 
     // From here on the pending record exists: every way out that is not
@@ -95,6 +110,22 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
             let ports = if published { &mappings[..] } else { &[] };
             Err(abort(&state, record, ports, failure, started))
         }
+    }
+}
+
+/// Removes what a killed ADD of this attachment left, as its DEL would:
+/// its forwards hold the ports this call publishes, and its interface and
+/// lease would trip the new chain. The record it left is already replaced
+/// by ours, so nothing else will. Best effort, as for the DEL of an ADD
+/// killed half-way: the plugins' DEL may trip over a step never made.
+fn take_over(state: &StateDir, info: &InfraInfo, env: &CniEnv, conf: &NetConf, old: &Attachment) {
+    log::info!(
+        "the last ADD of {} was killed; removing what it left",
+        old.container_id
+    );
+    let undone = super::gc::delete_recorded(state, info, &env.path, conf.plugin_timeout, old, true);
+    if let Err(e) = undone {
+        log::warn!("undoing the killed ADD of {}: {e}", old.container_id);
     }
 }
 
@@ -335,9 +366,14 @@ fn publish_ports(state: &StateDir, key: &AttachmentKey, mappings: &[PortMapping]
 
 /// Best effort: the caller is already failing or tearing down.
 pub fn unpublish_ports(state: &StateDir, key: &AttachmentKey, mappings: &[PortMapping]) {
-    if mappings.is_empty() {
-        return;
+    if !mappings.is_empty() {
+        close_forwards(state, key);
     }
+}
+
+/// Closes whatever the supervisor forwards under `key`, known or not.
+/// Best effort too.
+pub fn close_forwards(state: &StateDir, key: &AttachmentKey) {
     let req = Request::RemovePorts {
         key: key.file_name(),
     };

@@ -52,6 +52,17 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
             ),
         ));
     }
+    // A killed ADD never finishes: what it left is for the DEL (or an ADD
+    // again) to remove.
+    if record.state == AttachmentState::Pending && record.owner.is_some_and(|o| !o.is_alive()) {
+        return Err(Error::new(
+            code::ATTACHMENT_LOST,
+            format!(
+                "the ADD of {} was killed before it finished; DEL it or ADD it again",
+                key.container_id
+            ),
+        ));
+    }
     if record.state == AttachmentState::Pending {
         return Err(Error::new(
             code::TRY_AGAIN_LATER,

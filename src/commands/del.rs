@@ -6,7 +6,7 @@ use super::attachment_key;
 use crate::chain::Chain;
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
-use crate::error::Result;
+use crate::error::{code, Result};
 use crate::exec::{self, ContainerNetns};
 use crate::infra;
 use crate::state::AttachmentState;
@@ -20,6 +20,8 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
         let lock = state.lock()?;
         let record = match state.read_attachment(&key, &lock) {
             Ok(r) => r,
+            // Another release's record: neither ours to read nor to drop.
+            Err(e) if e.code == code::NEWER_STATE => return Err(e),
             Err(e) => {
                 log::warn!("forgetting unreadable record: {e}");
                 state.remove_attachment(&key, &lock)?;
@@ -42,6 +44,12 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             key.ifname
         );
         let lock = state.lock()?;
+        // Forwards under this key whose record is gone (a killed ADD's,
+        // its record removed) are closed; an ADD of this key that began
+        // since has a record again, and keeps its own.
+        if info.is_some() && matches!(state.read_attachment(&key, &lock), Ok(None)) {
+            super::add::close_forwards(&state, &key);
+        }
         // An ADD killed while writing its first record leaves only the
         // temporary file, which this takes away.
         state.remove_attachment(&key, &lock)?;

@@ -173,7 +173,9 @@ fn forget_claimed(state: &StateDir, rec: &Attachment, infra_dead: bool) -> Resul
     state.remove_attachment(&key, &lock)
 }
 
-fn delete_recorded(
+/// The inner DEL of `rec`, its forwards closed first; `killed_owner`: a
+/// killed call's inner plugins are waited for first.
+pub(super) fn delete_recorded(
     state: &StateDir,
     info: &InfraInfo,
     cni_path: &[PathBuf],

@@ -1,6 +1,25 @@
 //! The supervisor's control socket: how a plugin call asks the running
 //! infra to open or close an attachment's published ports. One JSON
 //! request, one JSON answer, per connection.
+//!
+//! # Protocol versions
+//!
+//! The supervisor may be another release than the caller: the binary was
+//! upgraded (or rolled back) under a running infra. Each request and each
+//! answer carries `version`, the protocol its sender speaks; none means 1
+//! (151877a, which neither sends nor checks it, and ignores it as any
+//! field it does not know).
+//!
+//! - Version 1: `addPorts`, `removePorts`. Version 2 adds `info`.
+//! - A supervisor serves every request of a version up to its own. One of a
+//!   newer version is refused with code `NEWER_STATE` naming both versions
+//!   (the caller may ask again as that older version speaks), and an op it
+//!   does not know is refused with the same code: never guessed at.
+//! - The version is raised when an op is added or changes meaning; a field
+//!   is added only where an older peer may ignore it, never renamed.
+//! - A caller sends an op only to a supervisor that speaks it: `info` is
+//!   asked only of a supervisor holding `infra.lck`, which 151877a's never
+//!   takes; `addPorts` and `removePorts` mean the same as in version 1.
 
 use crate::error::{code, Error, Result};
 use crate::ports::{Driver, PortMapping};
@@ -11,6 +30,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
 pub const SOCKET: &str = "control.sock";
+/// The protocol this binary speaks (see the module doc).
+pub const PROTOCOL_VERSION: u32 = 2;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -28,12 +49,39 @@ pub enum Request {
     Info,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// A request as it goes on the wire: with the sender's protocol version.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope<R> {
+    #[serde(default = "version_1")]
+    version: u32,
+    #[serde(flatten)]
+    request: R,
+}
+
+fn version_1() -> u32 {
+    1
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Response {
+    /// The answering supervisor's protocol version.
+    #[serde(default = "version_1")]
+    pub version: u32,
     pub error: Option<String>,
     pub code: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub info: Option<super::InfraInfo>,
+}
+
+impl Default for Response {
+    fn default() -> Self {
+        Response {
+            version: PROTOCOL_VERSION,
+            error: None,
+            code: None,
+            info: None,
+        }
+    }
 }
 
 /// Sends `req` to the supervisor of the infra in `state`.
@@ -56,7 +104,11 @@ fn exchange(state: &StateDir, req: &Request) -> Result<Response> {
     // Through the state dir's fd: no name above it is looked up again.
     let mut conn = UnixStream::connect(state.fd_path(SOCKET)).map_err(fail)?;
     conn.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
-    let mut line = serde_json::to_vec(req).map_err(|e| Error::internal(e.to_string()))?;
+    let envelope = Envelope {
+        version: PROTOCOL_VERSION,
+        request: req,
+    };
+    let mut line = serde_json::to_vec(&envelope).map_err(|e| Error::internal(e.to_string()))?;
     line.push(b'\n');
     conn.write_all(&line).map_err(fail)?;
     let mut answer = String::new();
@@ -110,9 +162,10 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
             error: Some(format!("reading the request: {e}")),
             ..Response::default()
         },
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Err(e) => Response {
-                error: Some(format!("bad request: {e}")),
+        Ok(_) => match read_request(&line) {
+            Err(refusal) => Response {
+                error: Some(refusal.error),
+                code: refusal.code,
                 ..Response::default()
             },
             Ok(Request::Info) => Response {
@@ -127,9 +180,49 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
     let _ = (&conn).write_all(&out);
 }
 
+/// Why a request is not served, and with which code.
+#[derive(Debug)]
+struct Refusal {
+    error: String,
+    code: Option<u32>,
+}
+
+/// The request in `line`, or why it is refused: one of a newer
+/// protocol, or an op we do not know, is refused by version, never guessed.
+fn read_request(line: &str) -> std::result::Result<Request, Refusal> {
+    let version = serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("version").and_then(serde_json::Value::as_u64))
+        .unwrap_or(1);
+    let refuse = |why: String| Refusal {
+        error: why,
+        code: Some(code::NEWER_STATE),
+    };
+    if version > u64::from(PROTOCOL_VERSION) {
+        return Err(refuse(format!(
+            "request of control protocol {version}; this infra's supervisor speaks up to {PROTOCOL_VERSION} (an older rootless-cni started it)"
+        )));
+    }
+    match serde_json::from_str::<Envelope<Request>>(line) {
+        Ok(envelope) => Ok(envelope.request),
+        Err(e) if e.to_string().contains("unknown variant") => Err(refuse(format!(
+            "unknown request of control protocol {version} (this supervisor speaks {PROTOCOL_VERSION}): {e}"
+        ))),
+        Err(e) => Err(Refusal {
+            error: format!("bad request: {e}"),
+            code: None,
+        }),
+    }
+}
+
 fn handle(req: Request, driver: &mut dyn Driver) -> Response {
     let outcome = match req {
-        Request::AddPorts { key, mappings } => driver.add(&key, &mappings),
+        // Only the ADD holding the attachment's record publishes under its
+        // key: forwards still there were left by a call that died.
+        Request::AddPorts { key, mappings } => {
+            driver.remove(&key);
+            driver.add(&key, &mappings)
+        }
         Request::RemovePorts { key } => {
             driver.remove(&key);
             Ok(())
@@ -141,7 +234,44 @@ fn handle(req: Request, driver: &mut dyn Driver) -> Response {
         Err(e) => Response {
             error: Some(e.to_string()),
             code: Some(e.code),
-            info: None,
+            ..Response::default()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_carry_their_version_and_older_ones_are_served() {
+        let req = Request::RemovePorts { key: "k".into() };
+        let wire = serde_json::to_string(&Envelope {
+            version: PROTOCOL_VERSION,
+            request: &req,
+        })
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&wire).unwrap();
+        assert_eq!(v["version"], PROTOCOL_VERSION);
+        assert_eq!(v["op"], "removePorts");
+        assert!(matches!(read_request(&wire), Ok(Request::RemovePorts { key }) if key == "k"));
+        // 151877a's requests have no version.
+        let old = r#"{"op":"addPorts","key":"k","mappings":[]}"#;
+        assert!(matches!(read_request(old), Ok(Request::AddPorts { .. })));
+    }
+
+    #[test]
+    fn newer_requests_and_unknown_ops_are_refused_by_version() {
+        let newer = format!(
+            r#"{{"version":{},"op":"removePorts","key":"k"}}"#,
+            PROTOCOL_VERSION + 1
+        );
+        let refused = read_request(&newer).unwrap_err();
+        assert_eq!(refused.code, Some(code::NEWER_STATE), "{refused:?}");
+        let unknown = read_request(r#"{"version":2,"op":"drain"}"#).unwrap_err();
+        assert_eq!(unknown.code, Some(code::NEWER_STATE), "{unknown:?}");
+        // An answer of 151877a's supervisor: version 1.
+        let old: Response = serde_json::from_str(r#"{"error":null,"code":null}"#).unwrap();
+        assert_eq!(old.version, 1);
     }
 }

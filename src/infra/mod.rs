@@ -135,11 +135,18 @@ impl InfraInfo {
     /// The recorded infra, if the record is readable. A corrupt record is
     /// no infra here; `running` asks a supervisor that still runs.
     pub fn load(state: &StateDir) -> Option<Self> {
+        Self::load_checked(state).unwrap_or(None)
+    }
+
+    /// `load`, except that an infra.json of a newer state format is an
+    /// error: that infra is another release's, neither dead nor ours.
+    pub fn load_checked(state: &StateDir) -> Result<Option<Self>> {
         match state.read_json::<InfraInfo>(state::INFRA_FILE) {
-            Ok(info) => info,
+            Ok(info) => Ok(info),
+            Err(e) if e.code == code::NEWER_STATE => Err(e),
             Err(e) => {
                 log::warn!("ignoring {e}");
-                None
+                Ok(None)
             }
         }
     }
@@ -243,7 +250,7 @@ fn supervisor_holds_lock(state: &StateDir, wait: Duration) -> bool {
 /// and a broken one (its mounts are not the state dir's) is stopped: its
 /// attachments are then lost.
 pub fn running(state: &StateDir, lock: &StateLock) -> Result<Option<InfraInfo>> {
-    let info = match InfraInfo::load(state) {
+    let info = match InfraInfo::load_checked(state)? {
         Some(info) => info,
         None => match unrecorded_supervisor(state)? {
             Some(info) => info,
@@ -256,7 +263,22 @@ pub fn running(state: &StateDir, lock: &StateLock) -> Result<Option<InfraInfo>> 
     };
     let my_pidns = procfs::self_ns_inode("pid").unwrap_or(0);
     if info.pidns != 0 && my_pidns != 0 && info.pidns != my_pidns {
-        return Err(other_pid_namespace(state, &info, my_pidns));
+        if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
+            return Err(other_pid_namespace(state, &info, my_pidns));
+        }
+        // A record with a PID namespace is one whose supervisor took
+        // `ALIVE_LOCK`, and none holds it: that infra is dead (its PID
+        // namespace may have gone, killing it). Its PIDs name nothing
+        // here, so none is signalled: what it left in its namespaces is
+        // found by their inodes, as after any death.
+        log::info!(
+            "infra recorded in {} (started in PID namespace {}) is gone; cleaning up",
+            state.path.display(),
+            info.pidns
+        );
+        end_leftovers(state, &info);
+        forget_infra_files(state)?;
+        return Ok(None);
     }
     if info.is_alive() {
         let mine = procfs::self_ns_inode("user").unwrap_or(0);

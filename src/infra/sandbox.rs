@@ -57,11 +57,20 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
     // and the infra, which outlives the caller, would lose /var/lib/cni
     // and /run. What the caller's user namespace did not mount (the
     // machine's own mounts) is locked and stays.
-    for path in ["/var/lib/cni", "/var/lib", "/run"] {
-        detach_all(path);
+    // The state dir itself may lie on such a mount (podman binds
+    // $XDG_RUNTIME_DIR, /run/user/UID, under its /run; RootlessKit's
+    // --copy-up=/run does the same): its dirs are cloned as mounts of
+    // their own first, since the kernel binds nothing from a detached
+    // mount. A kernel without open_tree keeps the caller's mounts.
+    let run_tree = sys::clone_mount(run.as_fd());
+    let var_lib_cni_tree = sys::clone_mount(var_lib_cni.as_fd());
+    if run_tree.is_some() && var_lib_cni_tree.is_some() {
+        for path in ["/var/lib/cni", "/var/lib", "/run"] {
+            detach_all(path);
+        }
     }
-    mount_var_lib_cni(&state, &var_lib_cni)?;
-    bind(&sys::fd_path(run.as_fd()), Path::new("/run"))?;
+    mount_var_lib_cni(&state, &var_lib_cni, var_lib_cni_tree.as_ref())?;
+    place(&run, run_tree.as_ref(), Path::new("/run"))?;
     sys::loopback_up()?;
     sysctl("net/ipv4/ip_forward", "1")?;
     if settings.ipv6 {
@@ -93,6 +102,21 @@ fn detach_all(path: &str) {
     }
 }
 
+/// Mounts the dir `dir` is open on at `dst`: its clone when there is one
+/// (see `sys::clone_mount`), else a bind from its fd.
+fn place(dir: &OwnedFd, tree: Option<&OwnedFd>, dst: &Path) -> Result<()> {
+    match tree {
+        Some(tree) => sys::move_mount_to(tree, dst).with_context(|| {
+            format!(
+                "mounting {} on {}",
+                sys::fd_path(dir.as_fd()).display(),
+                dst.display()
+            )
+        }),
+        None => bind(&sys::fd_path(dir.as_fd()), dst),
+    }
+}
+
 fn bind(src: &Path, dst: &Path) -> Result<()> {
     mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         .with_context(|| format!("bind-mounting {} on {}", src.display(), dst.display()))
@@ -100,7 +124,11 @@ fn bind(src: &Path, dst: &Path) -> Result<()> {
 
 /// /var/lib/cni from the state dir. When there is no /var/lib/cni (and
 /// the user cannot create it), /var/lib gets an overlay to make room.
-fn mount_var_lib_cni(state: &StateDir, var_lib_cni: &OwnedFd) -> Result<()> {
+fn mount_var_lib_cni(
+    state: &StateDir,
+    var_lib_cni: &OwnedFd,
+    tree: Option<&OwnedFd>,
+) -> Result<()> {
     let target = Path::new("/var/lib/cni");
     if !target.is_dir() {
         state.ensure_dir(state::OVERLAY_DIR)?;
@@ -133,5 +161,5 @@ fn mount_var_lib_cni(state: &StateDir, var_lib_cni: &OwnedFd) -> Result<()> {
         .context("mounting an overlay on /var/lib to make room for /var/lib/cni")?;
         std::fs::create_dir_all(target).context("creating /var/lib/cni in the overlay")?;
     }
-    bind(&sys::fd_path(var_lib_cni.as_fd()), target)
+    place(var_lib_cni, tree, target)
 }

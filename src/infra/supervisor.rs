@@ -225,7 +225,12 @@ impl Supervisor {
         if self.info.outbound.down.take().is_some() {
             self.info.outbound.restarts += 1;
         }
-        self.info.save(&self.state)
+        // slirp4netns runs: a record we could not write must not count as
+        // a failed start, which would start a second one beside it.
+        if let Err(e) = self.info.save(&self.state) {
+            log::warn!("recording the restarted slirp4netns: {e}");
+        }
+        Ok(())
     }
 
     fn run(&mut self, signals: SignalFd) {

@@ -67,7 +67,9 @@ pub const REQUIRED_CNI_VARS: [&str; 5] = [
     "CNI_IFNAME",
     "CNI_PATH",
 ];
-/// The PATH everything inside the lab gets (no root-only dirs: see LAB.md).
+/// The PATH everything inside the lab gets: no root-only dirs, since a
+/// PATH entry the lab user cannot search breaks `nsenter … ping` for it;
+/// /usr/sbin and /sbin for iptables and ip.
 pub const LAB_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
 /// The plugins the example network uses.
 const REFERENCE_PLUGINS: &[&str] = &["bridge", "host-local", "portmap", "firewall", "tuning"];
@@ -502,6 +504,13 @@ fn describe_process(pid: u32) -> String {
 }
 
 /// A TCP port nobody listens on right now on 127.0.0.1.
+/// Whether an attachment record (its JSON) is one a failed ADD kept for
+/// the runtime's DEL: `"failed": true` beside `"state": "ready"`, so that
+/// an older release, which knows no other state, keeps it for its DEL too.
+pub fn is_failed_record(r: &Value) -> bool {
+    r["failed"] == true
+}
+
 /// Whether this is a CI run, where a missing prerequisite must fail the
 /// test, never skip it: `CI` set to anything but empty, `0`, `false`, `no`
 /// or `off` (CI services set `true`, `1`, or their own name).

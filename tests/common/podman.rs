@@ -183,8 +183,8 @@ pub const ULIMITS: [&str; 4] = [
 /// and, for CNI, its own rootless-netns: nothing of it is in the machine's
 /// namespaces.
 ///
-/// The copy of /etc/containers holds what this machine needs of any podman
-/// (LAB.md), as a system's containers.conf and storage.conf, so the user's
+/// The copy of /etc/containers holds what this machine needs of any podman,
+/// as a system's containers.conf and storage.conf, so the user's
 /// own files are only what a user would write: runc (crun refuses the
 /// hybrid cgroup layout), cgroupfs and no events (no systemd user session),
 /// ulimits podman can set in a user namespace here, and the vfs driver
