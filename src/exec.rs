@@ -304,7 +304,11 @@ pub fn run_plugin(
         .env("CNI_ARGS", inv.args)
         .env(
             "CNI_PATH",
-            inner_cni_path(inv.cni_path, infra.caller_root.as_deref(), &infra.infra_root),
+            inner_cni_path(
+                inv.cni_path,
+                infra.caller_root.as_deref(),
+                &infra.infra_root,
+            ),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -517,8 +521,8 @@ fn inner_cni_path(paths: &[PathBuf], root: Option<&str>, infra_root: &str) -> St
         .map(|p| {
             let absolute = cwd.join(p);
             let inside = absolute.strip_prefix("/").unwrap_or(&absolute);
-            let same_inside = id(&absolute).is_some()
-                && id(&absolute) == id(&Path::new(infra_root).join(inside));
+            let same_inside =
+                id(&absolute).is_some() && id(&absolute) == id(&Path::new(infra_root).join(inside));
             match root {
                 Some(root) if !same_inside => Path::new(root).join(inside).display().to_string(),
                 _ => absolute.display().to_string(),

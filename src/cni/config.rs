@@ -504,6 +504,25 @@ fn is_plugin_name(t: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn forward_limits() {
+        let c = NetConf::parse(conf("").as_bytes()).unwrap();
+        assert_eq!(c.forward_limits, crate::infra::ForwardLimits::default());
+        let c = NetConf::parse(
+            conf(r#","maxConnections":10,"maxUdpFlowsPerPort":2,"tcpIdleTimeout":0,"udpIdleTimeout":"5m""#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let l = c.forward_limits;
+        assert_eq!((l.max_connections, l.max_udp_flows_per_port), (10, 2));
+        assert_eq!((l.tcp_idle_timeout_secs, l.udp_idle_timeout_secs), (0, 300));
+        assert_eq!(l.to_limits().tcp_idle, None);
+        for bad in [r#","maxConnections":0"#, r#","maxUdpFlows":"many""#] {
+            let e = NetConf::parse(conf(bad).as_bytes()).unwrap_err();
+            assert_eq!(e.code, 7, "{bad}: {}", e.msg);
+        }
+    }
+
     fn conf(extra: &str) -> String {
         format!(
             r#"{{"cniVersion":"1.0.0","name":"n","type":"rootless-cni",
