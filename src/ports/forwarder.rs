@@ -72,6 +72,8 @@ const SPLICE_LEN: usize = 1 << 20;
 /// unprivileged user's pipes may hold in total, then gives small pipes,
 /// which still work.
 const PIPE_SIZE: i32 = 256 * 1024;
+/// Connections taken off a port's queue before the loop looks elsewhere.
+const ACCEPT_BATCH: usize = 256;
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// The running loop; dropping it stops the thread and closes everything.
@@ -238,6 +240,8 @@ struct Loop {
     refused: RateLimited,
     no_fds: RateLimited,
     failures: RateLimited,
+    /// Ports with connections still queued after a batch of accepts.
+    backlog: Vec<usize>,
 }
 
 impl Loop {
@@ -258,6 +262,7 @@ impl Loop {
             refused: RateLimited::default(),
             no_fds: RateLimited::default(),
             failures: RateLimited::default(),
+            backlog: Vec::new(),
         }
     }
 
@@ -269,7 +274,11 @@ impl Loop {
             let pause_end = self.ports.values().filter_map(|p| p.paused_until).min();
             let wake_at = pause_end.map_or(next_sweep, |p| p.min(next_sweep));
             // Rounded up by a millisecond: never woken early, so no busy loop.
-            let timeout = wake_at.saturating_duration_since(now) + Duration::from_millis(1);
+            let timeout = if self.backlog.is_empty() {
+                wake_at.saturating_duration_since(now) + Duration::from_millis(1)
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != ErrorKind::Interrupted {
                     log::error!("forwarder: epoll: {e}; forwarding stops");
@@ -287,6 +296,9 @@ impl Loop {
             }
             let now = Instant::now();
             self.resume_paused(now);
+            for id in std::mem::take(&mut self.backlog) {
+                self.event(id);
+            }
             if now >= next_sweep {
                 self.sweep(now);
                 next_sweep = now + SWEEP;
@@ -433,8 +445,11 @@ impl Loop {
             && self.fds + CONN_FDS <= self.fd_budget
     }
 
+    /// Accepts what is queued on a TCP port, in batches: a flood cannot
+    /// hold the loop, and commands (DEL) and other ports are served between
+    /// batches.
     fn accept_all(&mut self, id: usize) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             let Some(port) = self.ports.get(&id) else {
                 return;
             };
@@ -495,6 +510,8 @@ impl Loop {
                 }
             }
         }
+        // The batch is done and more may wait: again after this round.
+        self.backlog.push(id);
     }
 
     fn pause(&mut self, id: usize) {
