@@ -40,6 +40,16 @@ Network config keys (of the rootless-cni plugin entry):
   lockTimeout        wait this long for the state lock, then code 11
                      (default 30s)
   logLevel           error, warn (default), info, debug, trace
+  maxConnections     builtin portDriver: TCP connections forwarded at once,
+                     all ports (default 32768); more are reset at once
+  maxConnectionsPerPort
+                     the same for one published port (default 16384)
+  maxUdpFlows        UDP flows (client address and port) at once, all
+                     ports (default 4096); datagrams of more are dropped
+  maxUdpFlowsPerPort the same for one published port (default 1024)
+  tcpIdleTimeout     close a forwarded TCP connection silent this long
+                     (default \"2h\"; 0: never)
+  udpIdleTimeout     forget a UDP flow silent this long (default \"60s\")
 An unknown key is an error (code 7) naming it. The runtime's capability
 args (portMappings, ips, mac, ...) reach the inner plugins that declare
 them, as under libcni.

@@ -39,6 +39,12 @@ pub const OWN_KEYS: &[&str] = &[
     "pluginTimeout",
     "lockTimeout",
     "logLevel",
+    "maxConnections",
+    "maxConnectionsPerPort",
+    "maxUdpFlows",
+    "maxUdpFlowsPerPort",
+    "tcpIdleTimeout",
+    "udpIdleTimeout",
 ];
 
 #[derive(Debug, Clone)]
@@ -59,6 +65,8 @@ pub struct NetConf {
     /// How long a call waits for the state lock before code 11.
     pub lock_timeout: Duration,
     pub log_level: Option<log::LevelFilter>,
+    /// The builtin port driver's bounds.
+    pub forward_limits: crate::infra::ForwardLimits,
     /// Capability args the runtime gave us, handed on to the inner plugins
     /// that declare them.
     pub runtime_config: Map<String, Value>,
@@ -187,6 +195,7 @@ impl NetConf {
                 ))
             })?),
         };
+        let forward_limits = forward_limits(&obj)?;
         let runtime_config = match obj.get("runtimeConfig") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(m)) => m.clone(),
@@ -227,6 +236,7 @@ impl NetConf {
             plugin_timeout,
             lock_timeout,
             log_level,
+            forward_limits,
             runtime_config,
         })
     }
@@ -289,6 +299,37 @@ fn boolean(obj: &Map<String, Value>, key: &str) -> Result<bool> {
             "{key:?} must be true or false, not {v}"
         ))),
     }
+}
+
+/// The forwarder's bounds: counts of at least 1, idle timeouts (0 for
+/// none with TCP; UDP flows always expire).
+fn forward_limits(obj: &Map<String, Value>) -> Result<crate::infra::ForwardLimits> {
+    let mut l = crate::infra::ForwardLimits::default();
+    let count = |key: &str, default: usize| -> Result<usize> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| (1..=1_000_000).contains(n))
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "{key:?} must be a number from 1 to 1000000, not {v}"
+                    ))
+                }),
+        }
+    };
+    l.max_connections = count("maxConnections", l.max_connections)?;
+    l.max_connections_per_port = count("maxConnectionsPerPort", l.max_connections_per_port)?;
+    l.max_udp_flows = count("maxUdpFlows", l.max_udp_flows)?;
+    l.max_udp_flows_per_port = count("maxUdpFlowsPerPort", l.max_udp_flows_per_port)?;
+    if let Some(d) = duration(obj, "tcpIdleTimeout")? {
+        l.tcp_idle_timeout_secs = d.as_secs();
+    }
+    if let Some(d) = duration(obj, "udpIdleTimeout")? {
+        l.udp_idle_timeout_secs = d.as_secs().max(1);
+    }
+    Ok(l)
 }
 
 fn duration(obj: &Map<String, Value>, key: &str) -> Result<Option<Duration>> {
@@ -462,6 +503,25 @@ fn is_plugin_name(t: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forward_limits() {
+        let c = NetConf::parse(conf("").as_bytes()).unwrap();
+        assert_eq!(c.forward_limits, crate::infra::ForwardLimits::default());
+        let c = NetConf::parse(
+            conf(r#","maxConnections":10,"maxUdpFlowsPerPort":2,"tcpIdleTimeout":0,"udpIdleTimeout":"5m""#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let l = c.forward_limits;
+        assert_eq!((l.max_connections, l.max_udp_flows_per_port), (10, 2));
+        assert_eq!((l.tcp_idle_timeout_secs, l.udp_idle_timeout_secs), (0, 300));
+        assert_eq!(l.to_limits().tcp_idle, None);
+        for bad in [r#","maxConnections":0"#, r#","maxUdpFlows":"many""#] {
+            let e = NetConf::parse(conf(bad).as_bytes()).unwrap_err();
+            assert_eq!(e.code, 7, "{bad}: {}", e.msg);
+        }
+    }
 
     fn conf(extra: &str) -> String {
         format!(

@@ -136,8 +136,23 @@ pub fn listen(state: &StateDir) -> Result<UnixListener> {
 
 /// Answers one waiting request, if any.
 pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super::InfraInfo) {
-    let Ok((conn, _)) = listener.accept() else {
-        return;
+    let conn = match listener.accept() {
+        Ok((conn, _)) => conn,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            // The request waits in the queue: pause rather than spin on a
+            // socket that stays readable. The forwarder leaves a reserve of
+            // fds, so this is rare and short.
+            static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+            if let Ok(mut last) = LAST.lock() {
+                if last.map_or(true, |l| l.elapsed() > Duration::from_secs(5)) {
+                    log::warn!("control socket: accept: {e}; waiting");
+                    *last = Some(std::time::Instant::now());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            return;
+        }
+        Err(_) => return,
     };
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(TIMEOUT));

@@ -100,6 +100,8 @@ pub fn main(args: Args) -> i32 {
     // whatever umask the runtime had: our control socket, slirp4netns's API
     // socket (either lets its user open host ports as us).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // Every forwarded connection holds fds: take all the user may have.
+    raise_fd_limit();
     let mut sup = match Supervisor::start(args.state_dir, args.settings) {
         Ok(s) => s,
         Err(e) => {
@@ -117,6 +119,20 @@ pub fn main(args: Args) -> i32 {
     );
     sup.run(signals);
     0
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard one (the forwarder sizes its
+/// bounds from it).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log::warn!("raising the fd limit from {soft} to {hard}: {e}");
+            }
+        }
+        _ => {}
+    }
 }
 
 fn block_signals() -> Result<SignalFd> {
@@ -164,7 +180,10 @@ impl Supervisor {
         let ports: Box<dyn Driver> = match settings.port_driver {
             PortDriver::Builtin => {
                 let netns = std::fs::File::open(format!("/proc/{}/ns/net", sandbox_id.pid))?;
-                Box::new(Builtin::new(OwnedFd::from(netns)))
+                Box::new(Builtin::new(
+                    OwnedFd::from(netns),
+                    settings.forward_limits.to_limits(),
+                )?)
             }
             PortDriver::Slirp4netns => {
                 Box::new(ports::slirp::Slirp::new(state.file(state::SLIRP_SOCKET)))

@@ -5,6 +5,7 @@
 //! slirp4netns restarts.
 
 pub mod builtin;
+pub mod forwarder;
 pub mod slirp;
 
 use crate::cni::gojson;

@@ -1,0 +1,846 @@
+//! The builtin driver's forwarder: one thread, one epoll loop (mio), for
+//! every published port, TCP connection and UDP flow of the infra.
+//!
+//! The thread joins the infra's network namespace once, at start, so every
+//! socket it makes (the infra side of a connection, a UDP flow's socket)
+//! lives there; the host-side listeners are bound by the caller, in the
+//! supervisor's own namespace, and handed over. TCP bytes move through a
+//! pipe per direction with non-blocking splice(2): they stay in the kernel.
+//!
+//! Everything is bounded: connections and UDP flows per port and in total,
+//! and the fds the loop may hold (from RLIMIT_NOFILE, leaving a reserve for
+//! the rest of the supervisor). A connection over a bound is accepted and
+//! reset at once; those already forwarded are untouched. When accept fails
+//! for want of fds, a spare fd is given up to take the waiting connection
+//! off the queue and reset it, or the port is paused briefly: never a spin.
+
+use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::{Events, Interest, Poll, Token, Waker};
+use nix::errno::Errno;
+use nix::fcntl::{splice, OFlag, SpliceFFlags};
+use std::collections::HashMap;
+use std::io::{self, ErrorKind};
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Bounds of the forwarder; see `crate::infra::ForwardLimits` for the
+/// configured values.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub connections: usize,
+    pub connections_per_port: usize,
+    pub udp_flows: usize,
+    pub udp_flows_per_port: usize,
+    /// None: a TCP connection may stay idle for ever.
+    pub tcp_idle: Option<Duration>,
+    pub udp_idle: Duration,
+}
+
+/// A host-side socket, bound by the caller, and where its traffic goes.
+pub enum Listening {
+    Tcp(std::net::TcpListener, SocketAddr),
+    Udp(std::net::UdpSocket, SocketAddr),
+}
+
+enum Command {
+    Add(String, Vec<Listening>, Sender<()>),
+    /// Closes an attachment's ports with their connections and flows.
+    Remove(String, Sender<()>),
+    RemoveAll(Sender<()>),
+    Stop,
+}
+
+const WAKE: Token = Token(0);
+/// A connection's infra side dials for at most this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often idle connections and flows are looked for.
+const SWEEP: Duration = Duration::from_secs(1);
+/// A port whose accept failed for want of fds waits this long.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Fds left to the rest of the supervisor (control socket, state dir, log,
+/// children's pipes) whatever the forwarder holds.
+const FD_RESERVE: usize = 64;
+/// Fds of one TCP connection: two sockets and two pipes.
+const CONN_FDS: usize = 6;
+/// Bytes asked of one splice(2); the pipe takes what fits.
+const SPLICE_LEN: usize = 1 << 20;
+/// Pipe capacity: larger moves more per wake-up. The kernel caps what an
+/// unprivileged user's pipes may hold in total, then gives small pipes,
+/// which still work.
+const PIPE_SIZE: i32 = 256 * 1024;
+/// Connections taken off a port's queue before the loop looks elsewhere.
+const ACCEPT_BATCH: usize = 256;
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// The running loop; dropping it stops the thread and closes everything.
+pub struct Forwarder {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Forwarder {
+    /// Starts the loop's thread in the network namespace `netns`.
+    pub fn start(netns: OwnedFd, limits: Limits) -> io::Result<Forwarder> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+        let thread = std::thread::Builder::new()
+            .name("forwarder".into())
+            .spawn(move || {
+                // Only this thread moves: the supervisor's other threads
+                // stay where they are.
+                if let Err(e) =
+                    nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                {
+                    let _ = ready_tx.send(Err(io::Error::from(e)));
+                    return;
+                }
+                drop(netns);
+                let _ = ready_tx.send(Ok(()));
+                Loop::new(poll, rx, limits).run();
+            })?;
+        let started = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the forwarder thread died")));
+        if let Err(e) = started {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(Forwarder {
+            tx,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands `sockets` to the loop under `key`; returns once they are served.
+    pub fn add(&self, key: &str, sockets: Vec<Listening>) {
+        self.call(|done| Command::Add(key.to_string(), sockets, done));
+    }
+
+    /// Closes `key`'s ports; returns once they are closed.
+    pub fn remove(&self, key: &str) {
+        self.call(|done| Command::Remove(key.to_string(), done));
+    }
+
+    pub fn remove_all(&self) {
+        self.call(Command::RemoveAll);
+    }
+
+    fn call(&self, cmd: impl FnOnce(Sender<()>) -> Command) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(cmd(done)).is_ok() && self.waker.wake().is_ok() {
+            // An error means the loop is gone, and its sockets with it.
+            let _ = wait.recv();
+        }
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Stop);
+        let _ = self.waker.wake();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One published host port.
+struct Port {
+    target: SocketAddr,
+    kind: PortKind,
+    /// Connections (TCP) or flows (UDP) now open.
+    open: usize,
+    /// Accepting waits until then (fds ran out).
+    paused_until: Option<Instant>,
+}
+
+enum PortKind {
+    Tcp(TcpListener),
+    Udp(UdpSocket, HashMap<SocketAddr, usize>),
+}
+
+/// One direction of a TCP connection.
+#[derive(Default)]
+struct Half {
+    in_pipe: usize,
+    /// The source said EOF.
+    eof: bool,
+    /// EOF was passed on to the destination.
+    shut: bool,
+}
+
+struct Conn {
+    port: usize,
+    client: TcpStream,
+    upstream: TcpStream,
+    connected: bool,
+    /// client → upstream, upstream → client: (read end, write end).
+    pipes: [(OwnedFd, OwnedFd); 2],
+    halves: [Half; 2],
+    started: Instant,
+    last: Instant,
+}
+
+struct Flow {
+    port: usize,
+    peer: SocketAddr,
+    socket: UdpSocket,
+    last: Instant,
+}
+
+/// At most one line per `LOG_EVERY` for a kind of trouble, with a count of
+/// the ones left out.
+#[derive(Default)]
+struct RateLimited {
+    last: Option<Instant>,
+    quiet: u64,
+}
+
+impl RateLimited {
+    fn warn(&mut self, msg: impl FnOnce() -> String) {
+        let now = Instant::now();
+        if self.last.is_some_and(|l| now.duration_since(l) < LOG_EVERY) {
+            self.quiet += 1;
+            return;
+        }
+        let quiet = std::mem::take(&mut self.quiet);
+        let more = if quiet > 0 {
+            format!(" ({quiet} more like it not logged)")
+        } else {
+            String::new()
+        };
+        log::warn!("{}{more}", msg());
+        self.last = Some(now);
+    }
+}
+
+struct Loop {
+    poll: Poll,
+    rx: Receiver<Command>,
+    limits: Limits,
+    next_id: usize,
+    ports: HashMap<usize, Port>,
+    keys: HashMap<String, Vec<usize>>,
+    conns: HashMap<usize, Conn>,
+    flows: HashMap<usize, Flow>,
+    /// Fds the loop holds now, and may hold at most.
+    fds: usize,
+    fd_budget: usize,
+    /// Given up to accept (and reset) a connection when fds ran out.
+    spare: Option<std::fs::File>,
+    buf: Vec<u8>,
+    refused: RateLimited,
+    no_fds: RateLimited,
+    failures: RateLimited,
+    /// Ports with connections still queued after a batch of accepts.
+    backlog: Vec<usize>,
+}
+
+impl Loop {
+    fn new(poll: Poll, rx: Receiver<Command>, limits: Limits) -> Self {
+        Loop {
+            poll,
+            rx,
+            limits,
+            next_id: 1,
+            ports: HashMap::new(),
+            keys: HashMap::new(),
+            conns: HashMap::new(),
+            flows: HashMap::new(),
+            fds: 0,
+            fd_budget: fd_budget(),
+            spare: std::fs::File::open("/dev/null").ok(),
+            buf: vec![0u8; 65536],
+            refused: RateLimited::default(),
+            no_fds: RateLimited::default(),
+            failures: RateLimited::default(),
+            backlog: Vec::new(),
+        }
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut next_sweep = Instant::now() + SWEEP;
+        loop {
+            let now = Instant::now();
+            let pause_end = self.ports.values().filter_map(|p| p.paused_until).min();
+            let wake_at = pause_end.map_or(next_sweep, |p| p.min(next_sweep));
+            // Rounded up by a millisecond: never woken early, so no busy loop.
+            let timeout = if self.backlog.is_empty() {
+                wake_at.saturating_duration_since(now) + Duration::from_millis(1)
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    log::error!("forwarder: epoll: {e}; forwarding stops");
+                    return;
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKE => {}
+                    Token(t) => self.event(t >> 1),
+                }
+            }
+            if !self.commands() {
+                return;
+            }
+            let now = Instant::now();
+            self.resume_paused(now);
+            for id in std::mem::take(&mut self.backlog) {
+                self.event(id);
+            }
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now + SWEEP;
+            }
+        }
+    }
+
+    /// Serves waiting commands; false on Stop (or when the handle is gone).
+    fn commands(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Command::Add(key, sockets, done)) => {
+                    for s in sockets {
+                        self.add_port(&key, s);
+                    }
+                    let _ = done.send(());
+                }
+                Ok(Command::Remove(key, done)) => {
+                    self.remove_key(&key);
+                    let _ = done.send(());
+                }
+                Ok(Command::RemoveAll(done)) => {
+                    let keys: Vec<String> = self.keys.keys().cloned().collect();
+                    for k in keys {
+                        self.remove_key(&k);
+                    }
+                    let _ = done.send(());
+                }
+                Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
+                Err(mpsc::TryRecvError::Empty) => return true,
+            }
+        }
+    }
+
+    fn new_id(&mut self) -> usize {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn add_port(&mut self, key: &str, socket: Listening) {
+        let id = self.new_id();
+        let token = Token(id << 1);
+        let (kind, target) = match socket {
+            Listening::Tcp(l, target) => {
+                let mut l = TcpListener::from_std(l);
+                if let Err(e) = self
+                    .poll
+                    .registry()
+                    .register(&mut l, token, Interest::READABLE)
+                {
+                    log::error!("forwarder: watching {:?}: {e}", l.local_addr());
+                }
+                (PortKind::Tcp(l), target)
+            }
+            Listening::Udp(s, target) => {
+                let mut s = UdpSocket::from_std(s);
+                if let Err(e) = self
+                    .poll
+                    .registry()
+                    .register(&mut s, token, Interest::READABLE)
+                {
+                    log::error!("forwarder: watching {:?}: {e}", s.local_addr());
+                }
+                (PortKind::Udp(s, HashMap::new()), target)
+            }
+        };
+        self.fds += 1;
+        self.ports.insert(
+            id,
+            Port {
+                target,
+                kind,
+                open: 0,
+                paused_until: None,
+            },
+        );
+        self.keys.entry(key.to_string()).or_default().push(id);
+        // Whatever queued up between bind and now.
+        self.event(id);
+    }
+
+    fn remove_key(&mut self, key: &str) {
+        for id in self.keys.remove(key).unwrap_or_default() {
+            if self.ports.remove(&id).is_some() {
+                self.fds -= 1;
+            }
+            // Their container is gone: so is what was forwarded to it.
+            let conns: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.port == id)
+                .map(|(k, _)| *k)
+                .collect();
+            for c in conns {
+                self.close_conn(c);
+            }
+            let flows: Vec<usize> = self
+                .flows
+                .iter()
+                .filter(|(_, f)| f.port == id)
+                .map(|(k, _)| *k)
+                .collect();
+            for f in flows {
+                self.close_flow(f);
+            }
+        }
+    }
+
+    fn event(&mut self, id: usize) {
+        if self.conns.contains_key(&id) {
+            self.conn_ready(id);
+        } else if self.flows.contains_key(&id) {
+            self.flow_ready(id);
+        } else if let Some(port) = self.ports.get(&id) {
+            if port.paused_until.is_some() {
+                return;
+            }
+            match port.kind {
+                PortKind::Tcp(_) => self.accept_all(id),
+                PortKind::Udp(..) => self.udp_port_ready(id),
+            }
+        }
+    }
+
+    fn resume_paused(&mut self, now: Instant) {
+        let due: Vec<usize> = self
+            .ports
+            .iter()
+            .filter(|(_, p)| p.paused_until.is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(p) = self.ports.get_mut(&id) {
+                p.paused_until = None;
+            }
+            // Edge-triggered: what queued while paused is taken now.
+            self.event(id);
+        }
+    }
+
+    fn tcp_admits(&self, port: &Port) -> bool {
+        self.conns.len() < self.limits.connections
+            && port.open < self.limits.connections_per_port
+            && self.fds + CONN_FDS <= self.fd_budget
+    }
+
+    /// Accepts what is queued on a TCP port, in batches: a flood cannot
+    /// hold the loop, and commands (DEL) and other ports are served between
+    /// batches.
+    fn accept_all(&mut self, id: usize) {
+        for _ in 0..ACCEPT_BATCH {
+            let Some(port) = self.ports.get(&id) else {
+                return;
+            };
+            let PortKind::Tcp(listener) = &port.kind else {
+                return;
+            };
+            match listener.accept() {
+                Ok((client, peer)) => {
+                    if !self.tcp_admits(port) {
+                        let (total, on_port) = (self.conns.len(), port.open);
+                        let addr = listener.local_addr().ok();
+                        refuse(client);
+                        self.refused.warn(|| {
+                            format!(
+                                "forwarder: refused a connection from {peer} to {addr:?}: {on_port} on the port, {total} in all (limits maxConnectionsPerPort, maxConnections, or the fd limit)"
+                            )
+                        });
+                        continue;
+                    }
+                    let target = port.target;
+                    self.open_conn(id, client, target);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if is_out_of_fds(&e) => {
+                    // Take the waiting connection off the queue with the
+                    // spare fd, so the queue drains and nothing spins; with
+                    // no spare, wait a little.
+                    self.no_fds
+                        .warn(|| format!("forwarder: accept: {e}; refusing connections"));
+                    let shed = match self.spare.take() {
+                        Some(spare) => {
+                            drop(spare);
+                            let r = listener.accept();
+                            self.spare = std::fs::File::open("/dev/null").ok();
+                            r.map(|(c, _)| refuse(c)).is_ok() && self.spare.is_some()
+                        }
+                        None => {
+                            self.spare = std::fs::File::open("/dev/null").ok();
+                            false
+                        }
+                    };
+                    if !shed {
+                        self.pause(id);
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // ECONNABORTED and the like: that connection only.
+                    self.failures.warn(|| format!("forwarder: accept: {e}"));
+                    if !matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM)
+                    ) {
+                        self.pause(id);
+                        return;
+                    }
+                }
+            }
+        }
+        // The batch is done and more may wait: again after this round.
+        self.backlog.push(id);
+    }
+
+    fn pause(&mut self, id: usize) {
+        if let Some(p) = self.ports.get_mut(&id) {
+            p.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+        }
+    }
+
+    fn open_conn(&mut self, port: usize, client: TcpStream, target: SocketAddr) {
+        let opened = (|| -> io::Result<Conn> {
+            // This thread lives in the infra: the socket is made there.
+            let upstream = TcpStream::connect(target)?;
+            let pipes = [new_pipe()?, new_pipe()?];
+            let now = Instant::now();
+            Ok(Conn {
+                port,
+                client,
+                upstream,
+                connected: false,
+                pipes,
+                halves: Default::default(),
+                started: now,
+                last: now,
+            })
+        })();
+        let mut conn = match opened {
+            Ok(c) => c,
+            Err(e) => {
+                self.failures
+                    .warn(|| format!("forwarder: connecting to {target} in the infra: {e}"));
+                return;
+            }
+        };
+        let id = self.new_id();
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let registry = self.poll.registry();
+        let registered = registry
+            .register(&mut conn.client, Token(id << 1), both)
+            .and_then(|_| registry.register(&mut conn.upstream, Token((id << 1) | 1), both));
+        if let Err(e) = registered {
+            self.failures
+                .warn(|| format!("forwarder: watching a connection: {e}"));
+            return;
+        }
+        self.fds += CONN_FDS;
+        if let Some(p) = self.ports.get_mut(&port) {
+            p.open += 1;
+        }
+        self.conns.insert(id, conn);
+    }
+
+    fn close_conn(&mut self, id: usize) {
+        if let Some(c) = self.conns.remove(&id) {
+            self.fds -= CONN_FDS;
+            if let Some(p) = self.ports.get_mut(&c.port) {
+                p.open -= 1;
+            }
+        }
+    }
+
+    fn conn_ready(&mut self, id: usize) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !c.connected {
+            match c.upstream.take_error() {
+                Ok(None) => {}
+                Ok(Some(_)) | Err(_) => return self.close_conn(id),
+            }
+            match c.upstream.peer_addr() {
+                Ok(_) => {}
+                // Still dialling.
+                Err(e) if e.kind() == ErrorKind::NotConnected => return,
+                Err(_) => return self.close_conn(id),
+            }
+            c.connected = true;
+            let _ = c.client.set_nodelay(true);
+            let _ = c.upstream.set_nodelay(true);
+        }
+        c.last = Instant::now();
+        let [there, back] = &mut c.halves;
+        let [p_there, p_back] = &c.pipes;
+        let ok = pump(&c.client, &c.upstream, p_there, there)
+            && pump(&c.upstream, &c.client, p_back, back);
+        if !ok || (there.shut && back.shut) {
+            if !ok {
+                // An error on one side resets the other, as a direct
+                // connection would have been.
+                let _ = set_linger_zero(&c.client);
+                let _ = set_linger_zero(&c.upstream);
+            }
+            self.close_conn(id);
+        }
+    }
+
+    fn udp_port_ready(&mut self, id: usize) {
+        loop {
+            let Some(port) = self.ports.get(&id) else {
+                return;
+            };
+            let PortKind::Udp(socket, peers) = &port.kind else {
+                return;
+            };
+            let (n, peer) = match socket.recv_from(&mut self.buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // An ICMP error from an earlier reply: that datagram only.
+                Err(_) => continue,
+            };
+            let flow = match peers.get(&peer) {
+                Some(f) => *f,
+                None => {
+                    let admits = self.flows.len() < self.limits.udp_flows
+                        && port.open < self.limits.udp_flows_per_port
+                        && self.fds < self.fd_budget;
+                    if !admits {
+                        let (total, on_port) = (self.flows.len(), port.open);
+                        self.refused.warn(|| {
+                            format!("forwarder: dropped a datagram from {peer}: {on_port} UDP flows on the port, {total} in all (limits maxUdpFlowsPerPort, maxUdpFlows, or the fd limit)")
+                        });
+                        continue;
+                    }
+                    let target = port.target;
+                    match self.open_flow(id, peer, target) {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                }
+            };
+            if let Some(f) = self.flows.get_mut(&flow) {
+                f.last = Instant::now();
+                // A full socket buffer drops the datagram, as UDP may.
+                let _ = f.socket.send(&self.buf[..n]);
+            }
+        }
+    }
+
+    fn open_flow(&mut self, port: usize, peer: SocketAddr, target: SocketAddr) -> Option<usize> {
+        let opened = (|| -> io::Result<UdpSocket> {
+            let s = UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into())?;
+            s.connect(target)?;
+            Ok(s)
+        })();
+        let mut socket = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                self.failures
+                    .warn(|| format!("forwarder: UDP flow to {target} in the infra: {e}"));
+                return None;
+            }
+        };
+        let id = self.new_id();
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut socket, Token(id << 1), Interest::READABLE)
+        {
+            self.failures
+                .warn(|| format!("forwarder: watching a UDP flow: {e}"));
+            return None;
+        }
+        self.fds += 1;
+        let p = self.ports.get_mut(&port)?;
+        p.open += 1;
+        if let PortKind::Udp(_, peers) = &mut p.kind {
+            peers.insert(peer, id);
+        }
+        self.flows.insert(
+            id,
+            Flow {
+                port,
+                peer,
+                socket,
+                last: Instant::now(),
+            },
+        );
+        Some(id)
+    }
+
+    fn close_flow(&mut self, id: usize) {
+        let Some(f) = self.flows.remove(&id) else {
+            return;
+        };
+        self.fds -= 1;
+        if let Some(p) = self.ports.get_mut(&f.port) {
+            p.open -= 1;
+            if let PortKind::Udp(_, peers) = &mut p.kind {
+                peers.remove(&f.peer);
+            }
+        }
+    }
+
+    /// Replies from the container, back to the client through the port.
+    fn flow_ready(&mut self, id: usize) {
+        let Some(f) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let Some(Port {
+            kind: PortKind::Udp(host, _),
+            ..
+        }) = self.ports.get(&f.port)
+        else {
+            return;
+        };
+        loop {
+            match f.socket.recv(&mut self.buf) {
+                Ok(n) => {
+                    f.last = Instant::now();
+                    let _ = host.send_to(&self.buf[..n], f.peer);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                // ICMP port unreachable and the like: nothing to pass on.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Ends connections and flows idle for too long, and dials that did not
+    /// connect in time.
+    fn sweep(&mut self, now: Instant) {
+        // The limit may change under us (prlimit): follow it.
+        self.fd_budget = fd_budget();
+        let tcp_idle = self.limits.tcp_idle;
+        let stale: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                (!c.connected && now.duration_since(c.started) > CONNECT_TIMEOUT)
+                    || tcp_idle.is_some_and(|t| now.duration_since(c.last) > t)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            self.close_conn(id);
+        }
+        let udp_idle = self.limits.udp_idle;
+        let idle: Vec<usize> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.last) > udp_idle)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            self.close_flow(id);
+        }
+    }
+}
+
+/// The fds the forwarder may hold: the soft RLIMIT_NOFILE less a reserve.
+fn fd_budget() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    usize::try_from(soft)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(FD_RESERVE)
+}
+
+fn is_out_of_fds(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Resets a connection at once: the client learns right away.
+fn refuse(client: TcpStream) {
+    let _ = set_linger_zero(&client);
+    drop(client);
+}
+
+fn set_linger_zero(s: &TcpStream) -> nix::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger)
+}
+
+fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    let _ = nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&w),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE),
+    );
+    Ok((r, w))
+}
+
+/// Moves what `from` has to `to` through `pipe` until either would block.
+/// Edge-triggered: it stops only when no step makes progress, so every
+/// stop waits on an event that will come (`from` readable, `to` writable).
+/// False on an error: the connection is to be closed.
+fn pump(from: &TcpStream, to: &TcpStream, pipe: &(OwnedFd, OwnedFd), half: &mut Half) -> bool {
+    // No SPLICE_F_MORE: on the socket it corks small writes (an echo, a
+    // request) for up to 200 ms.
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        let mut progress = false;
+        if !half.eof {
+            match splice(from, None, &pipe.1, None, SPLICE_LEN, flags) {
+                Ok(0) => {
+                    half.eof = true;
+                    progress = true;
+                }
+                Ok(n) => {
+                    half.in_pipe += n;
+                    progress = true;
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                Err(_) => return false,
+            }
+        }
+        if half.in_pipe > 0 {
+            match splice(&pipe.0, None, to, None, half.in_pipe, flags) {
+                Ok(n) => {
+                    half.in_pipe -= n;
+                    progress = progress || n > 0;
+                }
+                Err(Errno::EAGAIN | Errno::EINTR) => {}
+                Err(_) => return false,
+            }
+        }
+        if half.eof && half.in_pipe == 0 && !half.shut {
+            let _ = to.shutdown(Shutdown::Write);
+            half.shut = true;
+        }
+        if !progress {
+            return true;
+        }
+    }
+}
