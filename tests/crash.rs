@@ -258,9 +258,10 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
         } else {
             killed += 1;
         }
+        let inner_hit = victim == Victim::WithInner && !inner.is_empty() && out.status.is_none();
         if victim == Victim::WithInner {
             with_inner += 1;
-            if !inner.is_empty() && out.status.is_none() {
+            if inner_hit {
                 inner_killed += 1;
             }
         }
@@ -338,7 +339,10 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
             }
         }
         let leaks = lab.leaks_since(&baseline);
-        if !leaks.is_empty() {
+        if inner_hit && verb == "DEL" && is_bridge_masquerade_leftover(&leaks, &id) {
+            eprintln!("{when}: the known limit of a bridge killed mid-DEL:\n{leaks}");
+            baseline = lab.snapshot();
+        } else if !leaks.is_empty() {
             problem(format!("leaked:\n{leaks}"));
             // Reported once: later iterations compare with what is left.
             baseline = lab.snapshot();
@@ -379,6 +383,21 @@ fn iterations() -> usize {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(25)
+}
+
+/// Whether `leaks` are only the masquerade rules of container `id` that
+/// the reference bridge plugin (1.1.1) leaves when it is itself killed in
+/// the middle of its DEL: after removing the container's interface, before
+/// its rules; its next DEL finds no interface, so no address whose rules to
+/// remove. A known limit (README, "Killed calls"), accepted only where the
+/// loop killed an inner plugin during a DEL.
+fn is_bridge_masquerade_leftover(leaks: &str, id: &str) -> bool {
+    let of_id = format!("id: \\\"{id}\\\"");
+    !leaks.is_empty()
+        && leaks.lines().all(|l| {
+            l.strip_prefix("iptables rule added: ")
+                .is_some_and(|rule| rule.contains(&of_id) || rule.starts_with(":CNI-"))
+        })
 }
 
 #[test]
