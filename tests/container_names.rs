@@ -289,6 +289,14 @@ fn names_resolve_in_the_infra_after_a_killed_one() {
 
     // alpha's attachment was lost with the infra; its DEL forgets it.
     del(&lab, &a, "alpha");
+    // Its eth0 goes when the kernel tears down the dead infra's netns (the
+    // veth's other end), after its last process: asynchronously, and on a
+    // loaded machine not at once. Until then an ADD meets it ("eth0
+    // already exists"), as any bridge ADD would.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lab.links(&a) != vec!["lo"] && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let ra = add(&lab, &a, "alpha");
     let rb = add(&lab, &b, "bravo");
     let new = dnsmasqs(&lab);

@@ -395,7 +395,7 @@ fn is_bridge_masquerade_leftover(leaks: &str, id: &str) -> bool {
     let of_id = format!("id: \\\"{id}\\\"");
     !leaks.is_empty()
         && leaks.lines().all(|l| {
-            l.strip_prefix("iptables rule added: ")
+            l.strip_prefix("iptables rule: ")
                 .is_some_and(|rule| rule.contains(&of_id) || rule.starts_with(":CNI-"))
         })
 }
