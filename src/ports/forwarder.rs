@@ -74,6 +74,11 @@ const SPLICE_LEN: usize = 1 << 20;
 const PIPE_SIZE: i32 = 256 * 1024;
 /// Connections taken off a port's queue before the loop looks elsewhere.
 const ACCEPT_BATCH: usize = 256;
+/// Datagrams read from one UDP socket (a port or a flow) before the loop
+/// looks elsewhere: a sender faster than the forwarder would otherwise
+/// never let the read see EAGAIN, and hold the loop (commands, DEL, every
+/// other port) for as long as it sends.
+const DATAGRAM_BATCH: usize = 256;
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// The running loop; dropping it stops the thread and closes everything.
@@ -240,7 +245,7 @@ struct Loop {
     refused: RateLimited,
     no_fds: RateLimited,
     failures: RateLimited,
-    /// Ports with connections still queued after a batch of accepts.
+    /// Ports and UDP flows with more still queued after a batch.
     backlog: Vec<usize>,
 }
 
@@ -608,7 +613,7 @@ impl Loop {
     }
 
     fn udp_port_ready(&mut self, id: usize) {
-        loop {
+        for _ in 0..DATAGRAM_BATCH {
             let Some(port) = self.ports.get(&id) else {
                 return;
             };
@@ -618,8 +623,8 @@ impl Loop {
             let (n, peer) = match socket.recv_from(&mut self.buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                // An ICMP error from an earlier reply: that datagram only.
+                // EINTR, or an ICMP error from an earlier reply: that
+                // datagram only.
                 Err(_) => continue,
             };
             let flow = match peers.get(&peer) {
@@ -648,6 +653,9 @@ impl Loop {
                 let _ = f.socket.send(&self.buf[..n]);
             }
         }
+        // More may wait (edge-triggered: no new event for them): again
+        // after this round.
+        self.backlog.push(id);
     }
 
     fn open_flow(&mut self, port: usize, peer: SocketAddr, target: SocketAddr) -> Option<usize> {
@@ -717,7 +725,7 @@ impl Loop {
         else {
             return;
         };
-        loop {
+        for _ in 0..DATAGRAM_BATCH {
             match f.socket.recv(&mut self.buf) {
                 Ok(n) => {
                     f.last = Instant::now();
@@ -728,6 +736,8 @@ impl Loop {
                 Err(_) => continue,
             }
         }
+        // As for the port: the rest after this round.
+        self.backlog.push(id);
     }
 
     /// Ends connections and flows idle for too long, and dials that did not
