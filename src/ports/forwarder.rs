@@ -488,9 +488,11 @@ impl Loop {
                     let shed = match self.spare.take() {
                         Some(spare) => {
                             drop(spare);
-                            let r = listener.accept();
+                            // The connection is closed before the spare is
+                            // taken again: it holds the one fd freed.
+                            let shed = listener.accept().map(|(c, _)| refuse(c)).is_ok();
                             self.spare = std::fs::File::open("/dev/null").ok();
-                            r.map(|(c, _)| refuse(c)).is_ok() && self.spare.is_some()
+                            shed && self.spare.is_some()
                         }
                         None => {
                             self.spare = std::fs::File::open("/dev/null").ok();
