@@ -124,9 +124,10 @@ impl Forwarder {
         })
     }
 
-    /// Hands `sockets` to the loop under `key`; returns once they are served.
-    pub fn add(&self, key: &str, sockets: Vec<Listening>) {
-        self.call(|done| Command::Add(key.to_string(), sockets, done));
+    /// Hands `sockets` to the loop under `key`; returns once they are
+    /// served. False when the loop is gone: they are closed then.
+    pub fn add(&self, key: &str, sockets: Vec<Listening>) -> bool {
+        self.call(|done| Command::Add(key.to_string(), sockets, done))
     }
 
     /// Closes `key`'s ports; returns once they are closed.
@@ -138,12 +139,11 @@ impl Forwarder {
         self.call(Command::RemoveAll);
     }
 
-    fn call(&self, cmd: impl FnOnce(Sender<()>) -> Command) {
+    /// False when the loop is gone (it ended on an error, or panicked),
+    /// and its sockets with it: what was asked was not done.
+    fn call(&self, cmd: impl FnOnce(Sender<()>) -> Command) -> bool {
         let (done, wait) = mpsc::channel();
-        if self.tx.send(cmd(done)).is_ok() && self.waker.wake().is_ok() {
-            // An error means the loop is gone, and its sockets with it.
-            let _ = wait.recv();
-        }
+        self.tx.send(cmd(done)).is_ok() && self.waker.wake().is_ok() && wait.recv().is_ok()
     }
 }
 
