@@ -90,6 +90,21 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
 
     let lock = state.lock()?;
+    // The lock was let go meanwhile: an ADD of this key that found the
+    // record's infra dead (nothing claimed a record of a dead infra, and an
+    // infra may die under the chain) has its own record and leases now,
+    // which are not this DEL's to drop.
+    match state.read_attachment(&key, &lock) {
+        Ok(Some(now)) if !now.is_same_as(&record) => {
+            log::info!(
+                "{} was added again while this DEL ran; its new attachment is left",
+                key.container_id
+            );
+            return Ok(());
+        }
+        Err(e) if e.code == code::NEWER_STATE => return Err(e),
+        _ => {}
+    }
     if live_infra.is_none() {
         state.release_dead_leases(&key.container_id, &key.ifname, &lock);
     }
