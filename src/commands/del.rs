@@ -44,15 +44,19 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             key.ifname
         );
         let lock = state.lock()?;
-        // Forwards under this key whose record is gone (a killed ADD's,
-        // its record removed) are closed; an ADD of this key that began
-        // since has a record again, and keeps its own.
-        if info.is_some() && matches!(state.read_attachment(&key, &lock), Ok(None)) {
-            super::add::close_forwards(&state, &key);
+        // The lock was let go since the record was read: an ADD of this key
+        // that began meanwhile has a record again (or another release's is
+        // there), and keeps it with its forwards.
+        if matches!(state.read_attachment(&key, &lock), Ok(None)) {
+            // Forwards under this key whose record is gone (a killed ADD's,
+            // its record removed) are closed.
+            if info.is_some() {
+                super::add::close_forwards(&state, &key);
+            }
+            // An ADD killed while writing its first record leaves only the
+            // temporary file, which this takes away.
+            state.remove_attachment(&key, &lock)?;
         }
-        // An ADD killed while writing its first record leaves only the
-        // temporary file, which this takes away.
-        state.remove_attachment(&key, &lock)?;
         // An idle infra left by a crashed call still goes.
         return infra::stop_if_idle(&state, &lock, false);
     };
@@ -86,6 +90,21 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
 
     let lock = state.lock()?;
+    // The lock was let go meanwhile: an ADD of this key that found the
+    // record's infra dead (nothing claimed a record of a dead infra, and an
+    // infra may die under the chain) has its own record and leases now,
+    // which are not this DEL's to drop.
+    match state.read_attachment(&key, &lock) {
+        Ok(Some(now)) if !now.is_same_as(&record) => {
+            log::info!(
+                "{} was added again while this DEL ran; its new attachment is left",
+                key.container_id
+            );
+            return Ok(());
+        }
+        Err(e) if e.code == code::NEWER_STATE => return Err(e),
+        _ => {}
+    }
     if live_infra.is_none() {
         state.release_dead_leases(&key.container_id, &key.ifname, &lock);
     }

@@ -49,10 +49,17 @@ impl Driver for Builtin {
     fn add(&mut self, key: &str, mappings: &[PortMapping]) -> Result<()> {
         // All bound first: on an error the ones bound are dropped, closed.
         let opened = mappings.iter().map(open).collect::<Result<Vec<_>>>()?;
+        if !self.forwarder.add(key, opened) {
+            // Never a success for ports nobody serves.
+            return Err(Error::new(
+                code::INTERNAL,
+                "the infra's port forwarder has stopped (see infra.log); \
+                 the ports cannot be published until the infra is restarted",
+            ));
+        }
         for m in mappings {
             log::info!("forwarding {} (builtin)", m.describe());
         }
-        self.forwarder.add(key, opened);
         Ok(())
     }
 

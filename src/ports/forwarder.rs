@@ -74,6 +74,11 @@ const SPLICE_LEN: usize = 1 << 20;
 const PIPE_SIZE: i32 = 256 * 1024;
 /// Connections taken off a port's queue before the loop looks elsewhere.
 const ACCEPT_BATCH: usize = 256;
+/// Datagrams read from one UDP socket (a port or a flow) before the loop
+/// looks elsewhere: a sender faster than the forwarder would otherwise
+/// never let the read see EAGAIN, and hold the loop (commands, DEL, every
+/// other port) for as long as it sends.
+const DATAGRAM_BATCH: usize = 256;
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// The running loop; dropping it stops the thread and closes everything.
@@ -119,9 +124,10 @@ impl Forwarder {
         })
     }
 
-    /// Hands `sockets` to the loop under `key`; returns once they are served.
-    pub fn add(&self, key: &str, sockets: Vec<Listening>) {
-        self.call(|done| Command::Add(key.to_string(), sockets, done));
+    /// Hands `sockets` to the loop under `key`; returns once they are
+    /// served. False when the loop is gone: they are closed then.
+    pub fn add(&self, key: &str, sockets: Vec<Listening>) -> bool {
+        self.call(|done| Command::Add(key.to_string(), sockets, done))
     }
 
     /// Closes `key`'s ports; returns once they are closed.
@@ -133,12 +139,11 @@ impl Forwarder {
         self.call(Command::RemoveAll);
     }
 
-    fn call(&self, cmd: impl FnOnce(Sender<()>) -> Command) {
+    /// False when the loop is gone (it ended on an error, or panicked),
+    /// and its sockets with it: what was asked was not done.
+    fn call(&self, cmd: impl FnOnce(Sender<()>) -> Command) -> bool {
         let (done, wait) = mpsc::channel();
-        if self.tx.send(cmd(done)).is_ok() && self.waker.wake().is_ok() {
-            // An error means the loop is gone, and its sockets with it.
-            let _ = wait.recv();
-        }
+        self.tx.send(cmd(done)).is_ok() && self.waker.wake().is_ok() && wait.recv().is_ok()
     }
 }
 
@@ -240,7 +245,7 @@ struct Loop {
     refused: RateLimited,
     no_fds: RateLimited,
     failures: RateLimited,
-    /// Ports with connections still queued after a batch of accepts.
+    /// Ports and UDP flows with more still queued after a batch.
     backlog: Vec<usize>,
 }
 
@@ -483,9 +488,11 @@ impl Loop {
                     let shed = match self.spare.take() {
                         Some(spare) => {
                             drop(spare);
-                            let r = listener.accept();
+                            // The connection is closed before the spare is
+                            // taken again: it holds the one fd freed.
+                            let shed = listener.accept().map(|(c, _)| refuse(c)).is_ok();
                             self.spare = std::fs::File::open("/dev/null").ok();
-                            r.map(|(c, _)| refuse(c)).is_ok() && self.spare.is_some()
+                            shed && self.spare.is_some()
                         }
                         None => {
                             self.spare = std::fs::File::open("/dev/null").ok();
@@ -608,7 +615,7 @@ impl Loop {
     }
 
     fn udp_port_ready(&mut self, id: usize) {
-        loop {
+        for _ in 0..DATAGRAM_BATCH {
             let Some(port) = self.ports.get(&id) else {
                 return;
             };
@@ -618,8 +625,8 @@ impl Loop {
             let (n, peer) = match socket.recv_from(&mut self.buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                // An ICMP error from an earlier reply: that datagram only.
+                // EINTR, or an ICMP error from an earlier reply: that
+                // datagram only.
                 Err(_) => continue,
             };
             let flow = match peers.get(&peer) {
@@ -648,6 +655,9 @@ impl Loop {
                 let _ = f.socket.send(&self.buf[..n]);
             }
         }
+        // More may wait (edge-triggered: no new event for them): again
+        // after this round.
+        self.backlog.push(id);
     }
 
     fn open_flow(&mut self, port: usize, peer: SocketAddr, target: SocketAddr) -> Option<usize> {
@@ -717,7 +727,7 @@ impl Loop {
         else {
             return;
         };
-        loop {
+        for _ in 0..DATAGRAM_BATCH {
             match f.socket.recv(&mut self.buf) {
                 Ok(n) => {
                     f.last = Instant::now();
@@ -728,6 +738,8 @@ impl Loop {
                 Err(_) => continue,
             }
         }
+        // As for the port: the rest after this round.
+        self.backlog.push(id);
     }
 
     /// Ends connections and flows idle for too long, and dials that did not
