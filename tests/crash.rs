@@ -561,11 +561,7 @@ fn stale_infra_record_naming_live_processes() {
         "infra.json's process format changed: {infra}"
     );
     // Unrelated processes of the lab uid (not counted as leftovers).
-    let bystanders: Vec<Container> = (0..3).map(|_| lab.container()).collect();
-    let starts: Vec<u64> = bystanders
-        .iter()
-        .map(|b| support::start_time(b.pid).expect("start time"))
-        .collect();
+    let (bystanders, starts) = start_bystanders(&lab);
     let variants: [(&str, [(usize, u64); 3]); 3] = [
         // All three the same bystander, start time made up.
         (
@@ -591,10 +587,7 @@ fn stale_infra_record_naming_live_processes() {
         }
         // The sandbox's namespace as the bystander's own: only the start
         // time tells them apart.
-        let ns = fs::metadata(format!("/proc/{}/ns/net", bystanders[procs[1].0].pid))
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .expect("bystander netns");
-        info["netns"] = ns.into();
+        info["netns"] = netns_inode(bystanders[procs[1].0].pid).into();
         write_as_user(
             &lab,
             &lab.state_dir().join("infra.json"),
@@ -606,20 +599,44 @@ fn stale_infra_record_naming_live_processes() {
         assert_eq!(sups.len(), 1, "{when}: infras:\n{}", sups.join("\n"));
         let out = sane_plugin(&lab, "DEL", "after-reboot", &c, &when);
         assert!(out.ok(), "{when}: DEL: {out}");
-        for (b, start) in bystanders.iter().zip(&starts) {
-            assert!(
-                lab.is_running(b.pid) && support::start_time(b.pid) == Some(*start),
-                "{when}: bystander {} was killed",
-                Lab::describe(b.pid)
-            );
-            let state = fs::read_to_string(format!("/proc/{}/stat", b.pid)).unwrap_or_default();
-            assert!(
-                !state.contains(") T "),
-                "{when}: bystander {} was stopped",
-                Lab::describe(b.pid)
-            );
-        }
+        assert_bystanders_untouched(&lab, &bystanders, &starts, &when);
         lab.assert_no_infra(&when);
+    }
+}
+
+/// Three unrelated processes of the lab uid (not counted as leftovers) and
+/// their start times.
+fn start_bystanders(lab: &Lab) -> (Vec<Container>, Vec<u64>) {
+    let bystanders: Vec<Container> = (0..3).map(|_| lab.container()).collect();
+    let starts: Vec<u64> = bystanders
+        .iter()
+        .map(|b| support::start_time(b.pid).expect("start time"))
+        .collect();
+    (bystanders, starts)
+}
+
+/// The inode of a process's network namespace, as infra.json records it.
+fn netns_inode(pid: u32) -> u64 {
+    fs::metadata(format!("/proc/{pid}/ns/net"))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .expect("bystander netns")
+}
+
+/// Each bystander still runs, as the same process (same start time), and
+/// was not stopped either.
+fn assert_bystanders_untouched(lab: &Lab, bystanders: &[Container], starts: &[u64], when: &str) {
+    for (b, start) in bystanders.iter().zip(starts) {
+        assert!(
+            lab.is_running(b.pid) && support::start_time(b.pid) == Some(*start),
+            "{when}: bystander {} was killed",
+            Lab::describe(b.pid)
+        );
+        let state = fs::read_to_string(format!("/proc/{}/stat", b.pid)).unwrap_or_default();
+        assert!(
+            !state.contains(") T "),
+            "{when}: bystander {} was stopped",
+            Lab::describe(b.pid)
+        );
     }
 }
 
@@ -635,20 +652,13 @@ fn live_processes_with_right_start_times_but_not_our_command_line_are_left_alone
     };
     let c = lab.container();
     let (infra, _) = capture(&lab, &c);
-    let bystanders: Vec<Container> = (0..3).map(|_| lab.container()).collect();
-    let starts: Vec<u64> = bystanders
-        .iter()
-        .map(|b| support::start_time(b.pid).expect("start time"))
-        .collect();
+    let (bystanders, starts) = start_bystanders(&lab);
     let mut info = infra.clone();
     for (i, key) in ["supervisor", "sandbox", "slirp4netns"].iter().enumerate() {
         info[*key] = serde_json::json!({ "pid": bystanders[i].pid, "start_time": starts[i] });
     }
     // Another bystander's netns: not the "sandbox"'s own, so not alive.
-    let ns = fs::metadata(format!("/proc/{}/ns/net", bystanders[0].pid))
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .expect("bystander netns");
-    info["netns"] = ns.into();
+    info["netns"] = netns_inode(bystanders[0].pid).into();
     write_as_user(
         &lab,
         &lab.state_dir().join("infra.json"),
@@ -659,19 +669,7 @@ fn live_processes_with_right_start_times_but_not_our_command_line_are_left_alone
     fresh_add(&lab, "after-reboot", &c, when);
     let out = sane_plugin(&lab, "DEL", "after-reboot", &c, when);
     assert!(out.ok(), "{when}: DEL: {out}");
-    for (b, start) in bystanders.iter().zip(&starts) {
-        assert!(
-            lab.is_running(b.pid) && support::start_time(b.pid) == Some(*start),
-            "{when}: bystander {} was killed",
-            Lab::describe(b.pid)
-        );
-        let state = fs::read_to_string(format!("/proc/{}/stat", b.pid)).unwrap_or_default();
-        assert!(
-            !state.contains(") T "),
-            "{when}: bystander {} was stopped",
-            Lab::describe(b.pid)
-        );
-    }
+    assert_bystanders_untouched(&lab, &bystanders, &starts, when);
     lab.assert_no_infra(when);
 }
 
@@ -843,16 +841,7 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
         .expect("chmod slowstep");
     // The log is written by the lab user.
     write_as_user(&lab, &log, b"");
-    let mut conf = example_conflist();
-    outer(&mut conf).insert(
-        "delegate".into(),
-        serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "slow",
-            "plugins": [{ "type": "slowstep" }]
-        }),
-    );
-    let stdin = plugin_stdin(&conf);
+    let stdin = support::one_plugin_delegate_stdin("slowstep");
     let c = lab.container();
 
     let add = support::spawn(&lab, &call(&lab, "ADD", "orphan", &c, &stdin.to_string()));

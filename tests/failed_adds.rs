@@ -115,16 +115,6 @@ fn del_finishes_what_a_failed_rollback_left() {
     lab.assert_no_infra("after the DEL");
 }
 
-/// Sleeps through its ADD after saying so; passes the result on.
-const SLOWADD: &str = r#"#!/usr/bin/python3
-import json, os, sys, time
-conf = json.load(sys.stdin)
-if os.environ.get("CNI_COMMAND") == "ADD":
-    open("DIR/started", "w").close()
-    time.sleep(2)
-print(json.dumps(conf.get("prevResult") or {"cniVersion": conf["cniVersion"]}))
-"#;
-
 /// The chain succeeded, but the lock to record the result cannot be had
 /// within `lockTimeout`: the runtime gets code 11 and nothing of the ADD is
 /// left (the container's interface, its lease, its port, its record, the
@@ -134,7 +124,7 @@ fn add_that_cannot_record_its_result_undoes_itself() {
     let Some(lab) = Lab::new("add_lock_lost") else {
         return;
     };
-    let marks = install_marking_plugin(&lab, "slowadd", SLOWADD);
+    let marks = install_marking_plugin(&lab, "slowadd", support::SLOWADD);
     let mut conf = conf_with("slowadd", Some(1));
     let port = free_tcp_port();
     conf["runtimeConfig"] = json!({"portMappings": [

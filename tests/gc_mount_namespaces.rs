@@ -13,9 +13,9 @@
 
 mod common;
 
-use common::{run_command, Lab, Out, LAB_PATH, NET};
+use common::{run_command, Lab, Out, NET};
 use serde_json::Value;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -45,18 +45,9 @@ fn private_mounts(lab: &Lab, netns_file: &str) -> PrivateMounts {
          exec sleep infinity",
         ready.display()
     );
-    let u = lab.uid.to_string();
-    let child = Command::new("/usr/bin/setpriv")
-        .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-        .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-        .arg(format!("--target={}", lab.holder))
-        .args(["--", "unshare", "--mount", "--propagation", "private"])
+    let child = lab
+        .session_daemon(&["unshare", "--mount", "--propagation", "private"])
         .args(["sh", "-c", &script])
-        .env_clear()
-        .env("PATH", LAB_PATH)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("starting the private mount namespace: {e}"));
     let holder = PrivateMounts { child };
@@ -74,25 +65,8 @@ fn private_mounts(lab: &Lab, netns_file: &str) -> PrivateMounts {
 /// Runs `argv` as the lab user inside the holder's mount namespace, with
 /// the lab's NETCONFPATH and CNI_PATH.
 fn in_private(lab: &Lab, holder: &PrivateMounts, argv: &[&str]) -> Out {
-    let u = lab.uid.to_string();
-    let mut cmd = Command::new("/usr/bin/setpriv");
-    cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-        .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-        .arg(format!("--target={}", holder.child.id()))
-        .args(["--", "env", "-i"])
-        .arg(format!("PATH={LAB_PATH}"))
-        .arg(format!("HOME={}", lab.dir.display()))
-        .arg(format!(
-            "XDG_RUNTIME_DIR={}",
-            lab.xdg_runtime_dir().display()
-        ))
-        .arg(format!("NETCONFPATH={}", lab.netconf_dir().display()))
-        .arg(format!("CNI_PATH={}", lab.cni_path()))
-        .args(argv)
-        .env_clear()
-        .env("PATH", LAB_PATH);
     run_command(
-        cmd,
+        lab.command_in_mounts_of(holder.child.id(), argv),
         format!("[private mounts] {}", argv.join(" ")),
         None,
         Duration::from_secs(60),

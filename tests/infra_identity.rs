@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{in_ci, run_command, Container, Lab, Out, GATEWAY, LAB_PATH, NET};
+use common::{in_ci, run_command, Container, Lab, Out, GATEWAY, NET};
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -248,7 +248,6 @@ fn the_supervisor_never_signals_the_sandbox_it_reaped() {
 /// runtime deletes when it is done.
 struct RuntimeNs {
     lab_dir: PathBuf,
-    uid: u32,
     root: PathBuf,
     holder: Child,
 }
@@ -275,23 +274,13 @@ impl RuntimeNs {
              touch '{r}/ready'
              exec sleep infinity"
         );
-        let u = lab.uid.to_string();
-        let holder = Command::new("/usr/bin/setpriv")
-            .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-            .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-            .arg(format!("--target={}", lab.holder))
-            .args(["--", "unshare", "--mount", "--propagation", "private"])
+        let holder = lab
+            .session_daemon(&["unshare", "--mount", "--propagation", "private"])
             .args(["sh", "-c", &setup])
-            .env_clear()
-            .env("PATH", LAB_PATH)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let ns = RuntimeNs {
             lab_dir: lab.dir.clone(),
-            uid: lab.uid,
             root,
             holder,
         };
@@ -308,26 +297,12 @@ impl RuntimeNs {
 
     /// `cnitool CMD NET NETNS` inside this mount namespace.
     fn cnitool(&self, lab: &Lab, cmd: &str, c: &Container) -> Out {
-        let u = self.uid.to_string();
         let cnitool = self.lab_dir.join("tools/cnitool").display().to_string();
         let netns = c.netns();
-        let mut command = Command::new("/usr/bin/setpriv");
-        command
-            .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-            .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-            .arg(format!("--target={}", self.holder.id()))
-            .args(["--", "env", "-i"])
-            .arg(format!("PATH={LAB_PATH}"))
-            .arg(format!("HOME={}", self.lab_dir.display()))
-            .arg(format!(
-                "XDG_RUNTIME_DIR={}",
-                lab.xdg_runtime_dir().display()
-            ))
-            .arg(format!("NETCONFPATH={}", lab.netconf_dir().display()))
-            .arg(format!("CNI_PATH={}", lab.cni_path()))
-            .args([cnitool.as_str(), cmd, NET, netns.as_str()])
-            .env_clear()
-            .env("PATH", LAB_PATH);
+        let command = lab.command_in_mounts_of(
+            self.holder.id(),
+            &[cnitool.as_str(), cmd, NET, netns.as_str()],
+        );
         let what = format!("[{}] cnitool {cmd} {netns}", self.root.display());
         run_command(command, what, None, TIMEOUT)
     }

@@ -21,17 +21,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 use support::{install_plugin, spawn, Call};
 
-/// Marks that its ADD started, sleeps through it, passes the result on:
-/// the kill lands while it runs, after the forwards were opened.
-const SLOWADD: &str = r#"#!/usr/bin/python3
-import json, os, sys, time
-conf = json.load(sys.stdin)
-if os.environ.get("CNI_COMMAND") == "ADD":
-    open("DIR/started", "w").close()
-    time.sleep(2)
-print(json.dumps(conf.get("prevResult") or {"cniVersion": conf["cniVersion"]}))
-"#;
-
 /// Where the slow plugin goes in the inner chain.
 #[derive(Clone, Copy)]
 enum Slow {
@@ -171,7 +160,7 @@ fn killed_add_is_taken_over(driver: &str) {
     install_plugin(
         &lab,
         "slowadd",
-        &SLOWADD.replace("DIR", &marks.display().to_string()),
+        &support::SLOWADD.replace("DIR", &marks.display().to_string()),
     );
     let c = lab.container();
     // Another attachment keeps the infra up: its stopping would close

@@ -6,7 +6,7 @@
 mod common;
 mod support;
 
-use common::{example_conflist, outer, plugin_stdin, Container, Lab};
+use common::{Container, Lab};
 use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -37,16 +37,7 @@ fn slow_lab(name: &str, slow: &str) -> Option<(Lab, String, std::path::PathBuf)>
             log.display()
         ),
     );
-    let mut conf = example_conflist();
-    outer(&mut conf).insert(
-        "delegate".into(),
-        serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "slow",
-            "plugins": [{ "type": "slowlog" }]
-        }),
-    );
-    let stdin = plugin_stdin(&conf).to_string();
+    let stdin = support::one_plugin_delegate_stdin("slowlog").to_string();
     Some((lab, stdin, log))
 }
 

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{example_conflist, outer, plugin_stdin, HostServer, Lab, Out, LAB_PATH, NET};
+use common::{example_conflist, outer, plugin_stdin, HostServer, Lab, Out, Server, LAB_PATH, NET};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -19,20 +19,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// A server process inside a container; killed (by pid) on drop.
-struct Server {
-    pid: u32,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
 
 /// A TCP port free on the host's loopback now.
 fn free_port() -> u16 {

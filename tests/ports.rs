@@ -12,7 +12,7 @@ mod common;
 use common::net::http_get;
 use common::{
     example_conflist, host_global_ipv4, outer, plugin_stdin, result_ipv4, Container, HostServer,
-    Lab, Out, NET, SLIRP_HOST,
+    Lab, Out, Server, NET, SLIRP_HOST,
 };
 use serde_json::{json, Value};
 use std::io::ErrorKind;
@@ -178,20 +178,6 @@ fn slirp_pid(lab: &Lab) -> Option<u32> {
 
 // ---------------------------------------------------------------------------
 // Servers inside containers
-
-/// A server process inside a container; killed (by pid) on drop.
-struct Server {
-    pid: u32,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-}
 
 /// Kills the servers and waits (up to 5 s) until they are reaped: orphans
 /// of the lab uid, they would count as an infra's leftovers.

@@ -15,7 +15,7 @@
 //! both ways: what is new and what is gone; `Lab::assert_no_infra` compares
 //! with the empty lab.
 
-use super::{pids_of_uid, proc_state, Lab};
+use super::{pids_of_uid, proc_cmdline, proc_state, Lab};
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
@@ -284,15 +284,7 @@ fn dot_files(root: &Path, dir: &Path) -> Vec<String> {
 /// run state left out: it changes by itself).
 fn identify_process(pid: u32) -> String {
     let start = start_time(pid).unwrap_or_default();
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            String::from_utf8_lossy(&b)
-                .split('\0')
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .unwrap_or_default();
+    let cmdline = proc_cmdline(pid);
     format!("pid {pid} started {start}: {cmdline}")
 }
 

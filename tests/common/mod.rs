@@ -385,6 +385,20 @@ pub fn result_ipv4(result: &Value) -> Option<String> {
     })
 }
 
+/// A server process inside a container; killed (by pid) on drop.
+pub struct Server {
+    pub pid: u32,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // A TCP server on the host's loopback
 
@@ -485,8 +499,10 @@ fn proc_state(pid: u32) -> Option<String> {
     Some(line["State:".len()..].trim().to_string())
 }
 
-fn describe_process(pid: u32) -> String {
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+/// A process's command line, its arguments joined by spaces ("" once it is
+/// gone).
+fn proc_cmdline(pid: u32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
             String::from_utf8_lossy(&b)
                 .split('\0')
@@ -494,7 +510,11 @@ fn describe_process(pid: u32) -> String {
                 .collect::<Vec<_>>()
                 .join(" ")
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn describe_process(pid: u32) -> String {
+    let cmdline = proc_cmdline(pid);
     let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
     format!(
         "pid {pid} ({}) [{}] {cmdline}",
@@ -1029,16 +1049,23 @@ impl Lab {
     /// `in_session`) and `env -i` with the clean environment: the one way
     /// `exec` and `exec_outside` build their commands.
     fn user_command(&self, in_session: bool, env: &[(&str, &str)], argv: &[&str]) -> Command {
+        self.user_command_in(in_session.then_some(self.holder), env, argv)
+    }
+
+    /// `user_command` that enters the user and mount namespaces of `target`
+    /// (the session's holder, or a process that holds a mount namespace of
+    /// its own inside the session), or none.
+    fn user_command_in(&self, target: Option<u32>, env: &[(&str, &str)], argv: &[&str]) -> Command {
         let u = self.uid.to_string();
-        let mut cmd = if in_session {
+        let mut cmd = if target.is_some() {
             Command::new("/usr/bin/setpriv")
         } else {
             self.host_command("/usr/bin/setpriv")
         };
         cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"]);
-        if in_session {
+        if let Some(target) = target {
             cmd.args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-                .arg(format!("--target={}", self.holder));
+                .arg(format!("--target={target}"));
         }
         cmd.args(["--", "env", "-i"])
             .arg(format!("PATH={LAB_PATH}"))
@@ -1052,6 +1079,18 @@ impl Lab {
         }
         cmd.args(argv).env_clear().env("PATH", LAB_PATH);
         cmd
+    }
+
+    /// `argv` as `run` runs it, but in the mount namespace that `holder` (a
+    /// process inside the session) made for itself.
+    pub fn command_in_mounts_of(&self, holder: u32, argv: &[&str]) -> Command {
+        let netconf = self.netconf_dir().display().to_string();
+        let cni_path = self.cni_path();
+        self.user_command_in(
+            Some(holder),
+            &[("NETCONFPATH", &netconf), ("CNI_PATH", &cni_path)],
+            argv,
+        )
     }
 
     /// Runs `argv` in the session with the lab's NETCONFPATH and CNI_PATH.
@@ -1192,6 +1231,25 @@ impl Lab {
         assert!(ping.ok(), "{what}: {ping}");
     }
 
+    /// `argv` as the lab user inside the session, with a clean environment
+    /// and no stdio: for a process that outlives the call (more arguments
+    /// may be added before it is spawned).
+    pub fn session_daemon(&self, argv: &[&str]) -> Command {
+        let u = self.uid.to_string();
+        let mut cmd = Command::new("/usr/bin/setpriv");
+        cmd.args(["--reuid", &u, "--regid", &u, "--clear-groups"])
+            .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
+            .arg(format!("--target={}", self.holder))
+            .arg("--")
+            .args(argv)
+            .env_clear()
+            .env("PATH", LAB_PATH)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    }
+
     /// Starts a container (a netns held by `sleep`) inside the session.
     pub fn container(&self) -> Container {
         self.container_with(&["--net"])
@@ -1200,19 +1258,10 @@ impl Lab {
     /// Starts a container inside the session whose `sleep` is in the new
     /// namespaces `unshare_flags` ask for (a netns among them).
     pub fn container_with(&self, unshare_flags: &[&str]) -> Container {
-        let u = self.uid.to_string();
-        let child = Command::new("/usr/bin/setpriv")
-            .args(["--reuid", &u, "--regid", &u, "--clear-groups"])
-            .args(["nsenter", "--preserve-credentials", "--user", "--mount"])
-            .arg(format!("--target={}", self.holder))
-            .args(["--", "unshare"])
+        let child = self
+            .session_daemon(&["unshare"])
             .args(unshare_flags)
             .args(["sleep", "infinity"])
-            .env_clear()
-            .env("PATH", LAB_PATH)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("lab: starting a container: {e}"));
         let pid = child.id();

@@ -7,7 +7,7 @@
 //! stays as it is.
 #![allow(dead_code)] // each test file uses a different part
 
-use crate::common::{Lab, Out, Spawned};
+use crate::common::{example_conflist, outer, plugin_stdin, Lab, Out, Spawned};
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -292,4 +292,31 @@ pub fn install_plugin(lab: &Lab, name: &str, script: &str) {
     write_as_user(lab, &path, script.as_bytes());
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// A plugin (python3) that marks that its ADD started (`DIR/started`, DIR
+/// replaced by the caller), sleeps 2 s through it and passes the result on:
+/// a kill or a lock timeout lands while it runs.
+pub const SLOWADD: &str = r#"#!/usr/bin/python3
+import json, os, sys, time
+conf = json.load(sys.stdin)
+if os.environ.get("CNI_COMMAND") == "ADD":
+    open("DIR/started", "w").close()
+    time.sleep(2)
+print(json.dumps(conf.get("prevResult") or {"cniVersion": conf["cniVersion"]}))
+"#;
+
+/// The plugin's stdin for the example config whose delegated chain is the
+/// one plugin `plugin_type` (installed by the test), in a network "slow".
+pub fn one_plugin_delegate_stdin(plugin_type: &str) -> serde_json::Value {
+    let mut conf = example_conflist();
+    outer(&mut conf).insert(
+        "delegate".into(),
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "slow",
+            "plugins": [{ "type": plugin_type }]
+        }),
+    );
+    plugin_stdin(&conf)
 }
