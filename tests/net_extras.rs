@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{example_conflist, outer, HostServer, Lab, Out, NET};
+use common::{example_conflist, outer, retry, HostServer, Lab, Out, NET};
 use serde_json::Value;
 use std::fs;
 use std::net::{TcpListener, UdpSocket};
@@ -70,18 +70,6 @@ fn add(lab: &Lab, net: &str, netns: &str) -> Value {
 fn del(lab: &Lab, net: &str, netns: &str) {
     let del = lab.cnitool("del", net, netns);
     assert!(del.ok(), "DEL {netns}: {del}");
-}
-
-/// Runs `f` until it succeeds or `within` has passed; the last output.
-fn retry(within: Duration, mut f: impl FnMut() -> Out) -> Out {
-    let deadline = Instant::now() + within;
-    loop {
-        let out = f();
-        if out.ok() || Instant::now() >= deadline {
-            return out;
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Runs `argv` in the infra's network namespace (from inside the session).

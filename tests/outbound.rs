@@ -11,38 +11,14 @@
 
 mod common;
 
+use common::net::http_get;
 use common::{example_conflist, outer, plugin_stdin, HostServer, Lab, Out, Server, LAB_PATH, NET};
 use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
-
-/// A TCP port free on the host's loopback now.
-fn free_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("binding a free port");
-    l.local_addr().expect("local addr").port()
-}
-
-/// GET / over HTTP/1.0 from the host: the body of a 200 answer.
-fn http_get(port: u16) -> Result<String, String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(|e| e.to_string())?;
-    conn.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer)
-        .map_err(|e| format!("read from {addr}: {e}"))?;
-    match answer.split_once("\r\n\r\n") {
-        Some((head, body)) if head.contains(" 200 ") => Ok(body.to_string()),
-        _ => Err(format!("{addr}: not a 200 answer: {answer:?}")),
-    }
-}
 
 /// Polls `f` every 50 ms until it is Ok or `limit` has passed.
 fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> Result<T, String> {
@@ -141,7 +117,7 @@ fn outbound_down_then_back(driver: &str) {
     let host_url = format!("http://{}:{}/", common::SLIRP_HOST, host.port);
 
     let c = lab.container();
-    let port = free_port();
+    let port = common::free_tcp_port();
     let cap_args =
         json!({"portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.1"}]})
             .to_string();
@@ -158,8 +134,10 @@ fn outbound_down_then_back(driver: &str) {
     let c2 = lab.container();
     let add2 = lab.cnitool_env(&[("PATH", &path)], "add", NET, &c2.netns());
     add2.add_result("ADD of a second container");
-    eventually(Duration::from_secs(5), || http_get(port))
-        .unwrap_or_else(|e| panic!("the published port before the kill: {e}"));
+    eventually(Duration::from_secs(5), || {
+        http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+    })
+    .unwrap_or_else(|e| panic!("the published port before the kill: {e}"));
     let st = status_verb(&lab, &conf);
     assert!(st.ok(), "STATUS with the infra up: {st}");
     let check = lab.cnitool("check", NET, &c2.netns());
@@ -238,8 +216,10 @@ fn outbound_down_then_back(driver: &str) {
     assert_eq!(back["restarts"], 1, "restarts after recovery: {back}");
     let new = slirp_pid(&lab).expect("a slirp4netns pid after recovery");
     assert_ne!(new, old, "status still shows the killed slirp4netns");
-    eventually(Duration::from_secs(5), || http_get(port))
-        .unwrap_or_else(|e| panic!("{driver}: the published port after recovery: {e}"));
+    eventually(Duration::from_secs(5), || {
+        http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+    })
+    .unwrap_or_else(|e| panic!("{driver}: the published port after recovery: {e}"));
     eventually(Duration::from_secs(5), || {
         let got = lab.curl(&c, &host_url);
         got.ok().then_some(()).ok_or_else(|| got.to_string())

@@ -60,12 +60,6 @@ while True:
 
 const ECHO_PORT: u16 = 7;
 
-/// A host port that is free now (the kernel's pick, released at once).
-fn free_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind a free port");
-    l.local_addr().expect("local addr").port()
-}
-
 fn lab_with(name: &str, extra: Value) -> Option<Lab> {
     let lab = Lab::new(name)?;
     let mut conf = example_conflist();
@@ -271,7 +265,7 @@ fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
     raise_own_fd_limit();
     let t0 = Instant::now();
     let c = lab.container();
-    let port = free_port();
+    let port = common::free_tcp_port();
     add(&lab, &c, port);
     let server = echo_server(&lab, &c);
     let sup = supervisor_pid(&lab);
@@ -335,7 +329,7 @@ fn flood_with_a_small_fd_limit_leaves_control_working() {
     raise_own_fd_limit();
     let t0 = Instant::now();
     let (c1, c2) = (lab.container(), lab.container());
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (common::free_tcp_port(), common::free_tcp_port());
     add(&lab, &c1, p1);
     let s1 = echo_server(&lab, &c1);
     let sup = supervisor_pid(&lab);
@@ -453,7 +447,7 @@ fn one_stream_throughput() {
         return;
     };
     let c = lab.container();
-    let port = free_port();
+    let port = common::free_tcp_port();
     let cap = json!({"portMappings": [
         {"hostPort": port, "containerPort": 5201, "protocol": "tcp", "hostIP": "127.0.0.1"}
     ]})
@@ -537,7 +531,7 @@ fn a_udp_flood_does_not_hold_the_forwarder() {
     };
     let t0 = Instant::now();
     let (c1, c2) = (lab.container(), lab.container());
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (common::free_tcp_port(), common::free_tcp_port());
     let cap = json!({"portMappings": [
         {"hostPort": p1, "containerPort": ECHO_PORT, "protocol": "udp", "hostIP": "127.0.0.1"}
     ]})

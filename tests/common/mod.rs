@@ -546,6 +546,18 @@ pub fn in_ci() -> bool {
 /// test to publish a moment later. Not one the kernel hands out (port 0 is
 /// from the ephemeral range, where any outgoing connection made meanwhile
 /// can take it): one below that range, never handed out twice by this
+/// Runs `f` until it succeeds or `within` has passed; the last output.
+pub fn retry(within: Duration, mut f: impl FnMut() -> Out) -> Out {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = f();
+        if out.ok() || Instant::now() >= deadline {
+            return out;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// process, starting from a place that differs between processes.
 pub fn free_tcp_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);

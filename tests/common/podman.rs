@@ -152,17 +152,7 @@ pub fn only_attachment(status: &Value) -> Value {
     attachments[0].clone()
 }
 
-/// Runs `f` until it succeeds or `within` has passed; the last output.
-pub fn retry(within: Duration, mut f: impl FnMut() -> Out) -> Out {
-    let deadline = Instant::now() + within;
-    loop {
-        let out = f();
-        if out.ok() || Instant::now() > deadline {
-            return out;
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-}
+pub use super::retry;
 
 pub const ULIMITS: [&str; 4] = [
     "--ulimit",
