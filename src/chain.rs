@@ -3,7 +3,7 @@
 //! capabilities, DEL in reverse with the cached result, CHECK with it too.
 
 use crate::cni::config::InnerList;
-use crate::cni::env::{CniEnv, Command as Verb};
+use crate::cni::env::{CniEnv, Verb};
 use crate::cni::gojson;
 use crate::cni::version;
 use crate::error::{code, Error, Result};

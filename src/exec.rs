@@ -3,7 +3,7 @@
 //! is opened here, in the caller's namespaces, and inherited as a fd, so no
 //! path has to be visible inside the infra.
 
-use crate::cni::env::Command as Verb;
+use crate::cni::env::Verb;
 use crate::error::{code, Error, Result};
 use crate::infra::InfraInfo;
 use crate::procfs::{self, ProcessId};

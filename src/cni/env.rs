@@ -3,8 +3,9 @@
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 
+/// What a call asks for: CNI_COMMAND.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
+pub enum Verb {
     Add,
     Del,
     Check,
@@ -13,22 +14,22 @@ pub enum Command {
     Status,
 }
 
-impl Command {
+impl Verb {
     pub fn as_str(self) -> &'static str {
         match self {
-            Command::Add => "ADD",
-            Command::Del => "DEL",
-            Command::Check => "CHECK",
-            Command::Version => "VERSION",
-            Command::Gc => "GC",
-            Command::Status => "STATUS",
+            Verb::Add => "ADD",
+            Verb::Del => "DEL",
+            Verb::Check => "CHECK",
+            Verb::Version => "VERSION",
+            Verb::Gc => "GC",
+            Verb::Status => "STATUS",
         }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct CniEnv {
-    pub command: Command,
+    pub command: Verb,
     pub container_id: String,
     /// Empty only for DEL, where the spec lets the runtime omit it.
     pub netns: Option<PathBuf>,
@@ -52,12 +53,12 @@ impl CniEnv {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let command = match get("CNI_COMMAND").as_deref() {
             None | Some("") => return Err(Error::env("CNI_COMMAND is not set")),
-            Some("ADD") => Command::Add,
-            Some("DEL") => Command::Del,
-            Some("CHECK") => Command::Check,
-            Some("VERSION") => Command::Version,
-            Some("GC") => Command::Gc,
-            Some("STATUS") => Command::Status,
+            Some("ADD") => Verb::Add,
+            Some("DEL") => Verb::Del,
+            Some("CHECK") => Verb::Check,
+            Some("VERSION") => Verb::Version,
+            Some("GC") => Verb::Gc,
+            Some("STATUS") => Verb::Status,
             Some(other) => {
                 return Err(Error::env(format!(
                     "CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"
@@ -72,15 +73,15 @@ impl CniEnv {
             args: get("CNI_ARGS").unwrap_or_default(),
             path: Vec::new(),
         };
-        if command == Command::Version {
+        if command == Verb::Version {
             return Ok(env);
         }
-        if command == Command::Gc {
+        if command == Verb::Gc {
             // Verbs about the whole network: no container.
             env.path = split_path(&required(&get, "CNI_PATH")?);
             return Ok(env);
         }
-        if command == Command::Status {
+        if command == Verb::Status {
             // STATUS runs no inner ADD or DEL: without CNI_PATH it answers
             // for the infra, and the inner plugins are not asked.
             env.path = split_path(&get("CNI_PATH").unwrap_or_default());
@@ -102,7 +103,7 @@ impl CniEnv {
                 }
                 env.netns = Some(netns);
             }
-            None if command != Command::Del => {
+            None if command != Verb::Del => {
                 return Err(Error::env("CNI_NETNS is not set"));
             }
             None => {}

@@ -4,7 +4,7 @@
 
 use crate::chain::{self, Chain};
 use crate::cni::config::NetConf;
-use crate::cni::env::{CniEnv, Command as Verb};
+use crate::cni::env::{CniEnv, Verb};
 use crate::error::{code, Error, ErrorList, Result};
 use crate::exec::ContainerNetns;
 use crate::infra::{self, InfraInfo};

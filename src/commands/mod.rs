@@ -46,7 +46,7 @@ fn network_verb(
     info: &crate::infra::InfraInfo,
     env: &CniEnv,
     conf: &NetConf,
-    verb: crate::cni::env::Command,
+    verb: crate::cni::env::Verb,
     extra: Option<(&str, serde_json::Value)>,
 ) -> Result<()> {
     let netns = crate::exec::ContainerNetns::open_if_present(None, None);

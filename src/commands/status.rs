@@ -3,7 +3,7 @@
 
 use crate::chain;
 use crate::cni::config::NetConf;
-use crate::cni::env::{CniEnv, Command as Verb};
+use crate::cni::env::{CniEnv, Verb};
 use crate::error::{code, Error, Result};
 use crate::infra;
 use std::os::unix::process::CommandExt;
