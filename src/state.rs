@@ -641,12 +641,6 @@ impl StateDir {
     }
 
     /// Every record, unreadable ones skipped with a warning.
-    /// `list_attachments` for a caller that holds the lock and acts on what
-    /// it reads before letting go.
-    pub fn list_attachments_locked(&self, _lock: &StateLock) -> Result<Vec<Attachment>> {
-        self.list_attachments()
-    }
-
     pub fn list_attachments(&self) -> Result<Vec<Attachment>> {
         let (dir, names) = self.attachment_names()?;
         let mut out = Vec::new();
@@ -877,6 +871,20 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// Whether the attachment is in place in the infra whose sandbox is
+    /// `infra`, or being made there by a live call: what holds its ports
+    /// open there. Not a failed ADD (it closed its own ports; only its
+    /// leftovers are there, for its DEL), nor a killed one (the next ADD of
+    /// its key takes it over).
+    pub fn is_live_in(&self, infra: &ProcessId) -> bool {
+        self.infra == *infra
+            && match self.state {
+                AttachmentState::Ready => true,
+                AttachmentState::Pending => self.owner.is_some_and(|o| o.is_alive()),
+                AttachmentState::Failed => false,
+            }
+    }
+
     /// Whether `other` is this very attachment, read again: not one the
     /// runtime made under the same key since.
     pub fn is_same_as(&self, other: &Attachment) -> bool {
