@@ -335,23 +335,6 @@ fn reply_at_the_inner_version_is_what_the_plugin_printed_but_the_netns() {
 }
 
 #[test]
-fn reply_at_another_version_is_converted() {
-    let rt = runtime_conf(json!({}));
-    let printed = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.89.0.2/24"}]});
-    let fake = Fake {
-        prints: Some(serde_json::to_vec(&printed).unwrap()),
-        ..Fake::default()
-    };
-    let c = chain(list("1.0.0", types(&["last"])), &rt, fake);
-    let result = c.add(|_| {}).ok().unwrap();
-    let reply: Value = serde_json::from_slice(&c.reply(&result, "0.4.0", None).unwrap()).unwrap();
-    assert_eq!(
-        reply,
-        json!({"cniVersion": "0.4.0", "ips": [{"address": "10.89.0.2/24", "version": "4"}]})
-    );
-}
-
-#[test]
 fn reply_after_other_plugins_follows_their_result_at_the_runtime_version() {
     let rt = runtime_conf(json!({}));
     let c = chain(list("1.0.0", types(&["a"])), &rt, Fake::default());
@@ -372,4 +355,45 @@ fn undo_deletes_with_the_whole_result() {
     c.undo(&result).unwrap();
     assert_eq!(&c.exec.order()[2..], verbs(Verb::Del, &["b", "a"]));
     assert_eq!(names(&c.exec.config(2)["prevResult"]), ["a", "b"]);
+}
+
+/// testdata/results/: what the last inner plugin printed at each version
+/// (`inner-V.json`), and what the runtime gets for it at each version
+/// (`V-as-W.json`), byte for byte. With ROOTLESS_CNI_BLESS set, the
+/// expected files are written from what the chain answers instead (then
+/// read them: they are the contract).
+#[test]
+fn results_convert_to_every_runtime_version_as_the_golden_files_say() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/results");
+    let bless = std::env::var_os("ROOTLESS_CNI_BLESS").is_some();
+    let mut wrong = Vec::new();
+    for inner in version::SUPPORTED {
+        let printed = std::fs::read(dir.join(format!("inner-{inner}.json"))).unwrap();
+        // No netns: the sandbox paths are left as the plugin printed them.
+        let rt = RuntimeConf {
+            netns: ContainerNetns::open_if_present(None, None),
+            ..runtime_conf(json!({}))
+        };
+        let fake = Fake {
+            prints: Some(printed),
+            ..Fake::default()
+        };
+        let c = chain(list(inner, types(&["last"])), &rt, fake);
+        let result = c.add(|_| {}).ok().unwrap();
+        for runtime in version::SUPPORTED {
+            let golden = dir.join(format!("{inner}-as-{runtime}.json"));
+            let reply = c.reply(&result, runtime, None).unwrap();
+            if bless {
+                std::fs::write(&golden, &reply).unwrap();
+            } else if std::fs::read(&golden).ok() != Some(reply.clone()) {
+                let reply = String::from_utf8_lossy(&reply);
+                wrong.push(format!("{}:\n{reply}", golden.display()));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "not as the golden files say:\n{}",
+        wrong.join("\n")
+    );
 }
