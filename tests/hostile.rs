@@ -9,7 +9,7 @@ mod support;
 use common::{
     example_conflist, outer, plugin_stdin, testdata, Container, Lab, Out, Snapshot, GATEWAY,
 };
-use serde_json::json;
+use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -367,7 +367,10 @@ fn wrong_config_values_are_refused() {
             }
             let (code, culprit) = testdata::refusal(case);
             Case {
-                name: format!("remove {} set {}", case["remove"], case["set"]),
+                name: match &case["remove"] {
+                    Value::Null => format!("set {}", case["set"]),
+                    removed => format!("remove {removed} set {}", case["set"]),
+                },
                 env: env.clone(),
                 stdin: stdin.to_string().into_bytes(),
                 code,
