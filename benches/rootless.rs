@@ -2462,7 +2462,9 @@ mod driver {
             cleanup::with(|l| l.netns.retain(|n| !names.contains(n)));
             let empty = fs::read_dir("/run/netns").is_ok_and(|mut d| d.next().is_none());
             if !self.netns_dir_was_mounted && run_netns_is_mounted() && empty {
-                let _ = Command::new("umount").arg("/run/netns").output();
+                // The syscall, not umount(8): run by real root, that would
+                // leave its utab dir (/run/mount) on the machine.
+                let _ = nix::mount::umount("/run/netns");
                 let _ = fs::remove_dir("/run/netns");
             }
         }
