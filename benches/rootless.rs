@@ -53,13 +53,16 @@ macro_rules! progress {
     ($($arg:tt)*) => {
         eprintln!(
             "bench [{:6.1}s] {}",
-            START.get_or_init(Instant::now).elapsed().as_secs_f64(),
+            $crate::START.get_or_init(Instant::now).elapsed().as_secs_f64(),
             format!($($arg)*)
         )
     };
 }
 
 type Res<T> = Result<T, String>;
+
+#[path = "outbound_restart.rs"]
+mod outbound_restart;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -1541,6 +1544,7 @@ mod driver {
         guarded(&mut cx, "3. scale", phase_scale);
         guarded(&mut cx, "4. parallelism", phase_parallel);
         guarded(&mut cx, "5. data plane", phase_dataplane);
+        guarded(&mut cx, "6. outbound restart", outbound_restart::phase);
         binary_size(&mut cx);
 
         let _ = fs::remove_dir_all(&scratch);
@@ -1646,7 +1650,7 @@ mod driver {
     }
 
     /// status --json of a state dir (None: the default one).
-    fn status(cx: &Cx, state_dir: Option<&str>) -> Res<Value> {
+    pub(crate) fn status(cx: &Cx, state_dir: Option<&str>) -> Res<Value> {
         let out = match state_dir {
             Some(d) => cx.lab.cli(&["--state-dir", d, "status", "--json"]),
             None => cx.lab.cli(&["status", "--json"]),
@@ -1658,13 +1662,13 @@ mod driver {
             .ok_or_else(|| format!("status is not JSON: {out}"))
     }
 
-    fn infra_pid(status: &Value, which: &str) -> Res<u64> {
+    pub(crate) fn infra_pid(status: &Value, which: &str) -> Res<u64> {
         status["infra"][which]["pid"]
             .as_u64()
             .ok_or_else(|| format!("status names no {which}: {status}"))
     }
 
-    fn state_dir_path(cx: &Cx, name: &str) -> String {
+    pub(crate) fn state_dir_path(cx: &Cx, name: &str) -> String {
         cx.lab.run_dir().join(name).display().to_string()
     }
 
@@ -2589,16 +2593,16 @@ mod driver {
     }
 
     /// An attachment made by the driver, DEL'd on drop.
-    struct Attached<'a> {
+    pub(crate) struct Attached<'a> {
         cx: &'a Cx<'a>,
         id: String,
-        c: Container,
+        pub(crate) c: Container,
         conf: Value,
         result: Value,
     }
 
     impl<'a> Attached<'a> {
-        fn add(cx: &'a Cx<'a>, id: &str, conf: Value) -> Res<Attached<'a>> {
+        pub(crate) fn add(cx: &'a Cx<'a>, id: &str, conf: Value) -> Res<Attached<'a>> {
             let c = cx.lab.container();
             let result = match plugin(cx, "ADD", id, &c, &conf) {
                 Ok(r) => r,
