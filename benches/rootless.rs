@@ -61,7 +61,7 @@ macro_rules! progress {
 
 type Res<T> = Result<T, String>;
 
-#[path = "outbound_restart.rs"]
+#[path = "rootless/outbound_restart.rs"]
 mod outbound_restart;
 
 fn main() {

@@ -486,6 +486,14 @@ pub fn host_global_ipv4() -> Option<String> {
 // ---------------------------------------------------------------------------
 // Processes
 
+/// Where mount(8) keeps its utab for the commands the tests run as root:
+/// by default real root's mount(8) makes /run/mount on the machine, even in
+/// a private mount namespace (every root command the harness builds gets
+/// `LIBMOUNT_UTAB` pointing here).
+pub fn utab() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("utab")
+}
+
 /// The real uid of a process, None if it is gone.
 fn real_uid(pid: u32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -879,6 +887,7 @@ impl Lab {
         let child = holder
             .env_clear()
             .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -1089,7 +1098,10 @@ impl Lab {
         for (k, v) in env {
             cmd.arg(format!("{k}={v}"));
         }
-        cmd.args(argv).env_clear().env("PATH", LAB_PATH);
+        cmd.args(argv)
+            .env_clear()
+            .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab());
         cmd
     }
 
@@ -1256,6 +1268,7 @@ impl Lab {
             .args(argv)
             .env_clear()
             .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
