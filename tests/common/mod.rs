@@ -32,6 +32,7 @@ pub mod host_tools;
 mod hosts;
 mod leaks;
 pub mod net;
+pub mod outbound;
 pub mod podman;
 #[allow(unused_imports)] // each test file uses a different part of the harness
 pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
@@ -299,7 +300,7 @@ impl Spawned {
 // ---------------------------------------------------------------------------
 // Prerequisites
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     LAB_PATH
         .split(':')
         .map(|d| Path::new(d).join(name))
