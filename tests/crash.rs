@@ -198,8 +198,9 @@ fn spawn_overhead(lab: &Lab) -> Duration {
 /// SIGKILL at random points of ADD or DEL, `iterations` times, to the
 /// plugin alone, its process group, or its group and the inner plugin it
 /// runs. The kill delay is drawn from the measured time of an undisturbed
-/// call (after the session's own start), so most kills land while the call
-/// runs; at least MIN_MID_CALL percent must. After each kill the
+/// call (after the session's own start), measured again with each
+/// iteration's fresh call as the load changes, so most kills land while the
+/// call runs; at least MIN_MID_CALL percent must. After each kill the
 /// container's DEL and a fresh ADD+DEL must work, and the no-leak checker
 /// must find nothing new and nothing gone. The second half runs with a
 /// witness attached, so the infra is not started and stopped by the killed
@@ -222,6 +223,7 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
     let mut witness_infra = None;
     let overhead = spawn_overhead(&lab);
     let mut call_time = measure(&lab, verb, &c, &stdin, 5);
+    let mut recent = std::collections::VecDeque::new();
     eprintln!("{name}: spawn overhead {overhead:?}, {verb} without an infra {call_time:?}");
     let (mut finished_before_kill, mut killed, mut inner_killed, mut with_inner) = (0, 0, 0, 0);
     let mut problems: Vec<String> = Vec::new();
@@ -230,6 +232,7 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
         if i == iterations / 2 {
             must(&lab, "ADD", "witness", &witness, &stdin, "witness");
             call_time = measure(&lab, verb, &c, &stdin, 5);
+            recent.clear();
             eprintln!("{name}: {verb} beside the witness {call_time:?}");
             baseline = lab.snapshot();
             witness_infra = infra_identity(&lab);
@@ -346,9 +349,20 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
             }
         }
         let fresh = format!("fresh-{i}");
-        for verb in ["ADD", "DEL"] {
-            if let Err(e) = attempt(&lab, verb, &fresh, &c, &stdin) {
-                problem(format!("fresh: {e}"));
+        for fresh_verb in ["ADD", "DEL"] {
+            let started = Instant::now();
+            match attempt(&lab, fresh_verb, &fresh, &c, &stdin) {
+                Err(e) => problem(format!("fresh: {e}")),
+                // An undisturbed call: the kill delays follow the machine's
+                // load as it changes (the shortest of the last three).
+                Ok(_) if fresh_verb == verb => {
+                    recent.push_back(started.elapsed());
+                    if recent.len() > 3 {
+                        recent.pop_front();
+                    }
+                    call_time = recent.iter().copied().min().unwrap_or(call_time);
+                }
+                Ok(_) => {}
             }
         }
         let links = lab.links(&c);
