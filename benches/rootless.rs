@@ -2492,8 +2492,23 @@ mod driver {
         Ok(bg)
     }
 
-    /// Runs an iperf3 client (`-J`), returns what the server received.
+    /// Runs an iperf3 client (`-J`), returns what the server received. A
+    /// server still finishing the previous test refuses the next ("busy"):
+    /// on a loaded machine that takes a moment, so that is tried again.
     fn iperf_client(mut cmd: Command, what: &str) -> Res<f64> {
+        let mut tries = 0;
+        loop {
+            match iperf_client_once(&mut cmd, what) {
+                Err(e) if e.contains("the server is busy") && tries < 5 => {
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn iperf_client_once(cmd: &mut Command, what: &str) -> Res<f64> {
         let out = cmd
             .stdin(Stdio::null())
             .output()
