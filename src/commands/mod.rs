@@ -5,7 +5,7 @@ pub mod check;
 pub mod del;
 pub mod gc;
 mod pending;
-pub mod publish;
+mod publish;
 pub mod status;
 pub mod version;
 
