@@ -70,6 +70,11 @@ const PORT_CLOSED: u16 = 8009;
 /// The host namespace's addresses that are not loopback.
 const HOST_V4: &str = "198.51.100.7";
 const HOST_V6: &str = "2001:db8::7";
+/// And two inside the containers' subnets (of the example networks), as a
+/// host whose network overlaps them has: a container would look for them
+/// on its own link, so they are seen as the infra's address.
+const OVERLAP_V4: &str = "10.89.0.200";
+const OVERLAP_V6: &str = "fd00:89::200";
 /// The infra's own address: what a container saw of every client before.
 const INFRA: &str = "10.0.2.100";
 
@@ -81,11 +86,12 @@ fn ip(s: &str) -> IpAddr {
 // The lab
 
 /// The session's network namespace standing in for the host: `lo` up, with
-/// HOST_V4 and HOST_V6 on it.
+/// HOST_V4, HOST_V6, OVERLAP_V4 and OVERLAP_V6 on it.
 fn host_netns(lab: &Lab) -> Container {
     let host = lab.container();
     let setup = format!(
-        "ip link set lo up && ip addr add {HOST_V4}/32 dev lo && ip -6 addr add {HOST_V6}/128 dev lo"
+        "ip link set lo up && ip addr add {HOST_V4}/32 dev lo && ip -6 addr add {HOST_V6}/128 dev lo \
+         && ip addr add {OVERLAP_V4}/32 dev lo && ip -6 addr add {OVERLAP_V6}/128 dev lo"
     );
     let out = lab.in_netns(&host, &["sh", "-c", &setup]);
     assert!(out.ok(), "setting up the host namespace: {out}");
@@ -318,6 +324,8 @@ fn kept_cases(v6_inside: bool) -> Vec<(&'static str, &'static str, u16, &'static
             (proto, HOST_V4, PORT_DUAL, HOST_V4),
             (proto, "::1", PORT_DUAL, lo6),
             (proto, HOST_V6, PORT_DUAL, global6),
+            (proto, OVERLAP_V4, PORT_V4, INFRA),
+            (proto, OVERLAP_V6, PORT_DUAL, INFRA),
         ]);
     }
     cases

@@ -285,27 +285,121 @@ pub struct Dial {
     pub source: Option<IpAddr>,
 }
 
+/// The subnets of the infra's container networks (the addresses of its
+/// interfaces but lo and tap0). A container reaches an address there on
+/// its own link, not through the infra: a client with such an address (a
+/// host whose network overlaps a container network) cannot be shown as
+/// itself, its replies would never reach the forwarder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subnets(Vec<(IpAddr, u8)>);
+
+impl Subnets {
+    /// Those of the network namespace the calling thread is in.
+    pub fn of_this_netns() -> Subnets {
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+            return Subnets::default();
+        };
+        let ip = |s: &nix::sys::socket::SockaddrStorage| -> Option<IpAddr> {
+            s.as_sockaddr_in()
+                .map(|a| IpAddr::V4(a.ip()))
+                .or_else(|| s.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
+        };
+        let prefix_len = |mask: IpAddr| -> u8 {
+            let ones = match mask {
+                IpAddr::V4(m) => u32::from(m).count_ones(),
+                IpAddr::V6(m) => u128::from(m).count_ones(),
+            };
+            u8::try_from(ones).unwrap_or(0)
+        };
+        Subnets(
+            addrs
+                .filter(|a| {
+                    a.interface_name != "lo" && a.interface_name != crate::infra::slirp::TAP
+                })
+                .filter_map(|a| {
+                    let addr = ip(a.address.as_ref()?)?;
+                    let mask = ip(a.netmask.as_ref()?)?;
+                    Some((addr, prefix_len(mask)))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|(net, len)| match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                u32::from(*n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+                u128::from(*n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        })
+    }
+}
+
+/// A socket that becomes readable when an address is added to or removed
+/// from an interface of this network namespace (a bridge made by a first
+/// ADD): when to look at `Subnets` again.
+pub fn address_events() -> io::Result<OwnedFd> {
+    use nix::sys::socket::{
+        bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+    };
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    let groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
+    Ok(fd)
+}
+
+/// Reads what `address_events` has queued; what it says does not matter,
+/// only that something changed (or that events were lost).
+pub fn drain(events: &OwnedFd) {
+    let mut buf = [0u8; 8192];
+    for _ in 0..64 {
+        match nix::unistd::read(events.as_raw_fd(), &mut buf) {
+            Ok(0) | Err(nix::errno::Errno::EAGAIN) => return,
+            // ENOBUFS: events were lost; the caller looks again anyway.
+            Ok(_) | Err(_) => {}
+        }
+    }
+}
+
 /// The dials for a client at `peer` on infra port `port`: the first to try,
 /// and the one to fall back to when it is refused. An IPv6 client goes over
 /// IPv6 when the infra has it (its address has no IPv4 form); a container
 /// without IPv6 (no DNAT for it: refused) or not listening on it is then
-/// reached over IPv4, as before.
-pub fn dials(peer: IpAddr, port: u16, kept: Kept, infra_ipv6: bool) -> (Dial, Option<Dial>) {
+/// reached over IPv4, as before. A client inside `on_link` comes from the
+/// infra's own address.
+pub fn dials(
+    peer: IpAddr,
+    port: u16,
+    kept: Kept,
+    infra_ipv6: bool,
+    on_link: &Subnets,
+) -> (Dial, Option<Dial>) {
     let peer = peer.to_canonical();
+    let shown = |a: Option<IpAddr>| a.filter(|a| !on_link.contains(*a));
     let v4 = Dial {
         target: SocketAddr::new(super::INFRA_ADDR.into(), port),
-        source: kept.ipv4.then(|| seen_over_v4(peer)).flatten(),
+        source: shown(kept.ipv4.then(|| seen_over_v4(peer)).flatten()),
     };
     if !(infra_ipv6 && kept.ipv6) {
         return (v4, None);
     }
     match peer {
-        IpAddr::V6(a) => match seen_over_v6(a) {
+        IpAddr::V6(a) => match shown(seen_over_v6(a).map(IpAddr::V6)) {
             // portmap catches a local address; ::1 is one whatever tap0 got.
             Some(source) => (
                 Dial {
                     target: SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
-                    source: Some(source.into()),
+                    source: Some(source),
                 },
                 Some(v4),
             ),
@@ -407,6 +501,7 @@ mod tests {
         ipv4: true,
         ipv6: true,
     };
+    const NONE: Subnets = Subnets(Vec::new());
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -414,24 +509,24 @@ mod tests {
 
     #[test]
     fn loopback_clients_are_the_host_as_the_infra_knows_it() {
-        let (d, fallback) = dials(ip("127.0.0.1"), 80, BOTH, true);
+        let (d, fallback) = dials(ip("127.0.0.1"), 80, BOTH, true, &NONE);
         assert_eq!(d.source, Some(ip("10.0.2.2")));
         assert_eq!(d.target, "10.0.2.100:80".parse().unwrap());
         assert_eq!(fallback, None);
         assert_eq!(
-            dials(ip("127.3.4.5"), 80, BOTH, false).0.source,
+            dials(ip("127.3.4.5"), 80, BOTH, false, &NONE).0.source,
             Some(ip("10.0.2.2"))
         );
-        let (d, fallback) = dials(ip("::1"), 80, BOTH, true);
+        let (d, fallback) = dials(ip("::1"), 80, BOTH, true, &NONE);
         assert_eq!(d.source, Some(ip("fd00::2")));
         assert_eq!(d.target, "[::1]:80".parse().unwrap());
         assert_eq!(fallback.unwrap().source, Some(ip("10.0.2.2")));
         // Without IPv6 in the infra, ::1 is still the host.
-        let (d, fallback) = dials(ip("::1"), 80, BOTH, false);
+        let (d, fallback) = dials(ip("::1"), 80, BOTH, false, &NONE);
         assert_eq!(d.source, Some(ip("10.0.2.2")));
         assert_eq!(fallback, None);
         // A dual-stack listener's IPv4 client.
-        let (d, _) = dials(ip("::ffff:127.0.0.1"), 80, BOTH, true);
+        let (d, _) = dials(ip("::ffff:127.0.0.1"), 80, BOTH, true, &NONE);
         assert_eq!(d.source, Some(ip("10.0.2.2")));
         assert!(d.target.is_ipv4());
     }
@@ -439,27 +534,57 @@ mod tests {
     #[test]
     fn other_clients_are_themselves() {
         assert_eq!(
-            dials(ip("192.0.2.7"), 80, BOTH, true).0.source,
+            dials(ip("192.0.2.7"), 80, BOTH, true, &NONE).0.source,
             Some(ip("192.0.2.7"))
         );
         assert_eq!(
-            dials(ip("::ffff:192.0.2.7"), 80, BOTH, true).0.source,
+            dials(ip("::ffff:192.0.2.7"), 80, BOTH, true, &NONE)
+                .0
+                .source,
             Some(ip("192.0.2.7"))
         );
-        let (d, fallback) = dials(ip("2001:db8::7"), 80, BOTH, true);
+        let (d, fallback) = dials(ip("2001:db8::7"), 80, BOTH, true, &NONE);
         assert_eq!(d.source, Some(ip("2001:db8::7")));
         // Over IPv4 an IPv6 client has no address of its own.
         assert_eq!(fallback.unwrap().source, None);
-        assert_eq!(dials(ip("2001:db8::7"), 80, BOTH, false).0.source, None);
+        assert_eq!(
+            dials(ip("2001:db8::7"), 80, BOTH, false, &NONE).0.source,
+            None
+        );
         // Link-local: over IPv4, from the infra's address.
-        let (d, fallback) = dials(ip("fe80::1"), 80, BOTH, true);
+        let (d, fallback) = dials(ip("fe80::1"), 80, BOTH, true, &NONE);
         assert_eq!((d.source, d.target.is_ipv4(), fallback), (None, true, None));
+    }
+
+    #[test]
+    fn clients_on_a_container_network_are_the_infra() {
+        let nets = Subnets(vec![(ip("10.89.0.1"), 24), (ip("fd00:89::1"), 64)]);
+        assert!(nets.contains(ip("10.89.0.77")) && !nets.contains(ip("10.89.1.77")));
+        assert!(nets.contains(ip("fd00:89::77")) && !nets.contains(ip("fd00:8a::77")));
+        assert!(!nets.contains(ip("10.0.2.2")));
+        assert_eq!(
+            dials(ip("10.89.0.77"), 80, BOTH, true, &nets).0.source,
+            None
+        );
+        let (d, fallback) = dials(ip("fd00:89::77"), 80, BOTH, true, &nets);
+        assert_eq!((d.source, d.target.is_ipv4(), fallback), (None, true, None));
+        assert_eq!(
+            dials(ip("192.0.2.7"), 80, BOTH, true, &nets).0.source,
+            Some(ip("192.0.2.7"))
+        );
+        assert_eq!(
+            dials(ip("127.0.0.1"), 80, BOTH, true, &nets).0.source,
+            Some(ip("10.0.2.2"))
+        );
+        // /0 and /32 do not overflow.
+        assert!(Subnets(vec![(ip("1.2.3.4"), 0)]).contains(ip("9.9.9.9")));
+        assert!(Subnets(vec![(ip("1.2.3.4"), 32)]).contains(ip("1.2.3.4")));
     }
 
     #[test]
     fn nothing_kept_is_the_infra_address_as_before() {
         for peer in ["127.0.0.1", "192.0.2.7", "::1", "2001:db8::7"] {
-            let (d, fallback) = dials(ip(peer), 80, Kept::default(), true);
+            let (d, fallback) = dials(ip(peer), 80, Kept::default(), true, &NONE);
             assert_eq!(d.source, None, "{peer}");
             assert_eq!(d.target, "10.0.2.100:80".parse().unwrap(), "{peer}");
             assert_eq!(fallback, None, "{peer}");
@@ -469,7 +594,7 @@ mod tests {
             ipv4: true,
             ipv6: false,
         };
-        let (d, fallback) = dials(ip("::1"), 80, v4_only, true);
+        let (d, fallback) = dials(ip("::1"), 80, v4_only, true, &NONE);
         assert_eq!((d.source, fallback), (Some(ip("10.0.2.2")), None));
     }
 

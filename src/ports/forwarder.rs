@@ -14,7 +14,7 @@
 //! for want of fds, a spare fd is given up to take the waiting connection
 //! off the queue and reset it, or the port is paused briefly: never a spin.
 
-use super::client_addr::{self, Dial, Kept};
+use super::client_addr::{self, Dial, Kept, Subnets};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 use nix::errno::Errno;
@@ -60,6 +60,9 @@ enum Command {
 }
 
 const WAKE: Token = Token(0);
+/// Addresses of the infra's interfaces changed (ids start at 2: no port,
+/// connection or flow has this token).
+const ADDRESSES: Token = Token(1);
 /// A connection's infra side dials for at most this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often idle connections and flows are looked for.
@@ -251,6 +254,11 @@ struct Loop {
     limits: Limits,
     infra_ipv6: bool,
     kept: Kept,
+    /// The infra's container networks, looked at again whenever an
+    /// interface's address changes (a first ADD makes its bridge after its
+    /// ports are published), which `address_events` tells.
+    on_link: Subnets,
+    address_events: Option<OwnedFd>,
     next_id: usize,
     ports: HashMap<usize, Port>,
     keys: HashMap<String, Vec<usize>>,
@@ -277,6 +285,8 @@ impl Loop {
             limits,
             infra_ipv6,
             kept: Kept::default(),
+            on_link: Subnets::default(),
+            address_events: None,
             next_id: 1,
             ports: HashMap::new(),
             keys: HashMap::new(),
@@ -315,6 +325,7 @@ impl Loop {
             for event in events.iter() {
                 match event.token() {
                     WAKE => {}
+                    ADDRESSES => self.addresses_changed(),
                     Token(t) => self.event(t >> 1),
                 }
             }
@@ -356,12 +367,43 @@ impl Loop {
                 }
                 Ok(Command::KeepClientAddresses(kept, done)) => {
                     self.kept = kept;
+                    self.watch_addresses();
                     let _ = done.send(());
                 }
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
             }
         }
+    }
+
+    /// Starts watching the infra's addresses, and looks at them.
+    fn watch_addresses(&mut self) {
+        if self.kept == Kept::default() || self.address_events.is_some() {
+            return;
+        }
+        match client_addr::address_events() {
+            Ok(fd) => {
+                let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+                let mut source = mio::unix::SourceFd(&raw);
+                match self
+                    .poll
+                    .registry()
+                    .register(&mut source, ADDRESSES, Interest::READABLE)
+                {
+                    Ok(()) => self.address_events = Some(fd),
+                    Err(e) => log::warn!("forwarder: watching the infra's addresses: {e}"),
+                }
+            }
+            Err(e) => log::warn!("forwarder: watching the infra's addresses: {e}"),
+        }
+        self.on_link = Subnets::of_this_netns();
+    }
+
+    fn addresses_changed(&mut self) {
+        if let Some(events) = &self.address_events {
+            client_addr::drain(events);
+        }
+        self.on_link = Subnets::of_this_netns();
     }
 
     fn new_id(&mut self) -> usize {
@@ -554,7 +596,8 @@ impl Loop {
     }
 
     fn open_conn(&mut self, port: usize, client: TcpStream, peer: SocketAddr, target: u16) {
-        let (first, fallback) = client_addr::dials(peer.ip(), target, self.kept, self.infra_ipv6);
+        let (first, fallback) =
+            client_addr::dials(peer.ip(), target, self.kept, self.infra_ipv6, &self.on_link);
         let opened = (|| -> io::Result<Conn> {
             // This thread lives in the infra: the socket is made there.
             let (upstream, fallback) = match (client_addr::connect_tcp(&first), fallback) {
@@ -730,7 +773,8 @@ impl Loop {
     }
 
     fn open_flow(&mut self, port: usize, peer: SocketAddr, target: u16) -> Option<usize> {
-        let (first, fallback) = client_addr::dials(peer.ip(), target, self.kept, self.infra_ipv6);
+        let (first, fallback) =
+            client_addr::dials(peer.ip(), target, self.kept, self.infra_ipv6, &self.on_link);
         let opened = match (client_addr::connect_udp(&first), fallback) {
             (Ok(s), fallback) => Ok((s, fallback)),
             (Err(_), Some(other)) => client_addr::connect_udp(&other).map(|s| (s, None)),
