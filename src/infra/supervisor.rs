@@ -208,11 +208,17 @@ impl Supervisor {
         };
         // The routing for clients' addresses is made while slirp4netns
         // starts: neither waits for the other.
+        let t0 = Instant::now();
         let setup = (sup.settings.port_driver == PortDriver::Builtin)
             .then(|| client_addr::start_setup(sup.sandbox_id.pid, sup.settings.ipv6));
         let started = sup.start_slirp();
         if let Some(setup) = setup {
+            let slirp_ready = t0.elapsed();
             sup.keep_client_addresses(setup.finish());
+            log::info!(
+                "client addresses: rules made in {:?} (slirp4netns was ready after {slirp_ready:?})",
+                t0.elapsed()
+            );
         }
         if let Err(e) = started {
             sup.kill_children();
