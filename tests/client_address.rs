@@ -86,12 +86,25 @@ fn ip(s: &str) -> IpAddr {
 // The lab
 
 /// The session's network namespace standing in for the host: `lo` up, with
-/// HOST_V4, HOST_V6, OVERLAP_V4 and OVERLAP_V6 on it.
+/// HOST_V4, HOST_V6, OVERLAP_V4 and OVERLAP_V6 on it, and an "external"
+/// link (a veth pair, both ends here) with the default routes, which pasta
+/// needs to start.
 fn host_netns(lab: &Lab) -> Container {
     let host = lab.container();
     let setup = format!(
-        "ip link set lo up && ip addr add {HOST_V4}/32 dev lo && ip -6 addr add {HOST_V6}/128 dev lo \
-         && ip addr add {OVERLAP_V4}/32 dev lo && ip -6 addr add {OVERLAP_V6}/128 dev lo"
+        "set -e
+         ip link set lo up
+         ip addr add {HOST_V4}/32 dev lo
+         ip -6 addr add {HOST_V6}/128 dev lo
+         ip addr add {OVERLAP_V4}/32 dev lo
+         ip -6 addr add {OVERLAP_V6}/128 dev lo
+         ip link add ext0 type veth peer name ext1
+         ip link set ext1 up
+         ip link set ext0 up
+         ip addr add 192.0.2.1/24 dev ext0
+         ip -6 addr add 2001:db8:1::1/64 dev ext0 nodad
+         ip route add default via 192.0.2.254
+         ip -6 route add default via 2001:db8:1::fe"
     );
     let out = lab.in_netns(&host, &["sh", "-c", &setup]);
     assert!(out.ok(), "setting up the host namespace: {out}");
@@ -507,6 +520,24 @@ fn builtin_driver_shows_each_client_dual_stack() {
             text.stdout.contains("clients:     addresses kept"),
             "status: {text}"
         );
+    });
+}
+
+/// The same with pasta as the way out, and without `allowHostLoopback`
+/// (the infra then refuses traffic to the gateway with policy rules of its
+/// own; the replies to 10.0.2.2 / fd00::2 must still reach the forwarder).
+#[test]
+fn builtin_driver_shows_each_client_with_pasta() {
+    if !common::outbound::available(common::outbound::PASTA, "client_addr_pasta") {
+        return;
+    }
+    let mut conf = dual_stack_conflist();
+    common::outbound::with_engine(&mut conf, common::outbound::PASTA);
+    outer(&mut conf).insert("allowHostLoopback".into(), false.into());
+    with_published_server("client_addr_pasta", "dual-stack", conf, |lab, host| {
+        assert_eq!(client_addresses(lab)["kept"], true, "{}", lab.status());
+        assert_seen(host, "pasta", &kept_cases(true));
+        assert_loopback_clients_at_once(host, 4);
     });
 }
 

@@ -74,7 +74,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
     // The attachment is in place, but the container cannot reach anything
     // beyond the infra: not a working network.
-    if let Some(why) = infra::slirp::outbound_down(&info) {
+    if let Some(why) = infra::outbound::outbound_down(&info) {
         return Err(Error::new(code::OUTBOUND_DOWN, why));
     }
     let netns = ContainerNetns::open(env.netns())?;

@@ -45,8 +45,9 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The host's loopback as the infra (and so the container) knows it:
-/// slirp4netns's gateway.
+/// The host's loopback as the infra (and so the container) knows it: the
+/// gateway slirp4netns or pasta gives tap0 (`outbound::GATEWAY`,
+/// `GATEWAY6`).
 pub const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 
@@ -314,7 +315,7 @@ impl Subnets {
         Subnets(
             addrs
                 .filter(|a| {
-                    a.interface_name != "lo" && a.interface_name != crate::infra::slirp::TAP
+                    a.interface_name != "lo" && a.interface_name != crate::infra::outbound::TAP
                 })
                 .filter_map(|a| {
                     let addr = ip(a.address.as_ref()?)?;
@@ -596,6 +597,14 @@ mod tests {
         };
         let (d, fallback) = dials(ip("::1"), 80, v4_only, true, &NONE);
         assert_eq!((d.source, fallback), (Some(ip("10.0.2.2")), None));
+    }
+
+    #[test]
+    fn the_host_is_the_outbound_gateway() {
+        use crate::infra::outbound::{ADDRESS, GATEWAY, GATEWAY6};
+        assert_eq!(HOST_V4.to_string(), GATEWAY);
+        assert_eq!(HOST_V6.to_string(), GATEWAY6);
+        assert_eq!(crate::ports::INFRA_ADDR.to_string(), ADDRESS);
     }
 
     #[test]

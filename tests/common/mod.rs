@@ -32,6 +32,7 @@ pub mod host_tools;
 mod hosts;
 mod leaks;
 pub mod net;
+pub mod outbound;
 pub mod podman;
 #[allow(unused_imports)] // each test file uses a different part of the harness
 pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
@@ -299,7 +300,7 @@ impl Spawned {
 // ---------------------------------------------------------------------------
 // Prerequisites
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     LAB_PATH
         .split(':')
         .map(|d| Path::new(d).join(name))
@@ -485,6 +486,14 @@ pub fn host_global_ipv4() -> Option<String> {
 
 // ---------------------------------------------------------------------------
 // Processes
+
+/// Where mount(8) keeps its utab for the commands the tests run as root:
+/// by default real root's mount(8) makes /run/mount on the machine, even in
+/// a private mount namespace (every root command the harness builds gets
+/// `LIBMOUNT_UTAB` pointing here).
+pub fn utab() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("utab")
+}
 
 /// The real uid of a process, None if it is gone.
 fn real_uid(pid: u32) -> Option<u32> {
@@ -879,6 +888,7 @@ impl Lab {
         let child = holder
             .env_clear()
             .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -1089,7 +1099,10 @@ impl Lab {
         for (k, v) in env {
             cmd.arg(format!("{k}={v}"));
         }
-        cmd.args(argv).env_clear().env("PATH", LAB_PATH);
+        cmd.args(argv)
+            .env_clear()
+            .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab());
         cmd
     }
 
@@ -1256,6 +1269,7 @@ impl Lab {
             .args(argv)
             .env_clear()
             .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
