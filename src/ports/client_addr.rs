@@ -5,7 +5,11 @@
 //! (`IP_TRANSPARENT`, a non-local address) before it connects to the
 //! infra's port, where the inner portmap DNATs it to the container: the
 //! container sees that address as its peer. A loopback client becomes the
-//! host as the infra knows it (slirp4netns's gateway, 10.0.2.2 / fd00::2).
+//! host as the infra knows it (tap0's gateway, 10.0.2.2 / fd00::2, with
+//! slirp4netns or pasta alike). A client inside one of the infra's
+//! container subnets cannot be shown (the container would look for it on
+//! its own link): it comes from the infra's address, as every client did
+//! before.
 //!
 //! The container's replies go to that address, which the infra would route
 //! out of tap0. So the infra marks the connections these sockets make and
@@ -31,8 +35,8 @@
 //! the kernel's CONNMARK and connmark (xt_connmark), mark (xt_mark, which
 //! portmap uses too), policy routing, and `IP_TRANSPARENT` (CAP_NET_ADMIN in
 //! the user namespace, which the infra's user has). They are made once, when
-//! the infra starts; they name no interface, so a restarted slirp4netns
-//! (a new tap0) changes nothing. When they cannot be made, the forwarder
+//! the infra starts; they name no interface, so a restarted slirp4netns or
+//! pasta (a new tap0) changes nothing. When they cannot be made, the forwarder
 //! connects from the infra's own address as before, and `status` says so.
 
 use crate::exec::join_namespaces;
@@ -110,7 +114,7 @@ impl ClientAddresses {
 // ---------------------------------------------------------------------------
 // Setting the infra up
 
-/// One family's commands, started; `finish` waits for them.
+/// The setup's commands, started; `finish` waits for them.
 pub struct Setup {
     steps: Vec<Step>,
 }
@@ -123,7 +127,7 @@ struct Step {
 
 /// Starts the commands that make the rules inside the infra of
 /// `sandbox_pid` (IPv6 too when `ipv6`), all at once: they run while
-/// slirp4netns starts.
+/// the way out (slirp4netns or pasta) starts.
 pub fn start_setup(sandbox_pid: i32, ipv6: bool) -> Setup {
     let ns = |kind: &str| -> io::Result<OwnedFd> {
         Ok(OwnedFd::from(std::fs::File::open(format!(

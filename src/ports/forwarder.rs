@@ -763,7 +763,9 @@ impl Loop {
                 // A full socket buffer drops the datagram, as UDP may.
                 let _ = f.socket.send(&self.buf[..n]);
                 if f.fallback.is_some() {
-                    f.unanswered = Some(self.buf[..n].to_vec());
+                    let kept = f.unanswered.get_or_insert_with(Vec::new);
+                    kept.clear();
+                    kept.extend_from_slice(&self.buf[..n]);
                 }
             }
         }
