@@ -122,7 +122,8 @@ pub struct Setup {
 struct Step {
     ipv6: bool,
     what: String,
-    child: io::Result<Child>,
+    /// The command, and the error of writing its input if that failed.
+    child: io::Result<(Child, Option<io::Error>)>,
 }
 
 /// Starts the commands that make the rules inside the infra of
@@ -193,7 +194,11 @@ fn mangle_rules() -> String {
     )
 }
 
-fn spawn_inside(mnt: &OwnedFd, net: &OwnedFd, argv: &[String]) -> io::Result<Child> {
+fn spawn_inside(
+    mnt: &OwnedFd,
+    net: &OwnedFd,
+    argv: &[String],
+) -> io::Result<(Child, Option<io::Error>)> {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env("PATH", crate::exec::path_with_sbin())
@@ -215,13 +220,16 @@ fn spawn_inside(mnt: &OwnedFd, net: &OwnedFd, argv: &[String]) -> io::Result<Chi
         });
     }
     let mut child = cmd.spawn()?;
+    let mut input_error = None;
     if restore {
         if let Some(mut stdin) = child.stdin.take() {
-            // A few hundred bytes: the pipe takes them without blocking.
-            stdin.write_all(mangle_rules().as_bytes())?;
+            // A few hundred bytes: the pipe takes them without blocking. A
+            // command that exits first (EPIPE) is waited for all the same:
+            // its own error says more.
+            input_error = stdin.write_all(mangle_rules().as_bytes()).err();
         }
     }
-    Ok(child)
+    Ok((child, input_error))
 }
 
 impl Setup {
@@ -254,8 +262,8 @@ impl Setup {
     }
 }
 
-fn wait_step(child: io::Result<Child>) -> std::result::Result<(), String> {
-    let mut child = child.map_err(|e| format!("cannot run it: {e}"))?;
+fn wait_step(child: io::Result<(Child, Option<io::Error>)>) -> std::result::Result<(), String> {
+    let (mut child, input_error) = child.map_err(|e| format!("cannot run it: {e}"))?;
     let deadline = Instant::now() + STEP_TIMEOUT;
     let status = loop {
         match child.try_wait() {
@@ -270,7 +278,10 @@ fn wait_step(child: io::Result<Child>) -> std::result::Result<(), String> {
         }
     };
     if status.success() {
-        return Ok(());
+        return match input_error {
+            None => Ok(()),
+            Some(e) => Err(format!("writing its input: {e}")),
+        };
     }
     let mut stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
