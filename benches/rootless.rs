@@ -61,8 +61,8 @@ macro_rules! progress {
 
 type Res<T> = Result<T, String>;
 
-#[path = "rootless/outbound_restart.rs"]
-mod outbound_restart;
+#[path = "rootless/outbound.rs"]
+mod outbound;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -514,6 +514,8 @@ struct NetOpts {
     mtu: Option<u32>,
     state_dir: Option<String>,
     port_driver: Option<&'static str>,
+    /// Outer `outbound`: the infra's way out.
+    outbound: Option<&'static str>,
 }
 
 /// conf-examples/rootless.conflist with a /16 subnet, host loopback allowed,
@@ -541,6 +543,9 @@ fn conflist(chain: Chain, o: &NetOpts) -> Value {
     }
     if let Some(driver) = o.port_driver {
         out.insert("portDriver".into(), json!(driver));
+    }
+    if let Some(engine) = o.outbound {
+        out.insert("outbound".into(), json!(engine));
     }
     c
 }
@@ -1539,7 +1544,11 @@ mod driver {
         guarded(&mut cx, "3. scale", phase_scale);
         guarded(&mut cx, "4. parallelism", phase_parallel);
         guarded(&mut cx, "5. data plane", phase_dataplane);
-        guarded(&mut cx, "6. outbound restart", outbound_restart::phase);
+        guarded(
+            &mut cx,
+            "6. outbound: slirp4netns vs pasta",
+            outbound::phase,
+        );
         binary_size(&mut cx);
 
         let _ = fs::remove_dir_all(&scratch);
@@ -2485,7 +2494,7 @@ mod driver {
     }
 
     /// An iperf3 server, up when this returns.
-    fn iperf_server(mut cmd: Command, what: &str) -> Res<Background> {
+    pub(crate) fn iperf_server(mut cmd: Command, what: &str) -> Res<Background> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::null());
         let mut bg = Background::spawn(cmd, what)?;
         bg.wait_for_line("Server listening", Duration::from_secs(10))?;
@@ -2495,7 +2504,7 @@ mod driver {
     /// Runs an iperf3 client (`-J`), returns what the server received. A
     /// server still finishing the previous test refuses the next ("busy"):
     /// on a loaded machine that takes a moment, so that is tried again.
-    fn iperf_client(mut cmd: Command, what: &str) -> Res<f64> {
+    pub(crate) fn iperf_client(mut cmd: Command, what: &str) -> Res<f64> {
         let mut tries = 0;
         loop {
             match iperf_client_once(&mut cmd, what) {
@@ -2529,7 +2538,7 @@ mod driver {
             .ok_or_else(|| format!("{what}: no end.sum_received in {v}"))
     }
 
-    fn client_args(ip: &str, port: u16, secs: u32) -> Vec<String> {
+    pub(crate) fn client_args(ip: &str, port: u16, secs: u32) -> Vec<String> {
         [
             "iperf3",
             "-c",
@@ -2546,7 +2555,7 @@ mod driver {
     }
 
     /// iperf3 in a container's netns, inside the session.
-    fn in_container(cx: &Cx, c: &Container, argv: &[String]) -> Command {
+    pub(crate) fn in_container(cx: &Cx, c: &Container, argv: &[String]) -> Command {
         let net = format!("--net={}", c.netns());
         let mut full = vec!["nsenter", net.as_str(), "--"];
         full.extend(argv.iter().map(String::as_str));
@@ -2567,7 +2576,7 @@ mod driver {
         iperf_server(in_container(cx, c, &argv), what)
     }
 
-    fn free_port() -> Res<u16> {
+    pub(crate) fn free_port() -> Res<u16> {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -2575,7 +2584,7 @@ mod driver {
     }
 
     /// Alternates `a` and `b` for `rounds` rounds; the medians.
-    fn alternate(
+    pub(crate) fn alternate(
         rounds: usize,
         mut a: impl FnMut() -> Res<f64>,
         mut b: impl FnMut() -> Res<f64>,
@@ -2594,7 +2603,7 @@ mod driver {
     }
 
     /// "median Gbit/s (runs min–max)".
-    fn gbits_runs(v: &[f64]) -> String {
+    pub(crate) fn gbits_runs(v: &[f64]) -> String {
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         format!("{} (runs {lo:.1}–{hi:.1})", gbits(median(v)))
@@ -2602,7 +2611,7 @@ mod driver {
 
     /// The ratio of the medians, and it as text with the per-round ratios'
     /// range.
-    fn ratio_runs(a: &[f64], b: &[f64]) -> (f64, String) {
+    pub(crate) fn ratio_runs(a: &[f64], b: &[f64]) -> (f64, String) {
         let r = median(a) / median(b);
         let per: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
         let lo = per.iter().copied().fold(f64::INFINITY, f64::min);

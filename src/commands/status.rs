@@ -3,7 +3,7 @@
 
 use crate::chain;
 use crate::cni::config::NetConf;
-use crate::cni::env::{CniEnv, Command as Verb};
+use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
 use crate::infra;
 use std::os::unix::process::CommandExt;
@@ -15,7 +15,7 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
     // Without CNI_PATH the inner plugins can be neither found nor asked.
     let binaries = match env.path.is_empty() {
         true => None,
-        false => Some(chain::find_binaries(&list, &env.path).map_err(unavailable)?),
+        false => Some(chain::find_binaries(list, &env.path).map_err(unavailable)?),
     };
     // A question changes nothing: no state dir is made for it.
     let state = super::state_dir(conf, false).map_err(unavailable)?;
@@ -27,8 +27,8 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
         return Err(Error::new(code::LIMITED_CONNECTIVITY, why));
     }
     match (running, binaries) {
-        (Some(info), Some(binaries)) => {
-            super::network_verb(list, binaries, &info, env, conf, Verb::Status, None)
+        (Some(info), Some(plugins)) => {
+            super::network_verb(plugins, &info, env, conf, |chain| chain.status())
         }
         (Some(_), None) => Ok(()),
         (None, _) => can_start_infra(conf.outbound)

@@ -34,6 +34,7 @@ mod leaks;
 pub mod net;
 pub mod outbound;
 pub mod podman;
+pub mod testdata;
 #[allow(unused_imports)] // each test file uses a different part of the harness
 pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
 pub use leaks::Snapshot;
@@ -59,15 +60,6 @@ pub const GATEWAY: &str = "10.89.0.1";
 /// The host's loopback as seen through slirp4netns.
 pub const SLIRP_HOST: &str = "10.0.2.2";
 
-/// The CNI_* variables every plugin call must have (the tests of a missing
-/// or empty one go through all of them).
-pub const REQUIRED_CNI_VARS: [&str; 5] = [
-    "CNI_COMMAND",
-    "CNI_CONTAINERID",
-    "CNI_NETNS",
-    "CNI_IFNAME",
-    "CNI_PATH",
-];
 /// The PATH everything inside the lab gets: no root-only dirs, since a
 /// PATH entry the lab user cannot search breaks `nsenter … ping` for it;
 /// /usr/sbin and /sbin for iptables and ip.
