@@ -9,13 +9,16 @@
 //! 3. scale: ADD latency with 1, 100 and 500 live attachments;
 //! 4. parallelism: 32 concurrent ADDs vs. 32 sequential ones;
 //! 5. data plane with iperf3 (loopback and namespaces of our own only);
-//! 6. footprint: VmRSS of the infra's processes, binary size.
+//! 6. footprint: VmRSS of the infra's processes, binary size;
+//! 7. published ports at scale: 10,000 held connections, throughput beside
+//!    rootlesskit's and pasta's port forwarding, connections per second,
+//!    the slirp4netns driver under 500 connections (benches/rootless/ports.rs).
 //!
 //! Every figure is a median; every comparison is a ratio of medians
 //! measured in the same run with A and B alternating.
 //!
 //! Run as root (it builds the lab): `cargo bench --bench rootless --
-//! [--quick] [--out FILE] [--command TEXT]`. The same binary, copied into the
+//! [--quick] [--only PHASES] [--out FILE] [--command TEXT]`. The same binary, copied into the
 //! lab, is the *worker*: run inside the lab's session as the lab user, it
 //! spawns and times the plugin calls itself, so that getting into the
 //! session (setpriv + nsenter) is not in the figures.
@@ -61,6 +64,10 @@ macro_rules! progress {
 
 type Res<T> = Result<T, String>;
 
+// After `progress!`, which it uses.
+#[path = "rootless/ports.rs"]
+mod ports;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some(WORKER_ARG) {
@@ -83,32 +90,52 @@ fn main() {
 
 struct Opts {
     quick: bool,
+    /// Only these phases (`Opts::PHASES`); None: all.
+    only: Option<Vec<String>>,
     out: PathBuf,
     command: String,
 }
 
 impl Opts {
-    const USAGE: &'static str = "usage: rootless [--quick] [--out FILE] [--command TEXT]";
+    const USAGE: &'static str =
+        "usage: rootless [--quick] [--only PHASE,...] [--out FILE] [--command TEXT]\n\
+         phases: warm, cold, scale, parallel, dataplane, ports";
+    const PHASES: [&'static str; 6] = ["warm", "cold", "scale", "parallel", "dataplane", "ports"];
 
     fn parse(args: &[String]) -> Res<Opts> {
-        let (mut quick, mut out, mut command) = (false, None, None);
+        let (mut quick, mut out, mut command, mut only) = (false, None, None, None);
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--bench" => {} // what `cargo bench` passes
                 "--quick" => quick = true,
+                "--only" => {
+                    let list: Vec<String> = it
+                        .next()
+                        .ok_or("--only needs a list of phases")?
+                        .split(',')
+                        .map(|p| p.trim().to_string())
+                        .collect();
+                    if let Some(bad) = list.iter().find(|p| !Opts::PHASES.contains(&p.as_str())) {
+                        return Err(format!("unknown phase {bad:?}"));
+                    }
+                    only = Some(list);
+                }
                 "--out" => out = Some(PathBuf::from(it.next().ok_or("--out needs a file")?)),
                 "--command" => command = Some(it.next().ok_or("--command needs a value")?.clone()),
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = out.unwrap_or_else(|| {
-            if quick {
-                manifest.join("target/BENCHMARKS-quick.md")
-            } else {
-                manifest.join("BENCHMARKS.md")
-            }
+        // A partial run never overwrites the report of a full one.
+        let out = out.unwrap_or_else(|| match (&only, quick) {
+            (Some(list), _) => manifest.join(format!(
+                "target/BENCHMARKS-{}{}.md",
+                list.join("-"),
+                if quick { "-quick" } else { "" }
+            )),
+            (None, true) => manifest.join("target/BENCHMARKS-quick.md"),
+            (None, false) => manifest.join("BENCHMARKS.md"),
         });
         let command = command.unwrap_or_else(|| {
             format!(
@@ -118,9 +145,17 @@ impl Opts {
         });
         Ok(Opts {
             quick,
+            only,
             out,
             command,
         })
+    }
+
+    /// Whether phase `name` runs.
+    fn runs(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .map_or(true, |o| o.iter().any(|p| p == name))
     }
 }
 
@@ -135,6 +170,7 @@ struct Plan {
     par_rounds: usize,
     iperf_secs: u32,
     iperf_rounds: usize,
+    ports: ports::Plan,
 }
 
 impl Plan {
@@ -150,6 +186,7 @@ impl Plan {
                 par_rounds: 1,
                 iperf_secs: 1,
                 iperf_rounds: 1,
+                ports: ports::Plan::new(true),
             }
         } else {
             Plan {
@@ -162,6 +199,7 @@ impl Plan {
                 par_rounds: 5,
                 iperf_secs: 3,
                 iperf_rounds: 5,
+                ports: ports::Plan::new(false),
             }
         }
     }
@@ -957,6 +995,7 @@ mod worker {
             Some("cold") => cold(&task),
             Some("many") => many(&task),
             Some("parallel") => parallel(&task),
+            Some("echo_server") => ports::echo_server(&task),
             other => Err(format!("unknown task {other:?}")),
         };
         match out {
@@ -1520,12 +1559,22 @@ mod driver {
         };
         progress!("lab: uid {}, dir {}", lab.uid, lab.dir.display());
 
-        let tracer = trace::Tracer::start(&scratch);
+        let tracer = if opts.runs("warm") || opts.runs("cold") {
+            trace::Tracer::start(&scratch)
+        } else {
+            None
+        };
         if tracer.is_none() {
             progress!("perf is not available: no breakdowns from scheduler tracepoints");
         }
-        let warm = guarded(&mut cx, "1. warm overhead", phase_warm);
-        let cold = guarded(&mut cx, "2. cold start", phase_cold);
+        let warm = opts
+            .runs("warm")
+            .then(|| guarded(&mut cx, "1. warm overhead", phase_warm))
+            .flatten();
+        let cold = opts
+            .runs("cold")
+            .then(|| guarded(&mut cx, "2. cold start", phase_cold))
+            .flatten();
         let trace = tracer.and_then(|t| {
             progress!("reading the perf trace");
             t.stop()
@@ -1538,10 +1587,21 @@ mod driver {
                 cold_breakdown(&mut cx, trace, c);
             }
         }
-        guarded(&mut cx, "3. scale", phase_scale);
-        guarded(&mut cx, "4. parallelism", phase_parallel);
-        guarded(&mut cx, "5. data plane", phase_dataplane);
-        binary_size(&mut cx);
+        if opts.runs("scale") {
+            guarded(&mut cx, "3. scale", phase_scale);
+        }
+        if opts.runs("parallel") {
+            guarded(&mut cx, "4. parallelism", phase_parallel);
+        }
+        if opts.runs("dataplane") {
+            guarded(&mut cx, "5. data plane", phase_dataplane);
+        }
+        if opts.runs("ports") {
+            guarded(&mut cx, "7. published ports", ports::phase);
+        }
+        if opts.only.is_none() {
+            binary_size(&mut cx);
+        }
 
         let _ = fs::remove_dir_all(&scratch);
         let report = std::mem::take(&mut cx.report);
@@ -1646,7 +1706,7 @@ mod driver {
     }
 
     /// status --json of a state dir (None: the default one).
-    fn status(cx: &Cx, state_dir: Option<&str>) -> Res<Value> {
+    pub fn status(cx: &Cx, state_dir: Option<&str>) -> Res<Value> {
         let out = match state_dir {
             Some(d) => cx.lab.cli(&["--state-dir", d, "status", "--json"]),
             None => cx.lab.cli(&["status", "--json"]),
@@ -1658,13 +1718,13 @@ mod driver {
             .ok_or_else(|| format!("status is not JSON: {out}"))
     }
 
-    fn infra_pid(status: &Value, which: &str) -> Res<u64> {
+    pub fn infra_pid(status: &Value, which: &str) -> Res<u64> {
         status["infra"][which]["pid"]
             .as_u64()
             .ok_or_else(|| format!("status names no {which}: {status}"))
     }
 
-    fn state_dir_path(cx: &Cx, name: &str) -> String {
+    pub fn state_dir_path(cx: &Cx, name: &str) -> String {
         cx.lab.run_dir().join(name).display().to_string()
     }
 
@@ -2486,7 +2546,7 @@ mod driver {
     }
 
     /// Runs an iperf3 client (`-J`), returns what the server received.
-    fn iperf_client(mut cmd: Command, what: &str) -> Res<f64> {
+    pub fn iperf_client(mut cmd: Command, what: &str) -> Res<f64> {
         let out = cmd
             .stdin(Stdio::null())
             .output()
@@ -2507,7 +2567,7 @@ mod driver {
             .ok_or_else(|| format!("{what}: no end.sum_received in {v}"))
     }
 
-    fn client_args(ip: &str, port: u16, secs: u32) -> Vec<String> {
+    pub fn client_args(ip: &str, port: u16, secs: u32) -> Vec<String> {
         [
             "iperf3",
             "-c",
@@ -2524,14 +2584,14 @@ mod driver {
     }
 
     /// iperf3 in a container's netns, inside the session.
-    fn in_container(cx: &Cx, c: &Container, argv: &[String]) -> Command {
+    pub fn in_container(cx: &Cx, c: &Container, argv: &[String]) -> Command {
         let net = format!("--net={}", c.netns());
         let mut full = vec!["nsenter", net.as_str(), "--"];
         full.extend(argv.iter().map(String::as_str));
         session(cx.lab, &[], &full)
     }
 
-    fn container_server(cx: &Cx, c: &Container, what: &str) -> Res<Background> {
+    pub fn container_server(cx: &Cx, c: &Container, what: &str) -> Res<Background> {
         let argv: Vec<String> = [
             "iperf3",
             "-s",
@@ -2572,7 +2632,7 @@ mod driver {
     }
 
     /// "median Gbit/s (runs min–max)".
-    fn gbits_runs(v: &[f64]) -> String {
+    pub fn gbits_runs(v: &[f64]) -> String {
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         format!("{} (runs {lo:.1}–{hi:.1})", gbits(median(v)))
@@ -2580,7 +2640,7 @@ mod driver {
 
     /// The ratio of the medians, and it as text with the per-round ratios'
     /// range.
-    fn ratio_runs(a: &[f64], b: &[f64]) -> (f64, String) {
+    pub fn ratio_runs(a: &[f64], b: &[f64]) -> (f64, String) {
         let r = median(a) / median(b);
         let per: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
         let lo = per.iter().copied().fold(f64::INFINITY, f64::min);
@@ -2589,16 +2649,16 @@ mod driver {
     }
 
     /// An attachment made by the driver, DEL'd on drop.
-    struct Attached<'a> {
+    pub struct Attached<'a> {
         cx: &'a Cx<'a>,
         id: String,
-        c: Container,
+        pub c: Container,
         conf: Value,
         result: Value,
     }
 
     impl<'a> Attached<'a> {
-        fn add(cx: &'a Cx<'a>, id: &str, conf: Value) -> Res<Attached<'a>> {
+        pub fn add(cx: &'a Cx<'a>, id: &str, conf: Value) -> Res<Attached<'a>> {
             let c = cx.lab.container();
             let result = match plugin(cx, "ADD", id, &c, &conf) {
                 Ok(r) => r,
@@ -2863,7 +2923,7 @@ mod driver {
         let mut md = String::from("# Benchmarks\n\n");
         let _ = writeln!(
             md,
-            "Generated by `{}` on {date} (commit {commit}{}). \
+            "Generated by `{}` on {date} (commit {commit}{}{}). \
              Every figure is a median over repeated runs; every comparison is a ratio of \
              medians measured in the same run with A and B alternating. Re-run to \
              update; this file is overwritten.\n",
@@ -2872,7 +2932,11 @@ mod driver {
                 "; **quick mode: a few iterations each, figures not meaningful**"
             } else {
                 ""
-            }
+            },
+            opts.only.as_ref().map_or(String::new(), |o| format!(
+                "; **only the phases {}**",
+                o.join(", ")
+            ))
         );
         md.push_str("## Machine\n\n| | |\n|---|---|\n");
         for (k, v) in machine() {
