@@ -270,6 +270,8 @@ mod cleanup {
     #[derive(Default)]
     pub struct Leftovers {
         pub uid: Option<u32>,
+        /// Labs of other phases (their own uids).
+        pub more_uids: Vec<u32>,
         pub dirs: Vec<PathBuf>,
         pub netns: Vec<String>,
         pub pids: Vec<u32>,
@@ -277,6 +279,7 @@ mod cleanup {
 
     pub static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
         uid: None,
+        more_uids: Vec::new(),
         dirs: Vec::new(),
         netns: Vec::new(),
         pids: Vec::new(),
@@ -340,7 +343,7 @@ mod cleanup {
         for pid in &l.pids {
             kill(*pid);
         }
-        if let Some(uid) = l.uid {
+        for uid in l.uid.into_iter().chain(l.more_uids.iter().copied()) {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 let left = pids_of_uid(uid);

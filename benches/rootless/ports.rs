@@ -137,8 +137,7 @@ pub fn echo_server(task: &Value) -> Res<Value> {
     raise_nofile();
     let port = task["port"].as_u64().ok_or("task without port")? as u16;
     let addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
-    let mut listener =
-        mio::net::TcpListener::bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
+    let mut listener = listen(addr).map_err(|e| format!("listening on {addr}: {e}"))?;
     let mut poll = Poll::new().map_err(|e| format!("epoll: {e}"))?;
     const LISTENER: Token = Token(usize::MAX);
     poll.registry()
@@ -209,6 +208,30 @@ pub fn echo_server(task: &Value) -> Res<Value> {
             }
         }
     }
+}
+
+/// A listener with the largest backlog (somaxconn: 4096 by default):
+/// std's and mio's 128 would drop SYNs of the client's bursts, and the
+/// server is not what is measured.
+fn listen(addr: SocketAddr) -> nix::Result<mio::net::TcpListener> {
+    use nix::sys::socket::{
+        bind, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn,
+    };
+    let SocketAddr::V4(v4) = addr else {
+        return Err(nix::errno::Errno::EAFNOSUPPORT);
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(v4))?;
+    nix::sys::socket::listen(&fd, Backlog::MAXALLOWABLE)?;
+    Ok(mio::net::TcpListener::from_std(
+        std::net::TcpListener::from(fd),
+    ))
 }
 
 /// Reads what `p` has, answers its frames, writes what it can. False: the
@@ -544,9 +567,17 @@ mod client {
             self.conns.iter().filter(|c| c.st == St::Ready).count()
         }
 
-        /// One exchange on every ready connection, at most `window` at once.
+        /// The ready connections.
+        fn ready_ones(&self) -> Vec<usize> {
+            (0..self.conns.len())
+                .filter(|&i| self.conns[i].st == St::Ready)
+                .collect()
+        }
+
+        /// One exchange on each of `targets`, at most `window` at once.
         fn exchange(
             &mut self,
+            targets: Vec<usize>,
             kind: u8,
             echo: bool,
             eof: bool,
@@ -555,10 +586,7 @@ mod client {
         ) -> io::Result<Outcome> {
             let mut out = Outcome::default();
             let start = Instant::now();
-            let mut todo: Vec<usize> = (0..self.conns.len())
-                .filter(|&i| self.conns[i].st == St::Ready)
-                .rev()
-                .collect();
+            let mut todo: Vec<usize> = targets.into_iter().rev().collect();
             let mut inflight: Vec<usize> = Vec::new();
             let mut events = Events::with_capacity(1024);
             while !todo.is_empty() || !inflight.is_empty() {
@@ -611,15 +639,23 @@ mod client {
             Ok(out)
         }
 
+        /// Asks the server to close `k` of the ready connections.
+        pub fn close_some(&mut self, k: usize, each: Duration) -> io::Result<Outcome> {
+            let some: Vec<usize> = self.ready_ones().into_iter().take(k).collect();
+            self.exchange(some, b'q', false, true, k.max(1), each)
+        }
+
         /// Every ready connection echoes once more.
         pub fn echo_again(&mut self, window: usize, each: Duration) -> io::Result<Outcome> {
-            self.exchange(b'e', true, false, window, each)
+            let all = self.ready_ones();
+            self.exchange(all, b'e', true, false, window, each)
         }
 
         /// Asks the server to close every ready connection and waits for
         /// it; the rest are dropped.
         pub fn close(mut self, window: usize, each: Duration) -> io::Result<Outcome> {
-            self.exchange(b'q', false, true, window, each)
+            let all = self.ready_ones();
+            self.exchange(all, b'q', false, true, window, each)
         }
     }
 
@@ -791,14 +827,27 @@ fn echo_server_in(cx: &Cx, c: Option<&Container>, port: u16, what: &str) -> Res<
     Ok(Tree(bg))
 }
 
+/// A lab of its own for a peer of (b): its own uid, so that the peer has
+/// the pipe quota of a user of its own, as our drivers have the main lab's
+/// (pasta alone keeps 32 pipes of 1 MiB, half of `fs.pipe-user-pages-soft`;
+/// sharing a uid, whoever runs later would get small pipes). Its processes
+/// are killed with it, or by the bench's cleanup on a signal.
+fn peer_lab(name: &str) -> Res<Lab> {
+    let lab = Lab::new(name).ok_or_else(|| format!("no lab for {name}"))?;
+    cleanup::with(|l| {
+        l.more_uids.push(lab.uid);
+        l.dirs.push(lab.dir.clone());
+    });
+    Ok(lab)
+}
+
 /// An iperf3 server in a namespace of rootlesskit's own
 /// (`--net=slirp4netns --port-driver=builtin`), its port published on the
-/// host's 127.0.0.1 by `rootlessctl add-ports`. rootlesskit runs as the lab
-/// uid, which newuidmap wants in /etc/passwd with a subordinate range:
-/// copies are bound over the machine's files in root's private mount
+/// host's 127.0.0.1 by `rootlessctl add-ports`. rootlesskit runs as the
+/// lab's uid, which newuidmap wants in /etc/passwd with a subordinate
+/// range: copies are bound over the machine's files in root's private mount
 /// namespace, as the tests do, with the lab's tun node.
-fn rootlesskit_iperf(cx: &Cx, port: u16) -> Res<Tree> {
-    let lab = cx.lab;
+fn rootlesskit_iperf(lab: &Lab, port: u16) -> Res<Tree> {
     write_user_files(lab, "rcnibench");
     let d = lab.dir.display().to_string();
     let u = lab.uid;
@@ -844,9 +893,8 @@ fn rootlesskit_iperf(cx: &Cx, port: u16) -> Res<Tree> {
 /// An iperf3 server in a namespace of pasta's own, its port forwarded from
 /// the host's 127.0.0.1 by `pasta -t 127.0.0.1/PORT` (the form Debian's
 /// pasta 0.0~git20230309 takes: address/port; no port forwarded the other
-/// way). pasta runs as the lab uid with the lab's tun node.
-fn pasta_iperf(cx: &Cx, port: u16) -> Res<Tree> {
-    let lab = cx.lab;
+/// way). pasta runs as the lab's uid with the lab's tun node.
+fn pasta_iperf(lab: &Lab, port: u16) -> Res<Tree> {
     let d = lab.dir.display().to_string();
     let u = lab.uid;
     let inner = format!(
@@ -1063,8 +1111,8 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
         let sup = infra_pid(&status(cx, None)?, "supervisor")?;
         let local = |port: u16| SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
         rows.push((
-            "listen backlog of the host port (ss): builtin / slirp4netns".into(),
-            format!("{} / {}", backlog(b_echo), backlog(s_echo)),
+            "listen backlog of the host port (ss): builtin / slirp4netns / the echo server on the host's loopback".into(),
+            format!("{} / {} / {}", backlog(b_echo), backlog(s_echo), backlog(d_echo)),
             None,
         ));
 
@@ -1090,7 +1138,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
             Err(e) => errors.push(format!("(c): {e}")),
         }
         progress!("published ports: (b) iperf3 through each driver, rootlesskit and pasta");
-        match throughput(cx, &p, b_iperf, s_iperf) {
+        match throughput(&p, b_iperf, s_iperf) {
             Ok((r, d)) => {
                 rows.extend(r);
                 details.push(d);
@@ -1220,6 +1268,11 @@ fn held_many(
             }
             again_ms.push((through, again.wall.as_secs_f64() * 1e3));
             if through {
+                // At the fd bound, room for iperf3's two connections.
+                if opened.ok < n {
+                    held.close_some(4, each)
+                        .map_err(|e| format!("{what}: client: {e}"))?;
+                }
                 bw_held.push(iperf("iperf3 beside the held connections")?);
             }
             let closed = held
@@ -1472,10 +1525,11 @@ fn per_second(
 /// (b): iperf3 host → server behind a published port, 1 and 8 streams,
 /// our two drivers, rootlesskit's builtin port driver and pasta, rounds
 /// rotating the order.
-fn throughput(cx: &Cx, p: &Plan, b_port: u16, s_port: u16) -> Res<(Vec<Line>, String)> {
+fn throughput(p: &Plan, b_port: u16, s_port: u16) -> Res<(Vec<Line>, String)> {
     let (rk_port, pa_port) = (free_tcp_port(), free_tcp_port());
-    let _rk = rootlesskit_iperf(cx, rk_port)?;
-    let _pa = pasta_iperf(cx, pa_port)?;
+    let (rk_lab, pa_lab) = (peer_lab("bench-rootlesskit")?, peer_lab("bench-pasta")?);
+    let rk = rootlesskit_iperf(&rk_lab, rk_port)?;
+    let pa = pasta_iperf(&pa_lab, pa_port)?;
     let who = [
         ("rootless-cni builtin", b_port),
         ("rootless-cni slirp4netns", s_port),
@@ -1531,6 +1585,12 @@ fn throughput(cx: &Cx, p: &Plan, b_port: u16, s_port: u16) -> Res<(Vec<Line>, St
                 Some((format!("≥ {target}×"), r >= target)),
             ));
         }
+    }
+    drop((rk, pa));
+    for lab in [rk_lab, pa_lab] {
+        let uid = lab.uid;
+        drop(lab);
+        cleanup::with(|l| l.more_uids.retain(|u| *u != uid));
     }
     Ok((rows, md))
 }
