@@ -1419,7 +1419,7 @@ fn held_many(
     ));
     let md = format!(
         "### 7. Published ports: the supervisor at the peak of (a)\n\n\
-         | round | held | threads | VmRSS | VmHWM | fds | pipes |\n|---|---|---|---|---|---|---|\n{}\n\
+         | round | held | threads | VmRSS | VmHWM | fds | pipes |\n|---|---|---|---|---|---|---|\n{}\n\n\
          An unprivileged user's pipes may hold `fs.pipe-user-pages-soft` pages in all ({}); \
          over it, a new pipe gets 2 pages (8 KiB) and cannot be grown. The forwarder asks \
          256 KiB (64 pages) per pipe, two pipes per connection: the first {} connections \
