@@ -56,13 +56,16 @@ macro_rules! progress {
     ($($arg:tt)*) => {
         eprintln!(
             "bench [{:6.1}s] {}",
-            START.get_or_init(Instant::now).elapsed().as_secs_f64(),
+            $crate::START.get_or_init(Instant::now).elapsed().as_secs_f64(),
             format!($($arg)*)
         )
     };
 }
 
 type Res<T> = Result<T, String>;
+
+#[path = "rootless/outbound.rs"]
+mod outbound;
 
 // After `progress!`, which it uses.
 #[path = "rootless/ports.rs"]
@@ -99,8 +102,16 @@ struct Opts {
 impl Opts {
     const USAGE: &'static str =
         "usage: rootless [--quick] [--only PHASE,...] [--out FILE] [--command TEXT]\n\
-         phases: warm, cold, scale, parallel, dataplane, ports";
-    const PHASES: [&'static str; 6] = ["warm", "cold", "scale", "parallel", "dataplane", "ports"];
+         phases: warm, cold, scale, parallel, dataplane, outbound, ports";
+    const PHASES: [&'static str; 7] = [
+        "warm",
+        "cold",
+        "scale",
+        "parallel",
+        "dataplane",
+        "outbound",
+        "ports",
+    ];
 
     fn parse(args: &[String]) -> Res<Opts> {
         let (mut quick, mut out, mut command, mut only) = (false, None, None, None);
@@ -273,7 +284,6 @@ mod cleanup {
         /// Labs of other phases (their own uids).
         pub more_uids: Vec<u32>,
         pub dirs: Vec<PathBuf>,
-        pub netns: Vec<String>,
         pub pids: Vec<u32>,
     }
 
@@ -281,7 +291,6 @@ mod cleanup {
         uid: None,
         more_uids: Vec::new(),
         dirs: Vec::new(),
-        netns: Vec::new(),
         pids: Vec::new(),
     });
 
@@ -337,7 +346,7 @@ mod cleanup {
     }
 
     /// Kills recorded pids and every process of the lab uid, removes the
-    /// recorded network namespaces and the lab dir.
+    /// lab dir.
     pub fn run() {
         let l = with(std::mem::take);
         for pid in &l.pids {
@@ -353,9 +362,6 @@ mod cleanup {
                 left.into_iter().for_each(kill);
                 thread::sleep(Duration::from_millis(20));
             }
-        }
-        for ns in &l.netns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
         for dir in &l.dirs {
             let _ = fs::remove_dir_all(dir);
@@ -557,6 +563,8 @@ struct NetOpts {
     mtu: Option<u32>,
     state_dir: Option<String>,
     port_driver: Option<&'static str>,
+    /// Outer `outbound`: the infra's way out.
+    outbound: Option<&'static str>,
 }
 
 /// conf-examples/rootless.conflist with a /16 subnet, host loopback allowed,
@@ -584,6 +592,9 @@ fn conflist(chain: Chain, o: &NetOpts) -> Value {
     }
     if let Some(driver) = o.port_driver {
         out.insert("portDriver".into(), json!(driver));
+    }
+    if let Some(engine) = o.outbound {
+        out.insert("outbound".into(), json!(engine));
     }
     c
 }
@@ -1599,6 +1610,13 @@ mod driver {
         if opts.runs("dataplane") {
             guarded(&mut cx, "5. data plane", phase_dataplane);
         }
+        if opts.runs("outbound") {
+            guarded(
+                &mut cx,
+                "6. outbound: slirp4netns vs pasta",
+                outbound::phase,
+            );
+        }
         if opts.runs("ports") {
             guarded(&mut cx, "7. published ports", ports::phase);
         }
@@ -1709,7 +1727,7 @@ mod driver {
     }
 
     /// status --json of a state dir (None: the default one).
-    pub fn status(cx: &Cx, state_dir: Option<&str>) -> Res<Value> {
+    pub(crate) fn status(cx: &Cx, state_dir: Option<&str>) -> Res<Value> {
         let out = match state_dir {
             Some(d) => cx.lab.cli(&["--state-dir", d, "status", "--json"]),
             None => cx.lab.cli(&["status", "--json"]),
@@ -1721,13 +1739,13 @@ mod driver {
             .ok_or_else(|| format!("status is not JSON: {out}"))
     }
 
-    pub fn infra_pid(status: &Value, which: &str) -> Res<u64> {
+    pub(crate) fn infra_pid(status: &Value, which: &str) -> Res<u64> {
         status["infra"][which]["pid"]
             .as_u64()
             .ok_or_else(|| format!("status names no {which}: {status}"))
     }
 
-    pub fn state_dir_path(cx: &Cx, name: &str) -> String {
+    pub(crate) fn state_dir_path(cx: &Cx, name: &str) -> String {
         cx.lab.run_dir().join(name).display().to_string()
     }
 
@@ -2454,25 +2472,42 @@ mod driver {
 
     /// A bridge of root's own in throwaway namespaces: c1 and c2 on br0 in
     /// a third namespace, as the infra has them, removed on drop.
+    /// Root's own bridge and two "containers": network namespaces held by
+    /// processes of ours, never named under /run/netns, so the benchmark
+    /// mounts nothing in the machine's mount namespace (a test running
+    /// beside it compares that namespace's mounts).
     struct RootBridge {
-        names: Vec<String>,
-        /// `ip netns add` makes /run/netns a mount point the first time;
-        /// when it was none before, drop undoes that too.
-        netns_dir_was_mounted: bool,
+        holders: Vec<Child>,
     }
 
     impl RootBridge {
         const C1_IP: &'static str = "10.199.0.1";
 
         fn create(mtu: u32) -> Res<RootBridge> {
-            let p = format!("rcbench{}", std::process::id());
-            let (br, c1, c2) = (format!("{p}-br"), format!("{p}-c1"), format!("{p}-c2"));
             let mut me = RootBridge {
-                names: Vec::new(),
-                netns_dir_was_mounted: run_netns_is_mounted(),
+                holders: Vec::new(),
             };
-            let ip = |args: &[&str]| -> Res<()> {
-                let out = Command::new("ip")
+            for _ in 0..3 {
+                let holder = Command::new("unshare")
+                    .args(["--net", "sleep", "infinity"])
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .map_err(|e| format!("unshare --net: {e}"))?;
+                cleanup::with(|l| l.pids.push(holder.id()));
+                me.holders.push(holder);
+            }
+            // The holders' namespaces are theirs once unshare has exec'd sleep.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while me.holders.iter().any(|h| !is_sleep(h.id())) {
+                if Instant::now() > deadline {
+                    return Err("the namespace holders did not start".into());
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            let ip = |i: usize, args: &[&str]| -> Res<()> {
+                let out = me
+                    .exec(i)
+                    .arg("ip")
                     .args(args)
                     .output()
                     .map_err(|e| format!("ip: {e}"))?;
@@ -2486,70 +2521,76 @@ mod driver {
                     ))
                 }
             };
-            for ns in [&br, &c1, &c2] {
-                ip(&["netns", "add", ns])?;
-                me.names.push(ns.clone());
-                cleanup::with(|l| l.netns.push(ns.clone()));
-            }
             let mtu = mtu.to_string();
-            ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
-            for (ns, addr, port) in [(&c1, "10.199.0.1/24", "v1"), (&c2, "10.199.0.2/24", "v2")] {
-                ip(&[
-                    "-n", ns, "link", "add", "eth0", "mtu", &mtu, "type", "veth", "peer", "name",
-                    port, "mtu", &mtu, "netns", &br,
-                ])?;
-                ip(&["-n", &br, "link", "set", port, "master", "br0", "up"])?;
-                ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"])?;
-                ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-                ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            let br_pid = me.holders[0].id().to_string();
+            ip(0, &["link", "add", "br0", "type", "bridge"])?;
+            for (i, addr, port) in [(1, "10.199.0.1/24", "v1"), (2, "10.199.0.2/24", "v2")] {
+                ip(
+                    i,
+                    &[
+                        "link", "add", "eth0", "mtu", &mtu, "type", "veth", "peer", "name", port,
+                        "mtu", &mtu, "netns", &br_pid,
+                    ],
+                )?;
+                ip(0, &["link", "set", port, "master", "br0", "up"])?;
+                ip(i, &["addr", "add", addr, "dev", "eth0"])?;
+                ip(i, &["link", "set", "eth0", "up"])?;
+                ip(i, &["link", "set", "lo", "up"])?;
             }
-            ip(&["-n", &br, "link", "set", "br0", "up"])?;
+            ip(0, &["link", "set", "br0", "up"])?;
             Ok(me)
         }
 
-        /// `ip netns exec` into namespace `i` (0 the bridge's, 1 and 2 the
-        /// containers').
+        /// A command in namespace `i` (0 the bridge's, 1 and 2 the
+        /// containers'); the program and its arguments follow.
         fn exec(&self, i: usize) -> Command {
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &self.names[i]]);
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/proc/{}/ns/net", self.holders[i].id()))
+                .arg("--");
             cmd
         }
     }
 
+    fn is_sleep(pid: u32) -> bool {
+        fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+    }
+
     impl Drop for RootBridge {
         fn drop(&mut self) {
-            for ns in &self.names {
-                let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            let pids: Vec<u32> = self.holders.iter().map(Child::id).collect();
+            for h in &mut self.holders {
+                let _ = h.kill();
+                let _ = h.wait();
             }
-            let names = std::mem::take(&mut self.names);
-            cleanup::with(|l| l.netns.retain(|n| !names.contains(n)));
-            let empty = fs::read_dir("/run/netns").is_ok_and(|mut d| d.next().is_none());
-            if !self.netns_dir_was_mounted && run_netns_is_mounted() && empty {
-                // The syscall, not umount(8): run by real root, that would
-                // leave its utab dir (/run/mount) on the machine.
-                let _ = nix::mount::umount("/run/netns");
-                let _ = fs::remove_dir("/run/netns");
-            }
+            cleanup::with(|l| l.pids.retain(|p| !pids.contains(p)));
         }
     }
 
-    fn run_netns_is_mounted() -> bool {
-        Command::new("findmnt")
-            .args(["-rn", "/run/netns"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-
     /// An iperf3 server, up when this returns.
-    fn iperf_server(mut cmd: Command, what: &str) -> Res<Background> {
+    pub(crate) fn iperf_server(mut cmd: Command, what: &str) -> Res<Background> {
         cmd.stdout(Stdio::piped()).stderr(Stdio::null());
         let mut bg = Background::spawn(cmd, what)?;
         bg.wait_for_line("Server listening", Duration::from_secs(10))?;
         Ok(bg)
     }
 
-    /// Runs an iperf3 client (`-J`), returns what the server received.
-    pub fn iperf_client(mut cmd: Command, what: &str) -> Res<f64> {
+    /// Runs an iperf3 client (`-J`), returns what the server received. A
+    /// server still finishing the previous test refuses the next ("busy"):
+    /// on a loaded machine that takes a moment, so that is tried again.
+    pub(crate) fn iperf_client(mut cmd: Command, what: &str) -> Res<f64> {
+        let mut tries = 0;
+        loop {
+            match iperf_client_once(&mut cmd, what) {
+                Err(e) if e.contains("the server is busy") && tries < 5 => {
+                    tries += 1;
+                    thread::sleep(Duration::from_millis(500));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn iperf_client_once(cmd: &mut Command, what: &str) -> Res<f64> {
         let out = cmd
             .stdin(Stdio::null())
             .output()
@@ -2570,7 +2611,7 @@ mod driver {
             .ok_or_else(|| format!("{what}: no end.sum_received in {v}"))
     }
 
-    pub fn client_args(ip: &str, port: u16, secs: u32) -> Vec<String> {
+    pub(crate) fn client_args(ip: &str, port: u16, secs: u32) -> Vec<String> {
         [
             "iperf3",
             "-c",
@@ -2587,14 +2628,14 @@ mod driver {
     }
 
     /// iperf3 in a container's netns, inside the session.
-    pub fn in_container(cx: &Cx, c: &Container, argv: &[String]) -> Command {
+    pub(crate) fn in_container(cx: &Cx, c: &Container, argv: &[String]) -> Command {
         let net = format!("--net={}", c.netns());
         let mut full = vec!["nsenter", net.as_str(), "--"];
         full.extend(argv.iter().map(String::as_str));
         session(cx.lab, &[], &full)
     }
 
-    pub fn container_server(cx: &Cx, c: &Container, what: &str) -> Res<Background> {
+    pub(crate) fn container_server(cx: &Cx, c: &Container, what: &str) -> Res<Background> {
         let argv: Vec<String> = [
             "iperf3",
             "-s",
@@ -2608,7 +2649,7 @@ mod driver {
         iperf_server(in_container(cx, c, &argv), what)
     }
 
-    fn free_port() -> Res<u16> {
+    pub(crate) fn free_port() -> Res<u16> {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -2616,7 +2657,7 @@ mod driver {
     }
 
     /// Alternates `a` and `b` for `rounds` rounds; the medians.
-    fn alternate(
+    pub(crate) fn alternate(
         rounds: usize,
         mut a: impl FnMut() -> Res<f64>,
         mut b: impl FnMut() -> Res<f64>,
@@ -2635,7 +2676,7 @@ mod driver {
     }
 
     /// "median Gbit/s (runs min–max)".
-    pub fn gbits_runs(v: &[f64]) -> String {
+    pub(crate) fn gbits_runs(v: &[f64]) -> String {
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         format!("{} (runs {lo:.1}–{hi:.1})", gbits(median(v)))
@@ -2643,7 +2684,7 @@ mod driver {
 
     /// The ratio of the medians, and it as text with the per-round ratios'
     /// range.
-    pub fn ratio_runs(a: &[f64], b: &[f64]) -> (f64, String) {
+    pub(crate) fn ratio_runs(a: &[f64], b: &[f64]) -> (f64, String) {
         let r = median(a) / median(b);
         let per: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
         let lo = per.iter().copied().fold(f64::INFINITY, f64::min);
@@ -2652,16 +2693,16 @@ mod driver {
     }
 
     /// An attachment made by the driver, DEL'd on drop.
-    pub struct Attached<'a> {
+    pub(crate) struct Attached<'a> {
         cx: &'a Cx<'a>,
         id: String,
-        pub c: Container,
+        pub(crate) c: Container,
         conf: Value,
         result: Value,
     }
 
     impl<'a> Attached<'a> {
-        pub fn add(cx: &'a Cx<'a>, id: &str, conf: Value) -> Res<Attached<'a>> {
+        pub(crate) fn add(cx: &'a Cx<'a>, id: &str, conf: Value) -> Res<Attached<'a>> {
             let c = cx.lab.container();
             let result = match plugin(cx, "ADD", id, &c, &conf) {
                 Ok(r) => r,

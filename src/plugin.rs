@@ -3,7 +3,7 @@
 
 use crate::cni;
 use crate::cni::config::NetConf;
-use crate::cni::env::{CniEnv, Command};
+use crate::cni::env::{CniEnv, Verb};
 use crate::commands;
 use crate::error::{code, Error, Result};
 use std::io::{Read, Write};
@@ -77,14 +77,14 @@ pub fn parse_call(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<
         ));
     }
     let env = CniEnv::from_lookup(get)?;
-    if env.command == Command::Version {
+    if env.command == Verb::Version {
         return Ok(Call { env, conf: None });
     }
     let conf = NetConf::parse(stdin)?;
     cni::version::check_supported(&conf.cni_version)?;
     let needs = match env.command {
-        Command::Check => "0.4.0",
-        Command::Gc | Command::Status => "1.1.0",
+        Verb::Check => "0.4.0",
+        Verb::Gc | Verb::Status => "1.1.0",
         _ => "0.0.0",
     };
     if !cni::version::at_least(&conf.cni_version, needs) {
@@ -118,11 +118,11 @@ fn run(call: Call, version: &str) -> Result<Vec<u8>> {
         env.ifname
     );
     match env.command {
-        Command::Add => commands::add::add(&env, &conf),
-        Command::Del => commands::del::del(&env, &conf).map(|_| Vec::new()),
-        Command::Check => commands::check::check(&env, &conf).map(|_| Vec::new()),
-        Command::Gc => commands::gc::gc(&env, &conf).map(|_| Vec::new()),
-        Command::Status => commands::status::status(&env, &conf).map(|_| Vec::new()),
-        Command::Version => Ok(commands::version::version(version).into_bytes()),
+        Verb::Add => commands::add::add(&env, &conf),
+        Verb::Del => commands::del::del(&env, &conf).map(|_| Vec::new()),
+        Verb::Check => commands::check::check(&env, &conf).map(|_| Vec::new()),
+        Verb::Gc => commands::gc::gc(&env, &conf).map(|_| Vec::new()),
+        Verb::Status => commands::status::status(&env, &conf).map(|_| Vec::new()),
+        Verb::Version => Ok(commands::version::version(version).into_bytes()),
     }
 }

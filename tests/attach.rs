@@ -3,10 +3,12 @@
 
 mod common;
 
+use common::outbound::{self, HostUdpEcho};
 use common::{
-    example_conflist, host_global_ipv4, outer, result_ipv4, HostServer, Lab, GATEWAY, NET,
+    example_conflist, host_global_ipv4, outer, result_ipv4, retry, HostServer, Lab, GATEWAY, NET,
     SLIRP_HOST,
 };
+use std::time::Duration;
 
 /// Two containers on bridge + host-local + portmap + firewall + tuning.
 #[test]
@@ -84,15 +86,20 @@ fn two_containers_ping_each_other() {
 }
 
 /// With `allowHostLoopback: true` (the example), 10.0.2.2 is the host's
-/// 127.0.0.1.
-#[test]
-fn host_loopback_reachable_when_allowed() {
-    let Some(lab) = Lab::new("loopback_allowed") else {
+/// 127.0.0.1, over TCP and UDP, whichever engine is the way out.
+fn host_loopback_reachable_when_allowed(engine: &str) {
+    let test = format!("loopback_allowed_{engine}");
+    if !outbound::available(engine, &test) {
+        return;
+    }
+    let Some(lab) = Lab::new(&test) else {
         return;
     };
     let server = HostServer::start("127.0.0.1");
-    let conf = example_conflist();
+    let echo = HostUdpEcho::start("127.0.0.1");
+    let mut conf = example_conflist();
     assert_eq!(conf["plugins"][0]["allowHostLoopback"], true);
+    outbound::with_engine(&mut conf, engine);
     lab.write_netconf(NET, &conf);
     let c = lab.container();
 
@@ -100,24 +107,52 @@ fn host_loopback_reachable_when_allowed() {
     assert!(add.ok(), "ADD: {add}");
     let url = format!("http://{SLIRP_HOST}:{}/", server.port);
     let got = lab.curl(&c, &url);
-    assert!(got.ok(), "container -> host loopback: {got}");
+    assert!(got.ok(), "{engine}: container -> host loopback: {got}");
     assert_eq!(got.stdout, HostServer::BODY, "{got}");
     assert!(server.connections() >= 1);
+    if outbound::have_python3() {
+        let got = retry(Duration::from_secs(5), || {
+            outbound::udp_exchange(&lab, &c, SLIRP_HOST, echo.port, "udp-hello")
+        });
+        assert!(got.ok(), "{engine}: UDP container -> host loopback: {got}");
+        assert_eq!(got.stdout.trim(), "udp-hello", "{got}");
+        assert!(echo.datagrams() >= 1);
+    }
+    assert_eq!(
+        lab.status()["infra"]["outbound"]["engine"],
+        engine,
+        "status names the engine"
+    );
 
     lab.detach(&c);
     lab.assert_no_infra("after the DEL");
 }
 
-/// With `allowHostLoopback: false` the same fetch fails, while the network
-/// itself works.
 #[test]
-fn host_loopback_unreachable_when_not_allowed() {
-    let Some(lab) = Lab::new("loopback_denied") else {
+fn host_loopback_reachable_when_allowed_slirp4netns() {
+    host_loopback_reachable_when_allowed(outbound::SLIRP4NETNS);
+}
+
+#[test]
+fn host_loopback_reachable_when_allowed_pasta() {
+    host_loopback_reachable_when_allowed(outbound::PASTA);
+}
+
+/// With `allowHostLoopback: false` the same fetch fails, while the network
+/// itself works: TCP and UDP to the host's own global address.
+fn host_loopback_unreachable_when_not_allowed(engine: &str) {
+    let test = format!("loopback_denied_{engine}");
+    if !outbound::available(engine, &test) {
+        return;
+    }
+    let Some(lab) = Lab::new(&test) else {
         return;
     };
     let server = HostServer::start("127.0.0.1");
+    let echo = HostUdpEcho::start("127.0.0.1");
     let mut conf = example_conflist();
     outer(&mut conf).insert("allowHostLoopback".into(), false.into());
+    outbound::with_engine(&mut conf, engine);
     lab.write_netconf(NET, &conf);
     let c = lab.container();
 
@@ -129,26 +164,53 @@ fn host_loopback_unreachable_when_not_allowed() {
     let got = lab.curl(&c, &url);
     assert!(
         !got.ok(),
-        "host loopback reached although not allowed: {got}"
+        "{engine}: host loopback reached although not allowed: {got}"
     );
     assert_eq!(
         server.connections(),
         0,
         "the loopback server was connected to"
     );
+    let python = outbound::have_python3();
+    if python {
+        let got = outbound::udp_exchange(&lab, &c, SLIRP_HOST, echo.port, "udp-hello");
+        assert!(
+            !got.ok(),
+            "{engine}: UDP to the host loopback answered: {got}"
+        );
+        assert_eq!(echo.datagrams(), 0, "the loopback UDP server got datagrams");
+    }
 
-    // The way out through slirp4netns works: the host's own global address
-    // is reachable (when the machine has one).
+    // The way out works: the host's own global address is reachable (when
+    // the machine has one), over TCP and UDP.
     match host_global_ipv4() {
         Some(ip) => {
             let outside = HostServer::start(&ip);
             let got = lab.curl(&c, &format!("http://{ip}:{}/", outside.port));
-            assert!(got.ok(), "container -> host {ip}: {got}");
+            assert!(got.ok(), "{engine}: container -> host {ip}: {got}");
             assert_eq!(got.stdout, HostServer::BODY, "{got}");
+            if python {
+                let echo = HostUdpEcho::start(&ip);
+                let got = retry(Duration::from_secs(5), || {
+                    outbound::udp_exchange(&lab, &c, &ip, echo.port, "udp-out")
+                });
+                assert!(got.ok(), "{engine}: UDP container -> host {ip}: {got}");
+                assert_eq!(got.stdout.trim(), "udp-out", "{got}");
+            }
         }
         None => eprintln!("no global IPv4 on this host: outbound check skipped"),
     }
 
     lab.detach(&c);
     lab.assert_no_infra("after the DEL");
+}
+
+#[test]
+fn host_loopback_unreachable_when_not_allowed_slirp4netns() {
+    host_loopback_unreachable_when_not_allowed(outbound::SLIRP4NETNS);
+}
+
+#[test]
+fn host_loopback_unreachable_when_not_allowed_pasta() {
+    host_loopback_unreachable_when_not_allowed(outbound::PASTA);
 }

@@ -325,6 +325,7 @@ fn buildah_unshare_runs_a_container_on_a_rootless_cni_network() {
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &inner])
         .env_clear()
         .env("PATH", LAB_PATH)
+        .env("LIBMOUNT_UTAB", crate::common::utab())
         .env("PROBE", &probe);
     let out = run_command(
         cmd,

@@ -1,5 +1,7 @@
 //! Configs: the `network` key, and bad input refused with the right CNI
 //! error (an inner plugin not in CNI_PATH: 102), leaving nothing behind.
+//! Bad environments and configs refused before anything is touched are
+//! the corpus of testdata/hostile/, run by tests/hostile.rs.
 
 mod common;
 
@@ -70,72 +72,6 @@ fn network_by_name_in_conf_dir() {
     let (conf, inner) = by_name(Some(&dir));
     lab.write_file("my-networks/inner.conflist", &inner.to_string());
     attach_by_name(&lab, &conf);
-}
-
-/// Missing environment, malformed JSON, bad config: the right code, the
-/// culprit named, nothing started.
-#[test]
-fn bad_input_is_refused_with_the_culprit_named() {
-    let Some(lab) = Lab::new("bad_input") else {
-        return;
-    };
-    let c = lab.container();
-    let good = plugin_stdin(&example_conflist());
-    let env = lab.plugin_env("ADD", "bad-input-1", &c.netns());
-
-    struct Case {
-        name: String,
-        env: Vec<(String, String)>,
-        stdin: String,
-        code: u64,
-        /// Named in msg or details.
-        culprit: &'static str,
-    }
-    let case = |name: &str, env: &[(String, String)], stdin: &Value, code, culprit| Case {
-        name: name.to_string(),
-        env: env.to_vec(),
-        stdin: stdin.to_string(),
-        code,
-        culprit,
-    };
-    let mut cases = Vec::new();
-    for var in common::REQUIRED_CNI_VARS {
-        let mut e = env.clone();
-        e.retain(|(k, _)| k != var);
-        cases.push(case(&format!("{var} missing"), &e, &good, 4, var));
-    }
-    let mut malformed = case("malformed JSON", &env, &good, 6, "");
-    malformed.stdin = r#"{"cniVersion": "1.0.0", "name": "rootless", "type": "#.into();
-    cases.push(malformed);
-    let mut unknown = good.clone();
-    unknown["bogusKnob"] = true.into();
-    cases.push(case("unknown key", &env, &unknown, 7, "bogusKnob"));
-    let mut no_delegate = good.clone();
-    if let Some(o) = no_delegate.as_object_mut() {
-        o.remove("delegate");
-    }
-    cases.push(case("no delegate", &env, &no_delegate, 7, "delegate"));
-
-    let mut failures = Vec::new();
-    for c in &cases {
-        let out = lab.plugin(&c.env, &c.stdin);
-        let name = &c.name;
-        match out.cni_error() {
-            _ if out.ok() => failures.push(format!("{name}: succeeded: {out}")),
-            None => failures.push(format!("{name}: no CNI error object on stdout: {out}")),
-            Some(e) if e.code != c.code => failures.push(format!(
-                "{name}: code {} instead of {}: {out}",
-                e.code, c.code
-            )),
-            Some(e) if !e.mentions(c.culprit) => {
-                failures.push(format!("{name}: {} not named: {out}", c.culprit))
-            }
-            Some(_) => {}
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert_eq!(lab.links(&c), vec!["lo"], "the container got something");
-    lab.assert_no_infra("after refused input");
 }
 
 /// An inner plugin that is not in CNI_PATH: an error, and nothing left.

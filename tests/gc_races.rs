@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use support::{install_plugin, spawn, write_as_user, Call};
 
 /// A last inner plugin that passes the result on and, on DEL of container
-/// `slow`, logs "DEL slow start" and sleeps `secs`: it holds GC in the
-/// middle of its work while the test acts.
+/// `slow`, logs "DEL slow start" and waits until the test creates the gate
+/// file beside it (a minute at most): it holds GC in the middle of its work
+/// while the test acts, however slow a loaded machine makes the test.
 const SLOWDEL: &str = r#"#!/usr/bin/python3
 import json, os, sys, time
 conf = json.load(sys.stdin)
@@ -22,7 +23,9 @@ if os.environ.get("CNI_COMMAND") == "ADD":
 elif os.environ.get("CNI_COMMAND") == "DEL" and os.environ.get("CNI_CONTAINERID") == "slow":
     with open(sys.argv[0] + ".log", "a") as log:
         log.write("DEL slow start\n")
-    time.sleep(SECS)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(sys.argv[0] + ".go") and time.monotonic() < deadline:
+        time.sleep(0.02)
 "#;
 
 fn gc_conf(valid: Value) -> Value {
@@ -59,7 +62,7 @@ fn gc_leaves_an_attachment_re_added_while_it_ran() {
     let Some(lab) = Lab::new("gc_readd") else {
         return;
     };
-    install_plugin(&lab, "slowdel", &SLOWDEL.replace("SECS", "3"));
+    install_plugin(&lab, "slowdel", SLOWDEL);
     write_as_user(&lab, &lab.bin().join("slowdel.log"), b"");
     let mut conflist = example_conflist();
     outer(&mut conflist)["delegate"]["plugins"]
@@ -97,6 +100,7 @@ fn gc_leaves_an_attachment_re_added_while_it_ran() {
         !gc.exited(),
         "GC ended before the re-add of k: the race was not exercised"
     );
+    write_as_user(&lab, &lab.bin().join("slowdel.go"), b"");
 
     let out = gc.wait(Duration::from_secs(60));
     assert!(out.ok(), "GC: {out}");

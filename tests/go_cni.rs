@@ -16,7 +16,7 @@ mod common;
 
 use common::gocni::{assert_page_on_loopback, kubernetes_conflist, pod_ipv4};
 use common::gocni::{GoCni, Pod, WebServer};
-use common::{free_tcp_port, outer, Lab, NET};
+use common::{free_tcp_port, testdata, Lab, NET};
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -162,27 +162,6 @@ fn go_cni_pods_without_ports_ping_each_other() {
     eprintln!("[timing] go_cni ping: {:?}", t0.elapsed());
 }
 
-/// The example network with the `bandwidth` and `ipRanges` capabilities
-/// declared outside (libcni passes only declared ones) and used inside: an
-/// inner `bandwidth` plugin and host-local ranges from `ipRanges` only
-/// (host-local puts runtime ranges before its configured ones and would
-/// hand out an address from each).
-fn bandwidth_and_ranges_conflist() -> Value {
-    let mut conf = kubernetes_conflist();
-    let o = outer(&mut conf);
-    o["capabilities"] = json!({"portMappings": true, "bandwidth": true, "ipRanges": true});
-    let inner = o["delegate"]["plugins"]
-        .as_array_mut()
-        .expect("the example has inner plugins");
-    inner[0]["capabilities"] = json!({"ipRanges": true});
-    inner[0]["ipam"]
-        .as_object_mut()
-        .expect("the bridge has an ipam")
-        .remove("ranges");
-    inner.push(json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}));
-    conf
-}
-
 /// `tc qdisc show` in the infra's netns.
 fn infra_qdiscs(lab: &Lab) -> String {
     let pid = lab.sandbox_pid().expect("a running infra");
@@ -204,7 +183,13 @@ fn go_cni_bandwidth_and_ip_ranges_reach_the_inner_plugins() {
     let Some(lab) = Lab::new("gocni_caps") else {
         return;
     };
-    let Some(gocni) = GoCni::new(&lab, &bandwidth_and_ranges_conflist()) else {
+    // The kubernetes example with the `bandwidth` and `ipRanges`
+    // capabilities declared outside (libcni passes only declared ones) and
+    // used inside: an inner `bandwidth` plugin and host-local ranges from
+    // `ipRanges` only (host-local puts runtime ranges before its configured
+    // ones and would hand out an address from each).
+    let conflist = testdata::conflist("go-cni-bandwidth-ip-ranges");
+    let Some(gocni) = GoCni::new(&lab, &conflist) else {
         return;
     };
     let t0 = Instant::now();

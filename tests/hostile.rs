@@ -6,7 +6,9 @@
 mod common;
 mod support;
 
-use common::{example_conflist, outer, plugin_stdin, Container, Lab, Out, Snapshot, GATEWAY};
+use common::{
+    example_conflist, outer, plugin_stdin, testdata, Container, Lab, Out, Snapshot, GATEWAY,
+};
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -185,8 +187,9 @@ fn garbage_and_success_from_an_inner_plugin() {
 }
 
 // ---------------------------------------------------------------------------
-// Test 6: hostile input
+// Test 6: hostile input, the corpus of testdata/hostile/
 
+/// A call that must be refused: a case of the corpus in testdata/hostile/.
 struct Case {
     name: String,
     env: Vec<(String, String)>,
@@ -241,7 +244,8 @@ fn run_cases(lab: &Lab, cases: &[Case]) -> Vec<String> {
     failures
 }
 
-/// Every CNI_* variable missing, empty or invalid: code 4 naming it.
+/// Every case of testdata/hostile/env.json: a CNI_* variable missing,
+/// empty or invalid, refused with code 4 naming it.
 #[test]
 fn hostile_environment_is_refused() {
     let Some(lab) = Lab::new("hostile_env") else {
@@ -250,91 +254,47 @@ fn hostile_environment_is_refused() {
     let c = lab.container();
     let good = plugin_stdin(&example_conflist()).to_string().into_bytes();
     let base = lab.plugin_env("ADD", "hostile-1", &c.netns());
-    let mut cases = Vec::new();
-    let mut case = |name: String, var: &str, value: Option<&str>, command: &str| {
-        let mut env: Vec<(String, String)> = base
-            .iter()
-            .filter(|(k, _)| k != var)
-            .map(|(k, v)| {
-                let v = if k == "CNI_COMMAND" { command } else { v };
-                (k.clone(), v.to_string())
-            })
-            .collect();
-        if let Some(v) = value {
-            env.push((var.to_string(), v.to_string()));
-        }
-        cases.push(Case {
-            name,
-            env,
-            stdin: good.clone(),
-            code: 4,
-            culprit: var.to_string(),
-        });
-    };
-    for var in common::REQUIRED_CNI_VARS {
-        case(format!("{var} missing"), var, None, "ADD");
-        case(format!("{var} empty"), var, Some(""), "ADD");
-    }
-    for value in ["FOO", "add", "ADD ", "VERSION\n"] {
-        case(
-            format!("CNI_COMMAND {value:?}"),
-            "CNI_COMMAND",
-            Some(value),
-            value,
-        );
-    }
-    let long_id = "a".repeat(4096);
-    for command in ["ADD", "DEL", "CHECK"] {
-        for value in [
-            "a/b",
-            "..",
-            "../x",
-            "-lead",
-            "a b",
-            "x\ty",
-            long_id.as_str(),
-        ] {
-            let shown: String = value.chars().take(16).collect();
-            case(
-                format!(
-                    "{command} CNI_CONTAINERID {shown:?} ({} bytes)",
-                    value.len()
+    let cases: Vec<Case> = testdata::hostile_cases("env")
+        .iter()
+        .map(|case| {
+            let verb = case["verb"].as_str().expect("a case has a verb");
+            let var = case["var"].as_str().expect("a case has a var");
+            let value = testdata::case_string(&case["value"]);
+            let mut env: Vec<(String, String)> = base
+                .iter()
+                .filter(|(k, _)| k != var)
+                .map(|(k, v)| {
+                    let v = if k == "CNI_COMMAND" { verb } else { v };
+                    (k.clone(), v.to_string())
+                })
+                .collect();
+            if let Some(v) = &value {
+                env.push((var.to_string(), v.clone()));
+            }
+            let shown = match &value {
+                Some(v) => format!(
+                    "{:?} ({} bytes)",
+                    v.chars().take(16).collect::<String>(),
+                    v.len()
                 ),
-                "CNI_CONTAINERID",
-                Some(value),
-                command,
-            );
-        }
-        for value in ["abcdefghijklmnop", "..", ".", "a/b", "eth 0", "eth0:1"] {
-            case(
-                format!("{command} CNI_IFNAME {value:?}"),
-                "CNI_IFNAME",
-                Some(value),
-                command,
-            );
-        }
-        case(
-            format!("{command} CNI_NETNS relative"),
-            "CNI_NETNS",
-            Some("proc/1/ns/net"),
-            command,
-        );
-    }
-    for command in ["ADD"] {
-        for value in ["/nonexistent/netns", "/etc/hostname", "/"] {
-            case(
-                format!("{command} CNI_NETNS {value}"),
-                "CNI_NETNS",
-                Some(value),
-                command,
-            );
-        }
-    }
+                None => "unset".into(),
+            };
+            let (code, culprit) = testdata::refusal(case);
+            Case {
+                name: format!("{verb} {var} {shown}"),
+                env,
+                stdin: good.clone(),
+                code,
+                culprit,
+            }
+        })
+        .collect();
     eprintln!("{} environment cases", cases.len());
     assert_all_refused(&lab, &c, &cases, "after the hostile environments");
 }
 
-/// Malformed or oversized stdin: code 6.
+/// Every case of testdata/hostile/stdin.json: malformed or oversized
+/// stdin, refused with code 6.
 #[test]
 fn malformed_stdin_is_refused() {
     let Some(lab) = Lab::new("hostile_stdin") else {
@@ -342,45 +302,41 @@ fn malformed_stdin_is_refused() {
     };
     let c = lab.container();
     let env = lab.plugin_env("ADD", "hostile-1", &c.netns());
-    let mut huge = plugin_stdin(&example_conflist());
-    huge["args"] = json!({ "padding": "x".repeat(1100 * 1024) });
-    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-    let inputs: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("empty", Vec::new(), "stdin"),
-        (
-            "truncated",
-            b"{\"cniVersion\":\"1.0.0\",\"na".to_vec(),
-            "stdin",
-        ),
-        ("null", b"null".to_vec(), "stdin"),
-        ("a list", b"[]".to_vec(), "stdin"),
-        ("a number", b"42".to_vec(), "stdin"),
-        ("a string", b"\"rootless\"".to_vec(), "stdin"),
-        (
-            "invalid UTF-8",
-            b"{\"name\":\"\xff\xfe\"}".to_vec(),
-            "stdin",
-        ),
-        ("trailing garbage", b"{}{".to_vec(), "stdin"),
-        ("double comma", b"{\"a\":1,,}".to_vec(), "stdin"),
-        ("nested 100000 deep", deep.into_bytes(), "stdin"),
-        ("NUL bytes", vec![0u8; 4096], "stdin"),
-        ("1.1 MiB", huge.to_string().into_bytes(), "1048576"),
-    ];
-    let cases: Vec<Case> = inputs
-        .into_iter()
-        .map(|(name, stdin, culprit)| Case {
-            name: name.to_string(),
-            env: env.clone(),
-            stdin,
-            code: 6,
-            culprit: culprit.to_string(),
+    let cases: Vec<Case> = testdata::hostile_cases("stdin")
+        .iter()
+        .map(|case| {
+            let file = case["file"].as_str();
+            let stdin = match (file, case["nested"].as_u64(), case["padded"].as_u64()) {
+                (Some(file), _, _) => {
+                    let path = testdata::path(&format!("hostile/{file}"));
+                    fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+                }
+                (None, Some(n), _) => {
+                    let n = n as usize;
+                    format!("{}{}", "[".repeat(n), "]".repeat(n)).into_bytes()
+                }
+                (None, None, Some(n)) => {
+                    let mut huge = plugin_stdin(&example_conflist());
+                    huge["args"] = json!({ "padding": "x".repeat(n as usize) });
+                    huge.to_string().into_bytes()
+                }
+                (None, None, None) => panic!("a stdin case without file, nested or padded: {case}"),
+            };
+            let (code, culprit) = testdata::refusal(case);
+            Case {
+                name: case["name"].as_str().unwrap_or("unnamed").to_string(),
+                env: env.clone(),
+                stdin,
+                code,
+                culprit,
+            }
         })
         .collect();
     assert_all_refused(&lab, &c, &cases, "after the malformed configs");
 }
 
-/// A wrong type or value for every key of our config: code 7 naming the key.
+/// Every case of testdata/hostile/config.json: a wrong type or value for a
+/// key of our config, or a wrong shape, refused with code 7 naming it.
 #[test]
 fn wrong_config_values_are_refused() {
     let Some(lab) = Lab::new("hostile_config") else {
@@ -392,145 +348,36 @@ fn wrong_config_values_are_refused() {
     fs::create_dir_all(&empty_dir).expect("mkdir");
     let empty_dir = empty_dir.display().to_string();
     let good = plugin_stdin(&example_conflist());
-    // (key, value, culprit): the key set to the value in the good config.
-    let bad: Vec<(&str, Value, &str)> = vec![
-        ("mtu", json!("1500"), "mtu"),
-        ("mtu", json!(1500.5), "mtu"),
-        ("mtu", json!(-1), "mtu"),
-        ("mtu", json!(100), "mtu"),
-        ("mtu", json!(70000), "mtu"),
-        ("mtu", json!(true), "mtu"),
-        ("allowHostLoopback", json!("yes"), "allowHostLoopback"),
-        ("allowHostLoopback", json!(1), "allowHostLoopback"),
-        ("allowHostLoopback", json!([]), "allowHostLoopback"),
-        ("ipv6", json!("true"), "ipv6"),
-        ("ipv6", json!(0), "ipv6"),
-        ("portDriver", json!(5), "portDriver"),
-        ("portDriver", json!("fast"), "portDriver"),
-        ("portDriver", json!(true), "portDriver"),
-        ("idleTimeout", json!("soon"), "idleTimeout"),
-        ("idleTimeout", json!(-5), "idleTimeout"),
-        ("idleTimeout", json!(true), "idleTimeout"),
-        ("idleTimeout", json!([]), "idleTimeout"),
-        ("idleTimeout", json!("5x"), "idleTimeout"),
-        ("idleTimeout", json!(""), "idleTimeout"),
-        ("pluginTimeout", json!("x"), "pluginTimeout"),
-        ("pluginTimeout", json!({}), "pluginTimeout"),
-        ("pluginTimeout", json!(-1), "pluginTimeout"),
-        ("lockTimeout", json!("x"), "lockTimeout"),
-        ("lockTimeout", json!([]), "lockTimeout"),
-        ("lockTimeout", json!(-1), "lockTimeout"),
-        ("logLevel", json!(3), "logLevel"),
-        ("logLevel", json!("loud"), "logLevel"),
-        ("logLevel", json!(["debug"]), "logLevel"),
-        ("stateDir", json!(5), "stateDir"),
-        ("stateDir", json!("relative/dir"), "stateDir"),
-        ("stateDir", json!(""), "stateDir"),
-        ("stateDir", json!({}), "stateDir"),
-        ("confDir", json!(5), "confDir"),
-        ("confDir", json!(["/etc"]), "confDir"),
-        ("delegate", json!("rootless"), "delegate"),
-        ("delegate", json!(5), "delegate"),
-        ("delegate", json!([]), "delegate"),
-        ("delegate", json!(true), "delegate"),
-        ("delegate", json!({}), "delegate"),
-        (
-            "delegate",
-            json!({ "name": "x", "cniVersion": "1.0.0" }),
-            "delegate",
-        ),
-        ("delegate", json!({ "plugins": "bridge" }), "delegate"),
-        ("delegate", json!({ "plugins": [] }), "delegate"),
-        ("delegate", json!({ "plugins": [5] }), "delegate"),
-        ("delegate", json!({ "plugins": [{}] }), "delegate"),
-        (
-            "delegate",
-            json!({ "plugins": [{ "type": 5 }] }),
-            "delegate",
-        ),
-        (
-            "delegate",
-            json!({ "plugins": [{ "type": "../../bin/sh" }] }),
-            "delegate",
-        ),
-        ("delegate", json!({ "type": "" }), "delegate"),
-        ("runtimeConfig", json!("x"), "runtimeConfig"),
-        ("runtimeConfig", json!([]), "runtimeConfig"),
-        ("runtimeConfig", json!(5), "runtimeConfig"),
-        ("name", json!(5), "name"),
-        ("name", json!("../x"), "name"),
-        ("name", json!(""), "name"),
-        ("cniVersion", json!(5), "cniVersion"),
-    ];
-    let mut cases = Vec::new();
-    for (key, value, culprit) in bad {
-        let mut stdin = good.clone();
-        stdin[key] = value.clone();
-        cases.push(Case {
-            name: format!("{key}: {value}"),
-            env: env.clone(),
-            stdin: stdin.to_string().into_bytes(),
-            code: 7,
-            culprit: culprit.to_string(),
-        });
-    }
-    // `network` instead of `delegate`.
-    let by_name = |network: Value, conf_dir: Option<Value>| {
-        let mut stdin = good.clone();
-        let o = stdin.as_object_mut().expect("object");
-        o.remove("delegate");
-        o.insert("network".into(), network);
-        if let Some(d) = conf_dir {
-            o.insert("confDir".into(), d);
-        }
-        stdin.to_string().into_bytes()
-    };
-    for (name, stdin) in [
-        ("network: 5", by_name(json!(5), None)),
-        ("network: \"../../x\"", by_name(json!("../../x"), None)),
-        ("network: \"\"", by_name(json!(""), None)),
-        ("network: [\"x\"]", by_name(json!(["x"]), None)),
-        (
-            "network: \"absent\" in an empty confDir",
-            by_name(json!("absent"), Some(json!(empty_dir))),
-        ),
-        (
-            "network with confDir: 5",
-            by_name(json!("inner"), Some(json!(5))),
-        ),
-    ] {
-        let culprit = if name.contains("confDir: 5") {
-            "confDir"
-        } else {
-            "network"
-        };
-        cases.push(Case {
-            name: name.to_string(),
-            env: env.clone(),
-            stdin,
-            code: 7,
-            culprit: culprit.to_string(),
-        });
-    }
-    let mut both = good.clone();
-    both["network"] = json!("rootless");
-    cases.push(Case {
-        name: "both delegate and network".into(),
-        env: env.clone(),
-        stdin: both.to_string().into_bytes(),
-        code: 7,
-        culprit: "network".into(),
-    });
-    let mut neither = good.clone();
-    neither.as_object_mut().expect("object").remove("delegate");
-    cases.push(Case {
-        name: "neither delegate nor network".into(),
-        env: env.clone(),
-        stdin: neither.to_string().into_bytes(),
-        code: 7,
-        culprit: "delegate".into(),
-    });
-
+    let cases: Vec<Case> = testdata::hostile_cases("config")
+        .iter()
+        .map(|case| {
+            let mut stdin = good.clone();
+            let o = stdin
+                .as_object_mut()
+                .expect("the example config is an object");
+            for key in case["remove"].as_array().into_iter().flatten() {
+                o.remove(key.as_str().expect("keys to remove are strings"));
+            }
+            for (key, value) in case["set"].as_object().into_iter().flatten() {
+                let value = match value.as_str() {
+                    Some("$EMPTY_DIR") => json!(empty_dir),
+                    _ => value.clone(),
+                };
+                o.insert(key.clone(), value);
+            }
+            let (code, culprit) = testdata::refusal(case);
+            Case {
+                name: match &case["remove"] {
+                    Value::Null => format!("set {}", case["set"]),
+                    removed => format!("remove {removed} set {}", case["set"]),
+                },
+                env: env.clone(),
+                stdin: stdin.to_string().into_bytes(),
+                code,
+                culprit,
+            }
+        })
+        .collect();
     eprintln!("{} config cases", cases.len());
     assert_all_refused(&lab, &c, &cases, "after the wrong configs");
 }

@@ -1,5 +1,7 @@
 //! DNS through the infra (following a changed resolv.conf), the host's
-//! loopback over IPv6, and MTU.
+//! loopback over IPv6, and MTU; each but the resolv.conf change for both
+//! ways out (test names end in _slirp4netns or _pasta). pasta reads
+//! resolv.conf once, at start, so only slirp4netns follows a change.
 //!
 //! - IPv6: conf-examples/dual-stack.conflist gives containers addresses in
 //!   fd00:89::/64; they ping each other, and reach the host's `::1` as
@@ -13,6 +15,7 @@
 
 mod common;
 
+use common::outbound::{self, PASTA};
 use common::{example_conflist, outer, retry, HostServer, Lab, Out, NET};
 use serde_json::Value;
 use std::fs;
@@ -88,13 +91,18 @@ fn link_mtu(out: &Out) -> Option<u32> {
     fields.get(i + 1)?.parse().ok()
 }
 
-/// Waits until slirp4netns's router advertisement gave the infra's tap0 a
-/// usable fd00::/64 address (SLAAC, past duplicate address detection) and a
-/// default route. The infra is ready for IPv4 when the first ADD returns,
-/// but tap0's IPv6 address comes 3-4 s after the infra's start; until then
-/// replies to the infra's (masqueraded) IPv6 traffic are dropped. `since`:
-/// when the infra was started, for the message.
-fn wait_for_infra_slaac(lab: &Lab, since: Instant) {
+/// Waits until the infra's tap0 has a usable fd00::/64 address and a
+/// default route. With slirp4netns they come from its router advertisement
+/// (SLAAC, past duplicate address detection), 3-4 s after the infra's
+/// start, and until then replies to the infra's (masqueraded) IPv6 traffic
+/// are dropped; pasta sets them, with the route via fd00::2, before the
+/// first ADD returns. `since`: when the infra was started, for the message.
+fn wait_for_infra_slaac(lab: &Lab, engine: &str, since: Instant) {
+    let via = if engine == PASTA {
+        "via fd00::2"
+    } else {
+        "via fe80::2"
+    };
     let addr = retry(Duration::from_secs(10), || {
         let mut out = in_infra(lab, &["ip", "-o", "-6", "addr", "show", "dev", "tap0"]);
         let usable = out
@@ -109,7 +117,7 @@ fn wait_for_infra_slaac(lab: &Lab, since: Instant) {
     assert!(addr.ok(), "tap0 got no usable fd00::/64 address: {addr}");
     let route = retry(Duration::from_secs(10), || {
         let mut out = in_infra(lab, &["ip", "-6", "route", "show", "default"]);
-        if !out.stdout.contains("via fe80::2") {
+        if !out.stdout.contains(via) {
             out.status = Some(1);
         }
         out
@@ -126,13 +134,17 @@ fn wait_for_infra_slaac(lab: &Lab, since: Instant) {
 
 /// Two containers on the dual-stack example: distinct fd00:89:: addresses,
 /// ping both ways over IPv6, and the host's [::1] reached as [fd00::2].
-#[test]
-fn ipv6_containers_and_host_loopback() {
-    let Some(lab) = Lab::new("ipv6") else {
+fn ipv6_containers_and_host_loopback(engine: &str) {
+    let test = format!("ipv6_{engine}");
+    if !outbound::available(engine, &test) {
+        return;
+    }
+    let Some(lab) = Lab::new(&test) else {
         return;
     };
     let server = HostServer::start("::1");
-    let conf = dual_stack_conflist();
+    let mut conf = dual_stack_conflist();
+    outbound::with_engine(&mut conf, engine);
     assert_eq!(conf["plugins"][0]["ipv6"], true, "{conf}");
     assert_eq!(conf["plugins"][0]["allowHostLoopback"], true, "{conf}");
     lab.write_netconf(DUAL, &conf);
@@ -163,15 +175,23 @@ fn ipv6_containers_and_host_loopback() {
     let ping = retry(Duration::from_secs(5), || lab.ping(&c2, &ips[0]));
     assert!(ping.ok(), "c2 -> c1 over IPv6: {ping}");
 
-    wait_for_infra_slaac(&lab, started);
-    let ping = retry(Duration::from_secs(5), || lab.ping(&c1, SLIRP_HOST6));
-    assert!(ping.ok(), "c1 -> {SLIRP_HOST6}: {ping}");
+    wait_for_infra_slaac(&lab, engine, started);
+    // pasta relays pings through the host's "ping" sockets, which only the
+    // gids of net.ipv4.ping_group_range may open ("1 0", none, by
+    // default): slirp4netns answers pings to its gateway itself.
+    if engine != PASTA {
+        let ping = retry(Duration::from_secs(5), || lab.ping(&c1, SLIRP_HOST6));
+        assert!(ping.ok(), "{engine}: c1 -> {SLIRP_HOST6}: {ping}");
+    }
 
     let url = format!("http://[{SLIRP_HOST6}]:{}/", server.port);
     let got = retry(Duration::from_secs(5), || {
         lab.in_netns(&c2, &["curl", "-g", "-sS", "--max-time", "3", &url])
     });
-    assert!(got.ok(), "container -> host [::1] via {url}: {got}");
+    assert!(
+        got.ok(),
+        "{engine}: container -> host [::1] via {url}: {got}"
+    );
     assert_eq!(got.stdout, HostServer::BODY, "{got}");
     assert!(server.connections() >= 1, "the [::1] server saw nothing");
 
@@ -181,36 +201,69 @@ fn ipv6_containers_and_host_loopback() {
     lab.assert_no_infra("after DEL of both");
 }
 
-/// With `allowHostLoopback: false`, [fd00::2]:PORT does not reach the host's
-/// [::1], while IPv6 through the infra works (slirp4netns itself answers
-/// pings to fd00::2).
 #[test]
-fn ipv6_host_loopback_unreachable_when_not_allowed() {
-    let Some(lab) = Lab::new("ipv6_denied") else {
+fn ipv6_containers_and_host_loopback_slirp4netns() {
+    ipv6_containers_and_host_loopback(outbound::SLIRP4NETNS);
+}
+
+#[test]
+fn ipv6_containers_and_host_loopback_pasta() {
+    ipv6_containers_and_host_loopback(PASTA);
+}
+
+/// With `allowHostLoopback: false`, [fd00::2]:PORT does not reach the host's
+/// [::1], while IPv6 through the infra works. slirp4netns itself answers
+/// pings to fd00::2; with pasta (`--no-map-gw`) the infra refuses every
+/// packet to the gateway, pings included.
+fn ipv6_host_loopback_unreachable_when_not_allowed(engine: &str) {
+    let test = format!("ipv6_denied_{engine}");
+    if !outbound::available(engine, &test) {
+        return;
+    }
+    let Some(lab) = Lab::new(&test) else {
         return;
     };
     let server = HostServer::start("::1");
     let mut conf = dual_stack_conflist();
     outer(&mut conf).insert("allowHostLoopback".into(), false.into());
+    outbound::with_engine(&mut conf, engine);
     lab.write_netconf(DUAL, &conf);
     let c = lab.container();
 
     let started = Instant::now();
     add(&lab, DUAL, &c.netns());
-    wait_for_infra_slaac(&lab, started);
-    let ping = retry(Duration::from_secs(5), || lab.ping(&c, SLIRP_HOST6));
-    assert!(
-        ping.ok(),
-        "container -> {SLIRP_HOST6} (slirp4netns): {ping}"
-    );
+    wait_for_infra_slaac(&lab, engine, started);
+    if engine == PASTA {
+        let ping = lab.ping(&c, SLIRP_HOST6);
+        assert!(!ping.ok(), "pasta: {SLIRP_HOST6} answered a ping: {ping}");
+    } else {
+        let ping = retry(Duration::from_secs(5), || lab.ping(&c, SLIRP_HOST6));
+        assert!(
+            ping.ok(),
+            "container -> {SLIRP_HOST6} (slirp4netns): {ping}"
+        );
+    }
 
     let url = format!("http://[{SLIRP_HOST6}]:{}/", server.port);
     let got = lab.in_netns(&c, &["curl", "-g", "-sS", "--max-time", "3", &url]);
-    assert!(!got.ok(), "host [::1] reached although not allowed: {got}");
+    assert!(
+        !got.ok(),
+        "{engine}: host [::1] reached although not allowed: {got}"
+    );
     assert_eq!(server.connections(), 0, "the [::1] server was connected to");
 
     del(&lab, DUAL, &c.netns());
     lab.assert_no_infra("after the DEL");
+}
+
+#[test]
+fn ipv6_host_loopback_unreachable_when_not_allowed_slirp4netns() {
+    ipv6_host_loopback_unreachable_when_not_allowed(outbound::SLIRP4NETNS);
+}
+
+#[test]
+fn ipv6_host_loopback_unreachable_when_not_allowed_pasta() {
+    ipv6_host_loopback_unreachable_when_not_allowed(PASTA);
 }
 
 // ---------------------------------------------------------------------------
@@ -314,11 +367,15 @@ fn lookup(lab: &Lab, c: &common::Container) -> Out {
 }
 
 /// A container resolves a name only the test's DNS server knows, through
-/// slirp4netns's forwarder 10.0.2.3, which forwards to the loopback
+/// the way out's forwarder 10.0.2.3, which forwards to the loopback
 /// nameserver of the session's /etc/resolv.conf; `allowHostLoopback: false`
-/// (slirp4netns --disable-host-loopback) does not stop that forwarding.
-#[test]
-fn dns_through_the_infra_forwarder() {
+/// (slirp4netns --disable-host-loopback, pasta --no-map-gw) does not stop
+/// that forwarding.
+fn dns_through_the_infra_forwarder(engine: &str) {
+    let test = format!("dns_{engine}");
+    if !outbound::available(engine, &test) {
+        return;
+    }
     if !Path::new(Dnsmasq::BIN).exists() {
         let why = format!("{} (apt-get install dnsmasq-base)", Dnsmasq::BIN);
         if common::in_ci() {
@@ -327,7 +384,7 @@ fn dns_through_the_infra_forwarder() {
         eprintln!("skipping dns_through_the_infra_forwarder: it needs {why}");
         return;
     }
-    let Some(lab) = Lab::new("dns") else {
+    let Some(lab) = Lab::new(&test) else {
         return;
     };
     let dns = Dnsmasq::start(lab.dir.join("dnsmasq.log"));
@@ -335,6 +392,7 @@ fn dns_through_the_infra_forwarder() {
     let c = lab.container();
     let mut conf = example_conflist();
     assert_eq!(conf["plugins"][0]["allowHostLoopback"], true, "{conf}");
+    outbound::with_engine(&mut conf, engine);
 
     for allow in [true, false] {
         outer(&mut conf).insert("allowHostLoopback".into(), allow.into());
@@ -355,11 +413,11 @@ fn dns_through_the_infra_forwarder() {
         });
         assert!(
             got.ok(),
-            "allowHostLoopback {allow}: {LAB_NAME} through {SLIRP_DNS}: {got}\n\
+            "{engine}, allowHostLoopback {allow}: {LAB_NAME} through {SLIRP_DNS}: {got}\n\
              dnsmasq log:\n{}",
             dns.log_text()
         );
-        // dnsmasq saw it, from slirp4netns's socket on the host's loopback.
+        // dnsmasq saw it, from the engine's socket on the host's loopback.
         let seen = dns.queries();
         assert!(
             seen.len() > before && seen[before..].iter().all(|l| l.contains("from 127.")),
@@ -381,7 +439,18 @@ fn dns_through_the_infra_forwarder() {
     }
 }
 
-/// The forwarder follows /etc/resolv.conf as it changes: with the infra
+#[test]
+fn dns_through_the_infra_forwarder_slirp4netns() {
+    dns_through_the_infra_forwarder(outbound::SLIRP4NETNS);
+}
+
+#[test]
+fn dns_through_the_infra_forwarder_pasta() {
+    dns_through_the_infra_forwarder(PASTA);
+}
+
+/// slirp4netns's forwarder follows /etc/resolv.conf as it changes (pasta's
+/// does not: it reads the file once, at start): with the infra
 /// running, the session's file is rewritten to name another nameserver,
 /// and the next lookups through 10.0.2.3 reach that one (each server gives
 /// its own answer, and logs the query).
@@ -439,13 +508,17 @@ fn dns_forwarder_follows_a_changed_resolv_conf() {
 
 /// tap0 in the infra has the outer `mtu` (65520 by default, 1500 when set),
 /// a container's eth0 the bridge's `mtu`.
-#[test]
-fn mtu_of_tap0_and_eth0() {
-    let Some(lab) = Lab::new("mtu") else {
+fn mtu_of_tap0_and_eth0(engine: &str) {
+    let test = format!("mtu_{engine}");
+    if !outbound::available(engine, &test) {
+        return;
+    }
+    let Some(lab) = Lab::new(&test) else {
         return;
     };
     let c = lab.container();
     let mut conf = example_conflist();
+    outbound::with_engine(&mut conf, engine);
     assert!(outer(&mut conf).get("mtu").is_none(), "{conf}");
     assert_eq!(conf["plugins"][0]["delegate"]["plugins"][0]["mtu"], 65520);
 
@@ -467,4 +540,14 @@ fn mtu_of_tap0_and_eth0() {
         del(&lab, NET, &c.netns());
         lab.assert_no_infra(&format!("after DEL (outer mtu {outer_mtu:?})"));
     }
+}
+
+#[test]
+fn mtu_of_tap0_and_eth0_slirp4netns() {
+    mtu_of_tap0_and_eth0(outbound::SLIRP4NETNS);
+}
+
+#[test]
+fn mtu_of_tap0_and_eth0_pasta() {
+    mtu_of_tap0_and_eth0(PASTA);
 }

@@ -1,17 +1,20 @@
-//! The infra's way out (slirp4netns) down: the supervisor keeps restarting
-//! it with a growing pause; while it is down the STATUS verb answers 51,
-//! CHECK fails naming slirp4netns, and `status` (human and JSON) says
-//! "down" with the failed restarts; once a restart works again, published
-//! ports are forwarded again and the container reaches the host.
+//! The infra's way out (slirp4netns or pasta) down: the supervisor keeps
+//! restarting it with a growing pause; while it is down the STATUS verb
+//! answers 51, CHECK fails naming the engine, and `status` (human and JSON)
+//! says "down" with the failed restarts; once a restart works again,
+//! published ports are forwarded again and the container reaches the host.
+//! Run for both engines (pasta with the builtin port driver, slirp4netns
+//! with both drivers).
 //!
-//! Restarts fail for real: the supervisor finds a `slirp4netns` first in
-//! its PATH (inherited from the ADD that started the infra) that runs the
-//! real one, unless the test has created a "broken" flag file, in which
-//! case it exits 1 as a slirp4netns that cannot start would.
+//! Restarts fail for real: the supervisor finds the engine's program first
+//! in its PATH (inherited from the ADD that started the infra) as a script
+//! that runs the real one, unless the test has created a "broken" flag
+//! file, in which case it exits 1 as an engine that cannot start would.
 
 mod common;
 
 use common::net::http_get;
+use common::outbound;
 use common::{example_conflist, outer, plugin_stdin, HostServer, Lab, Out, Server, LAB_PATH, NET};
 use serde_json::{json, Value};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -34,22 +37,22 @@ fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> R
     }
 }
 
-/// `<lab>/wrap/slirp4netns`: the real one, or exit 1 while `flag` exists.
-fn slirp_wrapper(lab: &Lab, flag: &Path) -> PathBuf {
+/// `<lab>/wrap/PROGRAM`: the real one, or exit 1 while `flag` exists.
+fn engine_wrapper(lab: &Lab, program: &str, flag: &Path) -> PathBuf {
     let real = LAB_PATH
         .split(':')
-        .map(|d| Path::new(d).join("slirp4netns"))
+        .map(|d| Path::new(d).join(program))
         .find(|p| p.is_file())
-        .expect("slirp4netns in the lab's PATH");
+        .unwrap_or_else(|| panic!("{program} in the lab's PATH"));
     lab.write_file(
-        "wrap/slirp4netns",
+        &format!("wrap/{program}"),
         &format!(
-            "#!/bin/sh\nif [ -e '{}' ]; then echo 'slirp4netns: broken on purpose' >&2; exit 1; fi\nexec '{}' \"$@\"\n",
+            "#!/bin/sh\nif [ -e '{}' ]; then echo '{program}: broken on purpose' >&2; exit 1; fi\nexec '{}' \"$@\"\n",
             flag.display(),
             real.display()
         ),
     );
-    let wrapper = lab.dir.join("wrap/slirp4netns");
+    let wrapper = lab.dir.join(format!("wrap/{program}"));
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
         .expect("chmod the wrapper");
     lab.dir.join("wrap")
@@ -96,22 +99,22 @@ fn outbound(lab: &Lab) -> Value {
     lab.status()["infra"]["outbound"].clone()
 }
 
-fn slirp_pid(lab: &Lab) -> Option<i32> {
-    lab.status()["infra"]["slirp4netns"]["pid"]
-        .as_u64()
-        .map(|p| p as i32)
-}
-
-fn outbound_down_then_back(driver: &str) {
-    let Some(lab) = Lab::new(&format!("outbound_{driver}")) else {
+fn outbound_down_then_back(engine: &str, driver: &str) {
+    let test = format!("outbound_{engine}_{driver}");
+    if !outbound::available(engine, &test) {
+        return;
+    }
+    let Some(lab) = Lab::new(&test) else {
         return;
     };
     let t0 = Instant::now();
     let mut conf = example_conflist();
     outer(&mut conf).insert("portDriver".into(), driver.into());
+    outbound::with_engine(&mut conf, engine);
     lab.write_netconf(NET, &conf);
-    let flag = lab.dir.join("slirp-broken");
-    let wrap = slirp_wrapper(&lab, &flag);
+    let program = outbound::program(engine);
+    let flag = lab.dir.join("engine-broken");
+    let wrap = engine_wrapper(&lab, program, &flag);
     let path = format!("{}:{LAB_PATH}", wrap.display());
     let host = HostServer::start("127.0.0.1");
     let host_url = format!("http://{}:{}/", common::SLIRP_HOST, host.port);
@@ -143,14 +146,14 @@ fn outbound_down_then_back(driver: &str) {
     let check = lab.cnitool("check", NET, &c2.netns());
     assert!(check.ok(), "CHECK with the infra up: {check}");
 
-    // slirp4netns dies, and every restart fails until the flag goes.
+    // The engine dies, and every restart fails until the flag goes.
     std::fs::write(&flag, "").expect("creating the flag");
-    let old = slirp_pid(&lab).expect("a slirp4netns pid in status");
+    let old = outbound::engine_pid(&lab.status(), engine).expect("the engine's pid in status");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(old),
         nix::sys::signal::Signal::SIGKILL,
     )
-    .unwrap_or_else(|e| panic!("killing slirp4netns {old}: {e}"));
+    .unwrap_or_else(|e| panic!("killing {engine} {old}: {e}"));
     let killed = Instant::now();
     // The runtime's view first: STATUS answers 51 while the way out is down.
     let st = eventually(Duration::from_secs(5), || {
@@ -158,13 +161,13 @@ fn outbound_down_then_back(driver: &str) {
         match st.cni_error() {
             Some(e) if e.code == 51 => Ok(st),
             _ => Err(format!(
-                "STATUS with slirp4netns killed and failing to restart: {st}"
+                "STATUS with {engine} killed and failing to restart: {st}"
             )),
         }
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let err = st.cni_error().expect("an error object");
-    assert!(err.mentions("slirp4netns"), "STATUS while down: {st}");
+    assert!(err.mentions(engine), "STATUS while down: {st}");
     let down = eventually(Duration::from_secs(10), || {
         let o = outbound(&lab);
         if o["up"] == false && o["failedRestarts"].as_u64().unwrap_or(0) >= 3 {
@@ -176,8 +179,8 @@ fn outbound_down_then_back(driver: &str) {
     .unwrap_or_else(|e| panic!("status never said the way out is down and retried: {e}"));
     eprintln!("down after {:?}: {down}", killed.elapsed());
     assert!(
-        down["error"].as_str().unwrap_or("").contains("slirp4netns"),
-        "the reason names slirp4netns: {down}"
+        down["error"].as_str().unwrap_or("").contains(engine),
+        "the reason names {engine}: {down}"
     );
     let human = lab.cli(&["status"]);
     assert!(
@@ -187,8 +190,8 @@ fn outbound_down_then_back(driver: &str) {
     let check = lab.cnitool("check", NET, &c2.netns());
     assert!(!check.ok(), "CHECK succeeded while the way out is down");
     assert!(
-        check.to_string().contains("slirp4netns"),
-        "CHECK while down names slirp4netns: {check}"
+        check.to_string().contains(engine),
+        "CHECK while down names {engine}: {check}"
     );
     // Still down a while later: the supervisor keeps trying, never gives up.
     let failed_before = down["failedRestarts"].as_u64().unwrap_or(0);
@@ -214,17 +217,17 @@ fn outbound_down_then_back(driver: &str) {
     eprintln!("up again {:?} after the fix", fixed.elapsed());
     let back = outbound(&lab);
     assert_eq!(back["restarts"], 1, "restarts after recovery: {back}");
-    let new = slirp_pid(&lab).expect("a slirp4netns pid after recovery");
-    assert_ne!(new, old, "status still shows the killed slirp4netns");
+    let new = outbound::engine_pid(&lab.status(), engine).expect("the engine's pid after recovery");
+    assert_ne!(new, old, "status still shows the killed {engine}");
     eventually(Duration::from_secs(5), || {
         http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
     })
-    .unwrap_or_else(|e| panic!("{driver}: the published port after recovery: {e}"));
+    .unwrap_or_else(|e| panic!("{engine}, {driver}: the published port after recovery: {e}"));
     eventually(Duration::from_secs(5), || {
         let got = lab.curl(&c, &host_url);
         got.ok().then_some(()).ok_or_else(|| got.to_string())
     })
-    .unwrap_or_else(|e| panic!("{driver}: container -> host after recovery: {e}"));
+    .unwrap_or_else(|e| panic!("{engine}, {driver}: container -> host after recovery: {e}"));
     let st = status_verb(&lab, &conf);
     assert!(st.ok(), "STATUS after recovery: {st}");
     let check = lab.cnitool("check", NET, &c2.netns());
@@ -233,7 +236,7 @@ fn outbound_down_then_back(driver: &str) {
     assert!(
         human
             .stdout
-            .contains("outbound:    up (slirp4netns restarted 1 time(s))"),
+            .contains(&format!("outbound:    up ({engine} restarted 1 time(s))")),
         "human status after recovery: {human}"
     );
 
@@ -246,17 +249,22 @@ fn outbound_down_then_back(driver: &str) {
     lab.kill_container(&c2);
     lab.assert_no_infra("after the DEL");
     eprintln!(
-        "[timing] outbound down and back ({driver}): {:?}",
+        "[timing] outbound down and back ({engine}, {driver}): {:?}",
         t0.elapsed()
     );
 }
 
 #[test]
-fn outbound_down_is_reported_and_recovers_builtin() {
-    outbound_down_then_back("builtin");
+fn outbound_down_is_reported_and_recovers_slirp4netns() {
+    outbound_down_then_back(outbound::SLIRP4NETNS, "builtin");
 }
 
 #[test]
-fn outbound_down_is_reported_and_recovers_slirp4netns() {
-    outbound_down_then_back("slirp4netns");
+fn outbound_down_is_reported_and_recovers_slirp4netns_with_its_port_driver() {
+    outbound_down_then_back(outbound::SLIRP4NETNS, "slirp4netns");
+}
+
+#[test]
+fn outbound_down_is_reported_and_recovers_pasta() {
+    outbound_down_then_back(outbound::PASTA, "builtin");
 }

@@ -8,7 +8,14 @@
 //! CI runs the default 256 cases a property; PROPTEST_CASES raises that
 //! (scripts/fuzz runs it long). tests/fuzz.rs does the same through the
 //! binary, with state files too.
+//!
+//! Also in-process: every conflist of testdata/conflists/ is a config the
+//! plugin accepts, and cni-VERSION.conflist is the example network at
+//! VERSION and nothing else.
 
+mod common;
+
+use common::{example_conflist, testdata};
 use proptest::prelude::*;
 use rootless_cni::cni::config::{OWN_KEYS, SPEC_KEYS};
 use rootless_cni::cni::gojson;
@@ -27,18 +34,10 @@ const VARS: [&str; 6] = [
     "CNI_ARGS",
 ];
 
-/// A config that parses: the example network's outer config.
+/// A config that parses: the example network's outer config at 1.1.0,
+/// which knows every verb.
 fn valid_config() -> Value {
-    json!({
-        "cniVersion": "1.1.0",
-        "name": "rootless",
-        "type": "rootless-cni",
-        "delegate": {
-            "cniVersion": "1.0.0",
-            "name": "rootless",
-            "plugins": [{"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"}}]
-        }
-    })
+    testdata::outer_at("1.1.0")
 }
 
 fn valid_env() -> BTreeMap<String, String> {
@@ -300,4 +299,35 @@ fn go_spelling(name: &str, bits: u32) -> String {
             }
         })
         .collect()
+}
+
+#[test]
+fn every_conflist_of_testdata_is_a_config_the_plugin_accepts() {
+    let dir = testdata::path("conflists");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("testdata/conflists")
+        .map(|e| e.expect("an entry").path())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 5, "{names:?}");
+    for path in names {
+        let name = path.file_stem().and_then(|n| n.to_str()).expect("a name");
+        let stdin = common::plugin_stdin(&testdata::conflist(name)).to_string();
+        if let Err(e) = parse_call(lookup(&valid_env()), stdin.as_bytes()) {
+            panic!("{}: {e}", path.display());
+        }
+    }
+}
+
+#[test]
+fn the_conflist_of_each_version_is_the_example_at_that_version() {
+    for version in rootless_cni::cni::version::SUPPORTED {
+        let mut example = example_conflist();
+        example["cniVersion"] = json!(version);
+        assert_eq!(
+            testdata::conflist(&format!("cni-{version}")),
+            example,
+            "{version}"
+        );
+    }
 }

@@ -13,25 +13,20 @@
 //!   through capability args, end up on the container's eth0.
 //!
 //! The 1.1.0 verbs are driven by calling our binary directly: Debian's
-//! cnitool (libcni 1.1.x) cannot parse a 1.1.0 result.
+//! cnitool (libcni 1.1.x) cannot parse a 1.1.0 result. The configs are
+//! testdata/conflists/: the example network at each version
+//! (cni-VERSION.conflist), and static-ip-mac.conflist.
 
 mod common;
 
-use common::{example_conflist, plugin_stdin, result_ipv4, Container, Lab, GATEWAY, NET};
+use common::testdata::{self, outer_at};
+use common::{example_conflist, result_ipv4, Container, Lab, GATEWAY, NET};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
 /// Every version the plugin must speak.
 const ALL_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
-
-/// The example's outer config at the runtime version `version`, as a
-/// runtime feeds it on stdin.
-fn outer_at(version: &str) -> Value {
-    let mut conf = plugin_stdin(&example_conflist());
-    conf["cniVersion"] = json!(version);
-    conf
-}
 
 /// The example's outer config with `delegate` as the inner chain.
 fn outer_with_delegate(version: &str, delegate: Value) -> Value {
@@ -119,11 +114,10 @@ fn add_result_is_converted_to_the_runtime_version() {
     let Some(lab) = Lab::new("spec_convert") else {
         return;
     };
-    assert_eq!(
-        example_conflist()["plugins"][0]["delegate"]["cniVersion"],
-        "1.0.0"
-    );
     let versions = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+    for version in versions {
+        assert_eq!(outer_at(version)["delegate"]["cniVersion"], "1.0.0");
+    }
     let mut attached = Vec::new();
     for (i, version) in versions.iter().enumerate() {
         let c = lab.container();
@@ -412,39 +406,14 @@ fn del_without_netns_and_prev_result() {
     assert_eq!(lab.links(&c), ["lo"], "links left in the container");
 }
 
-/// The inner chain for a static IP and MAC: bridge (host-local inside) and
-/// tuning, declaring the capabilities that carry them.
-fn static_conflist() -> Value {
-    let mut conf = example_conflist();
-    let outer = conf["plugins"][0].as_object_mut().expect("outer plugin");
-    outer.insert(
-        "capabilities".into(),
-        json!({"portMappings": true, "ips": true, "mac": true}),
-    );
-    outer.insert(
-        "delegate".into(),
-        json!({
-            "cniVersion": "1.0.0",
-            "name": NET,
-            "plugins": [
-                { "type": "bridge", "bridge": "rcni0", "isGateway": true, "ipMasq": true,
-                  "capabilities": { "ips": true, "mac": true },
-                  "ipam": { "type": "host-local",
-                            "ranges": [[{ "subnet": "10.89.0.0/24" }]],
-                            "routes": [{ "dst": "0.0.0.0/0" }] } },
-                { "type": "tuning", "capabilities": { "mac": true } }
-            ]
-        }),
-    );
-    conf
-}
-
 #[test]
 fn static_ip_and_mac_from_the_runtime() {
     let Some(lab) = Lab::new("spec_static") else {
         return;
     };
-    lab.write_netconf(NET, &static_conflist());
+    // The inner chain for a static IP and MAC: bridge (host-local inside)
+    // and tuning, declaring the capabilities that carry them.
+    lab.write_netconf(NET, &testdata::conflist("static-ip-mac"));
     let cases = [
         (
             "CNI_ARGS",

@@ -15,19 +15,13 @@
 
 mod common;
 
-use common::{example_conflist, plugin_stdin, Lab, Out, GATEWAY, NET};
+use common::testdata::outer_at;
+use common::{Lab, Out, GATEWAY, NET};
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// The example's outer config at the runtime version `version`.
-fn outer_at(version: &str) -> Value {
-    let mut conf = plugin_stdin(&example_conflist());
-    conf["cniVersion"] = json!(version);
-    conf
-}
 
 /// An outer config at `version` whose inner chain is `plugins` at
 /// `inner_version`, with a 2 s pluginTimeout.

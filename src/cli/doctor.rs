@@ -20,11 +20,7 @@ pub fn doctor(state_dir: Option<PathBuf>, as_json: bool) -> i32 {
         inside_user_namespace(),
         sub_ids(),
         tun(),
-        program(
-            "slirp4netns",
-            &["slirp4netns"],
-            "apt-get install slirp4netns",
-        ),
+        outbound(state_dir.as_deref()),
         program(
             "iptables",
             &["iptables", "/usr/sbin/iptables", "/sbin/iptables"],
@@ -206,9 +202,71 @@ fn tun() -> Check {
         Ok(_) => Ok("can be opened".into()),
         Err(e) => Err((
             format!("cannot open it: {e}"),
-            "slirp4netns needs it: a desktop distribution makes it 0666; as root: chmod 0666 /dev/net/tun (or a udev rule)".into(),
+            "slirp4netns and pasta need it: a desktop distribution makes it 0666; as root: chmod 0666 /dev/net/tun (or a udev rule)".into(),
         )),
     })
+}
+
+/// The way out the namespace checks take: slirp4netns (the default) unless
+/// only pasta is installed.
+fn installed_engine() -> crate::infra::outbound::Engine {
+    use crate::infra::outbound::Engine;
+    match find_in_path("slirp4netns") {
+        None if find_in_path("pasta").is_some() => Engine::Pasta,
+        _ => Engine::Slirp4netns,
+    }
+}
+
+/// The ways out installed, and which one the running infra uses (a
+/// network's `outbound` picks it; slirp4netns by default).
+fn outbound(state_dir: Option<&Path>) -> Check {
+    use crate::infra::{outbound, InfraInfo};
+    let found =
+        |p: &str| find_in_path(p).map_or("not installed".to_string(), |f| f.display().to_string());
+    let installed = format!(
+        "slirp4netns: {}; pasta: {}",
+        found("slirp4netns"),
+        found("pasta")
+    );
+    let running = StateDir::resolve(state_dir)
+        .ok()
+        .and_then(|path| StateDir::open_existing(path).ok().flatten())
+        .and_then(|state| InfraInfo::load(&state))
+        .filter(InfraInfo::is_alive);
+    match running {
+        Some(info) => {
+            let engine = info.settings.outbound.name();
+            match outbound::outbound_down(&info) {
+                None => check(
+                    "outbound",
+                    Ok(format!(
+                        "the running infra's way out is {engine} (pid {}); {installed}",
+                        info.outbound_process().map_or(0, |p| p.pid)
+                    )),
+                ),
+                Some(why) => check(
+                    "outbound",
+                    Err((
+                        format!("{why}; {installed}"),
+                        format!("see infra.log in the state dir; is {engine} installed and working?"),
+                    )),
+                ),
+            }
+        }
+        None if find_in_path("slirp4netns").is_some() || find_in_path("pasta").is_some() => check(
+            "outbound",
+            Ok(format!(
+                "no infra running; {installed} (a network's \"outbound\" picks one, slirp4netns by default)"
+            )),
+        ),
+        None => check(
+            "outbound",
+            Err((
+                format!("neither slirp4netns nor pasta is installed ({installed})"),
+                "apt-get install slirp4netns (or passt, for \"outbound\": \"pasta\")".into(),
+            )),
+        ),
+    }
 }
 
 fn program(name: &'static str, candidates: &[&str], fix: &str) -> Check {
@@ -302,7 +360,7 @@ fn namespaces() -> Check {
     }
     check(
         "namespaces",
-        match can_start_infra() {
+        match can_start_infra(installed_engine()) {
             Ok(()) => Ok("network and mount namespaces can be created".into()),
             Err(msg) => Err((msg, "see the checks above".into())),
         },
@@ -311,8 +369,7 @@ fn namespaces() -> Check {
 
 /// `can_start_infra`'s checks as they would go in a new user namespace.
 fn can_start_infra_in_userns() -> Result<(), String> {
-    find_in_path("slirp4netns")
-        .ok_or("slirp4netns is not in PATH (Debian/Ubuntu: apt-get install slirp4netns)")?;
+    crate::commands::status::engine_in_path(installed_engine())?;
     probe_namespaces(true).map_err(|e| {
         format!("cannot create network and mount namespaces in a new user namespace: {e}")
     })

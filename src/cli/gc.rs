@@ -107,12 +107,12 @@ fn verdict(a: &Attachment, info: Option<&InfraInfo>) -> Verdict {
     }
 }
 
-/// The mount namespaces of the infra's sandbox and slirp4netns: copies of
+/// The mount namespaces of the infra's sandbox and its way out: copies of
 /// the caller's, made when the infra started, so they hold copies of the
 /// netns mounts the runtime had then; those are no sign of life.
 fn infra_mount_namespaces(info: &InfraInfo) -> std::collections::HashSet<u64> {
     let mut set: std::collections::HashSet<u64> = [info.mntns].into_iter().collect();
-    if let Some(p) = info.slirp4netns.filter(|p| p.is_alive()) {
+    if let Some(p) = info.outbound_process().filter(|p| p.is_alive()) {
         set.extend(crate::procfs::ns_inode(format!("/proc/{}/ns/mnt", p.pid)));
     }
     set

@@ -17,7 +17,7 @@ rootless-cni - rootless bridge networking for any CNI runtime
 
 As a CNI plugin (CNI_COMMAND set) it runs the network's inner plugins
 (bridge, host-local, portmap, ...) inside a per-user infra namespace that
-slirp4netns connects to the outside. List it in a network config:
+slirp4netns (or pasta) connects to the outside. List it in a network config:
 
   { \"type\": \"rootless-cni\", \"delegate\": { <an inner conflist> } }
 
@@ -30,11 +30,15 @@ Network config keys (of the rootless-cni plugin entry):
                      without XDG_RUNTIME_DIR: /run/user/UID/rootless-cni-plugin
                      when that dir is yours, /run/rootless-cni-plugin for
                      real root
-  mtu                slirp4netns's MTU, 576-65520 (default 65520)
+  outbound           what connects the infra to the outside: slirp4netns
+                     (default) or pasta; same addresses either way
+  mtu                tap0's MTU (slirp4netns or pasta), 576-65520
+                     (default 65520)
   allowHostLoopback  containers reach the host's 127.0.0.1 as 10.0.2.2
                      (default false)
-  ipv6               slirp4netns IPv6, fd00::/64 (default false)
-  portDriver         builtin (default) or slirp4netns, for portMappings
+  ipv6               IPv6 on tap0, fd00::/64 (default false)
+  portDriver         builtin (default) or slirp4netns (needs outbound
+                     slirp4netns), for portMappings
   idleTimeout        keep the infra after the last DEL: 30, \"30s\", \"5m\"
   pluginTimeout      kill an inner plugin after this (default 60s)
   lockTimeout        wait this long for the state lock, then code 11

@@ -33,19 +33,21 @@ pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> Result<()> {
     match &info {
         None => println!("infra:       not running"),
         Some(i) => println!(
-            "infra:       running for {}s: supervisor {}, sandbox {}, slirp4netns {}; mtu {}, host loopback {}",
+            "infra:       running for {}s: supervisor {}, sandbox {}, {} {}; mtu {}, host loopback {}",
             procfs::uptime_seconds(&i.supervisor).unwrap_or(0),
             i.supervisor.pid,
             i.sandbox.pid,
-            i.slirp4netns.map_or("-".to_string(), |p| p.pid.to_string()),
+            i.settings.outbound.name(),
+            i.outbound_process().map_or("-".to_string(), |p| p.pid.to_string()),
             i.settings.mtu,
             if i.settings.allow_host_loopback { "allowed" } else { "blocked" },
         ),
     }
     if let Some(i) = &info {
-        match crate::infra::slirp::outbound_down(i) {
+        match crate::infra::outbound::outbound_down(i) {
             None => println!(
-                "outbound:    up (slirp4netns restarted {} time(s))",
+                "outbound:    up ({} restarted {} time(s))",
+                i.settings.outbound.name(),
                 i.outbound.restarts
             ),
             Some(why) => println!("outbound:    DOWN: {why}"),
@@ -78,6 +80,7 @@ fn infra_json(i: &InfraInfo) -> Value {
         "supervisor": i.supervisor,
         "sandbox": i.sandbox,
         "slirp4netns": i.slirp4netns,
+        "pasta": i.pasta,
         "uptimeSeconds": procfs::uptime_seconds(&i.supervisor),
         "mtu": i.settings.mtu,
         "allowHostLoopback": i.settings.allow_host_loopback,
@@ -86,10 +89,11 @@ fn infra_json(i: &InfraInfo) -> Value {
     })
 }
 
-/// Whether the infra's way out works, and slirp4netns's restarts.
+/// Which way out the infra has, whether it works, and its restarts.
 fn outbound_json(i: &InfraInfo) -> Value {
-    let down = crate::infra::slirp::outbound_down(i);
+    let down = crate::infra::outbound::outbound_down(i);
     json!({
+        "engine": i.settings.outbound.name(),
         "up": down.is_none(),
         "restarts": i.outbound.restarts,
         "failedRestarts": i.outbound.down.as_ref().map_or(0, |d| d.failed_restarts),

@@ -35,6 +35,7 @@ pub const OWN_KEYS: &[&str] = &[
     "allowHostLoopback",
     "ipv6",
     "portDriver",
+    "outbound",
     "idleTimeout",
     "pluginTimeout",
     "lockTimeout",
@@ -58,6 +59,8 @@ pub struct NetConf {
     /// slirp4netns's IPv6 (fd00::100/64 on tap0, gateway fd00::2).
     pub ipv6: bool,
     pub port_driver: PortDriver,
+    /// What connects the infra to the outside.
+    pub outbound: Outbound,
     /// None: stop the infra as soon as the last attachment leaves.
     pub idle_timeout: Option<Duration>,
     /// An inner plugin still running after this is killed and the call fails.
@@ -85,6 +88,28 @@ pub enum PortDriver {
     Builtin,
     /// slirp4netns's add_hostfwd.
     Slirp4netns,
+}
+
+/// What connects the infra to the outside: both give it the same
+/// addresses (tap0 10.0.2.100/24, gateway 10.0.2.2, DNS 10.0.2.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outbound {
+    /// slirp4netns: a TCP/IP stack of its own in user space.
+    #[default]
+    Slirp4netns,
+    /// pasta (passt): the infra's traffic mapped onto host sockets.
+    Pasta,
+}
+
+impl Outbound {
+    /// Its name in the config, the logs and `status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outbound::Slirp4netns => "slirp4netns",
+            Outbound::Pasta => "pasta",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -182,6 +207,22 @@ impl NetConf {
                 )))
             }
         };
+        let outbound = match string(&obj, "outbound")?.as_deref() {
+            None | Some("slirp4netns") => Outbound::Slirp4netns,
+            Some("pasta") => Outbound::Pasta,
+            Some(other) => {
+                return Err(Error::config(format!(
+                    "\"outbound\" {other:?} is not one of slirp4netns, pasta"
+                )))
+            }
+        };
+        if outbound == Outbound::Pasta && port_driver == PortDriver::Slirp4netns {
+            // That driver talks to slirp4netns's API socket: with pasta
+            // there is no slirp4netns to ask.
+            return Err(Error::config(
+                "\"portDriver\": \"slirp4netns\" needs \"outbound\": \"slirp4netns\"; with \"outbound\": \"pasta\" use \"portDriver\": \"builtin\"",
+            ));
+        }
         let idle_timeout = duration(&obj, "idleTimeout")?;
         let plugin_timeout = duration(&obj, "pluginTimeout")?
             .filter(|d| !d.is_zero())
@@ -232,6 +273,7 @@ impl NetConf {
             allow_host_loopback,
             ipv6,
             port_driver,
+            outbound,
             idle_timeout,
             plugin_timeout,
             lock_timeout,
@@ -542,6 +584,27 @@ mod tests {
     }
 
     #[test]
+    fn outbound_engine() {
+        let c = NetConf::parse(conf("").as_bytes()).unwrap();
+        assert_eq!(c.outbound, Outbound::Slirp4netns);
+        let c = NetConf::parse(conf(r#","outbound":"pasta""#).as_bytes()).unwrap();
+        assert_eq!(
+            (c.outbound, c.port_driver),
+            (Outbound::Pasta, PortDriver::Builtin)
+        );
+        // slirp4netns's port driver needs slirp4netns: both keys named.
+        let e =
+            NetConf::parse(conf(r#","outbound":"pasta","portDriver":"slirp4netns""#).as_bytes())
+                .unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(
+            e.msg.contains("\"outbound\"") && e.msg.contains("\"portDriver\""),
+            "{}",
+            e.msg
+        );
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = NetConf::parse(conf(r#","bogusKey":1"#).as_bytes()).unwrap_err();
         assert_eq!(e.code, 7);
@@ -572,6 +635,8 @@ mod tests {
             (r#","stateDir":5"#, "stateDir"),
             (r#","ipv6":1"#, "ipv6"),
             (r#","portDriver":"fast""#, "portDriver"),
+            (r#","outbound":"slirp""#, "outbound"),
+            (r#","outbound":true"#, "outbound"),
         ] {
             let e = NetConf::parse(conf(extra).as_bytes()).unwrap_err();
             assert_eq!(e.code, 7, "{key}");

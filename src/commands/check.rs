@@ -2,7 +2,7 @@
 //! plugins check it against the recorded result.
 
 use super::attachment_key;
-use crate::chain::Chain;
+use crate::chain::{Chain, InfraExec, RuntimeConf};
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
@@ -74,11 +74,12 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
     // The attachment is in place, but the container cannot reach anything
     // beyond the infra: not a working network.
-    if let Some(why) = infra::slirp::outbound_down(&info) {
+    if let Some(why) = infra::outbound::outbound_down(&info) {
         return Err(Error::new(code::OUTBOUND_DOWN, why));
     }
     let netns = ContainerNetns::open(env.netns())?;
-    let chain = Chain::recorded(&record, &info, &netns, env, conf.plugin_timeout)?;
+    let rt = RuntimeConf::of_call(env, conf, netns).with_recorded_args(&record);
+    let chain = Chain::recorded(&record, &rt, || InfraExec::open(&info))?;
     // The chain the attachment was made with may be older than today's.
     crate::chain::check_knows_check(chain.cni_version(), &conf.cni_version)?;
     if chain.disable_check() {

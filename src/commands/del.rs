@@ -3,7 +3,8 @@
 //! and stops the infra when it was the last one.
 
 use super::attachment_key;
-use crate::chain::Chain;
+use super::publish;
+use crate::chain::{Chain, InfraExec, RuntimeConf};
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::error::{code, Result};
@@ -51,7 +52,7 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             // Forwards under this key whose record is gone (a killed ADD's,
             // its record removed) are closed.
             if info.is_some() {
-                super::add::close_forwards(&state, &key);
+                publish::close_forwards(&state, &key);
             }
             // An ADD killed while writing its first record leaves only the
             // temporary file, which this takes away.
@@ -68,12 +69,10 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             if killed_owner {
                 exec::settle_orphans(info, &key.container_id, &key.ifname, conf.plugin_timeout);
             }
-            // A broken record must not block the DEL: no ports then.
-            let mappings =
-                crate::ports::from_runtime_config(&record.capability_args).unwrap_or_default();
-            super::add::unpublish_ports(&state, &key, &mappings);
+            publish::unpublish_recorded(&state, &record);
             let netns = ContainerNetns::open_if_present(env.netns.as_deref(), record.netns_inode);
-            let chain = Chain::recorded(&record, info, &netns, env, conf.plugin_timeout)?;
+            let rt = RuntimeConf::of_call(env, conf, netns).with_recorded_args(&record);
+            let chain = Chain::recorded(&record, &rt, || InfraExec::open(info))?;
             let deleted = chain.del(chain.cached_result(&record).as_ref());
             match (deleted, record.state) {
                 (Ok(()), _) => {}

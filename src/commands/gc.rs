@@ -2,15 +2,14 @@
 //! runtime no longer lists, running the inner DEL with what was recorded at
 //! ADD; then pass GC on to inner plugins that know it.
 
-use crate::chain::{self, Chain};
+use super::publish;
+use crate::chain::{self, Chain, InfraExec, RuntimeConf};
 use crate::cni::config::NetConf;
-use crate::cni::env::{CniEnv, Command as Verb};
+use crate::cni::env::CniEnv;
 use crate::error::{code, Error, ErrorList, Result};
-use crate::exec::ContainerNetns;
 use crate::infra::{self, InfraInfo};
 use crate::procfs::ProcessId;
 use crate::state::{Attachment, AttachmentState, StateDir};
-use serde_json::json;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,13 +60,8 @@ fn inner_gc(
     if list.disable_gc {
         return Ok(());
     }
-    let attachments: Vec<_> = valid
-        .iter()
-        .map(|(c, i)| json!({"containerID": c, "ifname": i}))
-        .collect();
-    let binaries = chain::find_binaries(&list, &env.path)?;
-    let extra = ("cni.dev/valid-attachments", json!(attachments));
-    super::network_verb(list, binaries, &info, env, conf, Verb::Gc, Some(extra))
+    let plugins = chain::find_binaries(list, &env.path)?;
+    super::network_verb(plugins, &info, env, conf, |chain| chain.gc(valid))
 }
 
 /// Runs the inner DEL of each stale attachment and forgets it. Used by the
@@ -183,23 +177,12 @@ pub(super) fn delete_recorded(
     rec: &Attachment,
     killed_owner: bool,
 ) -> Result<()> {
-    let key = rec.key();
-    let mappings = crate::ports::from_runtime_config(&rec.capability_args).unwrap_or_default();
-    super::add::unpublish_ports(state, &key, &mappings);
-    let netns_path = rec.netns.as_deref().map(std::path::Path::new);
-    let netns = ContainerNetns::open_if_present(netns_path, rec.netns_inode);
-    let del_env = CniEnv {
-        command: Verb::Del,
-        container_id: rec.container_id.clone(),
-        netns: netns_path.map(|p| p.to_path_buf()),
-        ifname: rec.ifname.clone(),
-        args: rec.cni_args.clone(),
-        path: cni_path.to_vec(),
-    };
+    publish::unpublish_recorded(state, rec);
+    let rt = RuntimeConf::of_record(rec, cni_path, timeout);
     if killed_owner {
         // An ADD or DEL of it was killed: its inner plugins may still run.
         crate::exec::settle_orphans(info, &rec.container_id, &rec.ifname, timeout);
     }
-    let chain = Chain::recorded(rec, info, &netns, &del_env, timeout)?;
+    let chain = Chain::recorded(rec, &rt, || InfraExec::open(info))?;
     chain.del(chain.cached_result(rec).as_ref())
 }

@@ -4,12 +4,17 @@ pub mod add;
 pub mod check;
 pub mod del;
 pub mod gc;
+mod pending;
+mod publish;
 pub mod status;
 pub mod version;
 
+use crate::chain::{Chain, InfraExec, Plugins, RuntimeConf};
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
+use crate::exec::{ContainerNetns, PluginBinary};
+use crate::infra::InfraInfo;
 use crate::procfs::ProcessId;
 use crate::state::{Attachment, AttachmentKey, AttachmentState, StateDir};
 
@@ -39,27 +44,17 @@ fn state_dir_to_undo(conf: &NetConf) -> Result<Option<StateDir>> {
     state_dir(conf, false)
 }
 
-/// GC or STATUS through the inner chain, in the running infra.
+/// GC or STATUS (`verb`) through the inner chain, in the running infra:
+/// verbs about the whole network, so no container and no netns.
 fn network_verb(
-    list: crate::cni::config::InnerList,
-    binaries: Vec<crate::exec::PluginBinary>,
-    info: &crate::infra::InfraInfo,
+    plugins: Plugins<PluginBinary>,
+    info: &InfraInfo,
     env: &CniEnv,
     conf: &NetConf,
-    verb: crate::cni::env::Command,
-    extra: Option<(&str, serde_json::Value)>,
+    verb: impl FnOnce(&Chain<InfraExec>) -> Result<()>,
 ) -> Result<()> {
-    let netns = crate::exec::ContainerNetns::open_if_present(None, None);
-    let chain = crate::chain::Chain::new(
-        list,
-        binaries,
-        info,
-        &netns,
-        env,
-        &conf.runtime_config,
-        conf.plugin_timeout,
-    )?;
-    chain.network_verb(verb, extra)
+    let rt = RuntimeConf::of_call(env, conf, ContainerNetns::open_if_present(None, None));
+    verb(&Chain::new(plugins, &rt, InfraExec::open(info)?))
 }
 
 fn attachment_key(env: &CniEnv, conf: &NetConf) -> AttachmentKey {

@@ -3,7 +3,7 @@
 
 use crate::chain;
 use crate::cni::config::NetConf;
-use crate::cni::env::{CniEnv, Command as Verb};
+use crate::cni::env::CniEnv;
 use crate::error::{code, Error, Result};
 use crate::infra;
 use std::os::unix::process::CommandExt;
@@ -15,7 +15,7 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
     // Without CNI_PATH the inner plugins can be neither found nor asked.
     let binaries = match env.path.is_empty() {
         true => None,
-        false => Some(chain::find_binaries(&list, &env.path).map_err(unavailable)?),
+        false => Some(chain::find_binaries(list, &env.path).map_err(unavailable)?),
     };
     // A question changes nothing: no state dir is made for it.
     let state = super::state_dir(conf, false).map_err(unavailable)?;
@@ -23,27 +23,28 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
         Some(state) => infra::running(state, &state.lock()?)?,
         None => None,
     };
-    if let Some(why) = running.as_ref().and_then(infra::slirp::outbound_down) {
+    if let Some(why) = running.as_ref().and_then(infra::outbound::outbound_down) {
         return Err(Error::new(code::LIMITED_CONNECTIVITY, why));
     }
     match (running, binaries) {
-        (Some(info), Some(binaries)) => {
-            super::network_verb(list, binaries, &info, env, conf, Verb::Status, None)
+        (Some(info), Some(plugins)) => {
+            super::network_verb(plugins, &info, env, conf, |chain| chain.status())
         }
         (Some(_), None) => Ok(()),
-        (None, _) => can_start_infra().map_err(|msg| Error::new(code::PLUGIN_NOT_AVAILABLE, msg)),
+        (None, _) => can_start_infra(conf.outbound)
+            .map_err(|msg| Error::new(code::PLUGIN_NOT_AVAILABLE, msg)),
     }
 }
 
 /// What starting the infra needs, checked without starting it.
-pub fn can_start_infra() -> std::result::Result<(), String> {
-    find_in_path("slirp4netns")
-        .ok_or("slirp4netns is not in PATH (Debian/Ubuntu: apt-get install slirp4netns)")?;
+pub fn can_start_infra(engine: crate::infra::outbound::Engine) -> std::result::Result<(), String> {
+    engine_in_path(engine)?;
+    let name = engine.name();
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/net/tun")
-        .map_err(|e| format!("cannot open /dev/net/tun ({e}); slirp4netns needs it"))?;
+        .map_err(|e| format!("cannot open /dev/net/tun ({e}); {name} needs it"))?;
     let mut probe = std::process::Command::new("/bin/true");
     // SAFETY: runs between fork and exec; unshare is async-signal-safe.
     unsafe {
@@ -61,6 +62,17 @@ pub fn can_start_infra() -> std::result::Result<(), String> {
                 .into(),
         ),
     }
+}
+
+/// The way out `engine` is in PATH, or what to install.
+pub fn engine_in_path(engine: crate::infra::outbound::Engine) -> std::result::Result<(), String> {
+    let (name, package) = match engine {
+        crate::infra::outbound::Engine::Slirp4netns => ("slirp4netns", "slirp4netns"),
+        crate::infra::outbound::Engine::Pasta => ("pasta", "passt"),
+    };
+    find_in_path(name).map(drop).ok_or(format!(
+        "{name} is not in PATH (Debian/Ubuntu: apt-get install {package})"
+    ))
 }
 
 pub fn find_in_path(name: &str) -> Option<std::path::PathBuf> {

@@ -1,11 +1,11 @@
 //! The infra: one per (user, user namespace). Its lifecycle runs under the
 //! state lock; its processes are the supervisor (in the caller's
 //! namespaces), the sandbox (whose network and mount namespaces *are* the
-//! infra) and slirp4netns.
+//! infra) and its way out, slirp4netns or pasta (`outbound`).
 
 pub mod control;
+pub mod outbound;
 pub mod sandbox;
-pub mod slirp;
 pub mod supervisor;
 
 use crate::error::{code, Error, Result};
@@ -33,6 +33,10 @@ pub struct Settings {
     pub allow_host_loopback: bool,
     pub ipv6: bool,
     pub port_driver: PortDriver,
+    /// What connects the infra to the outside (absent in a record of a
+    /// version that knew slirp4netns only).
+    #[serde(default)]
+    pub outbound: outbound::Engine,
     pub idle_timeout_secs: Option<u64>,
     pub log_level: String,
     /// The builtin driver's bounds (absent in a record of a version that
@@ -93,6 +97,7 @@ impl Settings {
             allow_host_loopback: conf.allow_host_loopback,
             ipv6: conf.ipv6,
             port_driver: conf.port_driver,
+            outbound: conf.outbound,
             idle_timeout_secs: conf.idle_timeout.map(|d| d.as_secs()),
             log_level: log::max_level().to_string().to_lowercase(),
             forward_limits: conf.forward_limits,
@@ -118,6 +123,9 @@ pub struct InfraInfo {
     pub netns: u64,
     pub mntns: u64,
     pub slirp4netns: Option<ProcessId>,
+    /// pasta, when it is the way out (`settings.outbound`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasta: Option<ProcessId>,
     pub userns: u64,
     /// The supervisor's PID namespace: the PIDs above mean these processes
     /// only there (0 in a record of a version that did not keep it).
@@ -126,9 +134,9 @@ pub struct InfraInfo {
     /// Seconds since the epoch.
     pub started: u64,
     pub settings: Settings,
-    /// slirp4netns's restarts, and whether it is down now.
+    /// The way out's restarts, and whether it is down now.
     #[serde(default)]
-    pub outbound: slirp::Outbound,
+    pub outbound: outbound::Outbound,
 }
 
 impl InfraInfo {
@@ -180,6 +188,22 @@ impl InfraInfo {
         })
     }
 
+    /// The process of the configured way out, as recorded.
+    pub fn outbound_process(&self) -> Option<ProcessId> {
+        match self.settings.outbound {
+            outbound::Engine::Slirp4netns => self.slirp4netns,
+            outbound::Engine::Pasta => self.pasta,
+        }
+    }
+
+    /// Records the way out's process (None: it is down).
+    pub fn set_outbound_process(&mut self, p: Option<ProcessId>) {
+        match self.settings.outbound {
+            outbound::Engine::Slirp4netns => self.slirp4netns = p,
+            outbound::Engine::Pasta => self.pasta = p,
+        }
+    }
+
     pub fn save(&self, state: &StateDir) -> Result<()> {
         state.write_json(state::INFRA_FILE, self, state::Durability::Synced)
     }
@@ -190,6 +214,7 @@ impl InfraInfo {
             Some((self.supervisor, supervisor::ENTRY)),
             Some((self.sandbox, sandbox::ENTRY)),
             self.slirp4netns.map(|p| (p, "slirp4netns")),
+            self.pasta.map(|p| (p, "pasta")),
         ]
         .into_iter()
         .flatten()
@@ -207,7 +232,7 @@ pub const ALIVE_LOCK: &str = "infra.lck";
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The supervisor's side of `ALIVE_LOCK`; refuses when another supervisor
-/// holds it. Close-on-exec: the sandbox and slirp4netns do not hold it.
+/// holds it. Close-on-exec: the sandbox and the way out do not hold it.
 pub fn hold_alive_lock(state: &StateDir) -> Result<std::fs::File> {
     let path = state.file(ALIVE_LOCK);
     let file = state.open_file(ALIVE_LOCK, true)?;
@@ -396,6 +421,7 @@ pub fn ensure_running(
             || info.settings.allow_host_loopback != settings.allow_host_loopback
             || info.settings.ipv6 != settings.ipv6
             || info.settings.port_driver != settings.port_driver
+            || info.settings.outbound != settings.outbound
         {
             log::warn!(
                 "infra already running with {}; this config's settings apply from the next infra start",
@@ -557,7 +583,7 @@ pub fn stop(state: &StateDir, _lock: &StateLock, info: &InfraInfo) -> Result<()>
 }
 
 /// SIGKILL to every recorded process that is still the one recorded (the
-/// supervisor first, so it does not restart slirp4netns), then to what is
+/// supervisor first, so it does not restart the way out), then to what is
 /// left in the infra's network namespace.
 fn kill_and_reap(state: &StateDir, info: &InfraInfo) {
     let procs: Vec<ProcessId> = info

@@ -79,6 +79,9 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
     place(&run, run_tree.as_ref(), Path::new("/run"))?;
     sys::loopback_up()?;
     sysctl("net/ipv4/ip_forward", "1")?;
+    if settings.outbound == super::outbound::Engine::Pasta && !settings.allow_host_loopback {
+        refuse_gateway(settings.ipv6)?;
+    }
     if settings.ipv6 {
         // Forwarding turns off router advertisements unless accept_ra is 2,
         // and slirp4netns's tap0 gets its IPv6 address from one.
@@ -87,6 +90,56 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
         // would only keep its address unusable for the first seconds.
         sysctl("net/ipv6/conf/default/accept_dad", "0")?;
         sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    }
+    Ok(())
+}
+
+/// With pasta's `--no-map-gw`, what is sent to the gateway (10.0.2.2,
+/// fd00::2) is not the host's loopback any more but pasta would send it to
+/// that address on the host's own network. Policy rules refuse it here, in
+/// the infra, for the protocols pasta carries (the infra and its containers
+/// get "administratively prohibited"). They match on the protocol, so the
+/// kernel's own gateway lookup (protocol 0) when pasta adds the default
+/// route still works, and they outlive pasta's restarts.
+fn refuse_gateway(ipv6: bool) -> Result<()> {
+    use super::outbound::{GATEWAY, GATEWAY6};
+    let mut families = vec![("-4", format!("{GATEWAY}/32"), "icmp")];
+    if ipv6 {
+        families.push(("-6", format!("{GATEWAY6}/128"), "ipv6-icmp"));
+    }
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .ok_or_else(|| {
+            crate::error::Error::internal("no ip command (iproute2) to refuse the gateway with")
+        })?;
+    for (family, to, icmp) in families {
+        let rules: String = ["tcp", "udp", icmp]
+            .iter()
+            .map(|proto| format!("rule add to {to} ipproto {proto} prohibit\n"))
+            .collect();
+        let mut child = std::process::Command::new(ip)
+            .args([family, "-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {ip}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(rules.as_bytes())
+                .with_context(|| format!("writing to {ip}"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .with_context(|| format!("running {ip}"))?;
+        if !out.status.success() {
+            return Err(crate::error::Error::internal(format!(
+                "refusing traffic to the gateway ({ip} {family} -batch: {}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
     }
     Ok(())
 }

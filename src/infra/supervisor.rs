@@ -1,8 +1,9 @@
 //! The supervisor: stays in the caller's namespaces, starts the sandbox and
-//! slirp4netns, restarts slirp4netns when it dies, and tears everything
-//! down on SIGTERM, when the sandbox dies, or when idle.
+//! the way out (slirp4netns or pasta), restarts the way out when it dies,
+//! and tears everything down on SIGTERM, when the sandbox dies, or when
+//! idle.
 
-use super::slirp::{self, Slirp, SlirpOptions};
+use super::outbound::{self, Running};
 use super::{control, sandbox, InfraInfo, PortDriver, Settings};
 use crate::error::{code, Error, Result};
 use crate::ports::{self, builtin::Builtin, Driver};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 pub const ENTRY: &str = "__supervise";
 
 const SANDBOX_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause before restarting a slirp4netns that died, doubled after each
+/// Pause before restarting a way out (slirp4netns, pasta) that died, doubled after each
 /// failed restart up to RESTART_PAUSE_MAX: a broken one does not spin, and
 /// one that can start again (the cause fixed) is back within seconds.
 const RESTART_PAUSE: Duration = Duration::from_millis(100);
@@ -73,18 +74,19 @@ struct Supervisor {
     /// where `sandbox_reaped` alone keeps us from signalling a reaped PID.
     sandbox_pidfd: Option<OwnedFd>,
     sandbox_reaped: bool,
-    slirp: Option<Slirp>,
+    /// The way out, None while it is down.
+    outbound: Option<Running>,
     info: InfraInfo,
     /// Held for the supervisor's lifetime (see `super::ALIVE_LOCK`);
     /// released in `shutdown`, before infra.json goes.
     alive: Option<std::fs::File>,
-    /// While slirp4netns is down: when to try again, and the pause after that.
+    /// While the way out is down: when to try again, and the pause after that.
     restart: Option<(Instant, Duration)>,
 }
 
 /// Entry of the hidden `__supervise` command.
 pub fn main(args: Args) -> i32 {
-    // The plugin waits for EOF on this pipe: the sandbox and slirp4netns
+    // The plugin waits for EOF on this pipe: the sandbox and the way out
     // must not inherit it.
     let _ = sys::close_on_exec(args.ready_fd);
     // SAFETY: the plugin handed us this fd for our exclusive use.
@@ -112,10 +114,11 @@ pub fn main(args: Args) -> i32 {
     let _ = ready.write_all(b"ok\n");
     drop(ready);
     log::info!(
-        "infra up: supervisor {}, sandbox {}, slirp4netns {:?}",
+        "infra up: supervisor {}, sandbox {}, {} {:?}",
         sup.info.supervisor.pid,
         sup.info.sandbox.pid,
-        sup.info.slirp4netns.map(|p| p.pid)
+        sup.settings.outbound.name(),
+        sup.info.outbound_process().map(|p| p.pid)
     );
     sup.run(signals);
     0
@@ -171,6 +174,7 @@ impl Supervisor {
             netns,
             mntns,
             slirp4netns: None,
+            pasta: None,
             userns: procfs::self_ns_inode("user").unwrap_or(0),
             pidns: procfs::self_ns_inode("pid").unwrap_or(0),
             started: state::now_secs(),
@@ -199,36 +203,41 @@ impl Supervisor {
             sandbox_id,
             sandbox_pidfd,
             sandbox_reaped: false,
-            slirp: None,
+            outbound: None,
             info,
             alive: Some(alive),
             restart: None,
         };
-        if let Err(e) = sup.start_slirp() {
+        if let Err(e) = sup.start_outbound() {
             sup.kill_children();
             return Err(e);
         }
         Ok(sup)
     }
 
-    fn start_slirp(&mut self) -> Result<()> {
+    fn start_outbound(&mut self) -> Result<()> {
         let socket = self.state.file(state::SLIRP_SOCKET);
         let _ = self.state.remove(state::SLIRP_SOCKET);
-        let slirp = slirp::start(&SlirpOptions {
+        let running = outbound::start(&outbound::Options {
             sandbox_pid: self.sandbox_id.pid,
             settings: &self.settings,
             api_socket: &socket,
         })?;
-        self.info.slirp4netns = Some(slirp.id);
-        self.slirp = Some(slirp);
+        self.info.set_outbound_process(Some(running.id));
+        self.outbound = Some(running);
+        // The slirp4netns driver's forwards died with slirp4netns; the
+        // builtin driver's live in our own process and need nothing.
         self.ports.slirp_restarted(&socket);
         if self.info.outbound.down.take().is_some() {
             self.info.outbound.restarts += 1;
         }
-        // slirp4netns runs: a record we could not write must not count as
+        // The way out runs: a record we could not write must not count as
         // a failed start, which would start a second one beside it.
         if let Err(e) = self.info.save(&self.state) {
-            log::warn!("recording the restarted slirp4netns: {e}");
+            log::warn!(
+                "recording the restarted {}: {e}",
+                self.settings.outbound.name()
+            );
         }
         Ok(())
     }
@@ -236,7 +245,7 @@ impl Supervisor {
     fn run(&mut self, signals: SignalFd) {
         let mut idle_since: Option<Instant> = None;
         loop {
-            self.restart_slirp_if_due();
+            self.restart_outbound_if_due();
             let idle_tick = self.settings.idle_timeout_secs.map(|_| IDLE_TICK_MS);
             let restart_in = self.restart.map(|(at, _)| {
                 // Rounded up, so the wake-up is never early (no busy loop).
@@ -307,9 +316,10 @@ impl Supervisor {
                         self.shutdown();
                         return false;
                     }
-                    if Some(pid.as_raw()) == self.info.slirp4netns.map(|p| p.pid) {
-                        log::warn!("slirp4netns exited ({status:?}); restarting it");
-                        self.slirp_down(format!("slirp4netns exited ({status:?})"));
+                    if Some(pid.as_raw()) == self.info.outbound_process().map(|p| p.pid) {
+                        let engine = self.settings.outbound.name();
+                        log::warn!("{engine} exited ({status:?}); restarting it");
+                        self.outbound_down(format!("{engine} exited ({status:?})"));
                     }
                 }
             }
@@ -318,42 +328,46 @@ impl Supervisor {
 
     /// Records the way out as down (so STATUS, CHECK and `status` say so)
     /// and schedules the first restart.
-    fn slirp_down(&mut self, why: String) {
-        self.slirp = None;
-        self.info.slirp4netns = None;
-        self.info.outbound.down = Some(slirp::Down {
+    fn outbound_down(&mut self, why: String) {
+        self.outbound = None;
+        self.info.set_outbound_process(None);
+        self.info.outbound.down = Some(outbound::Down {
             since: state::now_secs(),
             failed_restarts: 0,
             error: why,
         });
         if let Err(e) = self.info.save(&self.state) {
-            log::error!("recording that slirp4netns is down: {e}");
+            log::error!(
+                "recording that {} is down: {e}",
+                self.settings.outbound.name()
+            );
         }
         self.restart = Some((Instant::now() + RESTART_PAUSE, RESTART_PAUSE));
     }
 
-    /// Tries to restart slirp4netns when a restart is due; after a failure,
+    /// Tries to restart the way out when a restart is due; after a failure,
     /// schedules the next try with a doubled pause, and never gives up
     /// while the infra runs.
-    fn restart_slirp_if_due(&mut self) {
+    fn restart_outbound_if_due(&mut self) {
         let Some((at, pause_done)) = self.restart else {
             return;
         };
         if Instant::now() < at {
             return;
         }
-        match self.start_slirp() {
+        let engine = self.settings.outbound.name();
+        match self.start_outbound() {
             Ok(()) => {
                 self.restart = None;
                 log::info!(
-                    "slirp4netns restarted (pid {:?})",
-                    self.info.slirp4netns.map(|p| p.pid)
+                    "{engine} restarted (pid {:?})",
+                    self.info.outbound_process().map(|p| p.pid)
                 );
             }
             Err(e) => {
                 let next = (pause_done * 2).min(RESTART_PAUSE_MAX);
                 log::error!(
-                    "restarting slirp4netns: {e}; trying again in {}ms",
+                    "restarting {engine}: {e}; trying again in {}ms",
                     next.as_millis()
                 );
                 if let Some(down) = self.info.outbound.down.as_mut() {
@@ -420,9 +434,9 @@ impl Supervisor {
             self.sandbox_reaped = true;
         }
         super::end_leftovers(&self.state, &self.info);
-        if let Some(mut slirp) = self.slirp.take() {
-            let _ = slirp.child.kill();
-            let _ = slirp.child.wait();
+        if let Some(mut out) = self.outbound.take() {
+            let _ = out.child.kill();
+            let _ = out.child.wait();
         }
     }
 }

@@ -188,7 +188,8 @@ impl Cri {
         let mut cmd = Command::new(&client);
         cmd.args([&socket, method])
             .env_clear()
-            .env("PATH", LAB_PATH);
+            .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab());
         let body = request.to_string();
         run_command(
             cmd,
@@ -330,7 +331,10 @@ impl Cri {
                 &archive,
             ];
             let mut cmd = Command::new(argv[0]);
-            cmd.args(&argv[1..]).env_clear().env("PATH", LAB_PATH);
+            cmd.args(&argv[1..])
+                .env_clear()
+                .env("PATH", LAB_PATH)
+                .env("LIBMOUNT_UTAB", crate::common::utab());
             let out = run_command(cmd, argv.join(" "), None, CALL_TIMEOUT);
             assert!(out.ok(), "{out}");
         }
@@ -346,7 +350,8 @@ pub fn page_on_host(port: u16) -> Out {
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--max-time", "3", &url])
             .env_clear()
-            .env("PATH", LAB_PATH);
+            .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab());
         let out = run_command(cmd, format!("curl {url}"), None, Duration::from_secs(10));
         if out.ok() || Instant::now() > deadline {
             return out;
@@ -418,6 +423,7 @@ impl RootfulContainerd {
             .args(["--mount", "--propagation", "private", "sh", "-c", &script])
             .env_clear()
             .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab())
             .env("XDG_RUNTIME_DIR", c.dir.join("xdg"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
@@ -491,7 +497,8 @@ impl RootfulContainerd {
         cmd.args([target.as_str(), "--mount", "--pid", "--"])
             .args(argv)
             .env_clear()
-            .env("PATH", LAB_PATH);
+            .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab());
         run_command(cmd, argv.join(" "), None, CALL_TIMEOUT)
     }
 
@@ -739,6 +746,7 @@ impl RootlessContainerd {
             .args(["--mount", "--propagation", "private", "sh", "-c", &inner])
             .env_clear()
             .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -789,7 +797,8 @@ impl RootlessContainerd {
             .arg(format!("XDG_RUNTIME_DIR={}", lab.run_dir().display()))
             .args([&bin, "status", "--json"])
             .env_clear()
-            .env("PATH", LAB_PATH);
+            .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab());
         let out = run_command(
             cmd,
             "rootless-cni status --json (in rootlesskit)".into(),

@@ -32,7 +32,9 @@ pub mod host_tools;
 mod hosts;
 mod leaks;
 pub mod net;
+pub mod outbound;
 pub mod podman;
+pub mod testdata;
 #[allow(unused_imports)] // each test file uses a different part of the harness
 pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
 pub use leaks::Snapshot;
@@ -58,15 +60,6 @@ pub const GATEWAY: &str = "10.89.0.1";
 /// The host's loopback as seen through slirp4netns.
 pub const SLIRP_HOST: &str = "10.0.2.2";
 
-/// The CNI_* variables every plugin call must have (the tests of a missing
-/// or empty one go through all of them).
-pub const REQUIRED_CNI_VARS: [&str; 5] = [
-    "CNI_COMMAND",
-    "CNI_CONTAINERID",
-    "CNI_NETNS",
-    "CNI_IFNAME",
-    "CNI_PATH",
-];
 /// The PATH everything inside the lab gets: no root-only dirs, since a
 /// PATH entry the lab user cannot search breaks `nsenter … ping` for it;
 /// /usr/sbin and /sbin for iptables and ip.
@@ -299,7 +292,7 @@ impl Spawned {
 // ---------------------------------------------------------------------------
 // Prerequisites
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub fn find_in_path(name: &str) -> Option<PathBuf> {
     LAB_PATH
         .split(':')
         .map(|d| Path::new(d).join(name))
@@ -485,6 +478,14 @@ pub fn host_global_ipv4() -> Option<String> {
 
 // ---------------------------------------------------------------------------
 // Processes
+
+/// Where mount(8) keeps its utab for the commands the tests run as root:
+/// by default real root's mount(8) makes /run/mount on the machine, even in
+/// a private mount namespace (every root command the harness builds gets
+/// `LIBMOUNT_UTAB` pointing here).
+pub fn utab() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("utab")
+}
 
 /// The real uid of a process, None if it is gone.
 fn real_uid(pid: u32) -> Option<u32> {
@@ -879,6 +880,7 @@ impl Lab {
         let child = holder
             .env_clear()
             .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -1089,7 +1091,10 @@ impl Lab {
         for (k, v) in env {
             cmd.arg(format!("{k}={v}"));
         }
-        cmd.args(argv).env_clear().env("PATH", LAB_PATH);
+        cmd.args(argv)
+            .env_clear()
+            .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab());
         cmd
     }
 
@@ -1256,6 +1261,7 @@ impl Lab {
             .args(argv)
             .env_clear()
             .env("PATH", LAB_PATH)
+            .env("LIBMOUNT_UTAB", crate::common::utab())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 /// otherwise: it goes to the target dir.
 pub fn root_command(argv: &[&str]) -> Command {
     let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..]).env_clear().env("PATH", LAB_PATH).env(
-        "LIBMOUNT_UTAB",
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join("utab"),
-    );
+    cmd.args(&argv[1..])
+        .env_clear()
+        .env("PATH", LAB_PATH)
+        .env("LIBMOUNT_UTAB", crate::common::utab());
     cmd
 }
 

@@ -1,23 +1,86 @@
 //! The inner chain with libcni's semantics: plugins in order with the
 //! previous result threaded through, runtimeConfig only for declared
-//! capabilities, DEL in reverse with the cached result, CHECK with it too.
+//! capabilities, DEL in reverse with the cached result, CHECK with it too,
+//! GC and STATUS for plugins whose version knows them, and the ADD result
+//! converted to the runtime's version.
+//!
+//! The chain reaches plugins only through an `Exec` (libcni's
+//! invoke.Exec): `InfraExec` runs them inside the infra; the unit tests
+//! run the chain with a fake.
+
+mod infra;
+mod runtime;
+mod sandbox;
+#[cfg(test)]
+mod tests;
+
+pub use infra::InfraExec;
+pub use runtime::RuntimeConf;
+pub use sandbox::{rewrite_sandbox, rewrite_sandbox_raw};
 
 use crate::cni::config::InnerList;
-use crate::cni::env::{CniEnv, Command as Verb};
+use crate::cni::env::Verb;
 use crate::cni::gojson;
 use crate::cni::version;
-use crate::error::{code, Error, Result};
-use crate::exec::{self, ContainerNetns, InfraNs, Invocation};
-use crate::infra::InfraInfo;
+use crate::error::{code, Error, ErrorList, Result};
+use crate::exec::PluginBinary;
 use crate::state::Attachment;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use std::path::PathBuf;
-use std::time::Duration;
 
-/// The last plugin's result, parsed and as printed.
+/// Runs one inner plugin: the chain's only way out.
+pub trait Exec {
+    /// A plugin as found in CNI_PATH.
+    type Plugin;
+
+    /// libcni's FindInPath: the plugin for `plugin_type`, first match in
+    /// `cni_path`. Called before anything runs (and before the executor
+    /// exists: an ADD finds its plugins before it starts the infra).
+    fn find(plugin_type: &str, cni_path: &[PathBuf]) -> Result<Self::Plugin>;
+
+    /// libcni's ExecPlugin: `plugin` run for `verb`, `stdin` its config.
+    /// Ok(what it printed); an inner error object is passed through.
+    fn exec(
+        &self,
+        plugin: &Self::Plugin,
+        verb: Verb,
+        rt: &RuntimeConf,
+        stdin: &[u8],
+    ) -> Result<Vec<u8>>;
+}
+
+/// The inner list with every plugin of it found.
+pub struct Plugins<P> {
+    list: InnerList,
+    found: Vec<P>,
+}
+
+impl<P> Plugins<P> {
+    /// Every plugin of `list`, found before anything runs.
+    pub fn find<E: Exec<Plugin = P>>(list: InnerList, cni_path: &[PathBuf]) -> Result<Self> {
+        let found = list
+            .plugins
+            .iter()
+            .map(|p| E::find(InnerList::plugin_type(p), cni_path))
+            .collect::<Result<_>>()?;
+        Ok(Plugins { list, found })
+    }
+
+    pub fn list(&self) -> &InnerList {
+        &self.list
+    }
+}
+
+/// The plugins of `list` as the infra runs them.
+pub fn find_binaries(list: InnerList, cni_path: &[PathBuf]) -> Result<Plugins<PluginBinary>> {
+    Plugins::find::<InfraExec>(list, cni_path)
+}
+
+/// The last plugin's result, parsed and as printed, with the container
+/// netns named as the inner plugins know it.
 pub struct AddResult {
-    pub value: Value,
-    pub raw: Vec<u8>,
+    value: Value,
+    raw: Vec<u8>,
 }
 
 /// A failed ADD of the chain: the error, and whether the rollback (DEL of
@@ -27,15 +90,13 @@ pub struct AddFailure {
     pub undone: bool,
 }
 
-pub struct Chain<'a> {
+pub struct Chain<'a, E: Exec> {
     list: InnerList,
-    binaries: Vec<exec::PluginBinary>,
-    infra: InfraNs,
-    netns: &'a ContainerNetns,
-    env: &'a CniEnv,
+    plugins: Vec<E::Plugin>,
+    exec: E,
+    rt: &'a RuntimeConf,
     /// What the inner plugins may see of the runtime's capability args.
     capability_args: Map<String, Value>,
-    timeout: Duration,
 }
 
 /// CHECK needs an inner chain at 0.4.0 or later: code 1 naming both
@@ -52,57 +113,28 @@ pub fn check_knows_check(inner: &str, runtime: &str) -> Result<()> {
     ))
 }
 
-/// Every plugin of the list, found in CNI_PATH before anything runs.
-pub fn find_binaries(list: &InnerList, cni_path: &[PathBuf]) -> Result<Vec<exec::PluginBinary>> {
-    list.plugins
-        .iter()
-        .map(|p| exec::find_plugin(InnerList::plugin_type(p), cni_path))
-        .collect()
-}
-
-impl<'a> Chain<'a> {
-    /// `binaries` are the list's plugins, found by `find_binaries`.
-    pub fn new(
-        list: InnerList,
-        binaries: Vec<exec::PluginBinary>,
-        info: &InfraInfo,
-        netns: &'a ContainerNetns,
-        env: &'a CniEnv,
-        capability_args: &'a Map<String, Value>,
-        timeout: Duration,
-    ) -> Result<Self> {
-        Ok(Chain {
-            infra: InfraNs::open(info)?,
-            list,
-            binaries,
-            netns,
-            env,
-            capability_args: crate::ports::inner_capability_args(capability_args),
-            timeout,
-        })
+impl<'a, E: Exec> Chain<'a, E> {
+    pub fn new(plugins: Plugins<E::Plugin>, rt: &'a RuntimeConf, exec: E) -> Self {
+        Chain {
+            list: plugins.list,
+            plugins: plugins.found,
+            exec,
+            rt,
+            capability_args: crate::ports::inner_capability_args(&rt.capability_args),
+        }
     }
 
-    /// The chain an attachment was made with: its recorded config and
-    /// capability args.
+    /// The chain an attachment was made with: its recorded config, its
+    /// plugins found again; `exec` makes the executor once they are.
     pub fn recorded(
-        rec: &'a Attachment,
-        info: &InfraInfo,
-        netns: &'a ContainerNetns,
-        env: &'a CniEnv,
-        timeout: Duration,
+        rec: &Attachment,
+        rt: &'a RuntimeConf,
+        exec: impl FnOnce() -> Result<E>,
     ) -> Result<Self> {
         let list = InnerList::from_value(&rec.config, "", &rec.network)
             .map_err(|e| e.context(format!("record of {}", rec.container_id)))?;
-        let binaries = find_binaries(&list, &env.path)?;
-        Self::new(
-            list,
-            binaries,
-            info,
-            netns,
-            env,
-            &rec.capability_args,
-            timeout,
-        )
+        let plugins = Plugins::find::<E>(list, &rt.cni_path)?;
+        Ok(Self::new(plugins, rt, exec()?))
     }
 
     pub fn cni_version(&self) -> &str {
@@ -118,24 +150,38 @@ impl<'a> Chain<'a> {
     pub fn cached_result(&self, rec: &Attachment) -> Option<Value> {
         let mut result = rec.result.clone()?;
         if let Some(runtime) = &rec.netns {
-            rewrite_sandbox(&mut result, runtime, &self.netns.inner_path());
+            rewrite_sandbox(&mut result, runtime, &self.rt.netns.inner_path());
         }
         Some(result)
     }
 
+    /// What a record keeps of an ADD's result: the inner version's, with
+    /// the container netns as the runtime names it.
+    pub fn to_record(&self, result: &AddResult) -> Value {
+        self.runtime_view(&result.value)
+    }
+
+    /// An inner result with the container netns as the runtime names it.
+    fn runtime_view(&self, result: &Value) -> Value {
+        let mut value = result.clone();
+        let netns = &self.rt.netns;
+        rewrite_sandbox(&mut value, &netns.inner_path(), &netns.runtime_str());
+        value
+    }
+
     /// ADD through the whole list. On failure, what ran is undone (DEL of
-    /// every plugin, in reverse) before the error is returned. The result
-    /// carries the inner CNI_NETNS; see `rewrite_sandbox`.
-    /// `progress` gets each result but the last, so a caller killed
-    /// mid-chain leaves what a later DEL needs as its prevResult.
+    /// every plugin, in reverse) before the error is returned.
+    /// `progress` gets each result but the last (as the runtime knows the
+    /// netns), so a caller killed mid-chain leaves what a later DEL needs
+    /// as its prevResult.
     pub fn add(
         &self,
-        mut progress: impl FnMut(&Value),
+        mut progress: impl FnMut(Value),
     ) -> std::result::Result<AddResult, AddFailure> {
         let mut last: Option<AddResult> = None;
         for i in 0..self.list.plugins.len() {
             if let Some(done) = &last {
-                progress(&done.value);
+                progress(self.runtime_view(&done.value));
             }
             let prev = last.as_ref().map(|r| &r.value);
             let step = self.run(Verb::Add, i, prev).and_then(|raw| {
@@ -173,6 +219,41 @@ impl<'a> Chain<'a> {
         AddFailure { error, undone }
     }
 
+    /// The DEL of a whole ADD that succeeded: `result` is its result.
+    pub fn undo(&self, result: &AddResult) -> Result<()> {
+        self.del(Some(&result.value))
+    }
+
+    /// The ADD result for the runtime: at the runtime's `version`, after
+    /// `prev` (the result of the plugins before us in the runtime's own
+    /// chain), with the container netns under the runtime's name. Same
+    /// version and nothing before us: the last plugin's bytes as it
+    /// printed them, but for that name.
+    pub fn reply(
+        &self,
+        result: &AddResult,
+        version: &str,
+        prev: Option<&Value>,
+    ) -> Result<Vec<u8>> {
+        let netns = &self.rt.netns;
+        let (inner, runtime) = (netns.inner_path(), netns.runtime_str());
+        if prev.is_none() && self.list.cni_version == version {
+            return Ok(rewrite_sandbox_raw(&result.raw, &inner, &runtime));
+        }
+        // Chained after other plugins, we append ours to their result (the
+        // spec: a plugin handles prevResult, it does not drop it).
+        let ours = version::convert_result(
+            &self.runtime_view(&result.value),
+            self.cni_version(),
+            version,
+        )?;
+        let reply = match prev {
+            Some(prev) => crate::cni::merge_results(prev, &ours),
+            None => ours,
+        };
+        serde_json::to_vec(&reply).map_err(|e| Error::internal(e.to_string()))
+    }
+
     /// DEL through every plugin in reverse. Every plugin is tried; the first
     /// failure is returned.
     pub fn del(&self, cached: Option<&Value>) -> Result<()> {
@@ -182,7 +263,7 @@ impl<'a> Chain<'a> {
         } else {
             None
         };
-        let mut errors = crate::error::ErrorList::default();
+        let mut errors = ErrorList::default();
         for i in (0..self.list.plugins.len()).rev() {
             errors.push_if_err(self.run(Verb::Del, i, prev).map(|_| ()));
         }
@@ -196,13 +277,29 @@ impl<'a> Chain<'a> {
         Ok(())
     }
 
+    /// GC through the plugins whose version knows it, each told the
+    /// attachments to keep, (container id, ifname).
+    pub fn gc(&self, valid: &[(String, String)]) -> Result<()> {
+        let attachments: Vec<_> = valid
+            .iter()
+            .map(|(c, i)| json!({"containerID": c, "ifname": i}))
+            .collect();
+        let extra = ("cni.dev/valid-attachments", json!(attachments));
+        self.network_verb(Verb::Gc, Some(extra))
+    }
+
+    /// STATUS of the plugins whose version knows it.
+    pub fn status(&self) -> Result<()> {
+        self.network_verb(Verb::Status, None)
+    }
+
     fn name(&self, i: usize) -> &str {
         InnerList::plugin_type(&self.list.plugins[i])
     }
 
     /// GC and STATUS for the plugins whose version knows them (1.1.0 on);
     /// `extra` is added to each config (GC's valid attachments).
-    pub fn network_verb(&self, verb: Verb, extra: Option<(&str, Value)>) -> Result<()> {
+    fn network_verb(&self, verb: Verb, extra: Option<(&str, Value)>) -> Result<()> {
         if !version::at_least(&self.list.cni_version, "1.1.0") {
             log::debug!(
                 "inner chain at {} knows no {}",
@@ -213,7 +310,7 @@ impl<'a> Chain<'a> {
         }
         // GC goes through every plugin and reports every failure (libcni
         // does the same); STATUS stops at the first plugin not available.
-        let mut errors = crate::error::ErrorList::default();
+        let mut errors = ErrorList::default();
         for i in 0..self.list.plugins.len() {
             let mut config = self.plugin_config(i, None);
             if let (Some((key, value)), Some(obj)) = (&extra, config.as_object_mut()) {
@@ -234,20 +331,7 @@ impl<'a> Chain<'a> {
     fn invoke(&self, verb: Verb, i: usize, config: &Value) -> Result<Vec<u8>> {
         let stdin = serde_json::to_vec(config).map_err(|e| Error::internal(e.to_string()))?;
         log::debug!("{} {} in the infra", verb.as_str(), self.name(i));
-        exec::run_plugin(
-            &self.infra,
-            &self.binaries[i],
-            &Invocation {
-                verb,
-                container_id: &self.env.container_id,
-                ifname: &self.env.ifname,
-                args: &self.env.args,
-                cni_path: &self.env.path,
-                timeout: self.timeout,
-            },
-            self.netns,
-            &stdin,
-        )
+        self.exec.exec(&self.plugins[i], verb, self.rt, &stdin)
     }
 
     /// libcni's buildOneConfig: name and cniVersion from the list, the
@@ -277,65 +361,5 @@ impl<'a> Chain<'a> {
             conf.insert("runtimeConfig".into(), Value::Object(runtime_config));
         }
         Value::Object(conf)
-    }
-}
-
-/// Replaces `interfaces[].sandbox` equal to `from` by `to`: inner plugins
-/// know the container netns as /proc/self/fd/N, the runtime by its own path.
-pub fn rewrite_sandbox(result: &mut Value, from: &str, to: &str) {
-    let Some(ifaces) = result.get_mut("interfaces").and_then(Value::as_array_mut) else {
-        return;
-    };
-    for iface in ifaces {
-        if let Some(sandbox) = iface.get_mut("sandbox") {
-            if sandbox.as_str() == Some(from) {
-                *sandbox = Value::String(to.to_string());
-            }
-        }
-    }
-}
-
-/// The same replacement on the result as a plugin printed it, so the
-/// runtime gets the inner result byte for byte but for the sandbox path.
-/// The inner path is a JSON string token that only `sandbox` can hold.
-pub fn rewrite_sandbox_raw(raw: &[u8], from: &str, to: &str) -> Vec<u8> {
-    let (Ok(from), Ok(to)) = (serde_json::to_vec(from), serde_json::to_vec(to)) else {
-        return raw.to_vec();
-    };
-    let mut out = Vec::with_capacity(raw.len() + to.len());
-    let mut rest = raw;
-    while let Some(pos) = rest.windows(from.len()).position(|w| w == from.as_slice()) {
-        out.extend_from_slice(&rest[..pos]);
-        out.extend_from_slice(&to);
-        rest = &rest[pos + from.len()..];
-    }
-    out.extend_from_slice(rest);
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn sandbox_is_rewritten_only_where_it_matches() {
-        let mut r = json!({"interfaces":[
-            {"name":"rcni0","mac":"aa"},
-            {"name":"veth1","mac":"bb"},
-            {"name":"eth0","mac":"cc","sandbox":"/proc/self/fd/5"}]});
-        rewrite_sandbox(&mut r, "/proc/self/fd/5", "/run/netns/c1");
-        assert_eq!(r["interfaces"][2]["sandbox"], "/run/netns/c1");
-        assert!(r["interfaces"][0].get("sandbox").is_none());
-    }
-
-    #[test]
-    fn raw_result_keeps_its_bytes() {
-        let raw = b"{\n    \"interfaces\": [{\"sandbox\": \"/proc/self/fd/5\"}],\n    \"x\": \"/proc/self/fd/55\"\n}";
-        let out = rewrite_sandbox_raw(raw, "/proc/self/fd/5", "/run/netns/a\"b");
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "{\n    \"interfaces\": [{\"sandbox\": \"/run/netns/a\\\"b\"}],\n    \"x\": \"/proc/self/fd/55\"\n}"
-        );
     }
 }
