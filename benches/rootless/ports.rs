@@ -870,7 +870,7 @@ fn rootlesskit_iperf(lab: &Lab, port: u16) -> Res<Tree> {
         .env_clear()
         .env("PATH", LAB_PATH)
         // mount(8) as real root keeps its utab under the machine's /run.
-        .env("LIBMOUNT_UTAB", lab.dir.join("utab"));
+        .env("LIBMOUNT_UTAB", common::utab());
     let tree = start_logged(
         cmd,
         "rootlesskit's iperf3 server",
@@ -913,7 +913,7 @@ fn pasta_iperf(lab: &Lab, port: u16) -> Res<Tree> {
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &inner])
         .env_clear()
         .env("PATH", LAB_PATH)
-        .env("LIBMOUNT_UTAB", lab.dir.join("utab"));
+        .env("LIBMOUNT_UTAB", common::utab());
     start_logged(
         cmd,
         "pasta's iperf3 server",
