@@ -140,6 +140,26 @@ pub fn loopback_up() -> Result<()> {
     Ok(())
 }
 
+/// IPV6_TRANSPARENT on an IPv6 socket: it may bind a non-local address
+/// (nix has the option for IPv4 only).
+pub fn set_ipv6_transparent(fd: std::os::fd::BorrowedFd) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` outlives the call and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            std::ptr::addr_of!(on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The last lines of a log, for an error message that points at the cause.
 pub fn tail(path: &std::path::Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

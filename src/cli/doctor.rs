@@ -26,9 +26,15 @@ pub fn doctor(state_dir: Option<PathBuf>, as_json: bool) -> i32 {
             &["iptables", "/usr/sbin/iptables", "/sbin/iptables"],
             "apt-get install iptables",
         ),
+        program(
+            "ip",
+            &["ip", "/usr/sbin/ip", "/sbin/ip", "/bin/ip"],
+            "apt-get install iproute2",
+        ),
         reference_plugins(),
-        runtime_dir(state_dir),
+        runtime_dir(state_dir.clone()),
         namespaces(),
+        client_addresses(state_dir),
     ];
     let failed = checks.iter().filter(|c| !c.ok).count();
     if as_json {
@@ -76,6 +82,31 @@ fn check(name: &'static str, result: Result<String, (String, String)>) -> Check 
             fix,
         },
     }
+}
+
+/// Whether the running infra lets containers see their clients' addresses
+/// (builtin port driver); without an infra there is nothing to look at yet.
+fn client_addresses(state_dir: Option<PathBuf>) -> Check {
+    let running = || {
+        let state = super::open_state(state_dir).ok()??;
+        let lock = state.lock().ok()?;
+        crate::infra::running(&state, &lock).ok()?
+    };
+    let fix = "the kernel must give the infra IP_TRANSPARENT, policy routing and the CONNMARK target with the connmark and mark matches (xt_connmark, xt_mark); ip (iproute2) and iptables-restore must be installed; then `rootless-cni stop` and the next ADD starts an infra that uses them (infra.log says what failed)";
+    check(
+        "client addresses",
+        match running() {
+            None => Ok("no infra running: set up when one starts (`status` says)".into()),
+            Some(i) => match (i.settings.port_driver, &i.client_addresses) {
+                (crate::infra::PortDriver::Slirp4netns, _) => {
+                    Ok("kept by the slirp4netns port driver".into())
+                }
+                (_, Some(c)) if c.complete(i.settings.ipv6) => Ok(c.describe(i.settings.ipv6)),
+                (_, Some(c)) => Err((c.describe(i.settings.ipv6), fix.into())),
+                (_, None) => Ok("not recorded by the running infra (an older release)".into()),
+            },
+        },
+    )
 }
 
 fn read_sysctl(path: &str) -> Option<String> {

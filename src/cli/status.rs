@@ -52,6 +52,7 @@ pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> Result<()> {
             ),
             Some(why) => println!("outbound:    DOWN: {why}"),
         }
+        println!("clients:     {}", client_addresses(i));
     }
     println!("attachments: {}", attachments.len());
     if !attachments.is_empty() {
@@ -86,6 +87,34 @@ fn infra_json(i: &InfraInfo) -> Value {
         "allowHostLoopback": i.settings.allow_host_loopback,
         "idleTimeoutSeconds": i.settings.idle_timeout_secs,
         "outbound": outbound_json(i),
+        "clientAddresses": client_addresses_json(i),
+    })
+}
+
+/// What a container behind a published port sees of its client.
+fn client_addresses(i: &InfraInfo) -> String {
+    match (i.settings.port_driver, &i.client_addresses) {
+        (infra::PortDriver::Slirp4netns, _) => {
+            "seen by containers as themselves, loopback ones as 10.0.2.2 (slirp4netns port driver)"
+                .into()
+        }
+        (_, Some(c)) => format!("addresses {}", c.describe(i.settings.ipv6)),
+        (_, None) => "not recorded (a supervisor of an older release)".into(),
+    }
+}
+
+fn client_addresses_json(i: &InfraInfo) -> Value {
+    let kept = match (i.settings.port_driver, &i.client_addresses) {
+        (infra::PortDriver::Slirp4netns, _) => Some(true),
+        (_, Some(c)) => Some(c.complete(i.settings.ipv6)),
+        (_, None) => None,
+    };
+    json!({
+        "kept": kept,
+        "ipv4": i.client_addresses.as_ref().map(|c| c.kept.ipv4),
+        "ipv6": i.client_addresses.as_ref().map(|c| c.kept.ipv6),
+        "error": i.client_addresses.as_ref().and_then(|c| c.error.clone()),
+        "detail": client_addresses(i),
     })
 }
 

@@ -137,6 +137,10 @@ pub struct InfraInfo {
     /// The way out's restarts, and whether it is down now.
     #[serde(default)]
     pub outbound: outbound::Outbound,
+    /// Whether containers see their clients' addresses through the builtin
+    /// port driver (None: the slirp4netns driver, or an older supervisor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_addresses: Option<crate::ports::client_addr::ClientAddresses>,
 }
 
 impl InfraInfo {

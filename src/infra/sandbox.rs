@@ -79,8 +79,8 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
     place(&run, run_tree.as_ref(), Path::new("/run"))?;
     sys::loopback_up()?;
     sysctl("net/ipv4/ip_forward", "1")?;
-    if settings.outbound == super::outbound::Engine::Pasta && !settings.allow_host_loopback {
-        refuse_gateway(settings.ipv6)?;
+    if settings.outbound == super::outbound::Engine::Pasta {
+        refuse_off_path(settings.ipv6, settings.allow_host_loopback)?;
     }
     if settings.ipv6 {
         // Forwarding turns off router advertisements unless accept_ra is 2,
@@ -94,18 +94,29 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
     Ok(())
 }
 
-/// With pasta's `--no-map-gw`, what is sent to the gateway (10.0.2.2,
-/// fd00::2) is not the host's loopback any more but pasta would send it to
-/// that address on the host's own network. Policy rules refuse it here, in
-/// the infra, for the protocols pasta carries (the infra and its containers
-/// get "administratively prohibited"). They match on the protocol, so the
-/// kernel's own gateway lookup (protocol 0) when pasta adds the default
-/// route still works, and they outlive pasta's restarts.
-fn refuse_gateway(ipv6: bool) -> Result<()> {
-    use super::outbound::{GATEWAY, GATEWAY6};
-    let mut families = vec![("-4", format!("{GATEWAY}/32"), "icmp")];
+/// What pasta would carry to the host's own network although the infra
+/// means an address of its own there:
+///
+/// - the gateway (10.0.2.2, fd00::2) with `--no-map-gw` (no
+///   `allowHostLoopback`): not the host's loopback any more, but that
+///   address on the host's network;
+/// - the DNS forwarder (10.0.2.3, fd00::3): pasta redirects only UDP to
+///   port 53 to the nameserver; TCP (DNS over TCP included), pings and
+///   other UDP ports would go to whatever has that address on the host's
+///   network (slirp4netns answers none of them).
+///
+/// Policy rules refuse it here, in the infra, for the protocols pasta
+/// carries (the infra and its containers get "administratively
+/// prohibited" at once). They match on the protocol, so the kernel's own
+/// lookups (protocol 0), such as the gateway's when pasta adds the default
+/// route, still work, and they outlive pasta's restarts.
+fn refuse_off_path(ipv6: bool, allow_host_loopback: bool) -> Result<()> {
+    // Below the kernel's 32766 (main) and 32767 (default).
+    const DNS_PREF: u32 = 32000;
+    use super::outbound::{DNS, DNS6, GATEWAY, GATEWAY6};
+    let mut families = vec![("-4", GATEWAY, DNS, "32", "icmp")];
     if ipv6 {
-        families.push(("-6", format!("{GATEWAY6}/128"), "ipv6-icmp"));
+        families.push(("-6", GATEWAY6, DNS6, "128", "ipv6-icmp"));
     }
     let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
         .into_iter()
@@ -113,11 +124,23 @@ fn refuse_gateway(ipv6: bool) -> Result<()> {
         .ok_or_else(|| {
             crate::error::Error::internal("no ip command (iproute2) to refuse the gateway with")
         })?;
-    for (family, to, icmp) in families {
-        let rules: String = ["tcp", "udp", icmp]
-            .iter()
-            .map(|proto| format!("rule add to {to} ipproto {proto} prohibit\n"))
-            .collect();
+    for (family, gateway, dns, len, icmp) in families {
+        let mut rules = String::new();
+        if !allow_host_loopback {
+            for proto in ["tcp", "udp", icmp] {
+                rules += &format!("rule add to {gateway}/{len} ipproto {proto} prohibit\n");
+            }
+        }
+        for proto in ["tcp", icmp] {
+            rules += &format!("rule add to {dns}/{len} ipproto {proto} prohibit\n");
+        }
+        // UDP but port 53: a port range cannot name 65535, so port 53 is
+        // let through by a rule of its own, looked at first.
+        rules += &format!(
+            "rule add pref {DNS_PREF} to {dns}/{len} ipproto udp dport 53 lookup main\n\
+             rule add pref {} to {dns}/{len} ipproto udp prohibit\n",
+            DNS_PREF + 1
+        );
         let mut child = std::process::Command::new(ip)
             .args([family, "-batch", "-"])
             .stdin(std::process::Stdio::piped())
@@ -135,7 +158,7 @@ fn refuse_gateway(ipv6: bool) -> Result<()> {
             .with_context(|| format!("running {ip}"))?;
         if !out.status.success() {
             return Err(crate::error::Error::internal(format!(
-                "refusing traffic to the gateway ({ip} {family} -batch: {}): {}",
+                "refusing traffic to the gateway and the DNS forwarder ({ip} {family} -batch: {}): {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             )));

@@ -6,7 +6,7 @@
 use super::outbound::{self, Running};
 use super::{control, sandbox, InfraInfo, PortDriver, Settings};
 use crate::error::{code, Error, Result};
-use crate::ports::{self, builtin::Builtin, Driver};
+use crate::ports::{self, builtin::Builtin, client_addr, Driver};
 use crate::procfs::{self, ProcessId};
 use crate::state::{self, StateDir};
 use crate::sys;
@@ -180,6 +180,7 @@ impl Supervisor {
             started: state::now_secs(),
             settings: settings.clone(),
             outbound: Default::default(),
+            client_addresses: None,
         };
         let ports: Box<dyn Driver> = match settings.port_driver {
             PortDriver::Builtin => {
@@ -187,6 +188,7 @@ impl Supervisor {
                 Box::new(Builtin::new(
                     OwnedFd::from(netns),
                     settings.forward_limits.to_limits(),
+                    settings.ipv6,
                 )?)
             }
             PortDriver::Slirp4netns => {
@@ -208,11 +210,42 @@ impl Supervisor {
             alive: Some(alive),
             restart: None,
         };
-        if let Err(e) = sup.start_outbound() {
+        // The routing for clients' addresses is made while the way out
+        // starts: neither waits for the other.
+        let t0 = Instant::now();
+        let setup = (sup.settings.port_driver == PortDriver::Builtin)
+            .then(|| client_addr::start_setup(sup.sandbox_id.pid, sup.settings.ipv6));
+        let started = sup.start_outbound();
+        if let Some(setup) = setup {
+            let outbound_ready = t0.elapsed();
+            sup.keep_client_addresses(setup.finish());
+            log::info!(
+                "client addresses: rules made in {:?} ({} was ready after {outbound_ready:?})",
+                t0.elapsed(),
+                sup.settings.outbound.name()
+            );
+        }
+        if let Err(e) = started {
             sup.kill_children();
             return Err(e);
         }
         Ok(sup)
+    }
+
+    /// Records what the infra's start made of clients' addresses, and lets
+    /// the forwarder use what works; what does not is logged.
+    fn keep_client_addresses(&mut self, outcome: client_addr::ClientAddresses) {
+        if let Some(why) = &outcome.error {
+            log::warn!(
+                "published ports: containers will not see every client's own address: {why}; {}",
+                outcome.describe(self.settings.ipv6)
+            );
+        }
+        self.ports.keep_client_addresses(outcome.kept);
+        self.info.client_addresses = Some(outcome);
+        if let Err(e) = self.info.save(&self.state) {
+            log::warn!("recording the client addresses: {e}");
+        }
     }
 
     fn start_outbound(&mut self) -> Result<()> {

@@ -4,10 +4,11 @@
 //! all of it (see `forwarder`), whatever the number of ports and
 //! connections.
 
+use super::client_addr::Kept;
 use super::forwarder::{Forwarder, Limits, Listening};
-use super::{Driver, PortMapping, Protocol, INFRA_ADDR};
+use super::{Driver, PortMapping, Protocol};
 use crate::error::{code, Error, Result};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{TcpListener, UdpSocket};
 use std::os::fd::OwnedFd;
 
 pub struct Builtin {
@@ -15,9 +16,10 @@ pub struct Builtin {
 }
 
 impl Builtin {
-    /// Starts the forwarder's thread inside the infra's netns.
-    pub fn new(infra_netns: OwnedFd, limits: Limits) -> Result<Self> {
-        let forwarder = Forwarder::start(infra_netns, limits).map_err(|e| {
+    /// Starts the forwarder's thread inside the infra's netns (whose infra
+    /// has IPv6 when `infra_ipv6`).
+    pub fn new(infra_netns: OwnedFd, limits: Limits, infra_ipv6: bool) -> Result<Self> {
+        let forwarder = Forwarder::start(infra_netns, limits, infra_ipv6).map_err(|e| {
             Error::new(
                 code::INFRA_START,
                 format!("starting the port forwarder in the infra's netns: {e}"),
@@ -30,7 +32,7 @@ impl Builtin {
 /// Binds the host side of `m` here, in the caller's namespace.
 fn open(m: &PortMapping) -> Result<Listening> {
     let addr = m.listen_addr();
-    let target = SocketAddr::new(INFRA_ADDR.into(), m.host_port);
+    let target = m.host_port;
     Ok(match m.protocol {
         Protocol::Tcp => {
             let listener = TcpListener::bind(addr).map_err(|e| bind_error(m, e))?;
@@ -69,6 +71,10 @@ impl Driver for Builtin {
 
     fn close_all(&mut self) {
         self.forwarder.remove_all();
+    }
+
+    fn keep_client_addresses(&mut self, kept: Kept) {
+        self.forwarder.keep_client_addresses(kept);
     }
 }
 

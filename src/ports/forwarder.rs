@@ -14,6 +14,7 @@
 //! for want of fds, a spare fd is given up to take the waiting connection
 //! off the queue and reset it, or the port is paused briefly: never a spin.
 
+use super::client_addr::{self, Dial, Kept, Subnets};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 use nix::errno::Errno;
@@ -40,10 +41,11 @@ pub struct Limits {
     pub udp_idle: Duration,
 }
 
-/// A host-side socket, bound by the caller, and where its traffic goes.
+/// A host-side socket, bound by the caller, and the port of the infra its
+/// traffic goes to.
 pub enum Listening {
-    Tcp(std::net::TcpListener, SocketAddr),
-    Udp(std::net::UdpSocket, SocketAddr),
+    Tcp(std::net::TcpListener, u16),
+    Udp(std::net::UdpSocket, u16),
 }
 
 enum Command {
@@ -51,10 +53,16 @@ enum Command {
     /// Closes an attachment's ports with their connections and flows.
     Remove(String, Sender<()>),
     RemoveAll(Sender<()>),
+    /// From now on, connections and flows come from their clients' own
+    /// addresses (for the families set): the infra's routing is ready.
+    KeepClientAddresses(Kept, Sender<()>),
     Stop,
 }
 
 const WAKE: Token = Token(0);
+/// Addresses of the infra's interfaces changed (ids start at 2: no port,
+/// connection or flow has this token).
+const ADDRESSES: Token = Token(1);
 /// A connection's infra side dials for at most this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often idle connections and flows are looked for.
@@ -89,8 +97,10 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// Starts the loop's thread in the network namespace `netns`.
-    pub fn start(netns: OwnedFd, limits: Limits) -> io::Result<Forwarder> {
+    /// Starts the loop's thread in the network namespace `netns`, whose
+    /// infra has IPv6 when `infra_ipv6`. Until `keep_client_addresses`,
+    /// every connection comes from the infra's own address.
+    pub fn start(netns: OwnedFd, limits: Limits, infra_ipv6: bool) -> io::Result<Forwarder> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let (tx, rx) = mpsc::channel();
@@ -108,7 +118,7 @@ impl Forwarder {
                 }
                 drop(netns);
                 let _ = ready_tx.send(Ok(()));
-                Loop::new(poll, rx, limits).run();
+                Loop::new(poll, rx, limits, infra_ipv6).run();
             })?;
         let started = ready_rx
             .recv()
@@ -139,6 +149,10 @@ impl Forwarder {
         self.call(Command::RemoveAll);
     }
 
+    pub fn keep_client_addresses(&self, kept: Kept) {
+        self.call(|done| Command::KeepClientAddresses(kept, done));
+    }
+
     /// False when the loop is gone (it ended on an error, or panicked),
     /// and its sockets with it: what was asked was not done.
     fn call(&self, cmd: impl FnOnce(Sender<()>) -> Command) -> bool {
@@ -159,7 +173,8 @@ impl Drop for Forwarder {
 
 /// One published host port.
 struct Port {
-    target: SocketAddr,
+    /// The same port on the infra's addresses, where portmap catches it.
+    target: u16,
     kind: PortKind,
     /// Connections (TCP) or flows (UDP) now open.
     open: usize,
@@ -187,6 +202,8 @@ struct Conn {
     client: TcpStream,
     upstream: TcpStream,
     connected: bool,
+    /// The dial to make if this one fails (see `client_addr::dials`).
+    fallback: Option<Dial>,
     /// client → upstream, upstream → client: (read end, write end).
     pipes: [(OwnedFd, OwnedFd); 2],
     halves: [Half; 2],
@@ -199,6 +216,10 @@ struct Flow {
     peer: SocketAddr,
     socket: UdpSocket,
     last: Instant,
+    /// The dial to make if this one is refused before any answer, and the
+    /// last datagram sent meanwhile, to send again through it.
+    fallback: Option<Dial>,
+    unanswered: Option<Vec<u8>>,
 }
 
 /// At most one line per `LOG_EVERY` for a kind of trouble, with a count of
@@ -231,6 +252,13 @@ struct Loop {
     poll: Poll,
     rx: Receiver<Command>,
     limits: Limits,
+    infra_ipv6: bool,
+    kept: Kept,
+    /// The infra's container networks, looked at again whenever an
+    /// interface's address changes (a first ADD makes its bridge after its
+    /// ports are published), which `address_events` tells.
+    on_link: Subnets,
+    address_events: Option<OwnedFd>,
     next_id: usize,
     ports: HashMap<usize, Port>,
     keys: HashMap<String, Vec<usize>>,
@@ -250,11 +278,15 @@ struct Loop {
 }
 
 impl Loop {
-    fn new(poll: Poll, rx: Receiver<Command>, limits: Limits) -> Self {
+    fn new(poll: Poll, rx: Receiver<Command>, limits: Limits, infra_ipv6: bool) -> Self {
         Loop {
             poll,
             rx,
             limits,
+            infra_ipv6,
+            kept: Kept::default(),
+            on_link: Subnets::default(),
+            address_events: None,
             next_id: 1,
             ports: HashMap::new(),
             keys: HashMap::new(),
@@ -293,6 +325,7 @@ impl Loop {
             for event in events.iter() {
                 match event.token() {
                     WAKE => {}
+                    ADDRESSES => self.addresses_changed(),
                     Token(t) => self.event(t >> 1),
                 }
             }
@@ -332,10 +365,45 @@ impl Loop {
                     }
                     let _ = done.send(());
                 }
+                Ok(Command::KeepClientAddresses(kept, done)) => {
+                    self.kept = kept;
+                    self.watch_addresses();
+                    let _ = done.send(());
+                }
                 Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return false,
                 Err(mpsc::TryRecvError::Empty) => return true,
             }
         }
+    }
+
+    /// Starts watching the infra's addresses, and looks at them.
+    fn watch_addresses(&mut self) {
+        if self.kept == Kept::default() || self.address_events.is_some() {
+            return;
+        }
+        match client_addr::address_events() {
+            Ok(fd) => {
+                let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+                let mut source = mio::unix::SourceFd(&raw);
+                match self
+                    .poll
+                    .registry()
+                    .register(&mut source, ADDRESSES, Interest::READABLE)
+                {
+                    Ok(()) => self.address_events = Some(fd),
+                    Err(e) => log::warn!("forwarder: watching the infra's addresses: {e}"),
+                }
+            }
+            Err(e) => log::warn!("forwarder: watching the infra's addresses: {e}"),
+        }
+        self.on_link = Subnets::of_this_netns();
+    }
+
+    fn addresses_changed(&mut self) {
+        if let Some(events) = &self.address_events {
+            client_addr::drain(events);
+        }
+        self.on_link = Subnets::of_this_netns();
     }
 
     fn new_id(&mut self) -> usize {
@@ -475,7 +543,7 @@ impl Loop {
                         continue;
                     }
                     let target = port.target;
-                    self.open_conn(id, client, target);
+                    self.open_conn(id, client, peer, target);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -527,10 +595,16 @@ impl Loop {
         }
     }
 
-    fn open_conn(&mut self, port: usize, client: TcpStream, target: SocketAddr) {
+    fn open_conn(&mut self, port: usize, client: TcpStream, peer: SocketAddr, target: u16) {
+        let (first, fallback) =
+            client_addr::dials(peer.ip(), target, self.kept, self.infra_ipv6, &self.on_link);
         let opened = (|| -> io::Result<Conn> {
             // This thread lives in the infra: the socket is made there.
-            let upstream = TcpStream::connect(target)?;
+            let (upstream, fallback) = match (client_addr::connect_tcp(&first), fallback) {
+                (Ok(s), fallback) => (s, fallback),
+                (Err(_), Some(other)) => (client_addr::connect_tcp(&other)?, None),
+                (Err(e), None) => return Err(e),
+            };
             let pipes = [new_pipe()?, new_pipe()?];
             let now = Instant::now();
             Ok(Conn {
@@ -538,6 +612,7 @@ impl Loop {
                 client,
                 upstream,
                 connected: false,
+                fallback,
                 pipes,
                 halves: Default::default(),
                 started: now,
@@ -547,8 +622,12 @@ impl Loop {
         let mut conn = match opened {
             Ok(c) => c,
             Err(e) => {
-                self.failures
-                    .warn(|| format!("forwarder: connecting to {target} in the infra: {e}"));
+                self.failures.warn(|| {
+                    format!(
+                        "forwarder: connecting to {} in the infra for {peer}: {e}",
+                        first.target
+                    )
+                });
                 return;
             }
         };
@@ -586,14 +665,15 @@ impl Loop {
         if !c.connected {
             match c.upstream.take_error() {
                 Ok(None) => {}
-                Ok(Some(_)) | Err(_) => return self.close_conn(id),
+                Ok(Some(_)) | Err(_) => return self.redial_or_close(id),
             }
             match c.upstream.peer_addr() {
                 Ok(_) => {}
                 // Still dialling.
                 Err(e) if e.kind() == ErrorKind::NotConnected => return,
-                Err(_) => return self.close_conn(id),
+                Err(_) => return self.redial_or_close(id),
             }
+            c.fallback = None;
             c.connected = true;
             let _ = c.client.set_nodelay(true);
             let _ = c.upstream.set_nodelay(true);
@@ -612,6 +692,35 @@ impl Loop {
             }
             self.close_conn(id);
         }
+    }
+
+    /// A dial that failed: the fallback dial in its place, if there is
+    /// one, else the connection is closed.
+    fn redial_or_close(&mut self, id: usize) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Some(dial) = c.fallback.take() else {
+            return self.close_conn(id);
+        };
+        let mut upstream = match client_addr::connect_tcp(&dial) {
+            Ok(s) => s,
+            Err(e) => {
+                self.failures
+                    .warn(|| format!("forwarder: connecting to {} in the infra: {e}", dial.target));
+                return self.close_conn(id);
+            }
+        };
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut c.upstream);
+        let both = Interest::READABLE | Interest::WRITABLE;
+        if registry
+            .register(&mut upstream, Token((id << 1) | 1), both)
+            .is_err()
+        {
+            return self.close_conn(id);
+        }
+        c.upstream = upstream;
     }
 
     fn udp_port_ready(&mut self, id: usize) {
@@ -653,6 +762,11 @@ impl Loop {
                 f.last = Instant::now();
                 // A full socket buffer drops the datagram, as UDP may.
                 let _ = f.socket.send(&self.buf[..n]);
+                if f.fallback.is_some() {
+                    let kept = f.unanswered.get_or_insert_with(Vec::new);
+                    kept.clear();
+                    kept.extend_from_slice(&self.buf[..n]);
+                }
             }
         }
         // More may wait (edge-triggered: no new event for them): again
@@ -660,17 +774,23 @@ impl Loop {
         self.backlog.push(id);
     }
 
-    fn open_flow(&mut self, port: usize, peer: SocketAddr, target: SocketAddr) -> Option<usize> {
-        let opened = (|| -> io::Result<UdpSocket> {
-            let s = UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0).into())?;
-            s.connect(target)?;
-            Ok(s)
-        })();
-        let mut socket = match opened {
+    fn open_flow(&mut self, port: usize, peer: SocketAddr, target: u16) -> Option<usize> {
+        let (first, fallback) =
+            client_addr::dials(peer.ip(), target, self.kept, self.infra_ipv6, &self.on_link);
+        let opened = match (client_addr::connect_udp(&first), fallback) {
+            (Ok(s), fallback) => Ok((s, fallback)),
+            (Err(_), Some(other)) => client_addr::connect_udp(&other).map(|s| (s, None)),
+            (Err(e), None) => Err(e),
+        };
+        let (mut socket, fallback) = match opened {
             Ok(s) => s,
             Err(e) => {
-                self.failures
-                    .warn(|| format!("forwarder: UDP flow to {target} in the infra: {e}"));
+                self.failures.warn(|| {
+                    format!(
+                        "forwarder: UDP flow to {} in the infra for {peer}: {e}",
+                        first.target
+                    )
+                });
                 return None;
             }
         };
@@ -697,6 +817,8 @@ impl Loop {
                 peer,
                 socket,
                 last: Instant::now(),
+                fallback,
+                unanswered: None,
             },
         );
         Some(id)
@@ -731,15 +853,52 @@ impl Loop {
             match f.socket.recv(&mut self.buf) {
                 Ok(n) => {
                     f.last = Instant::now();
+                    f.fallback = None;
+                    f.unanswered = None;
                     let _ = host.send_to(&self.buf[..n], f.peer);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                // Refused before any answer: the other dial, if any.
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused && f.fallback.is_some() => {
+                    return self.redial_flow(id);
+                }
                 // ICMP port unreachable and the like: nothing to pass on.
                 Err(_) => continue,
             }
         }
         // As for the port: the rest after this round.
         self.backlog.push(id);
+    }
+
+    /// A flow whose dial was refused: its fallback dial in its place, and
+    /// the datagram that was refused sent again through it.
+    fn redial_flow(&mut self, id: usize) {
+        let Some(f) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let Some(dial) = f.fallback.take() else {
+            return;
+        };
+        let mut socket = match client_addr::connect_udp(&dial) {
+            Ok(s) => s,
+            Err(e) => {
+                self.failures
+                    .warn(|| format!("forwarder: UDP flow to {} in the infra: {e}", dial.target));
+                return;
+            }
+        };
+        let registry = self.poll.registry();
+        if registry
+            .register(&mut socket, Token(id << 1), Interest::READABLE)
+            .is_err()
+        {
+            return;
+        }
+        let _ = registry.deregister(&mut f.socket);
+        f.socket = socket;
+        if let Some(datagram) = f.unanswered.take() {
+            let _ = f.socket.send(&datagram);
+        }
     }
 
     /// Ends connections and flows idle for too long, and dials that did not

@@ -5,6 +5,7 @@
 //! slirp4netns restarts.
 
 pub mod builtin;
+pub mod client_addr;
 pub mod forwarder;
 pub mod slirp;
 
@@ -186,6 +187,9 @@ pub trait Driver: Send {
     fn close_all(&mut self);
     /// slirp4netns was restarted: its forwards must be made again.
     fn slirp_restarted(&mut self, _api_socket: &std::path::Path) {}
+    /// The infra routes replies to clients' own addresses (the families
+    /// set): connections may come from them (see `client_addr`).
+    fn keep_client_addresses(&mut self, _kept: client_addr::Kept) {}
 }
 
 #[cfg(test)]
