@@ -1630,6 +1630,7 @@ are reset by it at once (a refusal, not a failure). (b) iperf3 `-t` seconds, `-P
 `-P 8`, the four in rotating order each round: our builtin and slirp4netns drivers; \
 rootlesskit 1.1 (`--net=slirp4netns --port-driver=builtin`, `rootlessctl add-ports \
 127.0.0.1:P:P/tcp`) and pasta (`pasta --config-net -t 127.0.0.1/P -u none -T none -U none`), \
-each running an iperf3 server in a namespace of its own, as the lab uid. (c) connect, one \
+each running an iperf3 server in a namespace of its own, as the uid of a lab of its \
+own (a user's pipe quota each: pasta keeps 32 pipes of 1 MiB). (c) connect, one \
 frame echoed, the server closes; 1 or 8 such at a time for a fixed time, rotating order. \
 (d) all connections started at once, given a fixed time.\n";
