@@ -1,5 +1,7 @@
 //! The builtin port driver's forwarder under load: many concurrent TCP
-//! connections (2,000) through one published port on a few threads, its bounds
+//! connections (2,000) through one published port on a few threads, each
+//! idle one holding its two sockets only (a pipe is taken while bytes are in
+//! flight, and given back), its bounds
 //! (connections over the limit are reset, those already forwarded keep
 //! working), and a connection flood with a small fd limit that leaves the
 //! control socket (ADD, DEL) working and the supervisor quiet, and a UDP
@@ -176,6 +178,13 @@ fn cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
+/// How many fds `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 /// Lets this process hold many client sockets.
 fn raise_own_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -293,6 +302,7 @@ fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
     let server = echo_server(&lab, &c);
     let sup = supervisor_pid(&lab);
     let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let fds_before = open_fds(sup);
 
     let t_open = Instant::now();
     let (mut conns, failed) = open_many(addr, N);
@@ -309,6 +319,17 @@ fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
         "[forwarder] {N} connections echoing, opened in {opened_in:?}; supervisor: {threads} threads, VmRSS {rss} kB"
     );
     assert!(threads <= 8, "the supervisor runs {threads} threads");
+    // Idle now: each connection holds its two sockets, and the pipes that
+    // carried the echoes wait in a pool of at most 32 (64 fds).
+    let fds_held = open_fds(sup).saturating_sub(fds_before);
+    eprintln!(
+        "[forwarder] {N} idle connections: supervisor holds {fds_held} more fds ({:.2} per connection)",
+        fds_held as f64 / N as f64
+    );
+    assert!(
+        (2 * N..=2 * N + 64 + 16).contains(&fds_held),
+        "{N} idle connections hold {fds_held} fds, not about 2 each"
+    );
 
     // At the limit: new connections are reset at once...
     for _ in 0..20 {
@@ -317,7 +338,8 @@ fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
             "a connection over maxConnectionsPerPort was served"
         );
     }
-    // ...and every one already forwarded still echoes.
+    // ...and every one already forwarded still echoes: idle until now,
+    // each direction takes a pipe again for these bytes.
     for (i, s) in conns.iter_mut().enumerate() {
         if let Err(e) = echo(s, &format!("again {i}\n")) {
             panic!("connection {i} broke after the refusals: {e}");

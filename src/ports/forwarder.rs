@@ -5,11 +5,19 @@
 //! socket it makes (the infra side of a connection, a UDP flow's socket)
 //! lives there; the host-side listeners are bound by the caller, in the
 //! supervisor's own namespace, and handed over. TCP bytes move through a
-//! pipe per direction with non-blocking splice(2): they stay in the kernel.
+//! pipe with non-blocking splice(2): they stay in the kernel. A direction
+//! holds a pipe only while bytes are in flight: it takes one from a small
+//! pool of idle pipes (or makes one) when it has bytes to move, and gives
+//! it back once the pipe is empty again. Most held connections are idle:
+//! they cost their two sockets only.
 //!
 //! Everything is bounded: connections and UDP flows per port and in total,
 //! and the fds the loop may hold (from RLIMIT_NOFILE, leaving a reserve for
-//! the rest of the supervisor). A connection over a bound is accepted and
+//! the rest of the supervisor, and room for the pipes of the directions
+//! moving bytes at once). A direction that finds no idle pipe and no fd for
+//! a new one copies through a buffer instead (bytes are taken off the
+//! source only once the destination took them): slower, never stuck, never
+//! a spin. A connection over a bound is accepted and
 //! reset at once; those already forwarded are untouched. When accept fails
 //! for want of fds, a spare fd is given up to take the waiting connection
 //! off the queue and reset it, or the port is paused briefly: never a spin.
@@ -72,13 +80,27 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Fds left to the rest of the supervisor (control socket, state dir, log,
 /// children's pipes) whatever the forwarder holds.
 const FD_RESERVE: usize = 64;
-/// Fds of one TCP connection: two sockets and two pipes.
-const CONN_FDS: usize = 6;
+/// Fds of one TCP connection: its two sockets. A direction with bytes in
+/// flight holds a pipe too, while they are.
+const CONN_FDS: usize = 2;
+/// Fds of one pipe.
+const PIPE_FDS: usize = 2;
+/// Idle pipes kept for the next direction with bytes to move; more are
+/// closed. Enough for the directions busy at once in practice, few enough
+/// to stay within the user's pipe quota at full size (see `PIPE_SIZE`).
+const POOL_MAX: usize = 32;
+/// Fds no connection or flow may take: room for the pipes of this many
+/// directions moving bytes at once, however many connections are held.
+/// Beyond that, pipes are made while fds are free, and a direction that
+/// finds none copies through a buffer.
+const PIPE_ROOM: usize = 32 * PIPE_FDS;
 /// Bytes asked of one splice(2); the pipe takes what fits.
 const SPLICE_LEN: usize = 1 << 20;
 /// Pipe capacity: larger moves more per wake-up. The kernel caps what an
-/// unprivileged user's pipes may hold in total, then gives small pipes,
-/// which still work.
+/// unprivileged user's pipes may hold in total (`fs.pipe-user-pages-soft`,
+/// 64 MiB by default), then gives small pipes, which still work. Pipes are
+/// alive only while bytes are in flight (plus the idle pool), so nearly
+/// all get the full size.
 const PIPE_SIZE: i32 = 256 * 1024;
 /// Connections taken off a port's queue before the loop looks elsewhere.
 const ACCEPT_BATCH: usize = 256;
@@ -187,9 +209,14 @@ enum PortKind {
     Udp(UdpSocket, HashMap<SocketAddr, usize>),
 }
 
+/// A pipe: (read end, write end).
+struct Pipe(OwnedFd, OwnedFd);
+
 /// One direction of a TCP connection.
 #[derive(Default)]
 struct Half {
+    /// Held while bytes are in it (`in_pipe` > 0), or for one `pump`.
+    pipe: Option<Pipe>,
     in_pipe: usize,
     /// The source said EOF.
     eof: bool,
@@ -204,8 +231,7 @@ struct Conn {
     connected: bool,
     /// The dial to make if this one fails (see `client_addr::dials`).
     fallback: Option<Dial>,
-    /// client → upstream, upstream → client: (read end, write end).
-    pipes: [(OwnedFd, OwnedFd); 2],
+    /// client → upstream, upstream → client.
     halves: [Half; 2],
     started: Instant,
     last: Instant,
@@ -220,6 +246,77 @@ struct Flow {
     /// last datagram sent meanwhile, to send again through it.
     fallback: Option<Dial>,
     unanswered: Option<Vec<u8>>,
+}
+
+/// The pipes of the directions with bytes in flight, and the idle ones.
+#[derive(Default)]
+struct Pipes {
+    idle: Vec<Pipe>,
+    /// Pipes open: held by a direction, or idle.
+    open: usize,
+    /// Making pipes waits until then (making one failed).
+    paused_until: Option<Instant>,
+    failed: RateLimited,
+}
+
+impl Pipes {
+    fn fds(&self) -> usize {
+        self.open * PIPE_FDS
+    }
+
+    /// An idle pipe, or a new one if the pipes may hold `limit` fds in
+    /// all; None when neither (the caller copies without one). Making one
+    /// that fails (EMFILE) is not tried again for a while: no syscall
+    /// storm, no spin.
+    fn take(&mut self, limit: usize) -> Option<Pipe> {
+        if let Some(p) = self.idle.pop() {
+            return Some(p);
+        }
+        if self.fds() + PIPE_FDS > limit || self.paused_until.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        match new_pipe() {
+            Ok(p) => {
+                self.open += 1;
+                self.paused_until = None;
+                Some(p)
+            }
+            Err(e) => {
+                self.paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                self.failed.warn(|| {
+                    format!("forwarder: making a pipe: {e}; copying without one meanwhile")
+                });
+                None
+            }
+        }
+    }
+
+    /// An empty pipe back: kept for the next direction, or closed when
+    /// enough are idle.
+    fn give(&mut self, p: Pipe) {
+        if self.idle.len() < POOL_MAX {
+            self.idle.push(p);
+        } else {
+            self.open -= 1;
+        }
+    }
+
+    /// A held pipe closed with its connection.
+    fn closed(&mut self, p: Pipe) {
+        drop(p);
+        self.open -= 1;
+    }
+
+    /// Closes an idle pipe, to free its fds; false when none is idle.
+    fn close_idle(&mut self) -> bool {
+        match self.idle.pop() {
+            Some(p) => {
+                self.closed(p);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// At most one line per `LOG_EVERY` for a kind of trouble, with a count of
@@ -264,9 +361,11 @@ struct Loop {
     keys: HashMap<String, Vec<usize>>,
     conns: HashMap<usize, Conn>,
     flows: HashMap<usize, Flow>,
-    /// Fds the loop holds now, and may hold at most.
+    /// Fds the loop holds now but pipes' (ports, sockets), and the fds it
+    /// may hold at most, pipes' included.
     fds: usize,
     fd_budget: usize,
+    pipes: Pipes,
     /// Given up to accept (and reset) a connection when fds ran out.
     spare: Option<std::fs::File>,
     buf: Vec<u8>,
@@ -294,6 +393,7 @@ impl Loop {
             flows: HashMap::new(),
             fds: 0,
             fd_budget: fd_budget(),
+            pipes: Pipes::default(),
             spare: std::fs::File::open("/dev/null").ok(),
             buf: vec![0u8; 65536],
             refused: RateLimited::default(),
@@ -512,10 +612,19 @@ impl Loop {
         }
     }
 
-    fn tcp_admits(&self, port: &Port) -> bool {
-        self.conns.len() < self.limits.connections
-            && port.open < self.limits.connections_per_port
-            && self.fds + CONN_FDS <= self.fd_budget
+    /// Whether `n` more fds may be taken for sockets: the budget keeps
+    /// `PIPE_ROOM` beyond them for pipes, and has them free now (idle pipes
+    /// are closed to make it).
+    fn room_for(&mut self, n: usize) -> bool {
+        if self.fds + n + PIPE_ROOM > self.fd_budget {
+            return false;
+        }
+        while self.fds + self.pipes.fds() + n > self.fd_budget {
+            if !self.pipes.close_idle() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Accepts what is queued on a TCP port, in batches: a flood cannot
@@ -531,9 +640,16 @@ impl Loop {
             };
             match listener.accept() {
                 Ok((client, peer)) => {
-                    if !self.tcp_admits(port) {
-                        let (total, on_port) = (self.conns.len(), port.open);
-                        let addr = listener.local_addr().ok();
+                    let (on_port, target) = (port.open, port.target);
+                    let admits = self.conns.len() < self.limits.connections
+                        && on_port < self.limits.connections_per_port
+                        && self.room_for(CONN_FDS);
+                    if !admits {
+                        let total = self.conns.len();
+                        let addr = match self.ports.get(&id).map(|p| &p.kind) {
+                            Some(PortKind::Tcp(l)) => l.local_addr().ok(),
+                            _ => None,
+                        };
                         refuse(client);
                         self.refused.warn(|| {
                             format!(
@@ -542,7 +658,6 @@ impl Loop {
                         });
                         continue;
                     }
-                    let target = port.target;
                     self.open_conn(id, client, peer, target);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -605,7 +720,6 @@ impl Loop {
                 (Err(_), Some(other)) => (client_addr::connect_tcp(&other)?, None),
                 (Err(e), None) => return Err(e),
             };
-            let pipes = [new_pipe()?, new_pipe()?];
             let now = Instant::now();
             Ok(Conn {
                 port,
@@ -613,7 +727,6 @@ impl Loop {
                 upstream,
                 connected: false,
                 fallback,
-                pipes,
                 halves: Default::default(),
                 started: now,
                 last: now,
@@ -652,6 +765,14 @@ impl Loop {
     fn close_conn(&mut self, id: usize) {
         if let Some(c) = self.conns.remove(&id) {
             self.fds -= CONN_FDS;
+            for h in c.halves {
+                match h.pipe {
+                    Some(p) if h.in_pipe == 0 => self.pipes.give(p),
+                    // Bytes the destination never took: gone with it.
+                    Some(p) => self.pipes.closed(p),
+                    None => {}
+                }
+            }
             if let Some(p) = self.ports.get_mut(&c.port) {
                 p.open -= 1;
             }
@@ -680,9 +801,11 @@ impl Loop {
         }
         c.last = Instant::now();
         let [there, back] = &mut c.halves;
-        let [p_there, p_back] = &c.pipes;
-        let ok = pump(&c.client, &c.upstream, p_there, there)
-            && pump(&c.upstream, &c.client, p_back, back);
+        // The fds pipes may hold in all, beside the sockets.
+        let limit = self.fd_budget.saturating_sub(self.fds);
+        let (pipes, buf) = (&mut self.pipes, &mut self.buf);
+        let ok = pump(&c.client, &c.upstream, there, pipes, limit, buf)
+            && pump(&c.upstream, &c.client, back, pipes, limit, buf);
         if !ok || (there.shut && back.shut) {
             if !ok {
                 // An error on one side resets the other, as a direct
@@ -741,17 +864,17 @@ impl Loop {
             let flow = match peers.get(&peer) {
                 Some(f) => *f,
                 None => {
+                    let (on_port, target) = (port.open, port.target);
                     let admits = self.flows.len() < self.limits.udp_flows
-                        && port.open < self.limits.udp_flows_per_port
-                        && self.fds < self.fd_budget;
+                        && on_port < self.limits.udp_flows_per_port
+                        && self.room_for(1);
                     if !admits {
-                        let (total, on_port) = (self.flows.len(), port.open);
+                        let total = self.flows.len();
                         self.refused.warn(|| {
                             format!("forwarder: dropped a datagram from {peer}: {on_port} UDP flows on the port, {total} in all (limits maxUdpFlowsPerPort, maxUdpFlows, or the fd limit)")
                         });
                         continue;
                     }
-                    let target = port.target;
                     match self.open_flow(id, peer, target) {
                         Some(f) => f,
                         None => continue,
@@ -963,55 +1086,112 @@ fn set_linger_zero(s: &TcpStream) -> nix::Result<()> {
     nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger)
 }
 
-fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+fn new_pipe() -> io::Result<Pipe> {
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     let _ = nix::fcntl::fcntl(
         std::os::fd::AsRawFd::as_raw_fd(&w),
         nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE),
     );
-    Ok((r, w))
+    Ok(Pipe(r, w))
 }
 
-/// Moves what `from` has to `to` through `pipe` until either would block.
+/// Moves what `from` has to `to` until either would block: through a
+/// pipe from `pipes` (which may hold `limit` fds in all), or, when none is
+/// to be had, through `buf`. The pipe goes back to `pipes` once empty.
 /// Edge-triggered: it stops only when no step makes progress, so every
 /// stop waits on an event that will come (`from` readable, `to` writable).
 /// False on an error: the connection is to be closed.
-fn pump(from: &TcpStream, to: &TcpStream, pipe: &(OwnedFd, OwnedFd), half: &mut Half) -> bool {
+fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    half: &mut Half,
+    pipes: &mut Pipes,
+    limit: usize,
+    buf: &mut [u8],
+) -> bool {
     // No SPLICE_F_MORE: on the socket it corks small writes (an echo, a
     // request) for up to 200 ms.
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    loop {
+    let ok = loop {
         let mut progress = false;
-        if !half.eof {
-            match splice(from, None, &pipe.1, None, SPLICE_LEN, flags) {
-                Ok(0) => {
+        if !half.eof && half.pipe.is_none() {
+            half.pipe = pipes.take(limit);
+        }
+        match &half.pipe {
+            Some(pipe) => {
+                if !half.eof {
+                    match splice(from, None, &pipe.1, None, SPLICE_LEN, flags) {
+                        Ok(0) => {
+                            half.eof = true;
+                            progress = true;
+                        }
+                        Ok(n) => {
+                            half.in_pipe += n;
+                            progress = true;
+                        }
+                        Err(Errno::EAGAIN | Errno::EINTR) => {}
+                        Err(_) => break false,
+                    }
+                }
+                if half.in_pipe > 0 {
+                    match splice(&pipe.0, None, to, None, half.in_pipe, flags) {
+                        Ok(n) => {
+                            half.in_pipe -= n;
+                            progress = progress || n > 0;
+                        }
+                        Err(Errno::EAGAIN | Errno::EINTR) => {}
+                        Err(_) => break false,
+                    }
+                }
+            }
+            None if !half.eof => match copy(from, to, buf) {
+                Ok(None) => {
                     half.eof = true;
                     progress = true;
                 }
-                Ok(n) => {
-                    half.in_pipe += n;
-                    progress = true;
-                }
-                Err(Errno::EAGAIN | Errno::EINTR) => {}
-                Err(_) => return false,
-            }
-        }
-        if half.in_pipe > 0 {
-            match splice(&pipe.0, None, to, None, half.in_pipe, flags) {
-                Ok(n) => {
-                    half.in_pipe -= n;
-                    progress = progress || n > 0;
-                }
-                Err(Errno::EAGAIN | Errno::EINTR) => {}
-                Err(_) => return false,
-            }
+                Ok(Some(n)) => progress = n > 0,
+                Err(_) => break false,
+            },
+            None => {}
         }
         if half.eof && half.in_pipe == 0 && !half.shut {
             let _ = to.shutdown(Shutdown::Write);
             half.shut = true;
         }
         if !progress {
-            return true;
+            break true;
+        }
+    };
+    // Empty: back to the pool, for whichever direction moves next. (One
+    // with bytes in it stays: `to` would block, and they wait for it.)
+    if half.in_pipe == 0 {
+        if let Some(p) = half.pipe.take() {
+            pipes.give(p);
         }
     }
+    ok
+}
+
+/// One step of a direction that got no pipe: what `to` takes of what
+/// `from` has, through `buf`. Bytes are peeked and taken off `from` only
+/// once `to` took them, so nothing waits here between calls. None at EOF,
+/// else the bytes moved (0: one side would block).
+fn copy(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> nix::Result<Option<usize>> {
+    use nix::sys::socket::{recv, send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let dontwait = MsgFlags::MSG_DONTWAIT;
+    let n = match recv(from.as_raw_fd(), buf, MsgFlags::MSG_PEEK | dontwait) {
+        Ok(0) => return Ok(None),
+        Ok(n) => n,
+        Err(Errno::EAGAIN | Errno::EINTR) => return Ok(Some(0)),
+        Err(e) => return Err(e),
+    };
+    let sent = match send(to.as_raw_fd(), &buf[..n], MsgFlags::MSG_NOSIGNAL | dontwait) {
+        Ok(w) => w,
+        Err(Errno::EAGAIN | Errno::EINTR) => return Ok(Some(0)),
+        Err(e) => return Err(e),
+    };
+    // Peeked, so there: this takes exactly what was sent.
+    let taken = recv(from.as_raw_fd(), &mut buf[..sent], dontwait)?;
+    Ok(Some(taken))
 }
