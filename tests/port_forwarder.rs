@@ -363,6 +363,124 @@ fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
     eprintln!("[timing] forwarder many connections: {:?}", t0.elapsed());
 }
 
+/// Sets the supervisor's RLIMIT_NOFILE to `n`, and waits for the
+/// forwarder to follow.
+fn lower_fd_limit(lab: &Lab, sup: u32, n: usize) {
+    // The supervisor's own uid lowers its limit (root here lacks
+    // CAP_SYS_RESOURCE over the lab's user namespace).
+    let out = lab.exec(
+        &[],
+        None,
+        &[
+            "prlimit",
+            "--pid",
+            &sup.to_string(),
+            &format!("--nofile={n}:{n}"),
+        ],
+    );
+    assert!(out.ok(), "prlimit on the supervisor: {out}");
+    // The forwarder reads the limit again within a second.
+    thread::sleep(Duration::from_millis(1500));
+}
+
+/// Clients that send and never read the echo: each stalls its connection's
+/// way back, whose pipe then holds the bytes. With more of them than there
+/// are fds for pipes (a 256 fd limit), the directions left without a pipe
+/// copy through a buffer: every other connection still echoes, nothing
+/// spins, and the supervisor stays within its limit.
+#[test]
+fn stalled_readers_holding_every_pipe_leave_the_others_echoing() {
+    const HELD: usize = 60;
+    const STALLED: usize = 40;
+    if !have_python3() {
+        return;
+    }
+    let Some(lab) = lab_with("fwd_stalled", json!({})) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let c = lab.container();
+    let port = common::free_tcp_port();
+    add(&lab, &c, port);
+    let server = echo_server(&lab, &c);
+    let sup = supervisor_pid(&lab);
+    lower_fd_limit(&lab, sup, 256);
+    let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+    let base = open_fds(sup);
+    let (mut conns, failed) = open_many(addr, HELD);
+    assert!(failed.is_empty(), "{:?}", failed.first());
+
+    // Each stalled client sends 4 MiB and reads nothing back; a small
+    // receive buffer makes its way back fill soon.
+    let chunk = vec![b'x'; 65536];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for s in &mut conns[..STALLED] {
+        nix::sys::socket::setsockopt(&*s, nix::sys::socket::sockopt::RcvBuf, &4096)
+            .expect("SO_RCVBUF");
+        s.set_write_timeout(Some(Duration::from_secs(5)))
+            .expect("write timeout");
+        let mut sent = 0;
+        while sent < 4 << 20 && Instant::now() < deadline {
+            match s.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) => panic!("a stalled client's write: {e}"),
+            }
+        }
+    }
+    // Let the echoes reach the stalled ways back.
+    thread::sleep(Duration::from_secs(1));
+    let fds = open_fds(sup);
+    let cpu0 = cpu_ticks(sup);
+    let w0 = Instant::now();
+    thread::sleep(Duration::from_secs(2));
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let cpu = (cpu_ticks(sup) - cpu0) as f64 / hz;
+    eprintln!(
+        "[forwarder] {STALLED} stalled of {HELD} held with 256 fds: supervisor holds {fds} fds, CPU {cpu:.2}s over {:?}",
+        w0.elapsed()
+    );
+    assert!(fds < 256, "the supervisor holds {fds} fds of 256");
+    // The stalled ways back hold pipes: every fd left for pipes is taken.
+    assert!(
+        fds >= base + 2 * HELD + 2 * 32,
+        "{fds} fds ({base} before the connections): the stalled did not take the pipes"
+    );
+    assert!(cpu < 1.0, "the supervisor spins: {cpu:.2}s of CPU in 2 s");
+    // More stalled directions than pipes (fds for 35 at most here): the
+    // others still echo, through a pipe or without one.
+    for (i, s) in conns[STALLED..].iter_mut().enumerate() {
+        for round in 0..3 {
+            if let Err(e) = echo(
+                s,
+                &format!(
+                    "beside the stalled {i} {round}
+"
+                ),
+            ) {
+                panic!("connection {i} beside the stalled ones: {e}");
+            }
+        }
+    }
+    conns.truncate(STALLED);
+    drop(conns);
+    // Their pipes closed with them: a new connection takes one again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Err(e) = echoing(addr, HELD) {
+        assert!(
+            Instant::now() < deadline,
+            "no echo after the stalled closed: {e}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    del(&lab, &c);
+    drop(server);
+    lab.assert_no_infra("after the last DEL");
+    eprintln!("[timing] forwarder stalled readers: {:?}", t0.elapsed());
+}
+
 #[test]
 fn flood_with_a_small_fd_limit_leaves_control_working() {
     if !have_python3() {
@@ -378,16 +496,7 @@ fn flood_with_a_small_fd_limit_leaves_control_working() {
     add(&lab, &c1, p1);
     let s1 = echo_server(&lab, &c1);
     let sup = supervisor_pid(&lab);
-    // The supervisor's own uid lowers its limit (root here lacks
-    // CAP_SYS_RESOURCE over the lab's user namespace).
-    let out = lab.exec(
-        &[],
-        None,
-        &["prlimit", "--pid", &sup.to_string(), "--nofile=256:256"],
-    );
-    assert!(out.ok(), "prlimit on the supervisor: {out}");
-    // The forwarder reads the limit again within a second.
-    thread::sleep(Duration::from_millis(1500));
+    lower_fd_limit(&lab, sup, 256);
     let a1 = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), p1);
 
     // 400 held connections: more than 256 fds can carry.
