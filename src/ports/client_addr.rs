@@ -65,8 +65,11 @@ pub const MARK_REPLY: u32 = 0x2000_0000;
 pub const TABLE: u32 = 100;
 pub const RULE_PRIORITY: u32 = 100;
 
-/// How long one setup command may take (iptables waits for its lock).
-const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the setup's commands, run at once, may take in all (iptables
+/// waits for its lock). Well within the plugin's wait for the whole infra
+/// (`START_TIMEOUT`, 10 s, sandbox and way out included): a command that
+/// hangs costs the clients' addresses, not the infra's start.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Whether containers see their clients' addresses, per address family of
 /// the connection inside the infra; kept in infra.json.
@@ -117,6 +120,8 @@ impl ClientAddresses {
 /// The setup's commands, started; `finish` waits for them.
 pub struct Setup {
     steps: Vec<Step>,
+    /// When the commands that still run are given up.
+    deadline: Instant,
 }
 
 struct Step {
@@ -135,6 +140,7 @@ pub fn start_setup(sandbox_pid: i32, ipv6: bool) -> Setup {
             "/proc/{sandbox_pid}/ns/{kind}"
         ))?))
     };
+    let deadline = Instant::now() + SETUP_TIMEOUT;
     let ns = ns("mnt").and_then(|mnt| Ok((mnt, ns("net")?)));
     let mut steps = Vec::new();
     for v6 in [false, true] {
@@ -154,7 +160,7 @@ pub fn start_setup(sandbox_pid: i32, ipv6: bool) -> Setup {
             });
         }
     }
-    Setup { steps }
+    Setup { steps, deadline }
 }
 
 /// The commands for one family. They run at once, in any order: the
@@ -241,7 +247,7 @@ impl Setup {
         };
         let mut errors = Vec::new();
         for step in self.steps {
-            if let Err(e) = wait_step(step.child) {
+            if let Err(e) = wait_step(step.child, self.deadline) {
                 errors.push(format!("{}: {e}", step.what));
                 if step.ipv6 {
                     kept.ipv6 = false;
@@ -262,9 +268,11 @@ impl Setup {
     }
 }
 
-fn wait_step(child: io::Result<(Child, Option<io::Error>)>) -> std::result::Result<(), String> {
+fn wait_step(
+    child: io::Result<(Child, Option<io::Error>)>,
+    deadline: Instant,
+) -> std::result::Result<(), String> {
     let (mut child, input_error) = child.map_err(|e| format!("cannot run it: {e}"))?;
-    let deadline = Instant::now() + STEP_TIMEOUT;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
@@ -272,7 +280,7 @@ fn wait_step(child: io::Result<(Child, Option<io::Error>)>) -> std::result::Resu
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("still running after {}s", STEP_TIMEOUT.as_secs()));
+                return Err(format!("still running after {}s", SETUP_TIMEOUT.as_secs()));
             }
             Err(e) => return Err(e.to_string()),
         }
