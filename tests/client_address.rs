@@ -541,6 +541,42 @@ fn builtin_driver_shows_each_client_with_pasta() {
     });
 }
 
+/// A client that has 10.0.2.2 or fd00::2 itself (a host in a
+/// 10.0.2.0/24 network, as QEMU's and VirtualBox's user networking make)
+/// is not shown as the host's loopback, which those addresses mean to the
+/// container: it is the infra's address, as a client with no address of
+/// its own there.
+#[test]
+fn builtin_driver_shows_only_loopback_clients_as_the_host() {
+    let mut conf = dual_stack_conflist();
+    outer(&mut conf).insert("portDriver".into(), "builtin".into());
+    with_published_server("client_addr_gw", "dual-stack", conf, |lab, host| {
+        let out = lab.in_netns(
+            host,
+            &[
+                "sh",
+                "-c",
+                "ip addr add 10.0.2.2/32 dev lo && ip -6 addr add fd00::2/128 dev lo nodad",
+            ],
+        );
+        assert!(
+            out.ok(),
+            "adding the gateway's addresses to the host: {out}"
+        );
+        let mut cases = Vec::new();
+        for proto in ["tcp", "udp"] {
+            cases.extend([
+                (proto, "10.0.2.2", PORT_V4, INFRA),
+                (proto, "10.0.2.2", PORT_DUAL, INFRA),
+                (proto, "fd00::2", PORT_DUAL, INFRA),
+                (proto, "127.0.0.1", PORT_V4, "10.0.2.2"),
+                (proto, "::1", PORT_DUAL, "fd00::2"),
+            ]);
+        }
+        assert_seen(host, "the gateway's address on the host", &cases);
+    });
+}
+
 /// The example network (IPv4 only, no IPv6 in the infra): IPv4 clients as
 /// themselves; an IPv6 client reaches the container over IPv4, ::1 as
 /// 10.0.2.2, any other as the infra's address (it has no IPv4 form).

@@ -434,10 +434,16 @@ pub fn dials(
 }
 
 /// The address a container reached over IPv4 sees for `peer`; None when it
-/// has none there (an IPv6 client, but for loopback).
+/// has none there (an IPv6 client, but for loopback). A client that has
+/// HOST_V4 itself (a host in a 10.0.2.0/24 network, as QEMU's and
+/// VirtualBox's user networking make, where every forwarded client comes
+/// from 10.0.2.2) is not shown as it: 10.0.2.2 means the host's loopback
+/// to the container, which a remote client could otherwise claim (a UDP
+/// datagram's source needs no answer to be spoofed; 127.0.0.1 cannot be).
 fn seen_over_v4(peer: IpAddr) -> Option<IpAddr> {
     match peer {
         IpAddr::V4(a) if a.is_loopback() => Some(HOST_V4.into()),
+        IpAddr::V4(a) if a == HOST_V4 => None,
         IpAddr::V4(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => None,
         IpAddr::V4(a) => Some(a.into()),
         IpAddr::V6(a) if a.is_loopback() => Some(HOST_V4.into()),
@@ -446,12 +452,13 @@ fn seen_over_v4(peer: IpAddr) -> Option<IpAddr> {
 }
 
 /// The same over IPv6. A link-local address means nothing on the
-/// container's link (its replies would look for it there).
+/// container's link (its replies would look for it there); HOST_V6 is the
+/// host's loopback only (see `seen_over_v4`).
 fn seen_over_v6(peer: Ipv6Addr) -> Option<Ipv6Addr> {
     let link_local = peer.segments()[0] & 0xffc0 == 0xfe80;
     if peer.is_loopback() {
         Some(HOST_V6)
-    } else if peer.is_unspecified() || peer.is_multicast() || link_local {
+    } else if peer.is_unspecified() || peer.is_multicast() || link_local || peer == HOST_V6 {
         None
     } else {
         Some(peer)
@@ -578,6 +585,30 @@ mod tests {
         // Link-local: over IPv4, from the infra's address.
         let (d, fallback) = dials(ip("fe80::1"), 80, BOTH, true, &NONE);
         assert_eq!((d.source, d.target.is_ipv4(), fallback), (None, true, None));
+    }
+
+    #[test]
+    fn only_loopback_clients_are_the_host() {
+        // A client that has the host's infra address itself is the infra.
+        for peer in ["10.0.2.2", "::ffff:10.0.2.2", "fd00::2"] {
+            for infra_ipv6 in [true, false] {
+                let (d, fallback) = dials(ip(peer), 80, BOTH, infra_ipv6, &NONE);
+                assert_eq!(
+                    (d.source, d.target.is_ipv4(), fallback),
+                    (None, true, None),
+                    "{peer}, infra_ipv6 {infra_ipv6}"
+                );
+            }
+        }
+        // Its neighbours are themselves.
+        assert_eq!(
+            dials(ip("10.0.2.15"), 80, BOTH, true, &NONE).0.source,
+            Some(ip("10.0.2.15"))
+        );
+        assert_eq!(
+            dials(ip("fd00::15"), 80, BOTH, true, &NONE).0.source,
+            Some(ip("fd00::15"))
+        );
     }
 
     #[test]
