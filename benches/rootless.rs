@@ -9,13 +9,16 @@
 //! 3. scale: ADD latency with 1, 100 and 500 live attachments;
 //! 4. parallelism: 32 concurrent ADDs vs. 32 sequential ones;
 //! 5. data plane with iperf3 (loopback and namespaces of our own only);
-//! 6. footprint: VmRSS of the infra's processes, binary size.
+//! 6. footprint: VmRSS of the infra's processes, binary size;
+//! 7. published ports at scale: 10,000 held connections, throughput beside
+//!    rootlesskit's and pasta's port forwarding, connections per second,
+//!    the slirp4netns driver under 500 connections (benches/rootless/ports.rs).
 //!
 //! Every figure is a median; every comparison is a ratio of medians
 //! measured in the same run with A and B alternating.
 //!
 //! Run as root (it builds the lab): `cargo bench --bench rootless --
-//! [--quick] [--out FILE] [--command TEXT]`. The same binary, copied into the
+//! [--quick] [--only PHASES] [--out FILE] [--command TEXT]`. The same binary, copied into the
 //! lab, is the *worker*: run inside the lab's session as the lab user, it
 //! spawns and times the plugin calls itself, so that getting into the
 //! session (setpriv + nsenter) is not in the figures.
@@ -64,6 +67,10 @@ type Res<T> = Result<T, String>;
 #[path = "rootless/outbound.rs"]
 mod outbound;
 
+// After `progress!`, which it uses.
+#[path = "rootless/ports.rs"]
+mod ports;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some(WORKER_ARG) {
@@ -86,32 +93,60 @@ fn main() {
 
 struct Opts {
     quick: bool,
+    /// Only these phases (`Opts::PHASES`); None: all.
+    only: Option<Vec<String>>,
     out: PathBuf,
     command: String,
 }
 
 impl Opts {
-    const USAGE: &'static str = "usage: rootless [--quick] [--out FILE] [--command TEXT]";
+    const USAGE: &'static str =
+        "usage: rootless [--quick] [--only PHASE,...] [--out FILE] [--command TEXT]\n\
+         phases: warm, cold, scale, parallel, dataplane, outbound, ports";
+    const PHASES: [&'static str; 7] = [
+        "warm",
+        "cold",
+        "scale",
+        "parallel",
+        "dataplane",
+        "outbound",
+        "ports",
+    ];
 
     fn parse(args: &[String]) -> Res<Opts> {
-        let (mut quick, mut out, mut command) = (false, None, None);
+        let (mut quick, mut out, mut command, mut only) = (false, None, None, None);
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--bench" => {} // what `cargo bench` passes
                 "--quick" => quick = true,
+                "--only" => {
+                    let list: Vec<String> = it
+                        .next()
+                        .ok_or("--only needs a list of phases")?
+                        .split(',')
+                        .map(|p| p.trim().to_string())
+                        .collect();
+                    if let Some(bad) = list.iter().find(|p| !Opts::PHASES.contains(&p.as_str())) {
+                        return Err(format!("unknown phase {bad:?}"));
+                    }
+                    only = Some(list);
+                }
                 "--out" => out = Some(PathBuf::from(it.next().ok_or("--out needs a file")?)),
                 "--command" => command = Some(it.next().ok_or("--command needs a value")?.clone()),
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = out.unwrap_or_else(|| {
-            if quick {
-                manifest.join("target/BENCHMARKS-quick.md")
-            } else {
-                manifest.join("BENCHMARKS.md")
-            }
+        // A partial run never overwrites the report of a full one.
+        let out = out.unwrap_or_else(|| match (&only, quick) {
+            (Some(list), _) => manifest.join(format!(
+                "target/BENCHMARKS-{}{}.md",
+                list.join("-"),
+                if quick { "-quick" } else { "" }
+            )),
+            (None, true) => manifest.join("target/BENCHMARKS-quick.md"),
+            (None, false) => manifest.join("BENCHMARKS.md"),
         });
         let command = command.unwrap_or_else(|| {
             format!(
@@ -121,9 +156,17 @@ impl Opts {
         });
         Ok(Opts {
             quick,
+            only,
             out,
             command,
         })
+    }
+
+    /// Whether phase `name` runs.
+    fn runs(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .map_or(true, |o| o.iter().any(|p| p == name))
     }
 }
 
@@ -138,6 +181,7 @@ struct Plan {
     par_rounds: usize,
     iperf_secs: u32,
     iperf_rounds: usize,
+    ports: ports::Plan,
 }
 
 impl Plan {
@@ -153,6 +197,7 @@ impl Plan {
                 par_rounds: 1,
                 iperf_secs: 1,
                 iperf_rounds: 1,
+                ports: ports::Plan::new(true),
             }
         } else {
             Plan {
@@ -165,6 +210,7 @@ impl Plan {
                 par_rounds: 5,
                 iperf_secs: 3,
                 iperf_rounds: 5,
+                ports: ports::Plan::new(false),
             }
         }
     }
@@ -235,12 +281,15 @@ mod cleanup {
     #[derive(Default)]
     pub struct Leftovers {
         pub uid: Option<u32>,
+        /// Labs of other phases (their own uids).
+        pub more_uids: Vec<u32>,
         pub dirs: Vec<PathBuf>,
         pub pids: Vec<u32>,
     }
 
     pub static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
         uid: None,
+        more_uids: Vec::new(),
         dirs: Vec::new(),
         pids: Vec::new(),
     });
@@ -303,7 +352,7 @@ mod cleanup {
         for pid in &l.pids {
             kill(*pid);
         }
-        if let Some(uid) = l.uid {
+        for uid in l.uid.into_iter().chain(l.more_uids.iter().copied()) {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
                 let left = pids_of_uid(uid);
@@ -960,6 +1009,7 @@ mod worker {
             Some("cold") => cold(&task),
             Some("many") => many(&task),
             Some("parallel") => parallel(&task),
+            Some("echo_server") => ports::echo_server(&task),
             other => Err(format!("unknown task {other:?}")),
         };
         match out {
@@ -1523,12 +1573,22 @@ mod driver {
         };
         progress!("lab: uid {}, dir {}", lab.uid, lab.dir.display());
 
-        let tracer = trace::Tracer::start(&scratch);
+        let tracer = if opts.runs("warm") || opts.runs("cold") {
+            trace::Tracer::start(&scratch)
+        } else {
+            None
+        };
         if tracer.is_none() {
             progress!("perf is not available: no breakdowns from scheduler tracepoints");
         }
-        let warm = guarded(&mut cx, "1. warm overhead", phase_warm);
-        let cold = guarded(&mut cx, "2. cold start", phase_cold);
+        let warm = opts
+            .runs("warm")
+            .then(|| guarded(&mut cx, "1. warm overhead", phase_warm))
+            .flatten();
+        let cold = opts
+            .runs("cold")
+            .then(|| guarded(&mut cx, "2. cold start", phase_cold))
+            .flatten();
         let trace = tracer.and_then(|t| {
             progress!("reading the perf trace");
             t.stop()
@@ -1541,15 +1601,28 @@ mod driver {
                 cold_breakdown(&mut cx, trace, c);
             }
         }
-        guarded(&mut cx, "3. scale", phase_scale);
-        guarded(&mut cx, "4. parallelism", phase_parallel);
-        guarded(&mut cx, "5. data plane", phase_dataplane);
-        guarded(
-            &mut cx,
-            "6. outbound: slirp4netns vs pasta",
-            outbound::phase,
-        );
-        binary_size(&mut cx);
+        if opts.runs("scale") {
+            guarded(&mut cx, "3. scale", phase_scale);
+        }
+        if opts.runs("parallel") {
+            guarded(&mut cx, "4. parallelism", phase_parallel);
+        }
+        if opts.runs("dataplane") {
+            guarded(&mut cx, "5. data plane", phase_dataplane);
+        }
+        if opts.runs("outbound") {
+            guarded(
+                &mut cx,
+                "6. outbound: slirp4netns vs pasta",
+                outbound::phase,
+            );
+        }
+        if opts.runs("ports") {
+            guarded(&mut cx, "7. published ports", ports::phase);
+        }
+        if opts.only.is_none() {
+            binary_size(&mut cx);
+        }
 
         let _ = fs::remove_dir_all(&scratch);
         let report = std::mem::take(&mut cx.report);
@@ -2562,7 +2635,7 @@ mod driver {
         session(cx.lab, &[], &full)
     }
 
-    fn container_server(cx: &Cx, c: &Container, what: &str) -> Res<Background> {
+    pub(crate) fn container_server(cx: &Cx, c: &Container, what: &str) -> Res<Background> {
         let argv: Vec<String> = [
             "iperf3",
             "-s",
@@ -2894,7 +2967,7 @@ mod driver {
         let mut md = String::from("# Benchmarks\n\n");
         let _ = writeln!(
             md,
-            "Generated by `{}` on {date} (commit {commit}{}). \
+            "Generated by `{}` on {date} (commit {commit}{}{}). \
              Every figure is a median over repeated runs; every comparison is a ratio of \
              medians measured in the same run with A and B alternating. Re-run to \
              update; this file is overwritten.\n",
@@ -2903,7 +2976,11 @@ mod driver {
                 "; **quick mode: a few iterations each, figures not meaningful**"
             } else {
                 ""
-            }
+            },
+            opts.only.as_ref().map_or(String::new(), |o| format!(
+                "; **only the phases {}**",
+                o.join(", ")
+            ))
         );
         md.push_str("## Machine\n\n| | |\n|---|---|\n");
         for (k, v) in machine() {

@@ -253,6 +253,17 @@ fn open_many(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, Vec<String>) {
     (ok, failed)
 }
 
+/// The backlog of the TCP listener on 127.0.0.1:`port` here (`ss` shows
+/// it as a listener's Send-Q).
+fn listen_backlog(port: u16) -> Option<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(2)?.parse().ok()
+}
+
 #[test]
 fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
     const N: usize = 2000;
@@ -267,6 +278,18 @@ fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
     let c = lab.container();
     let port = common::free_tcp_port();
     add(&lab, &c, port);
+    // A burst of clients finds room in the accept queue: the kernel's
+    // somaxconn, not the 128 std listens with (a burst of 256 lost most
+    // SYNs, each client then waiting a second for its retry).
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    // (listen(2)'s largest, SOMAXCONN 4096, where somaxconn is larger.)
+    let backlog = listen_backlog(port);
+    assert!(
+        backlog.is_some() && backlog >= somaxconn.map(|m| m.min(4096)),
+        "the host port's backlog is {backlog:?}, somaxconn {somaxconn:?}"
+    );
     let server = echo_server(&lab, &c);
     let sup = supervisor_pid(&lab);
     let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);

@@ -361,11 +361,11 @@ fn undo_deletes_with_the_whole_result() {
 /// (`inner-V.json`), and what the runtime gets for it at each version
 /// (`V-as-W.json`), byte for byte. With ROOTLESS_CNI_BLESS set, the
 /// expected files are written from what the chain answers instead (then
-/// read them: they are the contract).
+/// read them: they are the contract); never in CI, see `bless`.
 #[test]
 fn results_convert_to_every_runtime_version_as_the_golden_files_say() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/results");
-    let bless = std::env::var_os("ROOTLESS_CNI_BLESS").is_some();
+    let bless = bless();
     let mut wrong = Vec::new();
     for inner in version::SUPPORTED {
         let printed = std::fs::read(dir.join(format!("inner-{inner}.json"))).unwrap();
@@ -396,4 +396,44 @@ fn results_convert_to_every_runtime_version_as_the_golden_files_say() {
         "not as the golden files say:\n{}",
         wrong.join("\n")
     );
+}
+
+/// Whether the golden files are to be rewritten: ROOTLESS_CNI_BLESS set to
+/// anything but empty, `0`, `false`, `no` or `off` (the rule CI follows in
+/// tests/common). Refused when CI is set so: there a blessing run would
+/// write whatever the code answers and pass, checking nothing.
+fn bless() -> bool {
+    let set = |name: &str| {
+        std::env::var(name).is_ok_and(|v| {
+            !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "" | "0" | "false" | "no" | "off"
+            )
+        })
+    };
+    let bless = set("ROOTLESS_CNI_BLESS");
+    assert!(
+        !(bless && set("CI")),
+        "ROOTLESS_CNI_BLESS is set in a CI run: CI compares the golden files, it never rewrites them"
+    );
+    bless
+}
+
+/// In CI the golden files are the contract being checked: a blessing run
+/// there would rewrite them from whatever the code answers and pass. With
+/// CI set, ROOTLESS_CNI_BLESS fails the golden test instead (run here as
+/// its own process, so this run's environment is left alone).
+#[test]
+fn blessing_the_golden_files_fails_under_ci() {
+    let golden = "chain::tests::results_convert_to_every_runtime_version_as_the_golden_files_say";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([golden, "--exact", "--test-threads=1"])
+        .env("CI", "true")
+        .env("ROOTLESS_CNI_BLESS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("running 1 test"), "{stdout}");
+    assert!(!out.status.success(), "blessed under CI:\n{stdout}");
+    assert!(stdout.contains("ROOTLESS_CNI_BLESS"), "{stdout}");
 }

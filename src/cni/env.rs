@@ -232,6 +232,28 @@ mod tests {
         assert!(parse(&pairs).unwrap().netns.is_none());
     }
 
+    /// A NUL byte, which no environment can carry (so the corpus of
+    /// testdata/hostile/, also run through the binary, has no such case),
+    /// but a caller of `from_lookup` may hand over.
+    #[test]
+    fn a_nul_byte_in_the_container_id_or_ifname_is_refused() {
+        for (key, value) in [("CNI_CONTAINERID", "a\0b"), ("CNI_IFNAME", "eth\0x")] {
+            for verb in ["ADD", "DEL", "CHECK"] {
+                let pairs: Vec<_> = FULL
+                    .iter()
+                    .map(|&(k, v)| match k {
+                        "CNI_COMMAND" => (k, verb),
+                        k if k == key => (k, value),
+                        _ => (k, v),
+                    })
+                    .collect();
+                let err = parse(&pairs).unwrap_err();
+                assert_eq!(err.code, 4, "{verb} {key}={value:?}");
+                assert!(err.msg.contains(key), "{}", err.msg);
+            }
+        }
+    }
+
     /// testdata/hostile/env.json, but the cases refused only when the
     /// netns is opened: each refused with its code, naming its culprit.
     #[test]

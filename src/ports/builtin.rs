@@ -36,6 +36,11 @@ fn open(m: &PortMapping) -> Result<Listening> {
     Ok(match m.protocol {
         Protocol::Tcp => {
             let listener = TcpListener::bind(addr).map_err(|e| bind_error(m, e))?;
+            // std listens with a backlog of 128: a burst of clients would
+            // lose SYNs and each wait a second for its retry. Listening
+            // again raises it to the kernel's limit (somaxconn).
+            nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::MAXALLOWABLE)
+                .map_err(|e| bind_error(m, e.into()))?;
             listener.set_nonblocking(true)?;
             Listening::Tcp(listener, target)
         }

@@ -11,12 +11,14 @@
 pub mod pasta;
 pub mod slirp4netns;
 
-use crate::error::Result;
+use crate::error::{code, Error, Result};
 use crate::procfs::ProcessId;
+use crate::sys;
 use serde::{Deserialize, Serialize};
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use crate::cni::config::Outbound as Engine;
@@ -55,6 +57,46 @@ pub fn start(opts: &Options) -> Result<Running> {
         Engine::Slirp4netns => slirp4netns::start(opts),
         Engine::Pasta => pasta::start(opts),
     }
+}
+
+/// Spawns the engine `cmd` as the supervisor's child: it dies with the
+/// supervisor, starts in a private mount namespace (what it mounts or
+/// unmounts before its own sandbox stays out of the caller's: real root's
+/// /run/netns, say) and inherits no fd of ours but `keep`. `missing` says
+/// what to install when it is not there.
+fn spawn(mut cmd: Command, keep: [RawFd; 2], what: &str, missing: &str) -> Result<Child> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    let parent = nix::unistd::getpid();
+    // SAFETY: runs between fork and exec; prctl, unshare, mount and fcntl
+    // are async-signal-safe, and nothing here allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::die_with_parent(parent)?;
+            sys::private_mount_namespace()?;
+            sys::cloexec_inherited_fds()?;
+            keep.iter().try_for_each(|fd| sys::keep_on_exec(*fd))
+        });
+    }
+    cmd.spawn().map_err(|e| {
+        Error::new(
+            code::INFRA_START,
+            format!("starting {what}: {e} ({missing})"),
+        )
+    })
+}
+
+/// The error for an engine that did not say it was ready: it is killed
+/// and reaped first.
+fn not_ready(mut child: Child, what: &str, hint: &str) -> Error {
+    let _ = child.kill();
+    let status = child.wait().ok();
+    Error::new(
+        code::INFRA_START,
+        format!(
+            "{what} did not become ready ({}{hint})",
+            status.map_or("still running".into(), |s| s.to_string())
+        ),
+    )
 }
 
 /// Reads `fd` until `done` holds for what came, EOF, or `timeout`; what

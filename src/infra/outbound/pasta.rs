@@ -29,8 +29,7 @@ use crate::error::{code, Error, Result};
 use crate::procfs::ProcessId;
 use crate::sys;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// The arguments for `opts`, with `netns_fd` and `pid_fd` inherited.
 fn args(opts: &Options, netns_fd: i32, pid_fd: i32) -> Vec<String> {
@@ -97,28 +96,13 @@ pub fn start(opts: &Options) -> Result<Running> {
     let (ready_r, ready_w) = sys::pipe()?;
     let (netns_fd, ready_fd) = (netns.as_raw_fd(), ready_w.as_raw_fd());
     let mut cmd = Command::new("pasta");
-    cmd.args(args(opts, netns_fd, ready_fd))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let parent = nix::unistd::getpid();
-    // SAFETY: runs between fork and exec; prctl, unshare, mount and fcntl
-    // are async-signal-safe, and nothing here allocates.
-    unsafe {
-        cmd.pre_exec(move || {
-            sys::die_with_parent(parent)?;
-            // pasta makes a mount namespace of its own; what it does
-            // before that stays out of the caller's, as for slirp4netns.
-            sys::private_mount_namespace()?;
-            sys::cloexec_inherited_fds()?;
-            sys::keep_on_exec(netns_fd)?;
-            sys::keep_on_exec(ready_fd)
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| {
-        fail(format!(
-            "starting pasta: {e} (is it installed? Debian: passt)"
-        ))
-    })?;
+    cmd.args(args(opts, netns_fd, ready_fd));
+    let child = super::spawn(
+        cmd,
+        [netns_fd, ready_fd],
+        "pasta",
+        "is it installed? Debian: passt",
+    )?;
     drop(ready_w);
     drop(netns);
     // "PID\n" once tap0 is up. pasta keeps the inherited fd open for its
@@ -126,12 +110,7 @@ pub fn start(opts: &Options) -> Result<Running> {
     let got = super::read_until(ready_r, READY_TIMEOUT, |b| b.contains(&b'\n'));
     let reported = String::from_utf8_lossy(&got).trim().parse::<u32>().ok();
     if reported != Some(child.id()) {
-        let _ = child.kill();
-        let status = child.wait().ok();
-        return Err(fail(format!(
-            "pasta did not become ready ({}; see infra.log)",
-            status.map_or("still running".into(), |s| s.to_string())
-        )));
+        return Err(super::not_ready(child, "pasta", "; see infra.log"));
     }
     let id = ProcessId::of(child.id() as i32)
         .ok_or_else(|| fail("pasta exited right after start".into()))?;

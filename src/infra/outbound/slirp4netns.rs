@@ -6,8 +6,7 @@ use crate::error::{code, Error, Result};
 use crate::procfs::ProcessId;
 use crate::sys;
 use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Starts slirp4netns and waits until tap0 is configured.
 pub fn start(opts: &Options) -> Result<Running> {
@@ -29,45 +28,16 @@ pub fn start(opts: &Options) -> Result<Running> {
     if opts.settings.ipv6 {
         cmd.arg("--enable-ipv6");
     }
-    cmd.arg(opts.sandbox_pid.to_string())
-        .arg(TAP)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let parent = nix::unistd::getpid();
-    // SAFETY: runs between fork and exec; prctl, unshare, mount and fcntl
-    // are async-signal-safe, and nothing here allocates.
-    unsafe {
-        cmd.pre_exec(move || {
-            sys::die_with_parent(parent)?;
-            // --enable-sandbox unmounts what it does not need; in the
-            // caller's mount namespace that would reach the host's mounts
-            // (real root's /run/netns), so it gets a private one.
-            sys::private_mount_namespace()?;
-            sys::cloexec_inherited_fds()?;
-            sys::keep_on_exec(ready_fd)?;
-            sys::keep_on_exec(exit_fd)
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| {
-        Error::new(
-            code::INFRA_START,
-            format!("starting slirp4netns: {e} (is it installed?)"),
-        )
-    })?;
+    cmd.arg(opts.sandbox_pid.to_string()).arg(TAP);
+    // --enable-sandbox unmounts what it does not need: in a private mount
+    // namespace (super::spawn), never the caller's.
+    let child = super::spawn(cmd, [ready_fd, exit_fd], "slirp4netns", "is it installed?")?;
     drop(ready_w);
     drop(exit_r);
     // slirp4netns writes "1" once tap0 is up, and closes the fd only on exit.
     let ready = !super::read_until(ready_r, READY_TIMEOUT, |got| !got.is_empty()).is_empty();
     if !ready {
-        let _ = child.kill();
-        let status = child.wait().ok();
-        return Err(Error::new(
-            code::INFRA_START,
-            format!(
-                "slirp4netns did not become ready ({})",
-                status.map_or("still running".into(), |s| s.to_string())
-            ),
-        ));
+        return Err(super::not_ready(child, "slirp4netns", ""));
     }
     let id = ProcessId::of(child.id() as i32)
         .ok_or_else(|| Error::new(code::INFRA_START, "slirp4netns exited right after start"))?;
