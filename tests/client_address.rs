@@ -541,6 +541,42 @@ fn builtin_driver_shows_each_client_with_pasta() {
     });
 }
 
+/// A client that has 10.0.2.2 or fd00::2 itself (a host in a
+/// 10.0.2.0/24 network, as QEMU's and VirtualBox's user networking make)
+/// is not shown as the host's loopback, which those addresses mean to the
+/// container: it is the infra's address, as a client with no address of
+/// its own there.
+#[test]
+fn builtin_driver_shows_only_loopback_clients_as_the_host() {
+    let mut conf = dual_stack_conflist();
+    outer(&mut conf).insert("portDriver".into(), "builtin".into());
+    with_published_server("client_addr_gw", "dual-stack", conf, |lab, host| {
+        let out = lab.in_netns(
+            host,
+            &[
+                "sh",
+                "-c",
+                "ip addr add 10.0.2.2/32 dev lo && ip -6 addr add fd00::2/128 dev lo nodad",
+            ],
+        );
+        assert!(
+            out.ok(),
+            "adding the gateway's addresses to the host: {out}"
+        );
+        let mut cases = Vec::new();
+        for proto in ["tcp", "udp"] {
+            cases.extend([
+                (proto, "10.0.2.2", PORT_V4, INFRA),
+                (proto, "10.0.2.2", PORT_DUAL, INFRA),
+                (proto, "fd00::2", PORT_DUAL, INFRA),
+                (proto, "127.0.0.1", PORT_V4, "10.0.2.2"),
+                (proto, "::1", PORT_DUAL, "fd00::2"),
+            ]);
+        }
+        assert_seen(host, "the gateway's address on the host", &cases);
+    });
+}
+
 /// The example network (IPv4 only, no IPv6 in the infra): IPv4 clients as
 /// themselves; an IPv6 client reaches the container over IPv4, ::1 as
 /// 10.0.2.2, any other as the infra's address (it has no IPv4 form).
@@ -721,6 +757,88 @@ fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
     stop(&lab, server);
     lab.assert_no_infra("after DEL");
     eprintln!("[timing] client_addr_none: {:?}", t0.elapsed());
+}
+
+/// A setup command that hangs (here an `iptables-restore` that never
+/// returns, as one stuck on a lock or a module load would) is given up in
+/// time: the infra starts within the plugin's wait, ports work as before
+/// (every client the infra's address) and `status` says why.
+#[test]
+fn builtin_driver_with_a_hanging_rule_command_starts_without_it() {
+    if !have_python3() {
+        return;
+    }
+    let Some(lab) = Lab::new("client_addr_hang") else {
+        return;
+    };
+    let t0 = Instant::now();
+    lab.write_netconf(common::NET, &example_conflist());
+    lab.write_file("fakebin/iptables-restore", "#!/bin/sh\nexec sleep 60\n");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = lab.dir.join("fakebin");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(
+            bin.join("iptables-restore"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .expect("chmod");
+    }
+    let path = format!("{}:{}", lab.dir.join("fakebin").display(), common::LAB_PATH);
+    let host = host_netns(&lab);
+    let c = lab.container();
+    let netconf = lab.netconf_dir().display().to_string();
+    let cni_path = lab.cni_path();
+    let cap_args = json!({ "portMappings": mappings() }).to_string();
+    let cnitool_bin = lab.dir.join("tools/cnitool").display().to_string();
+    let net_arg = format!("--net={}", host.netns());
+    let add_started = Instant::now();
+    let add = lab.exec(
+        &[
+            ("PATH", &path),
+            ("NETCONFPATH", &netconf),
+            ("CNI_PATH", &cni_path),
+            ("CAP_ARGS", &cap_args),
+        ],
+        None,
+        &[
+            "nsenter",
+            &net_arg,
+            "--",
+            &cnitool_bin,
+            "add",
+            common::NET,
+            &c.netns(),
+        ],
+    );
+    eprintln!(
+        "[timing] ADD with a hanging iptables-restore: {:?}",
+        add_started.elapsed()
+    );
+    add.add_result("ADD with a hanging iptables-restore");
+    let server = peer_echo(&lab, &c);
+    let status = client_addresses(&lab);
+    assert_eq!(status["kept"], false, "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("still running"),
+        "status does not say why: {status}"
+    );
+    assert_seen(
+        &host,
+        "with a hanging rule command",
+        &[
+            ("tcp", "127.0.0.1", PORT_V4, INFRA),
+            ("udp", HOST_V4, PORT_V4, INFRA),
+        ],
+    );
+    let del = cnitool(&lab, &host, "del", common::NET, &c, &json!([]));
+    assert!(del.ok(), "DEL: {del}");
+    stop(&lab, server);
+    lab.assert_no_infra("after DEL");
+    eprintln!("[timing] client_addr_hang: {:?}", t0.elapsed());
 }
 
 /// One iperf3 stream through a published port from 127.0.0.1, with the

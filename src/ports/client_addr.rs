@@ -65,8 +65,11 @@ pub const MARK_REPLY: u32 = 0x2000_0000;
 pub const TABLE: u32 = 100;
 pub const RULE_PRIORITY: u32 = 100;
 
-/// How long one setup command may take (iptables waits for its lock).
-const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the setup's commands, run at once, may take in all (iptables
+/// waits for its lock). Well within the plugin's wait for the whole infra
+/// (`START_TIMEOUT`, 10 s, sandbox and way out included): a command that
+/// hangs costs the clients' addresses, not the infra's start.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Whether containers see their clients' addresses, per address family of
 /// the connection inside the infra; kept in infra.json.
@@ -117,6 +120,8 @@ impl ClientAddresses {
 /// The setup's commands, started; `finish` waits for them.
 pub struct Setup {
     steps: Vec<Step>,
+    /// When the commands that still run are given up.
+    deadline: Instant,
 }
 
 struct Step {
@@ -135,6 +140,7 @@ pub fn start_setup(sandbox_pid: i32, ipv6: bool) -> Setup {
             "/proc/{sandbox_pid}/ns/{kind}"
         ))?))
     };
+    let deadline = Instant::now() + SETUP_TIMEOUT;
     let ns = ns("mnt").and_then(|mnt| Ok((mnt, ns("net")?)));
     let mut steps = Vec::new();
     for v6 in [false, true] {
@@ -154,7 +160,7 @@ pub fn start_setup(sandbox_pid: i32, ipv6: bool) -> Setup {
             });
         }
     }
-    Setup { steps }
+    Setup { steps, deadline }
 }
 
 /// The commands for one family. They run at once, in any order: the
@@ -241,7 +247,7 @@ impl Setup {
         };
         let mut errors = Vec::new();
         for step in self.steps {
-            if let Err(e) = wait_step(step.child) {
+            if let Err(e) = wait_step(step.child, self.deadline) {
                 errors.push(format!("{}: {e}", step.what));
                 if step.ipv6 {
                     kept.ipv6 = false;
@@ -262,9 +268,11 @@ impl Setup {
     }
 }
 
-fn wait_step(child: io::Result<(Child, Option<io::Error>)>) -> std::result::Result<(), String> {
+fn wait_step(
+    child: io::Result<(Child, Option<io::Error>)>,
+    deadline: Instant,
+) -> std::result::Result<(), String> {
     let (mut child, input_error) = child.map_err(|e| format!("cannot run it: {e}"))?;
-    let deadline = Instant::now() + STEP_TIMEOUT;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
@@ -272,7 +280,7 @@ fn wait_step(child: io::Result<(Child, Option<io::Error>)>) -> std::result::Resu
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("still running after {}s", STEP_TIMEOUT.as_secs()));
+                return Err(format!("still running after {}s", SETUP_TIMEOUT.as_secs()));
             }
             Err(e) => return Err(e.to_string()),
         }
@@ -426,10 +434,16 @@ pub fn dials(
 }
 
 /// The address a container reached over IPv4 sees for `peer`; None when it
-/// has none there (an IPv6 client, but for loopback).
+/// has none there (an IPv6 client, but for loopback). A client that has
+/// HOST_V4 itself (a host in a 10.0.2.0/24 network, as QEMU's and
+/// VirtualBox's user networking make, where every forwarded client comes
+/// from 10.0.2.2) is not shown as it: 10.0.2.2 means the host's loopback
+/// to the container, which a remote client could otherwise claim (a UDP
+/// datagram's source needs no answer to be spoofed; 127.0.0.1 cannot be).
 fn seen_over_v4(peer: IpAddr) -> Option<IpAddr> {
     match peer {
         IpAddr::V4(a) if a.is_loopback() => Some(HOST_V4.into()),
+        IpAddr::V4(a) if a == HOST_V4 => None,
         IpAddr::V4(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => None,
         IpAddr::V4(a) => Some(a.into()),
         IpAddr::V6(a) if a.is_loopback() => Some(HOST_V4.into()),
@@ -438,12 +452,13 @@ fn seen_over_v4(peer: IpAddr) -> Option<IpAddr> {
 }
 
 /// The same over IPv6. A link-local address means nothing on the
-/// container's link (its replies would look for it there).
+/// container's link (its replies would look for it there); HOST_V6 is the
+/// host's loopback only (see `seen_over_v4`).
 fn seen_over_v6(peer: Ipv6Addr) -> Option<Ipv6Addr> {
     let link_local = peer.segments()[0] & 0xffc0 == 0xfe80;
     if peer.is_loopback() {
         Some(HOST_V6)
-    } else if peer.is_unspecified() || peer.is_multicast() || link_local {
+    } else if peer.is_unspecified() || peer.is_multicast() || link_local || peer == HOST_V6 {
         None
     } else {
         Some(peer)
@@ -570,6 +585,30 @@ mod tests {
         // Link-local: over IPv4, from the infra's address.
         let (d, fallback) = dials(ip("fe80::1"), 80, BOTH, true, &NONE);
         assert_eq!((d.source, d.target.is_ipv4(), fallback), (None, true, None));
+    }
+
+    #[test]
+    fn only_loopback_clients_are_the_host() {
+        // A client that has the host's infra address itself is the infra.
+        for peer in ["10.0.2.2", "::ffff:10.0.2.2", "fd00::2"] {
+            for infra_ipv6 in [true, false] {
+                let (d, fallback) = dials(ip(peer), 80, BOTH, infra_ipv6, &NONE);
+                assert_eq!(
+                    (d.source, d.target.is_ipv4(), fallback),
+                    (None, true, None),
+                    "{peer}, infra_ipv6 {infra_ipv6}"
+                );
+            }
+        }
+        // Its neighbours are themselves.
+        assert_eq!(
+            dials(ip("10.0.2.15"), 80, BOTH, true, &NONE).0.source,
+            Some(ip("10.0.2.15"))
+        );
+        assert_eq!(
+            dials(ip("fd00::15"), 80, BOTH, true, &NONE).0.source,
+            Some(ip("fd00::15"))
+        );
     }
 
     #[test]
