@@ -343,7 +343,9 @@ fn in_session_mount_ns(lab: &Lab, argv: &[&str]) {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--target={}", lab.holder))
         .args(["--mount", "--"])
-        .args(argv);
+        .args(argv)
+        // Real root's mount(8) would make /run/mount on the machine.
+        .env("LIBMOUNT_UTAB", common::utab());
     let out = run_command(cmd, argv.join(" "), None, Duration::from_secs(10));
     assert!(out.ok(), "{out}");
 }

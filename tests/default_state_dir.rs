@@ -195,7 +195,8 @@ impl<'a> RootPod<'a> {
             .arg("--")
             .args(argv)
             .env_clear()
-            .env("PATH", common::LAB_PATH);
+            .env("PATH", common::LAB_PATH)
+            .env("LIBMOUNT_UTAB", common::utab());
         for (k, v) in env {
             cmd.env(k, v);
         }
