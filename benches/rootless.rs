@@ -172,6 +172,8 @@ impl Opts {
 
 /// How many of everything.
 struct Plan {
+    /// Container → host connections held at once, per outbound engine.
+    outbound_held: usize,
     warm_iters: usize,
     cold_iters: usize,
     scale_levels: Vec<usize>,
@@ -188,6 +190,7 @@ impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
             Plan {
+                outbound_held: 100,
                 warm_iters: 3,
                 cold_iters: 2,
                 scale_levels: vec![1, 5, 10],
@@ -201,6 +204,7 @@ impl Plan {
             }
         } else {
             Plan {
+                outbound_held: 1000,
                 warm_iters: 30,
                 cold_iters: 15,
                 scale_levels: vec![1, 100, 500],

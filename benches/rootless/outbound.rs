@@ -10,11 +10,12 @@
 use super::driver::{self, Attached, Cx};
 use super::{
     conflist, median, mib, ms, ratio, stdin_conf, vm_rss_kib, Chain, Container, NetOpts, Res,
+    IPERF_PORT,
 };
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -123,6 +124,44 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
             attached.push((s, p));
         }
 
+        // Host → container through a published port: the builtin driver,
+        // the same forwarder with either engine (shown, not assumed).
+        let (ps, pp) = (driver::free_port()?, driver::free_port()?);
+        let published = |engine: &'static str, hp: u16| {
+            let mapping = json!({ "portMappings": [{ "hostPort": hp, "containerPort": IPERF_PORT, "protocol": "tcp", "hostIP": "127.0.0.1" }] });
+            let o = opts(cx, engine, "published", None);
+            Attached::add(
+                cx,
+                &format!("bench-{engine}-published"),
+                stdin_conf(&conflist(Chain::Full, &o), Some(mapping)),
+            )
+        };
+        let (pub_s, pub_p) = (published("slirp4netns", ps)?, published("pasta", pp)?);
+        let _srv_s = driver::container_server(cx, &pub_s.c, "iperf3 server, slirp4netns infra")?;
+        let _srv_p = driver::container_server(cx, &pub_p.c, "iperf3 server, pasta infra")?;
+        progress!(
+            "outbound: host → container through a published port, slirp4netns vs pasta infra"
+        );
+        let host_client = |hp: u16, what: &str| {
+            let mut c = std::process::Command::new("iperf3");
+            c.args(&driver::client_args("127.0.0.1", hp, secs)[1..]);
+            driver::iperf_client(c, what)
+        };
+        let (bs, bp) = driver::alternate(
+            rounds,
+            || host_client(ps, "published port client, slirp4netns infra"),
+            || host_client(pp, "published port client, pasta infra"),
+        )?;
+        rows.push((
+            "host → container through a published port (builtin), slirp4netns infra".into(),
+            driver::gbits_runs(&bs),
+        ));
+        rows.push((
+            "host → container through a published port (builtin), pasta infra".into(),
+            driver::gbits_runs(&bp),
+        ));
+        drop((_srv_s, _srv_p, pub_s, pub_p));
+
         // The outbound process after the throughput runs.
         for engine in ENGINES {
             let state_dir = opts(cx, engine, "65520", None)
@@ -139,25 +178,44 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
 
         // Short connections: connect and close, for `secs` seconds.
         progress!("outbound: container → host connections per second, slirp4netns vs pasta");
+        let span = Duration::from_secs(secs.into());
+        let (lost_s, lost_p) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let (cs, cp) = with_host_listener(|target| {
             driver::alternate(
                 rounds,
-                || connections_per_second(&s.c, target, Duration::from_secs(secs.into())),
-                || connections_per_second(&p.c, target, Duration::from_secs(secs.into())),
+                || connections_per_second(&s.c, target, span, &lost_s),
+                || connections_per_second(&p.c, target, span, &lost_p),
             )
         })?;
-        rows.push((
-            "container → host TCP connections per second, slirp4netns".into(),
-            format!("{:.0}/s", median(&cs)),
-        ));
-        rows.push((
-            "container → host TCP connections per second, pasta".into(),
-            format!("{:.0}/s", median(&cp)),
-        ));
+        for (engine, v, lost) in [("slirp4netns", &cs, &lost_s), ("pasta", &cp, &lost_p)] {
+            rows.push((
+                format!("container → host TCP connections per second, {engine}"),
+                format!(
+                    "{:.0}/s ({} not answered within 2 s)",
+                    median(v),
+                    lost.load(Ordering::Relaxed)
+                ),
+            ));
+        }
         rows.push((
             "ratio pasta / slirp4netns, connections per second".into(),
             driver::ratio_runs(&cp, &cs).1,
         ));
+
+        // Connections held at once, opened one after another.
+        let want = cx.plan.outbound_held;
+        // The held sockets are this process's fds.
+        super::ports::raise_nofile();
+        progress!(
+            "outbound: {want} container → host connections held at once, slirp4netns vs pasta"
+        );
+        for (engine, a) in [("slirp4netns", s), ("pasta", p)] {
+            let (held, took) = with_host_listener(|target| held_at_once(&a.c, target, want))?;
+            rows.push((
+                format!("container → host connections held at once, {engine}"),
+                format!("{held} of {want} in {}", ms(took)),
+            ));
+        }
 
         // The way out killed: until a container reaches the host again.
         for (engine, a) in [("slirp4netns", s), ("pasta", p)] {
@@ -226,17 +284,42 @@ fn in_netns<T: Send>(c: &Container, f: impl FnOnce() -> Res<T> + Send) -> Res<T>
 }
 
 /// Connections opened and closed one after another from container `c` to
-/// `target` for `span`, per second.
-fn connections_per_second(c: &Container, target: SocketAddr, span: Duration) -> Res<f64> {
+/// `target` for `span`, per second; a connection not made within 2 s is
+/// counted in `lost`, not in the rate.
+fn connections_per_second(
+    c: &Container,
+    target: SocketAddr,
+    span: Duration,
+    lost: &AtomicUsize,
+) -> Res<f64> {
     in_netns(c, || {
         let started = Instant::now();
         let mut n = 0u64;
         while started.elapsed() < span {
-            TcpStream::connect_timeout(&target, Duration::from_secs(2))
-                .map_err(|e| format!("connecting to {target} after {n}: {e}"))?;
-            n += 1;
+            match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                Ok(_) => n += 1,
+                Err(_) => {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         Ok(n as f64 / started.elapsed().as_secs_f64())
+    })
+}
+
+/// Opens up to `want` connections from container `c` to `target` and holds
+/// them all: how many opened before the first failure, and how long (ms).
+fn held_at_once(c: &Container, target: SocketAddr, want: usize) -> Res<(usize, f64)> {
+    in_netns(c, || {
+        let started = Instant::now();
+        let mut held = Vec::with_capacity(want);
+        while held.len() < want {
+            match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                Ok(conn) => held.push(conn),
+                Err(_) => break,
+            }
+        }
+        Ok((held.len(), started.elapsed().as_secs_f64() * 1e3))
     })
 }
 

@@ -109,7 +109,7 @@ fn frame(kind: u8, i: usize) -> [u8; FRAME] {
 }
 
 /// The soft RLIMIT_NOFILE raised to the hard one; the hard one.
-fn raise_nofile() -> u64 {
+pub(crate) fn raise_nofile() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((_, hard)) => {
