@@ -651,43 +651,31 @@ fn slirp4netns_driver_client_addresses() {
     eprintln!("[timing] client_addr_slirp: {:?}", t0.elapsed());
 }
 
-/// When the infra cannot route replies to clients' addresses (here an
-/// `iptables-restore` that fails as one without the CONNMARK target would:
-/// a kernel without it is not at hand), ports work as before, every client
-/// seen as the infra's address, and it is said: a warning in infra.log,
-/// `status` and `doctor`.
-#[test]
-fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
-    if !have_python3() {
-        return;
+/// ADD through cnitool from the lab's host netns with `script` first on
+/// PATH as `iptables-restore` (what a kernel without the CONNMARK target,
+/// or a command stuck on a lock, would do: neither is at hand), then the
+/// peer-echo server in the container; the host netns, the container, the
+/// server.
+fn add_with_iptables_restore(
+    lab: &Lab,
+    script: &str,
+    what: &str,
+) -> (Container, Container, Server) {
+    use std::os::unix::fs::PermissionsExt;
+    lab.write_file("fakebin/iptables-restore", script);
+    let bin = lab.dir.join("fakebin");
+    for p in [bin.clone(), bin.join("iptables-restore")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
-    let Some(lab) = Lab::new("client_addr_none") else {
-        return;
-    };
-    let t0 = Instant::now();
-    lab.write_netconf(common::NET, &example_conflist());
-    lab.write_file(
-        "fakebin/iptables-restore",
-        "#!/bin/sh\necho \"iptables-restore: Couldn't load target \\`CONNMARK' (injected by the test)\" >&2\nexit 2\n",
-    );
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let bin = lab.dir.join("fakebin");
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::fs::set_permissions(
-            bin.join("iptables-restore"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .expect("chmod");
-    }
-    let path = format!("{}:{}", lab.dir.join("fakebin").display(), common::LAB_PATH);
-    let host = host_netns(&lab);
+    let path = format!("{}:{}", bin.display(), common::LAB_PATH);
+    let host = host_netns(lab);
     let c = lab.container();
     let netconf = lab.netconf_dir().display().to_string();
     let cni_path = lab.cni_path();
     let cap_args = json!({ "portMappings": mappings() }).to_string();
     let cnitool_bin = lab.dir.join("tools/cnitool").display().to_string();
     let net_arg = format!("--net={}", host.netns());
+    let started = Instant::now();
     let add = lab.exec(
         &[
             ("PATH", &path),
@@ -706,8 +694,32 @@ fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
             &c.netns(),
         ],
     );
-    add.add_result("ADD with a failing iptables-restore");
-    let server = peer_echo(&lab, &c);
+    eprintln!("[timing] ADD with {what}: {:?}", started.elapsed());
+    add.add_result(&format!("ADD with {what}"));
+    let server = peer_echo(lab, &c);
+    (host, c, server)
+}
+
+/// When the infra cannot route replies to clients' addresses (here an
+/// `iptables-restore` that fails as one without the CONNMARK target would:
+/// a kernel without it is not at hand), ports work as before, every client
+/// seen as the infra's address, and it is said: a warning in infra.log,
+/// `status` and `doctor`.
+#[test]
+fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
+    if !have_python3() {
+        return;
+    }
+    let Some(lab) = Lab::new("client_addr_none") else {
+        return;
+    };
+    let t0 = Instant::now();
+    lab.write_netconf(common::NET, &example_conflist());
+    let (host, c, server) = add_with_iptables_restore(
+        &lab,
+        "#!/bin/sh\necho \"iptables-restore: Couldn't load target \\`CONNMARK' (injected by the test)\" >&2\nexit 2\n",
+        "a failing iptables-restore",
+    );
 
     let status = client_addresses(&lab);
     assert_eq!(status["kept"], false, "{status}");
@@ -773,50 +785,11 @@ fn builtin_driver_with_a_hanging_rule_command_starts_without_it() {
     };
     let t0 = Instant::now();
     lab.write_netconf(common::NET, &example_conflist());
-    lab.write_file("fakebin/iptables-restore", "#!/bin/sh\nexec sleep 60\n");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let bin = lab.dir.join("fakebin");
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::fs::set_permissions(
-            bin.join("iptables-restore"),
-            std::fs::Permissions::from_mode(0o755),
-        )
-        .expect("chmod");
-    }
-    let path = format!("{}:{}", lab.dir.join("fakebin").display(), common::LAB_PATH);
-    let host = host_netns(&lab);
-    let c = lab.container();
-    let netconf = lab.netconf_dir().display().to_string();
-    let cni_path = lab.cni_path();
-    let cap_args = json!({ "portMappings": mappings() }).to_string();
-    let cnitool_bin = lab.dir.join("tools/cnitool").display().to_string();
-    let net_arg = format!("--net={}", host.netns());
-    let add_started = Instant::now();
-    let add = lab.exec(
-        &[
-            ("PATH", &path),
-            ("NETCONFPATH", &netconf),
-            ("CNI_PATH", &cni_path),
-            ("CAP_ARGS", &cap_args),
-        ],
-        None,
-        &[
-            "nsenter",
-            &net_arg,
-            "--",
-            &cnitool_bin,
-            "add",
-            common::NET,
-            &c.netns(),
-        ],
+    let (host, c, server) = add_with_iptables_restore(
+        &lab,
+        "#!/bin/sh\nexec sleep 60\n",
+        "a hanging iptables-restore",
     );
-    eprintln!(
-        "[timing] ADD with a hanging iptables-restore: {:?}",
-        add_started.elapsed()
-    );
-    add.add_result("ADD with a hanging iptables-restore");
-    let server = peer_echo(&lab, &c);
     let status = client_addresses(&lab);
     assert_eq!(status["kept"], false, "{status}");
     assert!(
