@@ -2798,51 +2798,7 @@ mod driver {
                 Some(("≥ 0.9", r >= 0.9)),
             ));
 
-            // container -> host's loopback through slirp4netns, two MTUs.
-            let port = free_port()?;
-            let mut host_srv = Command::new("iperf3");
-            host_srv.args([
-                "-s",
-                "-B",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "--forceflush",
-            ]);
-            let _srv_host = iperf_server(host_srv, "iperf3 server on the host's 127.0.0.1")?;
-            let m1500 = NetOpts {
-                mtu: Some(1500),
-                state_dir: Some(state_dir_path(cx, "bench-mtu1500")),
-                ..NetOpts::default()
-            };
-            let small = Attached::add(cx, "bench-dp-mtu1500", conf(&m1500, None))?;
-            progress!("data plane: container → host through slirp4netns, MTU 1500 vs 65520");
-            let (bw1500, bw65520) = alternate(
-                rounds,
-                || {
-                    iperf_client(
-                        in_container(cx, &small.c, &client_args("10.0.2.2", port, secs)),
-                        "MTU 1500 client",
-                    )
-                },
-                || {
-                    iperf_client(
-                        in_container(cx, &s2.c, &client_args("10.0.2.2", port, secs)),
-                        "MTU 65520 client",
-                    )
-                },
-            )?;
-            rows.push((
-                "container → host (10.0.2.2) through slirp4netns, MTU 1500".into(),
-                gbits_runs(&bw1500),
-                None,
-            ));
-            rows.push((
-                "container → host (10.0.2.2) through slirp4netns, MTU 65520".into(),
-                gbits_runs(&bw65520),
-                None,
-            ));
-            drop(small);
+            // container -> host through each way out: phase 6 (rootless/outbound.rs).
 
             // host -> container through a published port, each driver.
             let (hp_builtin, hp_slirp) = (free_port()?, free_port()?);

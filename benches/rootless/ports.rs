@@ -476,6 +476,22 @@ mod client {
     }
 
     impl Held {
+        /// Waits up to 20 ms for events and moves the connections they name.
+        fn wait_and_drive(&mut self, events: &mut Events) -> io::Result<()> {
+            match self.poll.poll(events, Some(Duration::from_millis(20))) {
+                Err(e) if e.kind() != ErrorKind::Interrupted => return Err(e),
+                _ => {}
+            }
+            for ev in events.iter() {
+                if let Some(c) = self.conns.get_mut(ev.token().0) {
+                    if c.busy() {
+                        c.drive();
+                    }
+                }
+            }
+            Ok(())
+        }
+
         /// Opens `n` connections to `addr`, at most `window` connecting or
         /// echoing at once, each echoing one frame. A connection not done
         /// within `each` fails (Timeout); the whole stops at `bound`.
@@ -520,22 +536,7 @@ mod client {
                 if inflight.is_empty() && (attempted == n || start.elapsed() >= bound) {
                     break;
                 }
-                h.poll
-                    .poll(&mut events, Some(Duration::from_millis(20)))
-                    .or_else(|e| {
-                        if e.kind() == ErrorKind::Interrupted {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })?;
-                for ev in events.iter() {
-                    if let Some(c) = h.conns.get_mut(ev.token().0) {
-                        if c.busy() {
-                            c.drive();
-                        }
-                    }
-                }
+                h.wait_and_drive(&mut events)?;
                 let over = start.elapsed() >= bound;
                 let conns = &mut h.conns;
                 inflight.retain(|&i| {
@@ -602,22 +603,7 @@ mod client {
                     c.drive();
                     inflight.push(i);
                 }
-                self.poll
-                    .poll(&mut events, Some(Duration::from_millis(20)))
-                    .or_else(|e| {
-                        if e.kind() == ErrorKind::Interrupted {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })?;
-                for ev in events.iter() {
-                    if let Some(c) = self.conns.get_mut(ev.token().0) {
-                        if c.busy() {
-                            c.drive();
-                        }
-                    }
-                }
+                self.wait_and_drive(&mut events)?;
                 let conns = &mut self.conns;
                 inflight.retain(|&i| {
                     let c = &mut conns[i];

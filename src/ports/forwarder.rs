@@ -1191,7 +1191,12 @@ fn copy(from: &TcpStream, to: &TcpStream, buf: &mut [u8]) -> nix::Result<Option<
         Err(Errno::EAGAIN | Errno::EINTR) => return Ok(Some(0)),
         Err(e) => return Err(e),
     };
-    // Peeked, so there: this takes exactly what was sent.
+    // Peeked, so there: this takes exactly what was sent. Anything else
+    // (urgent data stops a read at its mark) would send bytes twice: the
+    // connection is reset instead.
     let taken = recv(from.as_raw_fd(), &mut buf[..sent], dontwait)?;
+    if taken != sent {
+        return Err(Errno::EIO);
+    }
     Ok(Some(taken))
 }
