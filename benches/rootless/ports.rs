@@ -36,11 +36,12 @@ use std::os::unix::fs::OpenOptionsExt;
 const ECHO_PORT: u16 = 7;
 /// What the echo server prints once it listens.
 const SERVER_READY: &str = "bench echo server listening";
-/// Fds the forwarder leaves to the rest of the supervisor, and fds per TCP
+/// Fds the forwarder leaves to the rest of the supervisor (64), keeps free
+/// for pipes (64) and holds per listening port (1), and fds per idle TCP
 /// connection (src/ports/forwarder.rs): what the supervisor's fd limit
 /// allows.
-const FD_RESERVE: u64 = 64;
-const CONN_FDS: u64 = 6;
+const FD_RESERVE: u64 = 64 + 64 + 1;
+const CONN_FDS: u64 = 2;
 
 /// How much of everything.
 #[derive(Clone, Copy)]
