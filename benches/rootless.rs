@@ -85,6 +85,9 @@ fn main() {
         }
     };
     cleanup::install();
+    // Before the lab starts: every process of it, the infra's supervisor
+    // among them, inherits the fd limit a user's session would give it.
+    ports::raise_nofile();
     std::process::exit(driver::run(&opts));
 }
 

@@ -109,16 +109,26 @@ fn frame(kind: u8, i: usize) -> [u8; FRAME] {
     f
 }
 
-/// The soft RLIMIT_NOFILE raised to the hard one; the hard one.
+/// The hard RLIMIT_NOFILE that systemd (240 and later) gives services and
+/// user sessions: what a user's runtime, and so its infra, usually has.
+const SYSTEMD_NOFILE: u64 = 524_288;
+
+/// The soft RLIMIT_NOFILE raised to the hard one; the hard one. As root
+/// (CAP_SYS_RESOURCE) the hard one is first raised to systemd's default,
+/// so the lab started after this (the infra among it) gets what a user's
+/// session has, not what a CI shell happens to have.
 pub(crate) fn raise_nofile() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((_, hard)) => {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-            hard
-        }
-        Err(_) => 0,
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
+    };
+    let nr_open = read_sysctl("fs.nr_open").parse().unwrap_or(hard);
+    let wanted = hard.max(SYSTEMD_NOFILE.min(nr_open));
+    if wanted > hard && setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted).is_ok() {
+        return wanted;
     }
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    hard
 }
 
 // ---------------------------------------------------------------------------
@@ -1409,9 +1419,9 @@ fn held_many(
          | round | held | threads | VmRSS | VmHWM | fds | pipes |\n|---|---|---|---|---|---|---|\n{}\n\n\
          An unprivileged user's pipes may hold `fs.pipe-user-pages-soft` pages in all ({}); \
          over it, a new pipe gets 2 pages (8 KiB) and cannot be grown. The forwarder asks \
-         256 KiB (64 pages) per pipe, two pipes per connection: the first {} connections \
-         get theirs, the rest small ones, which still carry everything, more slowly \
-         (the iperf3 row). Pipe buffers and socket buffers are kernel memory, not in \
+         256 KiB (64 pages) per pipe, and only a direction moving bytes, or the idle pool \
+         of 32, holds one: held connections cost no pipe (the pipes column; the iperf3 \
+         row). Pipe buffers and socket buffers are kernel memory, not in \
          VmRSS. The bench's own fd hard limit: {own_hard}.\n",
         peaks
             .iter()
@@ -1428,9 +1438,6 @@ fn held_many(
             .collect::<Vec<_>>()
             .join("\n"),
         read_sysctl("fs.pipe-user-pages-soft"),
-        read_sysctl("fs.pipe-user-pages-soft")
-            .parse::<usize>()
-            .map_or("?".into(), |pages| (pages / 64 / 2).to_string()),
     );
     Ok((rows, md))
 }
