@@ -154,6 +154,12 @@ pub fn uptime_seconds(p: &ProcessId) -> Option<u64> {
     Some((uptime - started).max(0.0) as u64)
 }
 
+/// How many threads this process runs (the entries of /proc/self/task);
+/// 0 when that cannot be read.
+pub fn own_thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,8 +46,16 @@ pub fn owner_of(ns: &File) -> std::io::Result<Owner> {
 }
 
 /// Joins `userns` when our uid owns it, as a rootless runtime's own user
-/// namespace is owned by the user. Must run while we are single-threaded.
+/// namespace is owned by the user. The kernel lets only a single-threaded
+/// process change its user namespace: a second thread is refused here,
+/// naming the cause, instead of setns's bare EINVAL.
 pub fn join_owned(userns: &OwnedFd, what: &str) -> Result<()> {
+    let threads = crate::procfs::own_thread_count();
+    if threads > 1 {
+        return Err(Error::internal(format!(
+            "joining the user namespace that owns {what}: this process runs {threads} threads, and only a single-threaded one may change its user namespace"
+        )));
+    }
     let mut owner: libc::uid_t = 0;
     // SAFETY: NS_GET_OWNER_UID writes one uid_t through the pointer, which is
     // valid and writable for the duration of the call.

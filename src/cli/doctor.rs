@@ -1,7 +1,8 @@
 //! `doctor`: every prerequisite, checked, with the fix for each failure.
 
 use super::DEFAULT_CNI_PATH;
-use crate::commands::status::{can_start_infra, find_in_path};
+use crate::infra::prereq::{can_start_infra, find_in_path};
+use crate::infra::Probe;
 use crate::state::StateDir;
 use serde_json::json;
 use std::os::unix::fs::MetadataExt;
@@ -87,10 +88,13 @@ fn check(name: &'static str, result: Result<String, (String, String)>) -> Check 
 /// Whether the running infra lets containers see their clients' addresses
 /// (builtin port driver); without an infra there is nothing to look at yet.
 fn client_addresses(state_dir: Option<PathBuf>) -> Check {
+    // A check only looks: a dead infra is left for the next call to reap.
     let running = || {
         let state = super::open_state(state_dir).ok()??;
-        let lock = state.lock().ok()?;
-        crate::infra::running(&state, &lock).ok()?
+        match crate::infra::InfraInfo::probe(&state).ok()? {
+            Probe::Live(info) | Probe::Unrecorded(info) => Some(info),
+            _ => None,
+        }
     };
     let fix = "the kernel must give the infra IP_TRANSPARENT, policy routing and the CONNMARK target with the connmark and mark matches (xt_connmark, xt_mark); ip (iproute2) and iptables-restore must be installed; then `rootless-cni stop` and the next ADD starts an infra that uses them (infra.log says what failed)";
     check(
@@ -400,7 +404,7 @@ fn namespaces() -> Check {
 
 /// `can_start_infra`'s checks as they would go in a new user namespace.
 fn can_start_infra_in_userns() -> Result<(), String> {
-    crate::commands::status::engine_in_path(installed_engine())?;
+    crate::infra::prereq::engine_in_path(installed_engine())?;
     probe_namespaces(true).map_err(|e| {
         format!("cannot create network and mount namespaces in a new user namespace: {e}")
     })

@@ -18,7 +18,7 @@ pub fn exec(state_dir: Option<PathBuf>, args: &[String]) -> Result<i32> {
     };
     let no_infra = || Error::internal("no infra is running (the first ADD starts it)");
     let state = open_state(state_dir)?.ok_or_else(no_infra)?;
-    let info = infra::running(&state, &state.lock()?)?.ok_or_else(no_infra)?;
+    let info = infra::reap_and_join(&state, &state.lock()?)?.ok_or_else(no_infra)?;
     let infra_ns = InfraNs::open(&info)?;
     let mut cmd = Command::new(program);
     cmd.args(rest).env("PATH", crate::exec::path_with_sbin());

@@ -28,7 +28,7 @@ pub fn gc(state_dir: Option<PathBuf>, flags: &Flags) -> Result<()> {
         .values("--valid")
         .map(parse_valid)
         .collect::<Result<Vec<_>>>()?;
-    let info = infra::running(&state, &state.lock()?)?;
+    let info = infra::reap_and_join(&state, &state.lock()?)?;
     let mut stale = Vec::new();
     let mut kept = Vec::new();
     for a in state.list_attachments()? {

@@ -14,7 +14,10 @@ pub fn status(state_dir: Option<PathBuf>, as_json: bool) -> Result<()> {
         None => (None, Vec::new()),
         Some(state) => {
             let lock = state.lock()?;
-            (infra::running(&state, &lock)?, state.list_attachments()?)
+            (
+                infra::reap_and_join(&state, &lock)?,
+                state.list_attachments()?,
+            )
         }
     };
     if as_json {

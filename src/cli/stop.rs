@@ -11,7 +11,7 @@ pub fn stop(state_dir: Option<PathBuf>, force: bool) -> Result<()> {
         return Ok(());
     };
     let lock = state.lock()?;
-    let Some(info) = infra::running(&state, &lock)? else {
+    let Some(info) = infra::reap_and_join(&state, &lock)? else {
         println!("no infra running");
         return Ok(());
     };

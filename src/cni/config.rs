@@ -60,7 +60,7 @@ pub struct NetConf {
     pub ipv6: bool,
     pub port_driver: PortDriver,
     /// What connects the infra to the outside.
-    pub outbound: Outbound,
+    pub outbound: Engine,
     /// None: stop the infra as soon as the last attachment leaves.
     pub idle_timeout: Option<Duration>,
     /// An inner plugin still running after this is killed and the call fails.
@@ -94,7 +94,7 @@ pub enum PortDriver {
 /// addresses (tap0 10.0.2.100/24, gateway 10.0.2.2, DNS 10.0.2.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Outbound {
+pub enum Engine {
     /// slirp4netns: a TCP/IP stack of its own in user space.
     #[default]
     Slirp4netns,
@@ -102,12 +102,12 @@ pub enum Outbound {
     Pasta,
 }
 
-impl Outbound {
+impl Engine {
     /// Its name in the config, the logs and `status`.
     pub fn name(self) -> &'static str {
         match self {
-            Outbound::Slirp4netns => "slirp4netns",
-            Outbound::Pasta => "pasta",
+            Engine::Slirp4netns => "slirp4netns",
+            Engine::Pasta => "pasta",
         }
     }
 }
@@ -208,15 +208,15 @@ impl NetConf {
             }
         };
         let outbound = match string(&obj, "outbound")?.as_deref() {
-            None | Some("slirp4netns") => Outbound::Slirp4netns,
-            Some("pasta") => Outbound::Pasta,
+            None | Some("slirp4netns") => Engine::Slirp4netns,
+            Some("pasta") => Engine::Pasta,
             Some(other) => {
                 return Err(Error::config(format!(
                     "\"outbound\" {other:?} is not one of slirp4netns, pasta"
                 )))
             }
         };
-        if outbound == Outbound::Pasta && port_driver == PortDriver::Slirp4netns {
+        if outbound == Engine::Pasta && port_driver == PortDriver::Slirp4netns {
             // That driver talks to slirp4netns's API socket: with pasta
             // there is no slirp4netns to ask.
             return Err(Error::config(
@@ -586,11 +586,11 @@ mod tests {
     #[test]
     fn outbound_engine() {
         let c = NetConf::parse(conf("").as_bytes()).unwrap();
-        assert_eq!(c.outbound, Outbound::Slirp4netns);
+        assert_eq!(c.outbound, Engine::Slirp4netns);
         let c = NetConf::parse(conf(r#","outbound":"pasta""#).as_bytes()).unwrap();
         assert_eq!(
             (c.outbound, c.port_driver),
-            (Outbound::Pasta, PortDriver::Builtin)
+            (Engine::Pasta, PortDriver::Builtin)
         );
         // slirp4netns's port driver needs slirp4netns: both keys named.
         let e =

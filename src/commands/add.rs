@@ -19,7 +19,9 @@ pub fn add(env: &CniEnv, conf: &NetConf) -> Result<Vec<u8>> {
     version::check_convertible(&list.cni_version, &conf.cni_version)?;
     let plugins = chain::find_binaries(list, &env.path)?;
     let mappings = ports::from_runtime_config(&conf.runtime_config)?;
-    let rt = RuntimeConf::of_call(env, conf, ContainerNetns::open(env.netns())?);
+    let netns = ContainerNetns::open(env.netns())?;
+    netns.join_owner_userns()?;
+    let rt = RuntimeConf::of_call(env, conf, netns);
     let state = super::state_dir(conf, true)?.ok_or_else(|| Error::internal("no state dir"))?;
 
     let record = pending::new_record(&rt, &conf.name, plugins.list().to_value());

@@ -30,7 +30,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
         let lock = state.lock()?;
         (
             state.read_attachment(&key, &lock)?,
-            infra::running(&state, &lock)?,
+            infra::reap_and_join(&state, &lock)?,
         )
     };
     let record = record.ok_or_else(unknown)?;
@@ -78,6 +78,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
         return Err(Error::new(code::OUTBOUND_DOWN, why));
     }
     let netns = ContainerNetns::open(env.netns())?;
+    netns.join_owner_userns()?;
     let rt = RuntimeConf::of_call(env, conf, netns).with_recorded_args(&record);
     let chain = Chain::recorded(&record, &rt, || InfraExec::open(&info))?;
     // The chain the attachment was made with may be older than today's.

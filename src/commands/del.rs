@@ -29,7 +29,7 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
                 None
             }
         };
-        let info = infra::running(&state, &lock)?;
+        let info = infra::reap_and_join(&state, &lock)?;
         let killed_owner = match (&record, &info) {
             (Some(rec), Some(info)) if rec.infra == info.sandbox => {
                 super::claim(&state, rec, &key)?

@@ -53,7 +53,7 @@ fn inner_gc(
     conf: &NetConf,
     valid: &[(String, String)],
 ) -> Result<()> {
-    let Some(info) = infra::running(state, &state.lock()?)? else {
+    let Some(info) = infra::reap_and_join(state, &state.lock()?)? else {
         return Ok(());
     };
     let list = conf.inner_list()?;
@@ -144,7 +144,7 @@ fn claim_stale(
         }
         Err(e) => return Err(e),
     };
-    let info = infra::running(state, &lock)?.filter(|i| i.sandbox == rec.infra);
+    let info = infra::reap_and_join(state, &lock)?.filter(|i| i.sandbox == rec.infra);
     Ok(Some((rec, info, killed_owner)))
 }
 

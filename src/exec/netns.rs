@@ -1,6 +1,7 @@
 //! The runtime's container netns: opened in the caller's namespaces and
-//! handed to the inner plugins as an inherited fd, after the check that our
-//! user namespace has the power over it that they need.
+//! handed to the inner plugins as an inherited fd, after the verb has made
+//! sure (`join_owner_userns`) that our user namespace has the power over it
+//! that they need.
 
 use crate::error::{code, Error, Result};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -16,15 +17,29 @@ pub struct ContainerNetns {
 
 impl ContainerNetns {
     /// Opens the netns for ADD and CHECK, where it must exist.
+    /// Changes nothing: a netns owned by a user namespace we could join
+    /// is refused by the inner plugins until `join_owner_userns`.
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| {
             Error::env(format!("CNI_NETNS {}: cannot open it: {e}", path.display()))
         })?;
-        check_owned_by_our_userns(&file, path)?;
         Ok(ContainerNetns {
             runtime_path: Some(path.to_path_buf()),
             fd: Some(OwnedFd::from(file)),
         })
+    }
+
+    /// Makes sure our user namespace has the power over the netns the
+    /// inner plugins need: it owns it, or this process joins the one that
+    /// does when our uid owns that (a runtime outside its own user
+    /// namespace). Otherwise a clear error instead of a failure deep inside
+    /// a plugin. Joining changes the whole (single-threaded) process.
+    pub fn join_owner_userns(&self) -> Result<()> {
+        let (Some(fd), Some(path)) = (&self.fd, &self.runtime_path) else {
+            return Ok(());
+        };
+        let file = std::fs::File::from(fd.try_clone()?);
+        join_owner_of(&file, path)
     }
 
     /// For DEL and GC: the netns may be gone, or not given at all. With
@@ -93,11 +108,8 @@ fn is_netns(file: &std::fs::File) -> bool {
     nix::sys::statfs::fstatfs(file).is_ok_and(|s| s.filesystem_type() == nsfs)
 }
 
-/// Makes sure our user namespace has the power over the container netns the
-/// inner plugins need: it owns it, or we join the one that does when it is
-/// ours (a runtime outside its own user namespace). Otherwise a clear error
-/// instead of a failure deep inside a plugin.
-fn check_owned_by_our_userns(netns: &std::fs::File, path: &Path) -> Result<()> {
+/// `ContainerNetns::join_owner_userns` for the netns file at `path`.
+fn join_owner_of(netns: &std::fs::File, path: &Path) -> Result<()> {
     let what = format!("CNI_NETNS {}", path.display());
     match crate::userns::owner_of(netns) {
         Ok(crate::userns::Owner::Ours) => Ok(()),

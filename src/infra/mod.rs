@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod outbound;
+pub mod prereq;
 pub mod sandbox;
 pub mod supervisor;
 
@@ -136,7 +137,7 @@ pub struct InfraInfo {
     pub settings: Settings,
     /// The way out's restarts, and whether it is down now.
     #[serde(default)]
-    pub outbound: outbound::Outbound,
+    pub outbound: outbound::Health,
     /// Whether containers see their clients' addresses through the builtin
     /// port driver (None: the slirp4netns driver, or an older supervisor).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -275,71 +276,134 @@ fn supervisor_holds_lock(state: &StateDir, wait: Duration) -> bool {
     }
 }
 
-/// The running infra, or None. A dead infra's leftovers are cleaned up,
-/// and a broken one (its mounts are not the state dir's) is stopped: its
-/// attachments are then lost.
-pub fn running(state: &StateDir, lock: &StateLock) -> Result<Option<InfraInfo>> {
-    let info = match InfraInfo::load_checked(state)? {
-        Some(info) => info,
-        None => match unrecorded_supervisor(state)? {
+/// What the state dir says of its infra, found without changing anything.
+pub enum Probe {
+    /// No infra runs: none was recorded, or the record is torn and no
+    /// supervisor runs (`reap_dead_infra` removes the infra's files).
+    Absent,
+    /// A live infra whose mounts are the state dir's.
+    Live(InfraInfo),
+    /// infra.json is missing or unreadable, but its supervisor runs and
+    /// said what its infra is (`reap_dead_infra` writes the record again).
+    Unrecorded(InfraInfo),
+    /// Alive, but its /run or /var/lib/cni is no longer the state dir's
+    /// (deleted under it?): it is to be replaced, its attachments are lost.
+    Broken(InfraInfo),
+    /// Recorded, dead: what it left is found by its PIDs and namespaces.
+    Dead(InfraInfo),
+    /// Recorded in a PID namespace whose supervisor is gone: its PIDs name
+    /// nothing here, so what it left is found by namespace inodes only.
+    DeadElsewhere(InfraInfo),
+}
+
+impl InfraInfo {
+    /// The state of the recorded infra. Reads files and /proc, and asks a
+    /// supervisor whose record is unreadable; signals, kills and removes
+    /// nothing. An infra of another PID namespace that still runs, or whose
+    /// PIDs mean other processes here, is an error: this caller can neither
+    /// use nor clean it up.
+    pub fn probe(state: &StateDir) -> Result<Probe> {
+        let info = match InfraInfo::load_checked(state)? {
             Some(info) => info,
-            None => {
-                // A torn record of a dead infra, or none at all.
-                forget_infra_files(state)?;
-                return Ok(None);
+            None => match unrecorded_supervisor(state)? {
+                Some(info) => return Ok(Probe::Unrecorded(info)),
+                None => return Ok(Probe::Absent),
+            },
+        };
+        let my_pidns = procfs::self_ns_inode("pid").unwrap_or(0);
+        if info.pidns != 0 && my_pidns != 0 && info.pidns != my_pidns {
+            if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
+                return Err(other_pid_namespace(state, &info, my_pidns));
             }
-        },
-    };
-    let my_pidns = procfs::self_ns_inode("pid").unwrap_or(0);
-    if info.pidns != 0 && my_pidns != 0 && info.pidns != my_pidns {
+            // A record with a PID namespace is one whose supervisor took
+            // `ALIVE_LOCK`, and none holds it: that infra is dead (its PID
+            // namespace may have gone, killing it).
+            return Ok(Probe::DeadElsewhere(info));
+        }
+        if info.is_alive() {
+            return Ok(if info.mounts_ok(state) {
+                Probe::Live(info)
+            } else {
+                Probe::Broken(info)
+            });
+        }
         if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
+            // /proc says the recorded processes are gone, yet a supervisor
+            // runs: the record's PIDs mean other processes from here.
             return Err(other_pid_namespace(state, &info, my_pidns));
         }
-        // A record with a PID namespace is one whose supervisor took
-        // `ALIVE_LOCK`, and none holds it: that infra is dead (its PID
-        // namespace may have gone, killing it). Its PIDs name nothing
-        // here, so none is signalled: what it left in its namespaces is
-        // found by their inodes, as after any death.
-        log::info!(
-            "infra recorded in {} (started in PID namespace {}) is gone; cleaning up",
-            state.path.display(),
-            info.pidns
-        );
-        end_leftovers(state, &info);
-        forget_infra_files(state)?;
-        return Ok(None);
+        Ok(Probe::Dead(info))
     }
-    if info.is_alive() {
-        let mine = procfs::self_ns_inode("user").unwrap_or(0);
-        if info.userns != mine {
-            join_infra_userns(state, &info, mine)?;
+}
+
+/// Acts on a probe under the state lock: removes what a dead infra left
+/// (its processes still in its namespaces, its files), stops a broken one,
+/// writes an unreadable record again. The live infra, if one is left.
+pub fn reap_dead_infra(
+    state: &StateDir,
+    lock: &StateLock,
+    probe: Probe,
+) -> Result<Option<InfraInfo>> {
+    match probe {
+        Probe::Live(info) => Ok(Some(info)),
+        Probe::Unrecorded(info) => {
+            log::warn!(
+                "{} was unreadable; written again from what supervisor {} says",
+                state::INFRA_FILE,
+                info.supervisor.pid
+            );
+            info.save(state)?;
+            Ok(Some(info))
         }
-        if info.mounts_ok(state) {
-            return Ok(Some(info));
+        Probe::Absent => {
+            // A torn record of a dead infra, or none at all.
+            forget_infra_files(state)?;
+            Ok(None)
         }
-        log::warn!(
-            "the infra's /run or /var/lib/cni is no longer the state dir's (deleted under it?); replacing the infra, its attachments are lost"
-        );
-        stop(state, lock, &info)?;
+        Probe::Broken(info) => {
+            log::warn!(
+                "the infra's /run or /var/lib/cni is no longer the state dir's (deleted under it?); replacing the infra, its attachments are lost"
+            );
+            stop(state, lock, &info)?;
+            Ok(None)
+        }
+        Probe::Dead(info) => {
+            log::info!(
+                "infra recorded in {} is gone; cleaning up",
+                state.path.display()
+            );
+            kill_and_reap(state, &info);
+            forget_infra_files(state)?;
+            Ok(None)
+        }
+        Probe::DeadElsewhere(info) => {
+            log::info!(
+                "infra recorded in {} (started in PID namespace {}) is gone; cleaning up",
+                state.path.display(),
+                info.pidns
+            );
+            // Its PIDs name nothing here, so none is signalled: what it left
+            // in its namespaces is found by their inodes, as after any death.
+            end_leftovers(state, &info);
+            forget_infra_files(state)?;
+            Ok(None)
+        }
+    }
+}
+
+/// The live infra after `reap_dead_infra`, with this process joined to
+/// the infra's user namespace when it was outside it (`join_infra_userns`),
+/// so that the caller can enter the infra's namespaces.
+pub fn reap_and_join(state: &StateDir, lock: &StateLock) -> Result<Option<InfraInfo>> {
+    let Some(info) = reap_dead_infra(state, lock, InfraInfo::probe(state)?)? else {
         return Ok(None);
-    }
-    if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
-        // /proc says the recorded processes are gone, yet a supervisor
-        // runs: the record's PIDs mean other processes from here.
-        return Err(other_pid_namespace(state, &info, my_pidns));
-    }
-    log::info!(
-        "infra recorded in {} is gone; cleaning up",
-        state.path.display()
-    );
-    kill_and_reap(state, &info);
-    forget_infra_files(state)?;
-    Ok(None)
+    };
+    join_infra_userns(state, &info)?;
+    Ok(Some(info))
 }
 
 /// infra.json is missing or unreadable: a supervisor that still runs says
-/// what its infra is, and the record is written again. None when no
-/// supervisor runs.
+/// what its infra is. None when no supervisor runs.
 fn unrecorded_supervisor(state: &StateDir) -> Result<Option<InfraInfo>> {
     if !supervisor_holds_lock(state, SHUTDOWN_GRACE) {
         return Ok(None);
@@ -357,12 +421,6 @@ fn unrecorded_supervisor(state: &StateDir) -> Result<Option<InfraInfo>> {
             ),
         )
     })?;
-    log::warn!(
-        "{} was unreadable; written again from what supervisor {} says",
-        state::INFRA_FILE,
-        info.supervisor.pid
-    );
-    info.save(state)?;
     Ok(Some(info))
 }
 
@@ -392,8 +450,13 @@ fn forget_infra_files(state: &StateDir) -> Result<()> {
 }
 
 /// A caller outside the infra's user namespace joins it when it owns it;
-/// any other caller must use a state dir of its own.
-fn join_infra_userns(state: &StateDir, info: &InfraInfo, mine: u64) -> Result<()> {
+/// any other caller must use a state dir of its own. Joining changes the
+/// whole (single-threaded) process.
+pub fn join_infra_userns(state: &StateDir, info: &InfraInfo) -> Result<()> {
+    let mine = procfs::self_ns_inode("user").unwrap_or(0);
+    if info.userns == mine {
+        return Ok(());
+    }
     let elsewhere = || {
         Error::new(
             code::UNSAFE_STATE_DIR,
@@ -420,7 +483,7 @@ pub fn ensure_running(
     lock: &StateLock,
     settings: &Settings,
 ) -> Result<(InfraInfo, bool)> {
-    if let Some(info) = running(state, lock)? {
+    if let Some(info) = reap_and_join(state, lock)? {
         if info.settings.mtu != settings.mtu
             || info.settings.allow_host_loopback != settings.allow_host_loopback
             || info.settings.ipv6 != settings.ipv6
@@ -696,7 +759,7 @@ pub fn stop_if_idle(state: &StateDir, lock: &StateLock, force: bool) -> Result<(
         return Ok(());
     }
     state.remove_temp_files(lock);
-    let Some(info) = running(state, lock)? else {
+    let Some(info) = reap_and_join(state, lock)? else {
         return Ok(());
     };
     if info.settings.idle_timeout_secs.is_some() && !force {

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use crate::cni::config::Outbound as Engine;
+pub use crate::cni::config::Engine;
 
 /// The infra's outside interface, whichever engine makes it.
 pub const TAP: &str = "tap0";
@@ -138,7 +138,7 @@ fn read_until(fd: OwnedFd, timeout: Duration, done: impl Fn(&[u8]) -> bool) -> V
 /// recorded engine process alone tells.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Outbound {
+pub struct Health {
     /// Restarts of the engine that succeeded since the infra started.
     pub restarts: u32,
     /// Set while the engine is down and the supervisor retries it.
