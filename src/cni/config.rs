@@ -110,6 +110,13 @@ impl Outbound {
             Outbound::Pasta => "pasta",
         }
     }
+
+    /// The engine of that name (as `name` gives it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Outbound::Slirp4netns, Outbound::Pasta]
+            .into_iter()
+            .find(|o| o.name() == name)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -208,13 +215,12 @@ impl NetConf {
             }
         };
         let outbound = match string(&obj, "outbound")?.as_deref() {
-            None | Some("slirp4netns") => Outbound::Slirp4netns,
-            Some("pasta") => Outbound::Pasta,
-            Some(other) => {
-                return Err(Error::config(format!(
-                    "\"outbound\" {other:?} is not one of slirp4netns, pasta"
-                )))
-            }
+            None => Outbound::default(),
+            Some(name) => Outbound::from_name(name).ok_or_else(|| {
+                Error::config(format!(
+                    "\"outbound\" {name:?} is not one of slirp4netns, pasta"
+                ))
+            })?,
         };
         if outbound == Outbound::Pasta && port_driver == PortDriver::Slirp4netns {
             // That driver talks to slirp4netns's API socket: with pasta
