@@ -466,14 +466,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     let log = state.open_log(state::LOG_FILE, MAX_LOG)?;
     let spawned = spawn_own(
         supervisor::ENTRY,
-        |ready_fd| {
-            supervisor::Args {
-                state_dir: state.path.clone(),
-                ready_fd,
-                settings: settings.clone(),
-            }
-            .to_args()
-        },
+        |ready_fd| supervisor::Args::new(state, settings, ready_fd).to_args(),
         |cmd| {
             cmd.stderr(log).current_dir("/");
         },

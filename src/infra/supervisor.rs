@@ -45,6 +45,14 @@ pub struct Args {
 }
 
 impl Args {
+    pub fn new(state: &StateDir, settings: &Settings, ready_fd: i32) -> Self {
+        Args {
+            state_dir: state.path.clone(),
+            ready_fd,
+            settings: settings.clone(),
+        }
+    }
+
     /// What follows ENTRY on the command line; parses back into `self`.
     pub fn to_args(&self) -> Vec<OsString> {
         vec![
