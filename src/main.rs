@@ -1,10 +1,13 @@
 //! rootless-cni: with CNI_COMMAND set it is a plugin; without, a small CLI.
 
 use rootless_cni::{cli, plugin};
+use std::ffi::OsString;
 
 fn main() {
     init_logging();
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Decided before any parsing: a CNI call's arguments are never the
+    // CLI's.
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let code = if plugin::is_plugin_call(&args) {
         plugin::main()
     } else {

@@ -15,7 +15,7 @@ pub const MAX_STDIN: u64 = 1 << 20;
 /// A runtime sets CNI_COMMAND. Called with no arguments and other CNI_*
 /// variables but no CNI_COMMAND, it is a runtime's mistake, answered with an
 /// error object that names the missing variable.
-pub fn is_plugin_call(args: &[String]) -> bool {
+pub fn is_plugin_call(args: &[std::ffi::OsString]) -> bool {
     std::env::var_os("CNI_COMMAND").is_some()
         || (args.is_empty()
             && std::env::vars_os().any(|(k, _)| k.to_string_lossy().starts_with("CNI_")))

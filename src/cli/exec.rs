@@ -1,20 +1,20 @@
 //! `exec -- CMD`: a command inside the infra, like `podman unshare
 //! --rootless-netns`, for looking at the bridge, routes and rules.
 
-use super::{open_state, usage};
+use super::open_state;
 use crate::error::{Error, Result};
 use crate::exec::InfraNs;
 use crate::infra;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Command;
 
-pub fn exec(state_dir: Option<PathBuf>, args: &[String]) -> Result<i32> {
-    let args = match args.first().map(String::as_str) {
-        Some("--") => &args[1..],
-        _ => args,
-    };
-    let Some((program, rest)) = args.split_first() else {
-        return Err(usage("exec needs a command: rootless-cni exec -- ip addr"));
+/// `command`: the program and its arguments (clap makes sure of one).
+pub fn exec(state_dir: Option<PathBuf>, command: &[OsString]) -> Result<i32> {
+    let Some((program, rest)) = command.split_first() else {
+        return Err(Error::internal(
+            "exec needs a command: rootless-cni exec -- ip addr",
+        ));
     };
     let no_infra = || Error::internal("no infra is running (the first ADD starts it)");
     let state = open_state(state_dir)?.ok_or_else(no_infra)?;

@@ -1,6 +1,6 @@
 //! `gc`: the GC verb from the command line.
 
-use super::{open_state, Flags, DEFAULT_CNI_PATH};
+use super::{open_state, DEFAULT_CNI_PATH};
 use crate::cni::config::DEFAULT_PLUGIN_TIMEOUT;
 use crate::error::{Error, Result};
 use crate::infra::{self, InfraInfo};
@@ -8,25 +8,27 @@ use crate::state::Attachment;
 use serde_json::json;
 use std::path::PathBuf;
 
-pub fn gc(state_dir: Option<PathBuf>, flags: &Flags) -> Result<()> {
-    let as_json = flags.has("--json");
+/// `valid`: the attachments to keep ("ID/IFNAME"); none: keep the live.
+pub fn gc(
+    state_dir: Option<PathBuf>,
+    valid: &[String],
+    cni_path: Option<String>,
+    as_json: bool,
+) -> Result<()> {
     let Some(state) = open_state(state_dir)? else {
         report(as_json, &[], &[]);
         return Ok(());
     };
-    let cni_path: Vec<PathBuf> = flags
-        .values("--cni-path")
-        .last()
-        .map(String::from)
+    let cni_path: Vec<PathBuf> = cni_path
         .or_else(|| std::env::var("CNI_PATH").ok())
         .unwrap_or_else(|| DEFAULT_CNI_PATH.to_string())
         .split(':')
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
         .collect();
-    let valid = flags
-        .values("--valid")
-        .map(parse_valid)
+    let valid = valid
+        .iter()
+        .map(|v| parse_valid(v))
         .collect::<Result<Vec<_>>>()?;
     let info = infra::reap_and_join(&state, &state.lock()?)?;
     let mut stale = Vec::new();

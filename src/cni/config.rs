@@ -110,6 +110,13 @@ impl Engine {
             Engine::Pasta => "pasta",
         }
     }
+
+    /// The engine of that name (as `name` gives it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Engine::Slirp4netns, Engine::Pasta]
+            .into_iter()
+            .find(|o| o.name() == name)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -208,13 +215,12 @@ impl NetConf {
             }
         };
         let outbound = match string(&obj, "outbound")?.as_deref() {
-            None | Some("slirp4netns") => Engine::Slirp4netns,
-            Some("pasta") => Engine::Pasta,
-            Some(other) => {
-                return Err(Error::config(format!(
-                    "\"outbound\" {other:?} is not one of slirp4netns, pasta"
-                )))
-            }
+            None => Engine::default(),
+            Some(name) => Engine::from_name(name).ok_or_else(|| {
+                Error::config(format!(
+                    "\"outbound\" {name:?} is not one of slirp4netns, pasta"
+                ))
+            })?,
         };
         if outbound == Engine::Pasta && port_driver == PortDriver::Slirp4netns {
             // That driver talks to slirp4netns's API socket: with pasta

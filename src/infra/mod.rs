@@ -16,6 +16,7 @@ use crate::sys;
 use serde::{Deserialize, Serialize};
 
 pub use crate::cni::config::PortDriver;
+use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -105,7 +106,7 @@ impl Settings {
         }
     }
 
-    /// Handed to the supervisor and the sandbox as one JSON argument.
+    /// Handed to the supervisor as one JSON argument (`supervisor::Args`).
     pub fn to_arg(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
@@ -528,8 +529,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     let log = state.open_log(state::LOG_FILE, MAX_LOG)?;
     let spawned = spawn_own(
         supervisor::ENTRY,
-        state,
-        settings,
+        |ready_fd| supervisor::Args::new(state, settings, ready_fd).to_args(),
         |cmd| {
             cmd.stderr(log).current_dir("/");
         },
@@ -565,14 +565,13 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     )
 }
 
-/// Starts our own binary's hidden `entry` with the state dir, the settings
-/// and the write end of a pipe (`--ready-fd`), runs `child_setup` between
-/// fork and exec, and waits until the child closes the pipe: "ok" means
-/// ready, anything else says why not (the child is then killed).
+/// Starts our own binary's hidden `entry` with the arguments `args` makes
+/// of the write end of a pipe (its `--ready-fd`), runs `child_setup`
+/// between fork and exec, and waits until the child closes the pipe: "ok"
+/// means ready, anything else says why not (the child is then killed).
 pub fn spawn_own(
     entry: &str,
-    state: &StateDir,
-    settings: &Settings,
+    args: impl FnOnce(i32) -> Vec<OsString>,
     configure: impl FnOnce(&mut Command),
     mut child_setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
     timeout: Duration,
@@ -583,12 +582,7 @@ pub fn spawn_own(
     let ready_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
     let mut cmd = Command::new(exe);
     cmd.arg(entry)
-        .arg("--state-dir")
-        .arg(&state.path)
-        .arg("--ready-fd")
-        .arg(ready_fd.to_string())
-        .arg("--settings")
-        .arg(settings.to_arg())
+        .args(args(ready_fd))
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     // The infra outlives the call that starts it and serves every

@@ -2,23 +2,79 @@
 //! in new network and mount namespaces, which are the infra. Here it makes
 //! them fit for the reference plugins, then reports ready.
 
+use super::outbound::Engine;
+use super::Settings;
 use crate::error::{Context, Result};
 use crate::state::{self, StateDir};
 use crate::sys;
 use nix::mount::{mount, MsFlags};
+use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const ENTRY: &str = "__sandbox";
 
+/// The hidden `__sandbox` command line, as the supervisor builds it: of the
+/// infra's settings, only those the namespaces are set up by.
+#[derive(Debug, PartialEq, clap::Args)]
+pub struct Args {
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// The write end of the pipe `spawn_own` waits on.
+    #[arg(long)]
+    pub ready_fd: i32,
+    /// The way out: pasta's needs policy rules here (`refuse_off_path`).
+    #[arg(long, value_parser = parse_outbound)]
+    pub outbound: Engine,
+    #[arg(long)]
+    pub ipv6: bool,
+    #[arg(long)]
+    pub allow_host_loopback: bool,
+}
+
+impl Args {
+    pub fn new(state: &StateDir, settings: &Settings, ready_fd: i32) -> Self {
+        Args {
+            state_dir: state.path.clone(),
+            ready_fd,
+            outbound: settings.outbound,
+            ipv6: settings.ipv6,
+            allow_host_loopback: settings.allow_host_loopback,
+        }
+    }
+
+    /// What follows ENTRY on the command line; parses back into `self`.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--state-dir".into(),
+            self.state_dir.clone().into(),
+            "--ready-fd".into(),
+            self.ready_fd.to_string().into(),
+            "--outbound".into(),
+            self.outbound.name().into(),
+        ];
+        if self.ipv6 {
+            args.push("--ipv6".into());
+        }
+        if self.allow_host_loopback {
+            args.push("--allow-host-loopback".into());
+        }
+        args
+    }
+}
+
+fn parse_outbound(name: &str) -> std::result::Result<Engine, String> {
+    Engine::from_name(name).ok_or_else(|| format!("{name:?} is not one of slirp4netns, pasta"))
+}
+
 /// Entry of the hidden `__sandbox` command.
-pub fn main(state_dir: &Path, ready_fd: i32, settings: &super::Settings) -> i32 {
-    let _ = sys::close_on_exec(ready_fd);
+pub fn main(args: &Args) -> i32 {
+    let _ = sys::close_on_exec(args.ready_fd);
     // SAFETY: the supervisor handed us this fd for our exclusive use.
-    let ready = unsafe { OwnedFd::from_raw_fd(ready_fd) };
+    let ready = unsafe { OwnedFd::from_raw_fd(args.ready_fd) };
     let mut ready = std::fs::File::from(ready);
-    match setup(state_dir, settings) {
+    match setup(args) {
         Ok(()) => {
             let _ = ready.write_all(b"ok\n");
         }
@@ -33,7 +89,7 @@ pub fn main(state_dir: &Path, ready_fd: i32, settings: &super::Settings) -> i32 
     }
 }
 
-fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
+fn setup(args: &Args) -> Result<()> {
     // Nothing we mount may leak back to the caller's mount namespace.
     mount(
         None::<&str>,
@@ -47,7 +103,7 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
     // and mounted from theirs: no path is looked up after the check, and
     // the mounts below (the state dir may live under /var/lib or /run)
     // cannot hide it.
-    let state = StateDir::at(state_dir.to_path_buf())?;
+    let state = StateDir::at(args.state_dir.clone())?;
     let run = state.open_dir(state::RUN_DIR)?;
     let var_lib_cni = state.open_dir(state::VAR_LIB_CNI_DIR)?;
     // The caller's own mounts on /var/lib and /run (rootless podman binds
@@ -79,10 +135,10 @@ fn setup(state_dir: &Path, settings: &super::Settings) -> Result<()> {
     place(&run, run_tree.as_ref(), Path::new("/run"))?;
     sys::loopback_up()?;
     sysctl("net/ipv4/ip_forward", "1")?;
-    if settings.outbound == super::outbound::Engine::Pasta {
-        refuse_off_path(settings.ipv6, settings.allow_host_loopback)?;
+    if args.outbound == Engine::Pasta {
+        refuse_off_path(args.ipv6, args.allow_host_loopback)?;
     }
-    if settings.ipv6 {
+    if args.ipv6 {
         // Forwarding turns off router advertisements unless accept_ra is 2,
         // and slirp4netns's tap0 gets its IPv6 address from one.
         sysctl("net/ipv6/conf/default/accept_ra", "2")?;

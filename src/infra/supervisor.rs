@@ -14,6 +14,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
@@ -31,33 +32,37 @@ const RESTART_PAUSE: Duration = Duration::from_millis(100);
 const RESTART_PAUSE_MAX: Duration = Duration::from_secs(5);
 const IDLE_TICK_MS: u16 = 1000;
 
+/// The hidden `__supervise` command line, as `start` builds it.
+#[derive(Debug, clap::Args)]
 pub struct Args {
+    #[arg(long)]
     pub state_dir: PathBuf,
+    /// The write end of the pipe `spawn_own` waits on.
+    #[arg(long)]
     pub ready_fd: i32,
+    #[arg(long, value_parser = Settings::from_arg)]
     pub settings: Settings,
 }
 
 impl Args {
-    /// The hidden command line `start` builds; not for people.
-    pub fn parse(args: &[String]) -> Result<Self> {
-        let (mut state_dir, mut ready_fd, mut settings) = (None, None, None);
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            let value = it
-                .next()
-                .ok_or_else(|| Error::internal(format!("{a} needs a value")))?;
-            match a.as_str() {
-                "--state-dir" => state_dir = Some(PathBuf::from(value)),
-                "--ready-fd" => ready_fd = value.parse().ok(),
-                "--settings" => settings = Some(Settings::from_arg(value)?),
-                other => return Err(Error::internal(format!("unknown argument {other}"))),
-            }
+    pub fn new(state: &StateDir, settings: &Settings, ready_fd: i32) -> Self {
+        Args {
+            state_dir: state.path.clone(),
+            ready_fd,
+            settings: settings.clone(),
         }
-        Ok(Args {
-            state_dir: state_dir.ok_or_else(|| Error::internal("--state-dir is required"))?,
-            ready_fd: ready_fd.ok_or_else(|| Error::internal("--ready-fd is required"))?,
-            settings: settings.ok_or_else(|| Error::internal("--settings is required"))?,
-        })
+    }
+
+    /// What follows ENTRY on the command line; parses back into `self`.
+    pub fn to_args(&self) -> Vec<OsString> {
+        vec![
+            "--state-dir".into(),
+            self.state_dir.clone().into(),
+            "--ready-fd".into(),
+            self.ready_fd.to_string().into(),
+            "--settings".into(),
+            self.settings.to_arg().into(),
+        ]
     }
 }
 
@@ -480,8 +485,7 @@ fn spawn_sandbox(state: &StateDir, settings: &Settings) -> Result<(Child, Proces
     let parent = nix::unistd::getpid();
     let child = super::spawn_own(
         sandbox::ENTRY,
-        state,
-        settings,
+        |ready_fd| sandbox::Args::new(state, settings, ready_fd).to_args(),
         |_| {},
         move || {
             sys::die_with_parent(parent)?;
