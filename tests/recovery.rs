@@ -29,6 +29,13 @@ fn killed_sandbox_is_reported_and_replaced() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap_or_else(|e| panic!("killing sandbox {sandbox}: {e}"));
+    // SIGKILL is delivered asynchronously: on a loaded machine the sandbox
+    // can still look alive to a CHECK made at once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lab.is_running(sandbox) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(!lab.is_running(sandbox), "sandbox {sandbox} survives SIGKILL");
     // CHECK through cnitool fails, and says so.
     let check = lab.cnitool("check", NET, &c.netns());
     assert!(!check.ok(), "CHECK of a lost attachment succeeded: {check}");
