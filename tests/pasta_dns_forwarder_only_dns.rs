@@ -5,10 +5,8 @@
 //! ("administratively prohibited"), whether or not the host's loopback is
 //! allowed; UDP DNS through the forwarder is proven by net_extras.rs.
 
-mod common;
-
-use common::outbound::{self, PASTA};
-use common::{outer, Lab};
+use lab::outbound::{self, PASTA};
+use lab::{outer, Lab};
 use serde_json::Value;
 use std::path::Path;
 
@@ -37,7 +35,7 @@ const PROBE: &str = "import socket,sys,errno\n\
     except OSError as e:\n\
     \x20 print('refused' if e.errno in (errno.EHOSTUNREACH, errno.EACCES) else 'other: %r' % e)\n";
 
-fn probe(lab: &Lab, c: &common::Container, host: &str, port: u16, kind: &str) -> String {
+fn probe(lab: &Lab, c: &lab::Container, host: &str, port: u16, kind: &str) -> String {
     let port = port.to_string();
     let out = lab.in_netns(c, &["python3", "-c", PROBE, host, &port, kind]);
     format!("{} {}", out.stdout.trim(), out.stderr.trim())
@@ -51,7 +49,7 @@ fn pasta_dns_forwarder_address_carries_only_dns() {
     if !outbound::available(PASTA, test) || !outbound::have_python3() {
         return;
     }
-    let Some(lab) = Lab::new(test) else {
+    let Some(lab) = Lab::new(lab::binary!(), test) else {
         return;
     };
     let c = lab.container();
