@@ -1,4 +1,4 @@
-//! Issue #2, tests 2 and 3: containers attached through rootless-cni talk to
+//! Containers attached through rootless-cni talk to
 //! each other, and to the host's loopback only when the config allows it.
 
 use lab::outbound::{self, HostUdpEcho};

@@ -1,5 +1,5 @@
-//! Issue #5, part 3: the command line for people (doctor, exec, gc, ls,
-//! status) and callers outside the session's user namespace.
+//! The command line for people (doctor, exec, gc, ls, status) does what it
+//! says, and callers outside the session's user namespace are served.
 //!
 //! - `doctor --json` in the session: every check passes but subuid/subgid
 //!   (the lab's throwaway uid has no range), which says how to fix it.
@@ -9,7 +9,7 @@
 //! - `ls` is `status`; `status --json` lists published ports.
 //! - Join: the lab uid outside the session (setpriv only) adds and deletes
 //!   a container whose netns the session owns; a netns of another uid's
-//!   user namespace is refused with code 4 (CNI_NETNS), as issue #5 asks.
+//!   user namespace is refused with code 4 (CNI_NETNS).
 
 use lab::{
     example_conflist, free_tcp_port, plugin_stdin, run_command, Container, Lab, GATEWAY, NET,

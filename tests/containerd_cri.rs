@@ -10,7 +10,7 @@
 //! CNI library (go-cni) hands the hostPort over as `portMappings` with
 //! Go-cased keys (`HostPort`, `ContainerPort`, `HostIP`, ...).
 //!
-//! Fixtures: tests/common/containerd.rs. Prerequisites: scripts/deps,
+//! Fixtures: `lab::containerd`. Prerequisites: scripts/deps,
 //! scripts/build-cri-client, scripts/build-cri-images (scripts/test runs
 //! them).
 

@@ -1,4 +1,6 @@
-//! Issue #2, test 1: the problem and its fix, side by side.
+//! The problem and its fix, side by side: the bridge plugin run directly
+//! by an unprivileged user is refused (the host netns belongs to the
+//! initial user namespace), and the same chain through rootless-cni works.
 
 use lab::{example_conflist, Lab, GATEWAY, NET};
 

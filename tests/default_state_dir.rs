@@ -6,7 +6,7 @@
 //! state dir at all succeeds and creates nothing.
 //!
 //! Real root's dir is made in the lab's own host mount namespace (an
-//! overlay over /run, tests/common/hosts.rs), never on the machine's /run.
+//! overlay over /run, `lab::hosts`), never on the machine's /run.
 
 use lab::{
     example_conflist, plugin_stdin, result_ipv4, run_command, Lab, LabOptions, Out, RuntimeDir,

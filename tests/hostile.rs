@@ -1,4 +1,4 @@
-//! Issue #4, tests 5, 6 and 7: inner plugins that hang or print garbage,
+//! Inner plugins that hang or print garbage,
 //! hostile environment and config, and unsafe state dirs. Every one gives a
 //! CNI error object with the right code naming the culprit, and leaves
 //! nothing behind.

@@ -3,7 +3,7 @@
 //! rootful CNI runtime once ran (root-owned /var/lib/cni, /run/netns,
 //! /etc/cni/net.d) and with XDG_RUNTIME_DIR as logind makes it (a 0700
 //! tmpfs at /run/user/UID). Both are built in the lab's own mount
-//! namespace (tests/common/hosts.rs); the machine is never changed. And a
+//! namespace (`lab::hosts`); the machine is never changed. And a
 //! runtime's direct call of the plugin on a used host (no libcni cache of
 //! the user's): the root-owned /var/lib/cni stays as it was.
 

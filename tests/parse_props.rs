@@ -1,4 +1,4 @@
-//! Issue #4: property tests (proptest) over the parsing of a plugin call,
+//! Property tests (proptest) over the parsing of a plugin call,
 //! in-process: `plugin::parse_call` with generated CNI_* environments and
 //! generated or mutated network configs. Whatever the input, it never
 //! panics, a failure carries the spec's code for its kind and names the

@@ -4,7 +4,7 @@
 //! The fenced block after `<!-- readme-test: rootless podman -->` in
 //! README.md runs under `bash -e` as a fresh unprivileged uid (a user with
 //! a home and a subordinate id range, nothing of podman's or ours in it:
-//! tests/common/podman.rs), in a clone of the repository
+//! `lab::podman`), in a clone of the repository
 //! (`user_clone`). The only changes to the block, each for the lab, not
 //! for the steps, and each asserted to match so that a changed README
 //! fails here instead of silently running something else:

@@ -1,4 +1,4 @@
-//! Issue #5, part 1: the CNI spec from 0.3.0 to 1.1.0 as a runtime sees it.
+//! The CNI spec from 0.3.0 to 1.1.0 as a runtime sees it is kept.
 //!
 //! - VERSION lists 0.3.0, 0.3.1, 0.4.0, 1.0.0 and 1.1.0.
 //! - ADD over a 1.0.0 delegate answers at the runtime's version, converted

@@ -1,4 +1,4 @@
-//! Issue #2, test 4: DEL removes everything an ADD made, the last DEL stops
+//! DEL removes everything an ADD made, the last DEL stops
 //! the infra, and DEL succeeds when there is nothing (left) to delete.
 
 use lab::{example_conflist, plugin_stdin, Lab, GATEWAY, NET};
