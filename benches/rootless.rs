@@ -2596,10 +2596,8 @@ mod driver {
 
     /// iperf3 in a container's netns, inside the session.
     pub(crate) fn in_container(cx: &Cx, c: &Container, argv: &[String]) -> Command {
-        let net = format!("--net={}", c.netns());
-        let mut full = vec!["nsenter", net.as_str(), "--"];
-        full.extend(argv.iter().map(String::as_str));
-        session(cx.lab, &[], &full)
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        cx.lab.in_netns_command(c, &argv)
     }
 
     pub(crate) fn container_server(cx: &Cx, c: &Container, what: &str) -> Res<Background> {

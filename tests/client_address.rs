@@ -148,13 +148,6 @@ fn mappings() -> Value {
     ])
 }
 
-/// conf-examples/dual-stack.conflist (outer and inner name "dual-stack").
-fn dual_stack_conflist() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/dual-stack.conflist");
-    let text = std::fs::read_to_string(&path).expect("conf-examples/dual-stack.conflist");
-    serde_json::from_str(&text).expect("dual-stack.conflist is JSON")
-}
-
 /// Whether python3 is there for the server; with CI=true it must be.
 fn have_python3() -> bool {
     let found = Path::new("/usr/bin/python3").exists();
@@ -489,7 +482,7 @@ fn with_published_server(name: &str, net: &str, conf: Value, check: impl FnOnce(
 /// after slirp4netns was killed and restarted; `status` says it is kept.
 #[test]
 fn builtin_driver_shows_each_client_dual_stack() {
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outer(&mut conf).insert("portDriver".into(), "builtin".into());
     with_published_server("client_addr_dual", "dual-stack", conf, |lab, host| {
         let status = client_addresses(lab);
@@ -529,7 +522,7 @@ fn builtin_driver_shows_each_client_with_pasta() {
     if !lab::outbound::available(lab::outbound::PASTA, "client_addr_pasta") {
         return;
     }
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     lab::outbound::with_engine(&mut conf, lab::outbound::PASTA);
     outer(&mut conf).insert("allowHostLoopback".into(), false.into());
     with_published_server("client_addr_pasta", "dual-stack", conf, |lab, host| {
@@ -546,7 +539,7 @@ fn builtin_driver_shows_each_client_with_pasta() {
 /// its own there.
 #[test]
 fn builtin_driver_shows_only_loopback_clients_as_the_host() {
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outer(&mut conf).insert("portDriver".into(), "builtin".into());
     with_published_server("client_addr_gw", "dual-stack", conf, |lab, host| {
         let out = lab.in_netns(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 /// The example network with dnsname, its bridge's address (where dnsmasq
 /// listens) and its domain.
-const EXAMPLE: &str = "conf-examples/podman/rootless-dnsname.conflist";
+const EXAMPLE: &str = "podman/rootless-dnsname.conflist";
 const NAMES_NET: &str = "rootless-dns";
 const NAMES_GATEWAY: &str = "10.89.1.1";
 const DOMAIN: &str = "dns.podman";
@@ -58,11 +58,7 @@ fn names_lab(test: &str) -> Option<Lab> {
 
 /// conf-examples/podman/rootless-dnsname.conflist: the README's example.
 fn names_conflist() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(EXAMPLE);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let conf: Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let conf = lab::conf_example(EXAMPLE);
     assert_eq!(conf["name"], NAMES_NET, "{EXAMPLE}");
     conf
 }

@@ -36,14 +36,6 @@ fn cnitool_without_runtime_dir(lab: &Lab, cmd: &str, netns: &str) -> Out {
     without_runtime_dir(lab, &[], None, &[&cnitool, cmd, NET, netns])
 }
 
-fn conflist(rel: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("conf-examples")
-        .join(rel);
-    let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 #[test]
 fn a_user_without_xdg_runtime_dir_attaches_through_run_user_uid() {
     let options = LabOptions {
@@ -287,7 +279,7 @@ fn real_root_without_xdg_runtime_dir_runs_the_kubernetes_example_as_shipped() {
     let machine_dir = Path::new("/run/rootless-cni-plugin");
     let machine_had_it = machine_dir.exists();
     let pod = RootPod::start(&lab);
-    let stdin = plugin_stdin(&conflist("kubernetes/10-rootless.conflist")).to_string();
+    let stdin = plugin_stdin(&lab::conf_example("kubernetes/10-rootless.conflist")).to_string();
     let bin = lab.bin().join("rootless-cni").display().to_string();
     let netns = pod.netns();
     let cni_path = lab.cni_path();

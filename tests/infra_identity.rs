@@ -27,9 +27,7 @@ fn alive(pid: u32) -> bool {
 }
 
 fn infra_json(lab: &Lab) -> Value {
-    let path = lab.state_dir().join("infra.json");
-    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
+    lab::read_json(&lab.state_dir().join("infra.json"))
 }
 
 fn pid_of(info: &Value, what: &str) -> u32 {

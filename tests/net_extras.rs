@@ -33,14 +33,6 @@ const SLIRP_DNS: &str = "10.0.2.3";
 const LAB_NAME: &str = "only-the-lab.test";
 const LAB_NAME_IP: &str = "10.1.2.3";
 
-/// conf-examples/dual-stack.conflist.
-fn dual_stack_conflist() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/dual-stack.conflist");
-    let text =
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
-
 /// The first IPv6 address (without prefix) of a CNI result.
 fn result_ipv6(result: &Value) -> Option<String> {
     result["ips"].as_array()?.iter().find_map(|ip| {
@@ -141,7 +133,7 @@ fn ipv6_containers_and_host_loopback(engine: &str) {
         return;
     };
     let server = HostServer::start("::1");
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outbound::with_engine(&mut conf, engine);
     assert_eq!(conf["plugins"][0]["ipv6"], true, "{conf}");
     assert_eq!(conf["plugins"][0]["allowHostLoopback"], true, "{conf}");
@@ -222,7 +214,7 @@ fn ipv6_host_loopback_unreachable_when_not_allowed(engine: &str) {
         return;
     };
     let server = HostServer::start("::1");
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outer(&mut conf).insert("allowHostLoopback".into(), false.into());
     outbound::with_engine(&mut conf, engine);
     lab.write_netconf(DUAL, &conf);

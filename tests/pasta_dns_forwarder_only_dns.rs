@@ -7,17 +7,8 @@
 
 use lab::outbound::{self, PASTA};
 use lab::{outer, Lab};
-use serde_json::Value;
-use std::path::Path;
 
 const DUAL: &str = "dual-stack";
-
-fn dual_stack_conflist() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/dual-stack.conflist");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
 
 /// Connects (TCP) or sends and waits for an answer on a connected socket
 /// (UDP); prints "refused" when the infra's refusal comes back as the
@@ -53,7 +44,7 @@ fn pasta_dns_forwarder_address_carries_only_dns() {
         return;
     };
     let c = lab.container();
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outbound::with_engine(&mut conf, PASTA);
     for allow in [false, true] {
         outer(&mut conf).insert("allowHostLoopback".into(), allow.into());

@@ -16,7 +16,6 @@ use lab::host_tools::{skip_without, write_user_files};
 use lab::{
     example_conflist, result_ipv4, run_command, Host, Lab, LabOptions, RuntimeDir, LAB_PATH, NET,
 };
-use serde_json::Value;
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -61,13 +60,6 @@ echo "PINGED $IP1 $IP2"
 "$RCNI" status --json > "$W/status-after.json"
 echo DONE
 "#;
-
-fn read_json(path: &Path) -> Value {
-    let text =
-        fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("parsing {}: {e}: {text}", path.display()))
-}
 
 #[test]
 fn rootlesskit_net_host_runs_cnitool_through_rootless_cni() {
@@ -159,21 +151,21 @@ fn rootlesskit_runs_cnitool(name: &str, options: LabOptions) {
     let ips: Vec<String> = ["add1.json", "add2.json"]
         .iter()
         .map(|f| {
-            let r = read_json(&w.join(f));
+            let r = lab::read_json(&w.join(f));
             result_ipv4(&r).unwrap_or_else(|| panic!("no IPv4 in {f}: {r}"))
         })
         .collect();
     assert!(ips.iter().all(|ip| ip.starts_with("10.89.0.")), "{ips:?}");
     assert_ne!(ips[0], ips[1]);
 
-    let during = read_json(&w.join("status-during.json"));
+    let during = lab::read_json(&w.join("status-during.json"));
     assert!(during["infra"].is_object(), "no infra: {during}");
     assert_eq!(
         during["attachments"].as_array().map(Vec::len),
         Some(2),
         "{during}"
     );
-    let after = read_json(&w.join("status-after.json"));
+    let after = lab::read_json(&w.join("status-after.json"));
     assert!(after["infra"].is_null(), "infra after the DELs: {after}");
     assert_eq!(
         after["attachments"].as_array().map(Vec::len),

@@ -3,16 +3,6 @@
 //! ADD, CHECK, a ping to the gateway and DEL through cnitool.
 
 use lab::Lab;
-use serde_json::Value;
-use std::fs;
-use std::path::Path;
-
-fn read_json(path: &Path) -> Value {
-    let text =
-        fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("parsing {}: {e}: {text}", path.display()))
-}
 
 /// The conflists of conf-examples/{podman,nerdctl,crio,kubernetes} work as
 /// they are: ADD, CHECK, a ping to the gateway and DEL through cnitool.
@@ -21,14 +11,13 @@ fn the_runtime_examples_work_through_cnitool() {
     let Some(lab) = Lab::new(lab::binary!(), "runtime_examples") else {
         return;
     };
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples");
     for rel in [
         "podman/rootless.conflist",
         "nerdctl/rootless.conflist",
         "crio/10-rootless.conflist",
         "kubernetes/10-rootless.conflist",
     ] {
-        let conf = read_json(&examples.join(rel));
+        let conf = lab::conf_example(rel);
         let name = conf["name"].as_str().expect("a network name").to_string();
         lab.write_netconf(&name, &conf);
         let c = lab.container();

@@ -6,6 +6,7 @@ use crate::session::COMMAND_TIMEOUT;
 use crate::{run_command, Container, Lab, Out, NET};
 use serde_json::Value;
 use std::fs;
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::thread;
 
@@ -54,12 +55,23 @@ impl CniError {
     }
 }
 
+/// The JSON file at `path`; panics naming it when it cannot be read or
+/// parsed.
+pub fn read_json(path: &Path) -> Value {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("parsing {}: {e}: {text}", path.display()))
+}
+
+/// conf-examples/`rel`, parsed: a config as the repository ships it.
+pub fn conf_example(rel: &str) -> Value {
+    read_json(&crate::repo().join("conf-examples").join(rel))
+}
+
 /// conf-examples/rootless.conflist.
 pub fn example_conflist() -> Value {
-    let path = crate::repo().join("conf-examples/rootless.conflist");
-    let text =
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    conf_example("rootless.conflist")
 }
 
 /// The rootless-cni plugin entry of a conflist, mutable.

@@ -2,7 +2,8 @@
 //! the session, commands in their netns, and the lab uid's processes.
 
 use crate::process::{describe_process, pids_of_uid, proc_state, real_uid};
-use crate::{Lab, Out, LAB_PATH};
+use crate::session::COMMAND_TIMEOUT;
+use crate::{run_command, Lab, Out, LAB_PATH};
 use std::fs;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -88,10 +89,23 @@ impl Lab {
 
     /// Runs `argv` in a container's netns (inside the session).
     pub fn in_netns(&self, c: &Container, argv: &[&str]) -> Out {
+        let (cmd, what) = self.netns_command(c, argv);
+        run_command(cmd, what, None, COMMAND_TIMEOUT)
+    }
+
+    /// The command `in_netns` runs, for a process the caller starts and
+    /// watches itself.
+    pub fn in_netns_command(&self, c: &Container, argv: &[&str]) -> Command {
+        self.netns_command(c, argv).0
+    }
+
+    /// `argv` behind `nsenter --net` into `c`'s netns, as `command` builds
+    /// it, and its name for messages.
+    fn netns_command(&self, c: &Container, argv: &[&str]) -> (Command, String) {
         let net = format!("--net={}", c.netns());
         let mut full = vec!["nsenter", net.as_str(), "--"];
         full.extend_from_slice(argv);
-        self.exec(&[], None, &full)
+        self.command(&[], &full)
     }
 
     /// The IPv4 address of `ifname` in a container, if any.

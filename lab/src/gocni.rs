@@ -26,10 +26,7 @@ fn gocni_client_path() -> PathBuf {
 /// conf-examples/kubernetes/10-rootless.conflist: what kubelet-through-
 /// containerd loads from its `conf_dir`.
 pub fn kubernetes_conflist() -> Value {
-    let path = crate::repo().join("conf-examples/kubernetes/10-rootless.conflist");
-    let text =
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    crate::conf_example("kubernetes/10-rootless.conflist")
 }
 
 /// A pod as the client sees it: a sandbox id (64 hex digits, as

@@ -50,7 +50,9 @@ mod state;
 pub mod testdata;
 
 pub use calls::{panicked, run, run_all, spawn, supervisors, Call, KillOnDrop, Running, SUPERVISE};
-pub use cni::{example_conflist, outer, plugin_stdin, result_ipv4, CniError};
+pub use cni::{
+    conf_example, example_conflist, outer, plugin_stdin, read_json, result_ipv4, CniError,
+};
 pub use container::Container;
 pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
 pub use leaks::Snapshot;

@@ -327,9 +327,7 @@ impl RootfulPodman {
             b.path("net.d")
         );
         fs::write(b.dir.join("containers.conf"), conf).expect("containers.conf");
-        let example = crate::repo().join("conf-examples/podman/rootless.conflist");
-        let text = fs::read_to_string(&example).expect("reading the podman example");
-        let mut conflist: Value = serde_json::from_str(&text).expect("parsing the podman example");
+        let mut conflist = crate::conf_example("podman/rootless.conflist");
         assert_eq!(conflist["name"], PODMAN_NET);
         conflist["plugins"][0]["stateDir"] = json!(b.state_dir());
         fs::write(

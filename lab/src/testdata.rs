@@ -1,7 +1,6 @@
 //! The files of testdata/ (testdata/README.md says what each holds).
 
 use serde_json::Value;
-use std::fs;
 use std::path::PathBuf;
 
 /// `rel` under testdata/.
@@ -11,10 +10,7 @@ pub fn path(rel: &str) -> PathBuf {
 
 /// The JSON file `rel` under testdata/.
 pub fn json(rel: &str) -> Value {
-    let path = path(rel);
-    let text =
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    crate::read_json(&path(rel))
 }
 
 /// testdata/conflists/NAME.conflist.
