@@ -1,5 +1,5 @@
 //! The benchmark behind `scripts/bench` (issue #6). Not a test: it measures
-//! rootless-cni in the rootless lab of the integration tests (tests/common)
+//! rootless-cni in the rootless lab of the integration tests (the lab crate, lab/)
 //! and writes a report.
 //!
 //! 1. warm overhead: ADD+DEL through rootless-cni vs. the same inner chain
@@ -23,10 +23,10 @@
 //! spawns and times the plugin calls itself, so that getting into the
 //! session (setpriv + nsenter) is not in the figures.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-use common::{example_conflist, outer, plugin_stdin, result_ipv4, Container, Lab, LAB_PATH};
+use lab::{
+    example_conflist, find_in_path, free_tcp_port, kill_processes_of, outer, plugin_stdin,
+    result_ipv4, sigkill, Container, Lab, LAB_PATH,
+};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -357,46 +357,14 @@ mod cleanup {
     pub fn run() {
         let l = with(std::mem::take);
         for pid in &l.pids {
-            kill(*pid);
+            sigkill(*pid);
         }
         for uid in l.uid.into_iter().chain(l.more_uids.iter().copied()) {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let left = pids_of_uid(uid);
-                if left.is_empty() || Instant::now() > deadline {
-                    break;
-                }
-                left.into_iter().for_each(kill);
-                thread::sleep(Duration::from_millis(20));
-            }
+            kill_processes_of(uid, Duration::from_secs(5));
         }
         for dir in &l.dirs {
             let _ = fs::remove_dir_all(dir);
         }
-    }
-
-    fn kill(pid: u32) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-
-    fn pids_of_uid(uid: u32) -> Vec<u32> {
-        let Ok(dir) = fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                fs::read_to_string(format!("/proc/{pid}/status"))
-                    .ok()
-                    .and_then(|s| {
-                        let line = s.lines().find(|l| l.starts_with("Uid:"))?.to_string();
-                        line.split_whitespace().nth(1)?.parse::<u32>().ok()
-                    })
-                    == Some(uid)
-            })
-            .collect()
     }
 }
 
@@ -546,12 +514,6 @@ fn relative(p: &Path) -> String {
         .to_string()
 }
 
-fn in_path(name: &str) -> bool {
-    LAB_PATH
-        .split(':')
-        .any(|d| Path::new(d).join(name).is_file())
-}
-
 // ---------------------------------------------------------------------------
 // Network configs
 
@@ -658,9 +620,7 @@ mod trace {
         /// perf record of the scheduler's fork/exec/exit tracepoints,
         /// machine-wide; None when perf is missing or refuses.
         pub fn start(dir: &Path) -> Option<Tracer> {
-            if !in_path("perf") {
-                return None;
-            }
+            find_in_path("perf")?;
             // unshare(2) too, when the kernel has syscall tracepoints.
             Tracer::start_with(dir, true).or_else(|| Tracer::start_with(dir, false))
         }
@@ -1543,11 +1503,11 @@ mod driver {
             eprintln!("bench: must run as root (it builds the rootless lab); use scripts/bench");
             return 1;
         }
-        if !in_path("iperf3") {
+        if find_in_path("iperf3").is_none() {
             eprintln!("bench: iperf3 is missing (scripts/deps iperf3)");
             return 1;
         }
-        let Some(lab) = Lab::new("bench") else {
+        let Some(lab) = Lab::new(lab::binary!(), "bench") else {
             eprintln!("bench: the rootless lab cannot run on this machine (see above)");
             return 1;
         };
@@ -2636,10 +2596,8 @@ mod driver {
 
     /// iperf3 in a container's netns, inside the session.
     pub(crate) fn in_container(cx: &Cx, c: &Container, argv: &[String]) -> Command {
-        let net = format!("--net={}", c.netns());
-        let mut full = vec!["nsenter", net.as_str(), "--"];
-        full.extend(argv.iter().map(String::as_str));
-        session(cx.lab, &[], &full)
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        cx.lab.in_netns_command(c, &argv)
     }
 
     pub(crate) fn container_server(cx: &Cx, c: &Container, what: &str) -> Res<Background> {
@@ -2654,13 +2612,6 @@ mod driver {
         .map(|s| s.to_string())
         .collect();
         iperf_server(in_container(cx, c, &argv), what)
-    }
-
-    pub(crate) fn free_port() -> Res<u16> {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .map_err(|e| format!("finding a free port: {e}"))
     }
 
     /// Alternates `a` and `b` for `rounds` rounds; the medians.
@@ -2804,7 +2755,7 @@ mod driver {
             // container -> host through each way out: phase 6 (rootless/outbound.rs).
 
             // host -> container through a published port, each driver.
-            let (hp_builtin, hp_slirp) = (free_port()?, free_port()?);
+            let (hp_builtin, hp_slirp) = (free_tcp_port(), free_tcp_port());
             let mapping = |hp: u16| json!({ "portMappings": [{ "hostPort": hp, "containerPort": IPERF_PORT, "protocol": "tcp", "hostIP": "127.0.0.1" }] });
             let pb = Attached::add(
                 cx,
@@ -2995,7 +2946,7 @@ mod driver {
     }
 
     const METHOD: &str = "## How it is measured\n\n\
-The lab is the integration tests' (tests/common): an unprivileged uid in its own user and \
+The lab is the integration tests' (the lab crate, lab/): an unprivileged uid in its own user and \
 mount namespace, containers are `unshare --net sleep infinity` holders, rootless-cni is \
 called directly as a plugin with the CNI environment and the config of \
 conf-examples/rootless.conflist (subnet widened to 10.89.0.0/16, `allowHostLoopback` on). \

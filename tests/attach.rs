@@ -1,10 +1,8 @@
-//! Issue #2, tests 2 and 3: containers attached through rootless-cni talk to
+//! Containers attached through rootless-cni talk to
 //! each other, and to the host's loopback only when the config allows it.
 
-mod common;
-
-use common::outbound::{self, HostUdpEcho};
-use common::{
+use lab::outbound::{self, HostUdpEcho};
+use lab::{
     example_conflist, host_global_ipv4, outer, result_ipv4, retry, HostServer, Lab, GATEWAY, NET,
     SLIRP_HOST,
 };
@@ -13,7 +11,7 @@ use std::time::Duration;
 /// Two containers on bridge + host-local + portmap + firewall + tuning.
 #[test]
 fn two_containers_ping_each_other() {
-    let Some(lab) = Lab::with_example_net("two_containers") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "two_containers") else {
         return;
     };
     let (c1, c2) = (lab.container(), lab.container());
@@ -92,7 +90,7 @@ fn host_loopback_reachable_when_allowed(engine: &str) {
     if !outbound::available(engine, &test) {
         return;
     }
-    let Some(lab) = Lab::new(&test) else {
+    let Some(lab) = Lab::new(lab::binary!(), &test) else {
         return;
     };
     let server = HostServer::start("127.0.0.1");
@@ -145,7 +143,7 @@ fn host_loopback_unreachable_when_not_allowed(engine: &str) {
     if !outbound::available(engine, &test) {
         return;
     }
-    let Some(lab) = Lab::new(&test) else {
+    let Some(lab) = Lab::new(lab::binary!(), &test) else {
         return;
     };
     let server = HostServer::start("127.0.0.1");

@@ -23,10 +23,8 @@
 //!   permission denied`, after the plugins ran), so the script buildah
 //!   unshare runs first lays an overlay of its own over `/var/lib`.
 
-mod common;
-
-use common::host_tools::{busybox_static, skip_without, write_user_files};
-use common::{run_command, HostServer, Lab, Out, GATEWAY, LAB_PATH, NET, SLIRP_HOST};
+use lab::host_tools::{busybox_static, skip_without, write_user_files};
+use lab::{run_command, HostServer, Lab, Out, GATEWAY, LAB_PATH, NET, SLIRP_HOST};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -192,7 +190,7 @@ fn buildah_run_joins_a_rootless_cni_network() {
     if skip_without("buildah_run", TOOLS) {
         return;
     }
-    let Some(lab) = Lab::with_example_net("buildah_run") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "buildah_run") else {
         return;
     };
     let started = Instant::now();
@@ -281,7 +279,7 @@ fn buildah_unshare_runs_a_container_on_a_rootless_cni_network() {
     if skip_without(test, &[TOOLS, &["newuidmap", "newgidmap"]].concat()) {
         return;
     }
-    let Some(lab) = Lab::new(test) else {
+    let Some(lab) = Lab::new(lab::binary!(), test) else {
         return;
     };
     let started = Instant::now();
@@ -325,7 +323,7 @@ fn buildah_unshare_runs_a_container_on_a_rootless_cni_network() {
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &inner])
         .env_clear()
         .env("PATH", LAB_PATH)
-        .env("LIBMOUNT_UTAB", crate::common::utab())
+        .env("LIBMOUNT_UTAB", lab::utab())
         .env("PROBE", &probe);
     let out = run_command(
         cmd,

@@ -1,5 +1,5 @@
-//! Issue #5, part 3: the command line for people (doctor, exec, gc, ls,
-//! status) and callers outside the session's user namespace.
+//! The command line for people (doctor, exec, gc, ls, status) does what it
+//! says, and callers outside the session's user namespace are served.
 //!
 //! - `doctor --json` in the session: every check passes but subuid/subgid
 //!   (the lab's throwaway uid has no range), which says how to fix it.
@@ -9,11 +9,9 @@
 //! - `ls` is `status`; `status --json` lists published ports.
 //! - Join: the lab uid outside the session (setpriv only) adds and deletes
 //!   a container whose netns the session owns; a netns of another uid's
-//!   user namespace is refused with code 4 (CNI_NETNS), as issue #5 asks.
+//!   user namespace is refused with code 4 (CNI_NETNS).
 
-mod common;
-
-use common::{
+use lab::{
     example_conflist, free_tcp_port, plugin_stdin, run_command, Container, Lab, GATEWAY, NET,
 };
 use serde_json::Value;
@@ -83,7 +81,7 @@ fn without_uptime(text: &str) -> String {
 
 #[test]
 fn doctor_in_the_session() {
-    let Some(lab) = Lab::new("cli_doctor") else {
+    let Some(lab) = Lab::new(lab::binary!(), "cli_doctor") else {
         return;
     };
     let out = lab.cli(&["doctor", "--json"]);
@@ -124,7 +122,7 @@ fn doctor_in_the_session() {
 
 #[test]
 fn exec_runs_inside_the_infra() {
-    let Some(lab) = Lab::with_example_net("cli_exec") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "cli_exec") else {
         return;
     };
     let c = lab.container();
@@ -156,7 +154,7 @@ fn exec_runs_inside_the_infra() {
 
 #[test]
 fn gc_forgets_killed_containers_and_stops_the_infra() {
-    let Some(lab) = Lab::with_example_net("cli_gc_killed") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "cli_gc_killed") else {
         return;
     };
     let (c1, c2) = (lab.container(), lab.container());
@@ -190,7 +188,7 @@ fn gc_forgets_killed_containers_and_stops_the_infra() {
 
 #[test]
 fn gc_valid_keeps_only_the_listed_attachment() {
-    let Some(lab) = Lab::with_example_net("cli_gc_valid") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "cli_gc_valid") else {
         return;
     };
     let (c1, c2) = (lab.container(), lab.container());
@@ -215,7 +213,7 @@ fn gc_valid_keeps_only_the_listed_attachment() {
 /// is a plain file. gc must forget the attachment all the same.
 #[test]
 fn gc_forgets_an_attachment_whose_netns_file_is_no_longer_a_netns() {
-    let Some(lab) = Lab::new("cli_gc_plain_file") else {
+    let Some(lab) = Lab::new(lab::binary!(), "cli_gc_plain_file") else {
         return;
     };
     let c = lab.container();
@@ -240,7 +238,7 @@ fn gc_forgets_an_attachment_whose_netns_file_is_no_longer_a_netns() {
 
 #[test]
 fn ls_is_status_and_status_lists_ports() {
-    let Some(lab) = Lab::with_example_net("cli_ls") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "cli_ls") else {
         return;
     };
     let c = lab.container();
@@ -303,7 +301,7 @@ fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
 
 #[test]
 fn a_caller_outside_the_session_joins_it() {
-    let Some(lab) = Lab::new("cli_join") else {
+    let Some(lab) = Lab::new(lab::binary!(), "cli_join") else {
         return;
     };
     let conflist = example_conflist();
@@ -345,17 +343,17 @@ fn in_session_mount_ns(lab: &Lab, argv: &[&str]) {
         .args(["--mount", "--"])
         .args(argv)
         // Real root's mount(8) would make /run/mount on the machine.
-        .env("LIBMOUNT_UTAB", common::utab());
+        .env("LIBMOUNT_UTAB", lab::utab());
     let out = run_command(cmd, argv.join(" "), None, Duration::from_secs(10));
     assert!(out.ok(), "{out}");
 }
 
 #[test]
 fn a_netns_of_another_uids_user_namespace_is_refused() {
-    let Some(lab) = Lab::new("cli_foreign") else {
+    let Some(lab) = Lab::new(lab::binary!(), "cli_foreign") else {
         return;
     };
-    let Some(other) = Lab::new("cli_foreign_other") else {
+    let Some(other) = Lab::new(lab::binary!(), "cli_foreign_other") else {
         return;
     };
     let foreign = other.container();

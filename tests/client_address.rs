@@ -15,9 +15,7 @@
 //! answers every TCP connection and UDP datagram with the peer address and
 //! port it sees.
 
-mod common;
-
-use common::{example_conflist, outer, Container, Lab, Out, Server};
+use lab::{example_conflist, outer, Container, Lab, Out, Server};
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
@@ -150,18 +148,11 @@ fn mappings() -> Value {
     ])
 }
 
-/// conf-examples/dual-stack.conflist (outer and inner name "dual-stack").
-fn dual_stack_conflist() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/dual-stack.conflist");
-    let text = std::fs::read_to_string(&path).expect("conf-examples/dual-stack.conflist");
-    serde_json::from_str(&text).expect("dual-stack.conflist is JSON")
-}
-
 /// Whether python3 is there for the server; with CI=true it must be.
 fn have_python3() -> bool {
     let found = Path::new("/usr/bin/python3").exists();
     assert!(
-        found || !common::in_ci(),
+        found || !lab::in_ci(),
         "python3 (/usr/bin/python3) is needed for the peer-echo server (CI=true)"
     );
     if !found {
@@ -464,7 +455,7 @@ fn with_published_server(name: &str, net: &str, conf: Value, check: impl FnOnce(
     if !have_python3() {
         return;
     }
-    let Some(lab) = Lab::new(name) else {
+    let Some(lab) = Lab::new(lab::binary!(), name) else {
         return;
     };
     let t0 = Instant::now();
@@ -491,7 +482,7 @@ fn with_published_server(name: &str, net: &str, conf: Value, check: impl FnOnce(
 /// after slirp4netns was killed and restarted; `status` says it is kept.
 #[test]
 fn builtin_driver_shows_each_client_dual_stack() {
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outer(&mut conf).insert("portDriver".into(), "builtin".into());
     with_published_server("client_addr_dual", "dual-stack", conf, |lab, host| {
         let status = client_addresses(lab);
@@ -528,11 +519,11 @@ fn builtin_driver_shows_each_client_dual_stack() {
 /// own; the replies to 10.0.2.2 / fd00::2 must still reach the forwarder).
 #[test]
 fn builtin_driver_shows_each_client_with_pasta() {
-    if !common::outbound::available(common::outbound::PASTA, "client_addr_pasta") {
+    if !lab::outbound::available(lab::outbound::PASTA, "client_addr_pasta") {
         return;
     }
-    let mut conf = dual_stack_conflist();
-    common::outbound::with_engine(&mut conf, common::outbound::PASTA);
+    let mut conf = lab::conf_example("dual-stack.conflist");
+    lab::outbound::with_engine(&mut conf, lab::outbound::PASTA);
     outer(&mut conf).insert("allowHostLoopback".into(), false.into());
     with_published_server("client_addr_pasta", "dual-stack", conf, |lab, host| {
         assert_eq!(client_addresses(lab)["kept"], true, "{}", lab.status());
@@ -548,7 +539,7 @@ fn builtin_driver_shows_each_client_with_pasta() {
 /// its own there.
 #[test]
 fn builtin_driver_shows_only_loopback_clients_as_the_host() {
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outer(&mut conf).insert("portDriver".into(), "builtin".into());
     with_published_server("client_addr_gw", "dual-stack", conf, |lab, host| {
         let out = lab.in_netns(
@@ -584,7 +575,7 @@ fn builtin_driver_shows_only_loopback_clients_as_the_host() {
 fn builtin_driver_shows_each_client_ipv4_infra() {
     with_published_server(
         "client_addr_v4",
-        common::NET,
+        lab::NET,
         example_conflist(),
         |lab, host| {
             assert_eq!(client_addresses(lab)["kept"], true, "{}", lab.status());
@@ -600,7 +591,7 @@ fn builtin_driver_shows_each_client_ipv4_infra() {
 fn builtin_driver_falls_back_to_ipv4_for_an_ipv4_only_container() {
     let mut conf = example_conflist();
     outer(&mut conf).insert("ipv6".into(), true.into());
-    with_published_server("client_addr_v6_infra", common::NET, conf, |lab, host| {
+    with_published_server("client_addr_v6_infra", lab::NET, conf, |lab, host| {
         assert_eq!(client_addresses(lab)["kept"], true, "{}", lab.status());
         assert_seen(host, "IPv6 infra, IPv4 container", &kept_cases(false));
         // A new flow: its first datagram, refused over IPv6, goes again
@@ -623,15 +614,14 @@ fn slirp4netns_driver_client_addresses() {
     if !have_python3() {
         return;
     }
-    let Some(lab) = Lab::new("client_addr_slirp") else {
+    let Some(lab) = Lab::new(lab::binary!(), "client_addr_slirp") else {
         return;
     };
     let t0 = Instant::now();
-    lab.write_netconf(common::NET, &conf);
+    lab.write_netconf(lab::NET, &conf);
     let host = host_netns(&lab);
     let c = lab.container();
-    cnitool(&lab, &host, "add", common::NET, &c, &mappings_v4)
-        .add_result("ADD (slirp4netns driver)");
+    cnitool(&lab, &host, "add", lab::NET, &c, &mappings_v4).add_result("ADD (slirp4netns driver)");
     let server = peer_echo(&lab, &c);
     assert_eq!(client_addresses(&lab)["kept"], true, "{}", lab.status());
     assert_seen(
@@ -644,7 +634,7 @@ fn slirp4netns_driver_client_addresses() {
             ("udp", HOST_V4, PORT_V4, HOST_V4),
         ],
     );
-    let del = cnitool(&lab, &host, "del", common::NET, &c, &json!([]));
+    let del = cnitool(&lab, &host, "del", lab::NET, &c, &json!([]));
     assert!(del.ok(), "DEL: {del}");
     stop(&lab, server);
     lab.assert_no_infra("after DEL");
@@ -667,7 +657,7 @@ fn add_with_iptables_restore(
     for p in [bin.clone(), bin.join("iptables-restore")] {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
-    let path = format!("{}:{}", bin.display(), common::LAB_PATH);
+    let path = format!("{}:{}", bin.display(), lab::LAB_PATH);
     let host = host_netns(lab);
     let c = lab.container();
     let netconf = lab.netconf_dir().display().to_string();
@@ -690,7 +680,7 @@ fn add_with_iptables_restore(
             "--",
             &cnitool_bin,
             "add",
-            common::NET,
+            lab::NET,
             &c.netns(),
         ],
     );
@@ -710,11 +700,11 @@ fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
     if !have_python3() {
         return;
     }
-    let Some(lab) = Lab::new("client_addr_none") else {
+    let Some(lab) = Lab::new(lab::binary!(), "client_addr_none") else {
         return;
     };
     let t0 = Instant::now();
-    lab.write_netconf(common::NET, &example_conflist());
+    lab.write_netconf(lab::NET, &example_conflist());
     let (host, c, server) = add_with_iptables_restore(
         &lab,
         "#!/bin/sh\necho \"iptables-restore: Couldn't load target \\`CONNMARK' (injected by the test)\" >&2\nexit 2\n",
@@ -764,7 +754,7 @@ fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
             ("tcp", "::1", PORT_DUAL, INFRA),
         ],
     );
-    let del = cnitool(&lab, &host, "del", common::NET, &c, &json!([]));
+    let del = cnitool(&lab, &host, "del", lab::NET, &c, &json!([]));
     assert!(del.ok(), "DEL: {del}");
     stop(&lab, server);
     lab.assert_no_infra("after DEL");
@@ -780,11 +770,11 @@ fn builtin_driver_with_a_hanging_rule_command_starts_without_it() {
     if !have_python3() {
         return;
     }
-    let Some(lab) = Lab::new("client_addr_hang") else {
+    let Some(lab) = Lab::new(lab::binary!(), "client_addr_hang") else {
         return;
     };
     let t0 = Instant::now();
-    lab.write_netconf(common::NET, &example_conflist());
+    lab.write_netconf(lab::NET, &example_conflist());
     let (host, c, server) = add_with_iptables_restore(
         &lab,
         "#!/bin/sh\nexec sleep 60\n",
@@ -807,7 +797,7 @@ fn builtin_driver_with_a_hanging_rule_command_starts_without_it() {
             ("udp", HOST_V4, PORT_V4, INFRA),
         ],
     );
-    let del = cnitool(&lab, &host, "del", common::NET, &c, &json!([]));
+    let del = cnitool(&lab, &host, "del", lab::NET, &c, &json!([]));
     assert!(del.ok(), "DEL: {del}");
     stop(&lab, server);
     lab.assert_no_infra("after DEL");
@@ -823,8 +813,8 @@ fn builtin_driver_with_a_hanging_rule_command_starts_without_it() {
 #[ignore]
 fn throughput_with_and_without_client_addresses() {
     let (Some(kept), Some(plain)) = (
-        Lab::with_example_net("client_addr_iperf_kept"),
-        Lab::with_example_net("client_addr_iperf_plain"),
+        Lab::with_example_net(lab::binary!(), "client_addr_iperf_kept"),
+        Lab::with_example_net(lab::binary!(), "client_addr_iperf_plain"),
     ) else {
         return;
     };
@@ -835,14 +825,14 @@ fn throughput_with_and_without_client_addresses() {
         for p in [bin.clone(), bin.join("iptables-restore")] {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
-        format!("{}:{}", bin.display(), common::LAB_PATH)
+        format!("{}:{}", bin.display(), lab::LAB_PATH)
     };
     let mut ports = Vec::new();
     let mut servers = Vec::new();
     let mut containers = Vec::new();
     for (lab, path) in [(&kept, None), (&plain, Some(fake_restore(&plain)))] {
         let c = lab.container();
-        let port = common::free_tcp_port();
+        let port = lab::free_tcp_port();
         let cap = json!({"portMappings": [
             {"hostPort": port, "containerPort": 5201, "protocol": "tcp", "hostIP": "127.0.0.1"}
         ]})
@@ -851,7 +841,7 @@ fn throughput_with_and_without_client_addresses() {
         if let Some(p) = &path {
             env.push(("PATH", p.as_str()));
         }
-        lab.cnitool_env(&env, "add", common::NET, &c.netns())
+        lab.cnitool_env(&env, "add", lab::NET, &c.netns())
             .add_result("ADD for iperf3");
         let out = lab.in_netns(
             &c,
@@ -889,7 +879,7 @@ fn throughput_with_and_without_client_addresses() {
         figures[0], figures[1]
     );
     for (lab, c) in [(&kept, &containers[0]), (&plain, &containers[1])] {
-        let del = lab.cnitool("del", common::NET, &c.netns());
+        let del = lab.cnitool("del", lab::NET, &c.netns());
         assert!(del.ok(), "DEL: {del}");
     }
     drop(servers);

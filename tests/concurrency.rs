@@ -4,14 +4,11 @@
 //! racing the last DEL lands in a live infra; first chains with and
 //! without ports all succeed.
 
-mod common;
-mod support;
-
-use common::{example_conflist, outer, plugin_stdin, result_ipv4, Container, Lab, NET};
+use lab::{example_conflist, outer, plugin_stdin, result_ipv4, Container, Lab, NET};
+use lab::{run_all, supervisors, Call};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
-use support::{run_all, supervisors, Call};
 
 /// How long one storm phase may take before its calls are killed.
 const STORM_BOUND: Duration = Duration::from_secs(240);
@@ -25,7 +22,7 @@ fn supervisor_ids(lab: &Lab) -> BTreeSet<InfraId> {
     supervisors(lab)
         .iter()
         .filter_map(|d| d.strip_prefix("pid ")?.split(' ').next()?.parse().ok())
-        .filter_map(|pid: u32| Some((pid, support::start_time(pid)?)))
+        .filter_map(|pid: u32| Some((pid, lab::start_time(pid)?)))
         .collect()
 }
 
@@ -37,7 +34,7 @@ fn storm(
     what: &str,
     calls: &[Call],
     seen: &mut BTreeSet<InfraId>,
-) -> (Vec<common::Out>, usize, Vec<String>) {
+) -> (Vec<lab::Out>, usize, Vec<String>) {
     let started = Instant::now();
     let (mut max, mut worst, mut samples) = (0, Vec::new(), 0);
     let outs = run_all(lab, calls, STORM_BOUND, || {
@@ -106,7 +103,7 @@ fn assert_records_match(lab: &Lab, attached: &BTreeMap<String, String>, when: &s
 
 /// Collects the addresses of successful ADDs; every call must have
 /// succeeded.
-fn added(outs: &[common::Out], containers: &[Container], when: &str) -> BTreeMap<String, String> {
+fn added(outs: &[lab::Out], containers: &[Container], when: &str) -> BTreeMap<String, String> {
     let mut failures = Vec::new();
     let mut by_netns = BTreeMap::new();
     for (out, c) in outs.iter().zip(containers) {
@@ -141,7 +138,7 @@ fn added(outs: &[common::Out], containers: &[Container], when: &str) -> BTreeMap
 fn storm_of_adds_and_dels_shares_one_infra() {
     const FIRST: usize = 64;
     const SECOND: usize = 16;
-    let Some(lab) = Lab::new("storm") else {
+    let Some(lab) = Lab::new(lab::binary!(), "storm") else {
         return;
     };
     let wall = Instant::now();
@@ -255,7 +252,7 @@ fn storm_of_adds_and_dels_shares_one_infra() {
 /// nothing; so does a DEL. Once the lock is free, ADD and DEL work.
 #[test]
 fn held_lock_gives_try_again_later() {
-    let Some(lab) = Lab::new("lock_timeout") else {
+    let Some(lab) = Lab::new(lab::binary!(), "lock_timeout") else {
         return;
     };
     let mut conf = example_conflist();
@@ -276,7 +273,7 @@ fn held_lock_gives_try_again_later() {
     let ready = lab.dir.join("locked").display().to_string();
     // Held until the guard kills it (by its pid), however long the calls
     // take on a loaded machine and whether the test passes or not.
-    let mut holder = support::KillOnDrop::new(support::spawn(
+    let mut holder = lab::KillOnDrop::new(lab::spawn(
         &lab,
         &Call::argv(&[
             "flock",
@@ -335,7 +332,7 @@ fn held_lock_gives_try_again_later() {
 /// differs each time.
 #[test]
 fn add_racing_the_last_del_lands_in_a_live_infra() {
-    let Some(lab) = Lab::with_example_net("race_last_del") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "race_last_del") else {
         return;
     };
     let netconf = lab.netconf_dir().display().to_string();
@@ -353,7 +350,7 @@ fn add_racing_the_last_del_lands_in_a_live_infra() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
-                common::run_command(cmd, what, None, Duration::from_secs(60))
+                lab::run_command(cmd, what, None, Duration::from_secs(60))
             })
         };
         let (del, add) = (spawn(del, del_what), spawn(add, add_what));
@@ -385,7 +382,7 @@ fn containerd_cap_args(i: usize, mixed: bool) -> String {
     match mixed && i % 2 == 0 {
         true => r#"{"portMappings":[]}"#.to_string(),
         false => serde_json::json!({"portMappings": [
-            {"HostPort": common::free_tcp_port(), "ContainerPort": 80,
+            {"HostPort": lab::free_tcp_port(), "ContainerPort": 80,
              "Protocol": "tcp", "HostIP": "127.0.0.1"}
         ]})
         .to_string(),
@@ -414,7 +411,7 @@ fn add_pods_at_once(lab: &Lab, pods: &[Container], mixed: bool, what: &str) {
 /// with ports started at once right after it all succeed.
 #[test]
 fn pods_with_ports_after_a_first_pod_without_all_succeed() {
-    let Some(lab) = Lab::new("first_pod_no_ports") else {
+    let Some(lab) = Lab::new(lab::binary!(), "first_pod_no_ports") else {
         return;
     };
     lab.write_netconf(NET, &example_conflist());
@@ -439,7 +436,7 @@ fn pods_with_ports_after_a_first_pod_without_all_succeed() {
 /// rest with containerd's empty list: all succeed.
 #[test]
 fn sixteen_first_pods_at_once_all_succeed() {
-    let Some(lab) = Lab::new("first_pods_at_once") else {
+    let Some(lab) = Lab::new(lab::binary!(), "first_pods_at_once") else {
         return;
     };
     lab.write_netconf(NET, &example_conflist());

@@ -3,9 +3,7 @@
 //! Bad environments and configs refused before anything is touched are
 //! the corpus of testdata/hostile/, run by tests/hostile.rs.
 
-mod common;
-
-use common::{example_conflist, outer, plugin_stdin, Lab, GATEWAY, NET};
+use lab::{example_conflist, outer, plugin_stdin, Lab, GATEWAY, NET};
 use serde_json::Value;
 
 /// The example's delegate as a conflist of its own named "inner", and an
@@ -54,7 +52,7 @@ fn attach_by_name(lab: &Lab, conf: &Value) {
 /// `"network": "inner"` found in ~/.config/cni/net.d (XDG_CONFIG_HOME unset).
 #[test]
 fn network_by_name_in_default_conf_dir() {
-    let Some(lab) = Lab::new("network_default_dir") else {
+    let Some(lab) = Lab::new(lab::binary!(), "network_default_dir") else {
         return;
     };
     let (conf, inner) = by_name(None);
@@ -65,7 +63,7 @@ fn network_by_name_in_default_conf_dir() {
 /// `"network": "inner"` found in the `confDir` the config gives.
 #[test]
 fn network_by_name_in_conf_dir() {
-    let Some(lab) = Lab::new("network_conf_dir") else {
+    let Some(lab) = Lab::new(lab::binary!(), "network_conf_dir") else {
         return;
     };
     let dir = lab.dir.join("my-networks").display().to_string();
@@ -77,7 +75,7 @@ fn network_by_name_in_conf_dir() {
 /// An inner plugin that is not in CNI_PATH: an error, and nothing left.
 #[test]
 fn inner_plugin_not_in_cni_path() {
-    let Some(lab) = Lab::new("inner_plugin_missing") else {
+    let Some(lab) = Lab::new(lab::binary!(), "inner_plugin_missing") else {
         return;
     };
     let c = lab.container();
@@ -114,7 +112,7 @@ fn bad_ipam_stdin() -> String {
 }
 
 /// The bridge plugin's own error (code 999, "failed to find plugin ...").
-fn assert_bad_ipam_error(out: &common::Out) {
+fn assert_bad_ipam_error(out: &lab::Out) {
     assert!(!out.ok(), "ADD with a missing IPAM plugin succeeded: {out}");
     let err = out
         .cni_error()
@@ -131,14 +129,14 @@ fn assert_bad_ipam_error(out: &common::Out) {
 
 /// The only record of `id` is a failed one, and the runtime's DEL of it
 /// succeeds and removes it.
-fn assert_failed_record_then_del(lab: &Lab, id: &str, c: &common::Container) {
+fn assert_failed_record_then_del(lab: &Lab, id: &str, c: &lab::Container) {
     let records: Vec<_> = lab
         .attachment_records()
         .into_iter()
         .filter(|r| r["containerId"] == id)
         .collect();
     assert_eq!(records.len(), 1, "records of {id}: {records:?}");
-    assert!(common::is_failed_record(&records[0]), "{}", records[0]);
+    assert!(lab::is_failed_record(&records[0]), "{}", records[0]);
     let del = lab.plugin(&lab.plugin_env("DEL", id, &c.netns()), &bad_ipam_stdin());
     assert!(del.ok(), "the runtime's DEL after the failed ADD: {del}");
     assert!(
@@ -153,7 +151,7 @@ fn assert_failed_record_then_del(lab: &Lab, id: &str, c: &common::Container) {
 /// a good ADD afterwards works.
 #[test]
 fn bad_ipam_on_first_add_leaves_nothing_behind() {
-    let Some(lab) = Lab::with_example_net("bad_ipam_first") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "bad_ipam_first") else {
         return;
     };
     let c = lab.container();
@@ -178,7 +176,7 @@ fn bad_ipam_on_first_add_leaves_nothing_behind() {
 /// unharmed, and a good ADD on the same bridge works.
 #[test]
 fn bad_ipam_on_a_live_bridge_leaves_it_usable() {
-    let Some(lab) = Lab::with_example_net("bad_ipam_live") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "bad_ipam_live") else {
         return;
     };
     let (c1, c2) = (lab.container(), lab.container());

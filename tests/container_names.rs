@@ -5,9 +5,7 @@
 //! is found dead (its supervisor or sandbox SIGKILLed), so a killed infra
 //! holds no network namespace and the next infra starts its own dnsmasq.
 
-mod common;
-
-use common::{Container, Lab, LabOptions, Out};
+use lab::{Container, Lab, LabOptions, Out};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::thread;
@@ -15,7 +13,7 @@ use std::time::{Duration, Instant};
 
 /// The example network with dnsname, its bridge's address (where dnsmasq
 /// listens) and its domain.
-const EXAMPLE: &str = "conf-examples/podman/rootless-dnsname.conflist";
+const EXAMPLE: &str = "podman/rootless-dnsname.conflist";
 const NAMES_NET: &str = "rootless-dns";
 const NAMES_GATEWAY: &str = "10.89.1.1";
 const DOMAIN: &str = "dns.podman";
@@ -35,7 +33,7 @@ fn have_dnsname(test: &str) -> bool {
         "{} (apt-get install golang-github-containernetworking-plugin-dnsname dnsmasq-base)",
         missing.join(", ")
     );
-    if common::in_ci() {
+    if lab::in_ci() {
         panic!("{test} needs {why}");
     }
     eprintln!("skipping {test}: it needs {why}");
@@ -53,18 +51,14 @@ fn names_lab(test: &str) -> Option<Lab> {
         subgids: true,
         ..LabOptions::default()
     };
-    let lab = Lab::new_with(test, options)?;
+    let lab = Lab::new_with(lab::binary!(), test, options)?;
     lab.write_netconf(NAMES_NET, &names_conflist());
     Some(lab)
 }
 
 /// conf-examples/podman/rootless-dnsname.conflist: the README's example.
 fn names_conflist() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(EXAMPLE);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    let conf: Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let conf = lab::conf_example(EXAMPLE);
     assert_eq!(conf["name"], NAMES_NET, "{EXAMPLE}");
     conf
 }
@@ -116,13 +110,13 @@ fn assert_resolves(lab: &Lab, from: &Container, name: &str, ip: &str) {
 
 /// The IPv4 address (without prefix) in an ADD result.
 fn ipv4(result: &Value) -> String {
-    common::result_ipv4(result).unwrap_or_else(|| panic!("no IPv4 in {result}"))
+    lab::result_ipv4(result).unwrap_or_else(|| panic!("no IPv4 in {result}"))
 }
 
 /// Live dnsmasq processes of the lab uid (observed by name only here, to
 /// say what leaked; the plugin itself never goes by names).
 fn dnsmasqs(lab: &Lab) -> Vec<u32> {
-    common::pids_of_uid(lab.uid)
+    lab::pids_of_uid(lab.uid)
         .into_iter()
         .filter(|&p| lab.is_running(p))
         .filter(|p| {

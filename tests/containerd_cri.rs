@@ -10,17 +10,15 @@
 //! CNI library (go-cni) hands the hostPort over as `portMappings` with
 //! Go-cased keys (`HostPort`, `ContainerPort`, `HostIP`, ...).
 //!
-//! Fixtures: tests/common/containerd.rs. Prerequisites: scripts/deps,
+//! Fixtures: `lab::containerd`. Prerequisites: scripts/deps,
 //! scripts/build-cri-client, scripts/build-cri-images (scripts/test runs
 //! them).
 
-mod common;
-
-use common::containerd::{
+use lab::containerd::{
     cgroups_left, cri_prerequisites, page_on_host, Cri, Host, Pod, RootfulContainerd,
     RootlessContainerd, PAGE,
 };
-use common::{free_tcp_port, Lab, LabOptions};
+use lab::{free_tcp_port, Lab, LabOptions};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -114,7 +112,7 @@ fn containerd_cri_as_root_runs_pods_with_a_host_port_through_rootless_cni() {
     }
     let started = Instant::now();
     let host_before = HostDirs::capture();
-    let mut cd = RootfulContainerd::start("rootful");
+    let mut cd = RootfulContainerd::start(lab::binary!(), "rootful");
     eprintln!("containerd up, images imported: {:?}", started.elapsed());
 
     let (web, client) = web_and_client(&cd.cri, &cd.cgroup_parent);
@@ -158,6 +156,7 @@ fn rootless_containerd_cri(test: &str, host: Host) {
     // The lab's uid and tun node; its session is not used by containerd
     // (rootlesskit makes its own namespaces), only by the checks.
     let Some(lab) = Lab::new_with(
+        lab::binary!(),
         "containerd_cri",
         LabOptions {
             var_lib_cni: false,

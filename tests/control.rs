@@ -1,14 +1,14 @@
-//! Issue #2, test 1: the problem and its fix, side by side.
+//! The problem and its fix, side by side: the bridge plugin run directly
+//! by an unprivileged user is refused (the host netns belongs to the
+//! initial user namespace), and the same chain through rootless-cni works.
 
-mod common;
-
-use common::{example_conflist, Lab, GATEWAY, NET};
+use lab::{example_conflist, Lab, GATEWAY, NET};
 
 /// Without rootless-cni the bridge plugin cannot work for an unprivileged
 /// user: the host netns belongs to the initial user namespace.
 #[test]
 fn bridge_plugin_directly_is_not_permitted() {
-    let Some(lab) = Lab::new("control_direct") else {
+    let Some(lab) = Lab::new(lab::binary!(), "control_direct") else {
         return;
     };
     let mut direct = example_conflist()["plugins"][0]["delegate"].clone();
@@ -28,7 +28,7 @@ fn bridge_plugin_directly_is_not_permitted() {
 /// The same chain through rootless-cni works.
 #[test]
 fn same_chain_through_rootless_cni_works() {
-    let Some(lab) = Lab::with_example_net("control_rootless") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "control_rootless") else {
         return;
     };
     let c = lab.container();

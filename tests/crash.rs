@@ -5,15 +5,12 @@
 //! attachment keeps its infra and passes CHECK, and nothing of ours is left
 //! (or taken) after the last DEL.
 
-mod common;
-mod support;
-
-use common::{example_conflist, outer, plugin_stdin, Container, Lab, Out, Snapshot};
+use lab::{bad_records, panicked, supervisors, write_as_user, Call, Rng};
+use lab::{example_conflist, outer, plugin_stdin, Container, Lab, Out, Snapshot};
 use serde_json::Value;
 use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
-use support::{bad_records, panicked, supervisors, write_as_user, Call, Rng};
 
 /// The example network, with a short lock timeout: a lock left held by a
 /// killed call shows up as code 11 after 5 s instead of 30.
@@ -30,7 +27,7 @@ fn call(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str) -> Call {
 }
 
 fn must(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str, when: &str) -> Out {
-    let out = support::run(lab, &call(lab, verb, id, c, stdin), Duration::from_secs(60));
+    let out = lab::run(lab, &call(lab, verb, id, c, stdin), Duration::from_secs(60));
     assert!(out.ok(), "{when}: {verb} {id}: {out}");
     out
 }
@@ -95,7 +92,7 @@ fn lock_holders(file: &std::path::Path) -> Vec<String> {
 /// Runs a call to its end; a failure is a problem, not a panic, so one run
 /// reports every kind of failure.
 fn attempt(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str) -> Result<Out, String> {
-    let out = support::run(lab, &call(lab, verb, id, c, stdin), Duration::from_secs(60));
+    let out = lab::run(lab, &call(lab, verb, id, c, stdin), Duration::from_secs(60));
     if out.ok() {
         Ok(out)
     } else {
@@ -132,7 +129,7 @@ fn infra_identity(lab: &Lab) -> Option<(u64, u64)> {
 fn child_groups(lab: &Lab, pid: u32) -> Vec<i32> {
     let own = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid as i32))).ok();
     let mut groups = Vec::new();
-    for p in common::pids_of_uid(lab.uid) {
+    for p in lab::pids_of_uid(lab.uid) {
         let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
             continue;
         };
@@ -186,7 +183,7 @@ fn spawn_overhead(lab: &Lab) -> Duration {
     let mut took: Vec<Duration> = (0..3)
         .map(|_| {
             let started = Instant::now();
-            let out = support::run(lab, &Call::argv(&["true"]), Duration::from_secs(30));
+            let out = lab::run(lab, &Call::argv(&["true"]), Duration::from_secs(30));
             assert!(out.ok(), "true: {out}");
             started.elapsed()
         })
@@ -210,11 +207,11 @@ fn spawn_overhead(lab: &Lab) -> Duration {
 fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
     /// The least share of kills that must land while the call runs.
     const MIN_MID_CALL: usize = 60;
-    let Some(lab) = Lab::new(name) else {
+    let Some(lab) = Lab::new(lab::binary!(), name) else {
         return;
     };
     let wall = Instant::now();
-    let mut rng = Rng::new(support::seed(name, seed));
+    let mut rng = Rng::new(lab::seed(name, seed));
     let stdin = stdin();
     let c = lab.container();
     let witness = lab.container();
@@ -260,7 +257,7 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
                 continue;
             }
         }
-        let mut running = support::spawn(&lab, &call(&lab, verb, &id, &c, &stdin));
+        let mut running = lab::spawn(&lab, &call(&lab, verb, &id, &c, &stdin));
         thread::sleep(delay);
         // Its children before it dies: once it is gone they are re-parented.
         // From the delay on, the first inner plugin to run is the one hit
@@ -376,7 +373,7 @@ fn crash_loop(name: &str, verb: &str, iterations: usize, seed: u64) {
         if let Some(expected) = witness_infra {
             let now = infra_identity(&lab);
             let alive = now.is_some_and(|(pid, start)| {
-                support::start_time(pid as u32) == Some(start) && lab.is_running(pid as u32)
+                lab::start_time(pid as u32) == Some(start) && lab.is_running(pid as u32)
             });
             if now != Some(expected) || !alive {
                 problem(format!(
@@ -466,7 +463,7 @@ fn sigkill_during_del_then_recover() {
 /// Each call with the checks every stale-state call must pass: no panic,
 /// exit 0 or 1, an error object on stdout when it failed.
 fn sane(lab: &Lab, call: &Call, when: &str) -> Out {
-    let out = support::run(lab, call, Duration::from_secs(60));
+    let out = lab::run(lab, call, Duration::from_secs(60));
     assert!(!panicked(&out), "{when}: panic: {out}");
     assert!(
         matches!(out.status, Some(0) | Some(1)),
@@ -569,7 +566,7 @@ fn crash_infra(lab: &Lab) {
 /// (a) infra.json and a record survive a "reboot": their PIDs are dead.
 #[test]
 fn stale_infra_record_with_dead_pids() {
-    let Some(lab) = Lab::new("stale_dead_pids") else {
+    let Some(lab) = Lab::new(lab::binary!(), "stale_dead_pids") else {
         return;
     };
     let (old, new) = (lab.container(), lab.container());
@@ -601,7 +598,7 @@ fn stale_infra_record_with_dead_pids() {
 /// PID is right, the start time is not. They are never signalled.
 #[test]
 fn stale_infra_record_naming_live_processes() {
-    let Some(lab) = Lab::new("stale_live_pids") else {
+    let Some(lab) = Lab::new(lab::binary!(), "stale_live_pids") else {
         return;
     };
     let c = lab.container();
@@ -660,7 +657,7 @@ fn start_bystanders(lab: &Lab) -> (Vec<Container>, Vec<u64>) {
     let bystanders: Vec<Container> = (0..3).map(|_| lab.container()).collect();
     let starts: Vec<u64> = bystanders
         .iter()
-        .map(|b| support::start_time(b.pid).expect("start time"))
+        .map(|b| lab::start_time(b.pid).expect("start time"))
         .collect();
     (bystanders, starts)
 }
@@ -677,7 +674,7 @@ fn netns_inode(pid: u32) -> u64 {
 fn assert_bystanders_untouched(lab: &Lab, bystanders: &[Container], starts: &[u64], when: &str) {
     for (b, start) in bystanders.iter().zip(starts) {
         assert!(
-            lab.is_running(b.pid) && support::start_time(b.pid) == Some(*start),
+            lab.is_running(b.pid) && lab::start_time(b.pid) == Some(*start),
             "{when}: bystander {} was killed",
             Lab::describe(b.pid)
         );
@@ -697,7 +694,7 @@ fn assert_bystanders_untouched(lab: &Lab, bystanders: &[Container], starts: &[u6
 /// three things checked before any signal).
 #[test]
 fn live_processes_with_right_start_times_but_not_our_command_line_are_left_alone() {
-    let Some(lab) = Lab::new("stale_right_starts") else {
+    let Some(lab) = Lab::new(lab::binary!(), "stale_right_starts") else {
         return;
     };
     let c = lab.container();
@@ -731,7 +728,7 @@ fn live_processes_with_right_start_times_but_not_our_command_line_are_left_alone
 /// record put back, the infra is the same one and DEL works.
 #[test]
 fn infra_whose_sandbox_is_not_in_the_recorded_netns_is_not_alive() {
-    let Some(lab) = Lab::new("stale_netns") else {
+    let Some(lab) = Lab::new(lab::binary!(), "stale_netns") else {
         return;
     };
     let (old, new, bystander) = (lab.container(), lab.container(), lab.container());
@@ -761,7 +758,7 @@ fn infra_whose_sandbox_is_not_in_the_recorded_netns_is_not_alive() {
     assert_eq!(lab.links(&new), vec!["lo"], "{when}: the ADD attached");
     assert!(
         lab.is_running(supervisor.0 as u32)
-            && support::start_time(supervisor.0 as u32) == Some(supervisor.1),
+            && lab::start_time(supervisor.0 as u32) == Some(supervisor.1),
         "{when}: the supervisor was signalled"
     );
     assert!(
@@ -782,7 +779,7 @@ fn infra_whose_sandbox_is_not_in_the_recorded_netns_is_not_alive() {
 /// (c) An empty and a truncated infra.json: treated as no infra.
 #[test]
 fn corrupt_infra_record() {
-    let Some(lab) = Lab::new("corrupt_infra") else {
+    let Some(lab) = Lab::new(lab::binary!(), "corrupt_infra") else {
         return;
     };
     let c = lab.container();
@@ -817,7 +814,7 @@ fn corrupt_infra_record() {
 /// them, ADD replaces them, and the last DEL leaves nothing.
 #[test]
 fn corrupt_attachment_records() {
-    let Some(lab) = Lab::new("corrupt_records") else {
+    let Some(lab) = Lab::new(lab::binary!(), "corrupt_records") else {
         return;
     };
     let (c, other) = (lab.container(), lab.container());
@@ -869,7 +866,7 @@ fn corrupt_attachment_records() {
 /// half-made step it would then redo behind the call's back. The inner
 /// plugin logs each step: "ADD end" must come before "DEL".
 fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
-    let Some(lab) = Lab::new(name) else {
+    let Some(lab) = Lab::new(lab::binary!(), name) else {
         return;
     };
     let log = lab.dir.join("slowstep.log");
@@ -891,10 +888,10 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
         .expect("chmod slowstep");
     // The log is written by the lab user.
     write_as_user(&lab, &log, b"");
-    let stdin = support::one_plugin_delegate_stdin("slowstep");
+    let stdin = lab::one_plugin_delegate_stdin("slowstep");
     let c = lab.container();
 
-    let add = support::spawn(&lab, &call(&lab, "ADD", "orphan", &c, &stdin.to_string()));
+    let add = lab::spawn(&lab, &call(&lab, "ADD", "orphan", &c, &stdin.to_string()));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !fs::read_to_string(&log)
         .unwrap_or_default()
@@ -919,7 +916,7 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
             ("CNI_COMMAND".to_string(), "GC".to_string()),
             ("CNI_PATH".to_string(), lab.cni_path()),
         ];
-        support::run(
+        lab::run(
             &lab,
             &Call::plugin(&lab, &env, &gc.to_string()),
             Duration::from_secs(60),

@@ -5,13 +5,11 @@
 //! goes on (a new infra, the old attachment lost and deleted) instead of
 //! refusing the state dir for good.
 
-mod common;
-
-use common::{Lab, GATEWAY, NET};
+use lab::{Lab, GATEWAY, NET};
 
 #[test]
 fn an_infra_whose_pid_namespace_died_is_cleaned_up_from_another() {
-    let Some(lab) = Lab::with_example_net("dead_pidns") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "dead_pidns") else {
         return;
     };
     let c = lab.container();

@@ -2,9 +2,7 @@
 //! mount namespace inodes it recorded are reused by the kernel for the next
 //! namespaces made on the machine, and what runs in them is not ours.
 
-mod common;
-
-use common::{Container, Lab, NET};
+use lab::{Container, Lab, NET};
 use serde_json::Value;
 use std::fs;
 use std::thread;
@@ -36,7 +34,7 @@ fn victim(lab: &Lab) -> Container {
 /// must not kill what runs in them.
 #[test]
 fn dead_infra_cleanup_spares_a_stranger_in_reused_namespaces() {
-    let Some(lab) = Lab::with_example_net("rv_reuse") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "rv_reuse") else {
         return;
     };
     let c = lab.container();

@@ -6,11 +6,9 @@
 //! state dir at all succeeds and creates nothing.
 //!
 //! Real root's dir is made in the lab's own host mount namespace (an
-//! overlay over /run, tests/common/hosts.rs), never on the machine's /run.
+//! overlay over /run, `lab::hosts`), never on the machine's /run.
 
-mod common;
-
-use common::{
+use lab::{
     example_conflist, plugin_stdin, result_ipv4, run_command, Lab, LabOptions, Out, RuntimeDir,
     GATEWAY, NET,
 };
@@ -38,21 +36,13 @@ fn cnitool_without_runtime_dir(lab: &Lab, cmd: &str, netns: &str) -> Out {
     without_runtime_dir(lab, &[], None, &[&cnitool, cmd, NET, netns])
 }
 
-fn conflist(rel: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("conf-examples")
-        .join(rel);
-    let text = fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 #[test]
 fn a_user_without_xdg_runtime_dir_attaches_through_run_user_uid() {
     let options = LabOptions {
         runtime_dir: RuntimeDir::Logind,
         ..LabOptions::default()
     };
-    let Some(lab) = Lab::new_with("no_xdg_user", options) else {
+    let Some(lab) = Lab::new_with(lab::binary!(), "no_xdg_user", options) else {
         return;
     };
     lab.write_netconf(NET, &example_conflist());
@@ -88,7 +78,7 @@ fn a_user_without_xdg_runtime_dir_attaches_through_run_user_uid() {
 fn without_any_state_dir_add_names_the_fix_and_del_succeeds() {
     // The default lab: XDG_RUNTIME_DIR is a lab dir and /run/user/UID does
     // not exist, so unsetting it leaves no state dir to use.
-    let Some(lab) = Lab::with_example_net("no_state_dir_at_all") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "no_state_dir_at_all") else {
         return;
     };
     let run_user = format!("/run/user/{}", lab.uid);
@@ -119,7 +109,7 @@ fn without_any_state_dir_add_names_the_fix_and_del_succeeds() {
 
 #[test]
 fn del_with_no_state_dir_succeeds_and_creates_nothing() {
-    let Some(lab) = Lab::with_example_net("del_no_state_dir") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "del_no_state_dir") else {
         return;
     };
     let c = lab.container();
@@ -162,7 +152,7 @@ impl<'a> RootPod<'a> {
         cmd.args(["--mount", "--propagation", "private", "--net", "sh", "-c"])
             .arg("mount -t tmpfs -o mode=0755 tmpfs /run && exec sleep infinity")
             .env_clear()
-            .env("PATH", common::LAB_PATH)
+            .env("PATH", lab::LAB_PATH)
             // mount(8) would make /run/mount for its utab on the machine.
             .env("LIBMOUNT_UTAB", lab.dir.join("utab"))
             .stdin(Stdio::null())
@@ -195,8 +185,8 @@ impl<'a> RootPod<'a> {
             .arg("--")
             .args(argv)
             .env_clear()
-            .env("PATH", common::LAB_PATH)
-            .env("LIBMOUNT_UTAB", common::utab());
+            .env("PATH", lab::LAB_PATH)
+            .env("LIBMOUNT_UTAB", lab::utab());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -283,13 +273,13 @@ impl Drop for RootPod<'_> {
 
 #[test]
 fn real_root_without_xdg_runtime_dir_runs_the_kubernetes_example_as_shipped() {
-    let Some(lab) = Lab::new("no_xdg_root") else {
+    let Some(lab) = Lab::new(lab::binary!(), "no_xdg_root") else {
         return;
     };
     let machine_dir = Path::new("/run/rootless-cni-plugin");
     let machine_had_it = machine_dir.exists();
     let pod = RootPod::start(&lab);
-    let stdin = plugin_stdin(&conflist("kubernetes/10-rootless.conflist")).to_string();
+    let stdin = plugin_stdin(&lab::conf_example("kubernetes/10-rootless.conflist")).to_string();
     let bin = lab.bin().join("rootless-cni").display().to_string();
     let netns = pod.netns();
     let cni_path = lab.cni_path();

@@ -4,14 +4,11 @@
 //! chain, the lock to record the result, the record itself) goes through
 //! the same cleanup.
 
-mod common;
-mod support;
-
-use common::{example_conflist, free_tcp_port, outer, plugin_stdin, Lab};
+use lab::{example_conflist, free_tcp_port, outer, plugin_stdin, Lab};
+use lab::{install_plugin, spawn, Call};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use support::{install_plugin, spawn, Call};
 
 /// Installs the inner plugin `name`, `script` with DIR standing for a dir
 /// the lab user may write its marks into; that dir.
@@ -66,7 +63,7 @@ if os.environ.get("CNI_COMMAND") == "DEL":
 /// inner DEL again, which removes what the rollback left, and the infra.
 #[test]
 fn del_finishes_what_a_failed_rollback_left() {
-    let Some(lab) = Lab::new("failed_rollback") else {
+    let Some(lab) = Lab::new(lab::binary!(), "failed_rollback") else {
         return;
     };
     let marks = install_marking_plugin(&lab, "flaky", FLAKY);
@@ -90,7 +87,7 @@ fn del_finishes_what_a_failed_rollback_left() {
         "records after the failed ADD: {records:?}"
     );
     assert!(
-        common::is_failed_record(&records[0]),
+        lab::is_failed_record(&records[0]),
         "the record: {}",
         records[0]
     );
@@ -121,10 +118,10 @@ fn del_finishes_what_a_failed_rollback_left() {
 /// infra it started), without any DEL.
 #[test]
 fn add_that_cannot_record_its_result_undoes_itself() {
-    let Some(lab) = Lab::new("add_lock_lost") else {
+    let Some(lab) = Lab::new(lab::binary!(), "add_lock_lost") else {
         return;
     };
-    let marks = install_marking_plugin(&lab, "slowadd", support::SLOWADD);
+    let marks = install_marking_plugin(&lab, "slowadd", lab::SLOWADD);
     let mut conf = conf_with("slowadd", Some(1));
     let port = free_tcp_port();
     conf["runtimeConfig"] = json!({"portMappings": [

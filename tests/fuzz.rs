@@ -12,10 +12,8 @@
 //! uid (nothing it does can touch another user's files); otherwise as the
 //! caller.
 
-mod common;
-mod support;
-
-use common::pids_of_uid;
+use lab::pids_of_uid;
+use lab::Rng;
 use rootless_cni::cni::config::{OWN_KEYS, SPEC_KEYS};
 use serde_json::{json, Map, Value};
 use std::ffi::OsString;
@@ -28,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
-use support::Rng;
 
 /// A call that takes longer than this hangs.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -580,7 +577,7 @@ struct Outcome {
 fn run(bin: &Path, place: &Place, input: &Input) -> Outcome {
     let mut cmd = Command::new(bin);
     cmd.env_clear()
-        .env("PATH", common::LAB_PATH)
+        .env("PATH", lab::LAB_PATH)
         .env("HOME", &place.dir)
         .env("XDG_RUNTIME_DIR", place.dir.join("run"))
         .current_dir(&place.dir)

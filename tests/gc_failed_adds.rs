@@ -3,10 +3,7 @@
 //! and a record kept because its inner DEL fails again would keep the
 //! infra forever.
 
-mod common;
-mod support;
-
-use common::Lab;
+use lab::Lab;
 use serde_json::json;
 
 /// Fails every ADD and every DEL.
@@ -20,22 +17,22 @@ if os.environ.get("CNI_COMMAND") in ("ADD", "DEL"):
 
 #[test]
 fn gc_forgets_a_failed_record_as_del_does() {
-    let Some(lab) = Lab::new("gc_failed_record") else {
+    let Some(lab) = Lab::new(lab::binary!(), "gc_failed_record") else {
         return;
     };
-    support::install_plugin(&lab, "broken", BROKEN);
-    let mut conflist = common::example_conflist();
-    common::outer(&mut conflist)["delegate"]["plugins"]
+    lab::install_plugin(&lab, "broken", BROKEN);
+    let mut conflist = lab::example_conflist();
+    lab::outer(&mut conflist)["delegate"]["plugins"]
         .as_array_mut()
         .expect("the example's inner plugins")
         .push(json!({"type": "broken"}));
-    let conf = common::plugin_stdin(&conflist);
+    let conf = lab::plugin_stdin(&conflist);
     let c = lab.container();
     let out = lab.plugin(&lab.plugin_env("ADD", "b-1", &c.netns()), &conf.to_string());
     assert!(!out.ok(), "the broken ADD succeeded: {out}");
     let records = lab.attachment_records();
     assert!(
-        records.len() == 1 && common::is_failed_record(&records[0]),
+        records.len() == 1 && lab::is_failed_record(&records[0]),
         "records after the failed ADD: {records:?}"
     );
 

@@ -11,9 +11,7 @@
 //! (the netns with it), `gc` from the session removes it. Another
 //! container, attached from the session, is never touched.
 
-mod common;
-
-use common::{run_command, Lab, Out, NET};
+use lab::{run_command, Lab, Out, NET};
 use serde_json::Value;
 use std::process::Child;
 use std::thread;
@@ -91,7 +89,7 @@ fn ids(v: &Value, list: &str) -> Vec<String> {
 
 #[test]
 fn gc_keeps_an_attachment_whose_netns_is_mounted_only_elsewhere() {
-    let Some(lab) = Lab::with_example_net("gc_mntns") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "gc_mntns") else {
         return;
     };
     let t0 = Instant::now();
@@ -178,7 +176,7 @@ fn gc_keeps_an_attachment_whose_netns_is_mounted_only_elsewhere() {
         Some(1),
         "c0 stays: {left}"
     );
-    lab.assert_ping(&c0, common::GATEWAY, "c0 after gc");
+    lab.assert_ping(&c0, lab::GATEWAY, "c0 after gc");
 
     lab.detach(&c0);
     drop(private);

@@ -3,13 +3,10 @@
 //! one meanwhile, and a recorded netns path may name another container's
 //! netns by the time it runs. Neither may touch the other container.
 
-mod common;
-mod support;
-
-use common::{example_conflist, outer, plugin_stdin, result_ipv4, Container, Lab, NET};
+use lab::{example_conflist, outer, plugin_stdin, result_ipv4, Container, Lab, NET};
+use lab::{install_plugin, spawn, write_as_user, Call};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::{install_plugin, spawn, write_as_user, Call};
 
 /// A last inner plugin that passes the result on and, on DEL of container
 /// `slow`, logs "DEL slow start" and waits until the test creates the gate
@@ -43,7 +40,7 @@ fn gc_call(lab: &Lab, valid: Value) -> Call {
     Call::plugin(lab, &env, &gc_conf(valid).to_string())
 }
 
-fn plugin_call(lab: &Lab, conf: &Value, verb: &str, id: &str, netns: &str) -> common::Out {
+fn plugin_call(lab: &Lab, conf: &Value, verb: &str, id: &str, netns: &str) -> lab::Out {
     lab.plugin(&lab.plugin_env(verb, id, netns), &conf.to_string())
 }
 
@@ -59,7 +56,7 @@ fn record_of(lab: &Lab, id: &str) -> Option<Value> {
 /// new k alone: its record, its address and lease, its infra.
 #[test]
 fn gc_leaves_an_attachment_re_added_while_it_ran() {
-    let Some(lab) = Lab::new("gc_readd") else {
+    let Some(lab) = Lab::new(lab::binary!(), "gc_readd") else {
         return;
     };
     install_plugin(&lab, "slowdel", SLOWDEL);
@@ -125,7 +122,7 @@ fn gc_leaves_an_attachment_re_added_while_it_ran() {
 /// netns (a reused `/proc/PID/ns/net`, or a bind mount moved). The inner
 /// DEL of a, by GC or by the runtime's DEL, must not remove b's eth0.
 fn stranger_netns_is_left_alone(name: &str, verb: &str) {
-    let Some(lab) = Lab::new(name) else {
+    let Some(lab) = Lab::new(lab::binary!(), name) else {
         return;
     };
     let conf = plugin_stdin(&example_conflist());
@@ -149,7 +146,7 @@ fn stranger_netns_is_left_alone(name: &str, verb: &str) {
     mount(&b.netns());
 
     let out = match verb {
-        "GC" => support::run(
+        "GC" => lab::run(
             &lab,
             &gc_call(&lab, json!([{"containerID": "b", "ifname": "eth0"}])),
             Duration::from_secs(60),

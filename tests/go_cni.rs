@@ -12,11 +12,9 @@
 //! does in the other tests; libcni's result cache (`/var/lib/cni` of the
 //! session) records what go-cni handed to the plugin.
 
-mod common;
-
-use common::gocni::{assert_page_on_loopback, kubernetes_conflist, pod_ipv4};
-use common::gocni::{GoCni, Pod, WebServer};
-use common::{free_tcp_port, testdata, Lab, NET};
+use lab::gocni::{assert_page_on_loopback, kubernetes_conflist, pod_ipv4};
+use lab::gocni::{GoCni, Pod, WebServer};
+use lab::{free_tcp_port, testdata, Lab, NET};
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -54,7 +52,7 @@ fn assert_port_closed(port: u16, when: &str) {
 /// is left.
 #[test]
 fn go_cni_pod_with_host_ports_serves_the_host_loopback() {
-    let Some(lab) = Lab::new("gocni_ports") else {
+    let Some(lab) = Lab::new(lab::binary!(), "gocni_ports") else {
         return;
     };
     let Some(gocni) = GoCni::new(&lab, &kubernetes_conflist()) else {
@@ -113,7 +111,7 @@ fn go_cni_pod_with_host_ports_serves_the_host_loopback() {
 /// after Remove nothing is left.
 #[test]
 fn go_cni_pods_without_ports_ping_each_other() {
-    let Some(lab) = Lab::new("gocni_ping") else {
+    let Some(lab) = Lab::new(lab::binary!(), "gocni_ping") else {
         return;
     };
     let Some(gocni) = GoCni::new(&lab, &kubernetes_conflist()) else {
@@ -180,7 +178,7 @@ fn infra_qdiscs(lab: &Lab) -> String {
 /// Remove containerd does after a failed setup leaves nothing either.
 #[test]
 fn go_cni_bandwidth_and_ip_ranges_reach_the_inner_plugins() {
-    let Some(lab) = Lab::new("gocni_caps") else {
+    let Some(lab) = Lab::new(lab::binary!(), "gocni_caps") else {
         return;
     };
     // The kubernetes example with the `bandwidth` and `ipRanges`

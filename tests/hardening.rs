@@ -6,10 +6,7 @@
 //! cannot have (below `ip_unprivileged_port_start`, or on an address that is
 //! not local) fails the ADD with code 107 before anything is touched.
 
-mod common;
-mod support;
-
-use common::{example_conflist, in_ci, outer, plugin_stdin, Lab};
+use lab::{example_conflist, in_ci, outer, plugin_stdin, Lab};
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -17,7 +14,7 @@ use std::path::Path;
 
 /// Our binary in plugin mode, run by `sh` with `umask 000` first: the
 /// loosest umask a runtime could hand down.
-fn add_with_umask_0(lab: &Lab, id: &str, netns: &str, stdin: &str) -> common::Out {
+fn add_with_umask_0(lab: &Lab, id: &str, netns: &str, stdin: &str) -> lab::Out {
     let bin = lab.bin().join("rootless-cni").display().to_string();
     let env = lab.plugin_env("ADD", id, netns);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -33,7 +30,7 @@ fn add_with_umask_0(lab: &Lab, id: &str, netns: &str, stdin: &str) -> common::Ou
 /// others.
 #[test]
 fn state_dir_is_private_whatever_the_umask() {
-    let Some(lab) = Lab::new("hard_umask") else {
+    let Some(lab) = Lab::new(lab::binary!(), "hard_umask") else {
         return;
     };
     let c = lab.container();
@@ -79,7 +76,7 @@ fn state_dir_is_private_whatever_the_umask() {
 /// temporary file opened with O_CREAT|O_EXCL|O_NOFOLLOW.
 #[test]
 fn records_are_written_through_fresh_temporary_files() {
-    let Some(lab) = Lab::new("hard_tmp") else {
+    let Some(lab) = Lab::new(lab::binary!(), "hard_tmp") else {
         return;
     };
     if !Path::new("/usr/bin/strace").exists() {
@@ -98,7 +95,7 @@ fn records_are_written_through_fresh_temporary_files() {
     let state = lab.state_dir();
     assert!(state.join("attachments").is_dir(), "no attachments dir");
     let victim = lab.dir.join("victim");
-    support::write_as_user(&lab, &victim, b"the user's own file\n");
+    lab::write_as_user(&lab, &victim, b"the user's own file\n");
     let tmp = state.join("attachments/.rootless+planted+eth0.json.tmp");
     let link = lab.exec(
         &[],
@@ -168,7 +165,7 @@ fn records_are_written_through_fresh_temporary_files() {
 /// (the default config) no route to the host's loopback.
 #[test]
 fn slirp4netns_runs_sandboxed_with_seccomp() {
-    let Some(lab) = Lab::with_example_net("hard_slirp") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "hard_slirp") else {
         return;
     };
     let c = lab.container();
@@ -215,7 +212,7 @@ fn host_ports_the_user_cannot_have_are_code_107() {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(1024);
-    let Some(lab) = Lab::new("hard_107") else {
+    let Some(lab) = Lab::new(lab::binary!(), "hard_107") else {
         return;
     };
     let c = lab.container();

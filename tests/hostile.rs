@@ -1,19 +1,16 @@
-//! Issue #4, tests 5, 6 and 7: inner plugins that hang or print garbage,
+//! Inner plugins that hang or print garbage,
 //! hostile environment and config, and unsafe state dirs. Every one gives a
 //! CNI error object with the right code naming the culprit, and leaves
 //! nothing behind.
 
-mod common;
-mod support;
-
-use common::{
+use lab::{
     example_conflist, outer, plugin_stdin, testdata, Container, Lab, Out, Snapshot, GATEWAY,
 };
+use lab::{panicked, supervisors};
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
-use support::{panicked, supervisors};
 
 /// Checks a refused call: non-zero exit (not a panic), an error object on
 /// stdout with `code`, naming `culprit`. Err(why) otherwise.
@@ -113,7 +110,7 @@ fn bad_inner_plugin(lab: &Lab, plugin: &str, also: &str, bound: Duration) {
     // everything: the record stays, failed, for the DEL a runtime sends
     // after a failed ADD, which must succeed and leave nothing.
     let records = lab.attachment_records();
-    if !records.iter().all(common::is_failed_record) {
+    if !records.iter().all(lab::is_failed_record) {
         problems.push(format!("records after the failed ADD: {records:?}"));
     }
     let del = lab.plugin(
@@ -150,7 +147,7 @@ fn bad_inner_plugin(lab: &Lab, plugin: &str, also: &str, bound: Duration) {
 /// rolled back, nothing of it left running.
 #[test]
 fn hanging_inner_plugin_times_out_and_rolls_back() {
-    let Some(lab) = Lab::new("hang") else {
+    let Some(lab) = Lab::new(lab::binary!(), "hang") else {
         return;
     };
     script_plugin(&lab, "hang", "cat >/dev/null; sleep 600");
@@ -161,7 +158,7 @@ fn hanging_inner_plugin_times_out_and_rolls_back() {
 /// An inner plugin that prints garbage and exits 1 without an error object.
 #[test]
 fn garbage_and_failure_from_an_inner_plugin() {
-    let Some(lab) = Lab::new("garbage_exit1") else {
+    let Some(lab) = Lab::new(lab::binary!(), "garbage_exit1") else {
         return;
     };
     script_plugin(
@@ -175,7 +172,7 @@ fn garbage_and_failure_from_an_inner_plugin() {
 /// An inner plugin that prints garbage and exits 0: not a result.
 #[test]
 fn garbage_and_success_from_an_inner_plugin() {
-    let Some(lab) = Lab::new("garbage_exit0") else {
+    let Some(lab) = Lab::new(lab::binary!(), "garbage_exit0") else {
         return;
     };
     script_plugin(
@@ -248,7 +245,7 @@ fn run_cases(lab: &Lab, cases: &[Case]) -> Vec<String> {
 /// empty or invalid, refused with code 4 naming it.
 #[test]
 fn hostile_environment_is_refused() {
-    let Some(lab) = Lab::new("hostile_env") else {
+    let Some(lab) = Lab::new(lab::binary!(), "hostile_env") else {
         return;
     };
     let c = lab.container();
@@ -297,7 +294,7 @@ fn hostile_environment_is_refused() {
 /// stdin, refused with code 6.
 #[test]
 fn malformed_stdin_is_refused() {
-    let Some(lab) = Lab::new("hostile_stdin") else {
+    let Some(lab) = Lab::new(lab::binary!(), "hostile_stdin") else {
         return;
     };
     let c = lab.container();
@@ -339,7 +336,7 @@ fn malformed_stdin_is_refused() {
 /// key of our config, or a wrong shape, refused with code 7 naming it.
 #[test]
 fn wrong_config_values_are_refused() {
-    let Some(lab) = Lab::new("hostile_config") else {
+    let Some(lab) = Lab::new(lab::binary!(), "hostile_config") else {
         return;
     };
     let c = lab.container();
@@ -390,7 +387,7 @@ fn wrong_config_values_are_refused() {
 /// it, and nothing is started or written.
 #[test]
 fn unsafe_state_dirs_are_refused() {
-    let Some(lab) = Lab::new("unsafe_state_dir") else {
+    let Some(lab) = Lab::new(lab::binary!(), "unsafe_state_dir") else {
         return;
     };
     let c = lab.container();

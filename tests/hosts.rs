@@ -3,13 +3,11 @@
 //! rootful CNI runtime once ran (root-owned /var/lib/cni, /run/netns,
 //! /etc/cni/net.d) and with XDG_RUNTIME_DIR as logind makes it (a 0700
 //! tmpfs at /run/user/UID). Both are built in the lab's own mount
-//! namespace (tests/common/hosts.rs); the machine is never changed. And a
+//! namespace (`lab::hosts`); the machine is never changed. And a
 //! runtime's direct call of the plugin on a used host (no libcni cache of
 //! the user's): the root-owned /var/lib/cni stays as it was.
 
-mod common;
-
-use common::{
+use lab::{
     example_conflist, plugin_stdin, result_ipv4, Host, Lab, LabOptions, RuntimeDir, GATEWAY, NET,
     USED_HOST_DIRS,
 };
@@ -18,6 +16,7 @@ use std::os::unix::fs::MetadataExt;
 
 fn lab(name: &str, host: Host, runtime_dir: RuntimeDir) -> Option<Lab> {
     let lab = Lab::new_with(
+        lab::binary!(),
         name,
         LabOptions {
             host,
@@ -125,7 +124,7 @@ fn a_used_host_keeps_its_var_lib_cni_when_the_plugin_is_called_directly() {
         runtime_dir: RuntimeDir::Logind,
         ..LabOptions::default()
     };
-    let Some(lab) = Lab::new_with("used_host_direct", options) else {
+    let Some(lab) = Lab::new_with(lab::binary!(), "used_host_direct", options) else {
         return;
     };
     let root_cni = lab.host_root().join("var/lib/cni");

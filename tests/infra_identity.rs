@@ -7,9 +7,7 @@
 //! (rootless podman's rootless-netns), or is replaced when its mounts are no
 //! longer the state dir's.
 
-mod common;
-
-use common::{in_ci, run_command, Container, Lab, Out, GATEWAY, NET};
+use lab::{in_ci, run_command, Container, Lab, Out, GATEWAY, NET};
 use serde_json::Value;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,9 +27,7 @@ fn alive(pid: u32) -> bool {
 }
 
 fn infra_json(lab: &Lab) -> Value {
-    let path = lab.state_dir().join("infra.json");
-    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display()))
+    lab::read_json(&lab.state_dir().join("infra.json"))
 }
 
 fn pid_of(info: &Value, what: &str) -> u32 {
@@ -46,7 +42,7 @@ fn pid_of(info: &Value, what: &str) -> u32 {
 /// naming the cause, and the running infra keeps its record and socket.
 #[test]
 fn a_call_from_another_pid_namespace_is_refused_and_forgets_nothing() {
-    let Some(lab) = Lab::with_example_net("pidns_caller") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "pidns_caller") else {
         return;
     };
     let c = lab.container();
@@ -71,7 +67,7 @@ fn a_call_from_another_pid_namespace_is_refused_and_forgets_nothing() {
 
     // The STATUS verb, as a runtime in that PID namespace sends it.
     let cni_path = lab.cni_path();
-    let mut conf = common::plugin_stdin(&common::example_conflist());
+    let mut conf = lab::plugin_stdin(&lab::example_conflist());
     conf["cniVersion"] = "1.1.0".into();
     let conf = conf.to_string();
     let mut argv = other_pidns.to_vec();
@@ -120,7 +116,7 @@ fn a_call_from_another_pid_namespace_is_refused_and_forgets_nothing() {
 /// second one beside it, whose ports and processes nobody would stop.
 #[test]
 fn an_unreadable_infra_json_never_starts_a_second_infra() {
-    let Some(lab) = Lab::with_example_net("corrupt_infra_json") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "corrupt_infra_json") else {
         return;
     };
     let c = lab.container();
@@ -165,7 +161,7 @@ impl Drop for Tracer {
 /// signal that PID again (seen with strace: no kill(2) of the reaped PID).
 #[test]
 fn the_supervisor_never_signals_the_sandbox_it_reaped() {
-    let Some(lab) = Lab::with_example_net("reaped_sandbox") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "reaped_sandbox") else {
         return;
     };
     let strace = Path::new("/usr/bin/strace");
@@ -330,7 +326,7 @@ impl Drop for RuntimeNs {
 /// from new directories, attaches through the same infra.
 #[test]
 fn the_infra_outlives_the_directories_of_its_starters_mount_namespace() {
-    let Some(lab) = Lab::with_example_net("deleted_runtime_ns") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "deleted_runtime_ns") else {
         return;
     };
     let c1 = lab.container();
@@ -368,7 +364,7 @@ fn the_infra_outlives_the_directories_of_its_starters_mount_namespace() {
 /// it held are reported lost) instead of failing in it.
 #[test]
 fn an_infra_whose_mounts_are_gone_is_replaced() {
-    let Some(lab) = Lab::with_example_net("broken_infra_mounts") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "broken_infra_mounts") else {
         return;
     };
     let c1 = lab.container();

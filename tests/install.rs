@@ -8,13 +8,11 @@
 //! (checked), and the overlays go with the namespace's holder when the
 //! test ends, however it ends.
 
-mod common;
-
-use common::podman::{
+use lab::podman::{
     assert_page_on_host, only_attachment, run_root, skip_without_rootless_podman, user_clone,
     web_container_args, RootlessPodman, IMAGE,
 };
-use common::{free_tcp_port, Lab, LAB_PATH};
+use lab::{free_tcp_port, Lab, LAB_PATH};
 use serde_json::json;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -28,7 +26,7 @@ use std::time::{Duration, Instant};
 /// plugin in usr/lib/cni, the link in usr/bin.
 #[test]
 fn install_script_puts_the_plugin_where_runtimes_look() {
-    let Some(lab) = Lab::new("install_script") else {
+    let Some(lab) = Lab::new(lab::binary!(), "install_script") else {
         return;
     };
     let clone = user_clone(&lab);
@@ -183,7 +181,7 @@ fn debian_package_installs_serves_rootless_podman_and_removes_cleanly() {
     if skip_without_rootless_podman(test, &["dpkg", "dpkg-query", "bash"]) {
         return;
     }
-    let Some(lab) = Lab::new(test) else {
+    let Some(lab) = Lab::new(lab::binary!(), test) else {
         return;
     };
     let started = Instant::now();

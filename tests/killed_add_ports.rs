@@ -8,18 +8,15 @@
 //! attachment keeps the infra up throughout, each step ends with the
 //! no-leak checker against what it holds, and the last DEL leaves nothing.
 
-mod common;
-mod support;
-
-use common::net::http_get;
-use common::{example_conflist, free_tcp_port, outer, plugin_stdin, Container, Lab, Out};
+use lab::net::http_get;
+use lab::{example_conflist, free_tcp_port, outer, plugin_stdin, Container, Lab, Out};
+use lab::{install_plugin, spawn, Call};
 use serde_json::{json, Value};
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
-use support::{install_plugin, spawn, Call};
 
 /// Where the slow plugin goes in the inner chain.
 #[derive(Clone, Copy)]
@@ -150,7 +147,7 @@ fn record_path(lab: &Lab, id: &str) -> PathBuf {
 }
 
 fn killed_add_is_taken_over(driver: &str) {
-    let Some(lab) = Lab::new(&format!("killed_ports_{driver}")) else {
+    let Some(lab) = Lab::new(lab::binary!(), &format!("killed_ports_{driver}")) else {
         return;
     };
     let t0 = Instant::now();
@@ -160,7 +157,7 @@ fn killed_add_is_taken_over(driver: &str) {
     install_plugin(
         &lab,
         "slowadd",
-        &support::SLOWADD.replace("DIR", &marks.display().to_string()),
+        &lab::SLOWADD.replace("DIR", &marks.display().to_string()),
     );
     let c = lab.container();
     // Another attachment keeps the infra up: its stopping would close

@@ -1,9 +1,7 @@
 //! The infra's life: kept warm by idleTimeout, stopped by hand, shared by
 //! parallel ADDs, reported by `status`, and gone with its supervisor.
 
-mod common;
-
-use common::{example_conflist, outer, Container, Lab, GATEWAY, NET};
+use lab::{example_conflist, outer, Container, Lab, GATEWAY, NET};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::thread;
@@ -60,7 +58,7 @@ fn wait_only_lo(lab: &Lab, c: &Container, bound: Duration) {
 #[test]
 fn idle_timeout_keeps_the_infra_warm_then_stops_it() {
     const IDLE: u64 = 4;
-    let Some(lab) = Lab::new("idle_timeout") else {
+    let Some(lab) = Lab::new(lab::binary!(), "idle_timeout") else {
         return;
     };
     let mut conf = example_conflist();
@@ -117,7 +115,7 @@ fn idle_timeout_keeps_the_infra_warm_then_stops_it() {
 /// infra, and the attachment is then reported lost until DEL.
 #[test]
 fn stop_refuses_with_attachments_and_force_stops() {
-    let Some(lab) = Lab::with_example_net("stop_force") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "stop_force") else {
         return;
     };
     let c = lab.container();
@@ -173,7 +171,7 @@ fn stop_refuses_with_attachments_and_force_stops() {
 #[test]
 fn parallel_adds_share_one_infra() {
     const N: usize = 8;
-    let Some(lab) = Lab::with_example_net("parallel") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "parallel") else {
         return;
     };
     let containers: Vec<Container> = (0..N).map(|_| lab.container()).collect();
@@ -248,7 +246,7 @@ fn parallel_adds_share_one_infra() {
 /// 20 characters) and address.
 #[test]
 fn status_lists_attachments_for_people() {
-    let Some(lab) = Lab::with_example_net("status_human") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "status_human") else {
         return;
     };
     let c = lab.container();
@@ -295,7 +293,7 @@ fn status_lists_attachments_for_people() {
 /// attachment, and status does not create the state dir.
 #[test]
 fn status_json_with_no_state_dir() {
-    let Some(lab) = Lab::new("status_empty") else {
+    let Some(lab) = Lab::new(lab::binary!(), "status_empty") else {
         return;
     };
     assert!(
@@ -322,7 +320,7 @@ fn status_json_with_no_state_dir() {
 /// a fresh infra.
 #[test]
 fn killed_supervisor_takes_the_infra_with_it() {
-    let Some(lab) = Lab::with_example_net("killed_supervisor") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "killed_supervisor") else {
         return;
     };
     let c = lab.container();

@@ -3,14 +3,11 @@
 //! DEL owns its attachment while its inner DEL runs, so a second DEL of the
 //! same attachment gets code 11 instead of racing it.
 
-mod common;
-mod support;
-
-use common::{Container, Lab};
+use lab::{install_plugin, write_as_user, Call};
+use lab::{Container, Lab};
 use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
-use support::{install_plugin, write_as_user, Call};
 
 /// How long the slow inner plugin's step takes: long enough that a second
 /// call on a loaded machine starts its own step before the first ends.
@@ -20,7 +17,7 @@ const STEP: u64 = 3;
 /// "VERB ID end" around a STEP-second sleep (in the verbs of `slow`) to
 /// `log`, and a network whose inner chain is that plugin alone.
 fn slow_lab(name: &str, slow: &str) -> Option<(Lab, String, std::path::PathBuf)> {
-    let lab = Lab::new(name)?;
+    let lab = Lab::new(lab::binary!(), name)?;
     let log = lab.dir.join("slowlog.log");
     write_as_user(&lab, &log, b"");
     install_plugin(
@@ -37,7 +34,7 @@ fn slow_lab(name: &str, slow: &str) -> Option<(Lab, String, std::path::PathBuf)>
             log.display()
         ),
     );
-    let stdin = support::one_plugin_delegate_stdin("slowlog").to_string();
+    let stdin = lab::one_plugin_delegate_stdin("slowlog").to_string();
     Some((lab, stdin, log))
 }
 
@@ -46,7 +43,7 @@ fn call(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str) -> Call {
 }
 
 fn must(lab: &Lab, verb: &str, id: &str, c: &Container, stdin: &str) {
-    let out = support::run(lab, &call(lab, verb, id, c, stdin), Duration::from_secs(60));
+    let out = lab::run(lab, &call(lab, verb, id, c, stdin), Duration::from_secs(60));
     assert!(out.ok(), "{verb} {id}: {out}");
 }
 
@@ -78,9 +75,9 @@ fn inner_plugins_of_two_adds_run_at_the_same_time() {
     must(&lab, "ADD", "warm", &warm, &stdin);
     write_as_user(&lab, &log, b"");
 
-    let first = support::spawn(&lab, &call(&lab, "ADD", "a", &a, &stdin));
+    let first = lab::spawn(&lab, &call(&lab, "ADD", "a", &a, &stdin));
     wait_for_line(&log, "ADD a start");
-    let second = support::spawn(&lab, &call(&lab, "ADD", "b", &b, &stdin));
+    let second = lab::spawn(&lab, &call(&lab, "ADD", "b", &b, &stdin));
     let (first, second) = (
         first.wait(Duration::from_secs(60)),
         second.wait(Duration::from_secs(60)),
@@ -117,9 +114,9 @@ fn second_del_of_the_same_attachment_gets_try_again_later() {
     must(&lab, "ADD", "other", &other, &stdin);
     must(&lab, "ADD", "x", &c, &stdin);
 
-    let first = support::spawn(&lab, &call(&lab, "DEL", "x", &c, &stdin));
+    let first = lab::spawn(&lab, &call(&lab, "DEL", "x", &c, &stdin));
     wait_for_line(&log, "DEL x start");
-    let second = support::run(
+    let second = lab::run(
         &lab,
         &call(&lab, "DEL", "x", &c, &stdin),
         Duration::from_secs(60),

@@ -13,10 +13,8 @@
 //! - MTU: the infra's tap0 has the outer config's `mtu` (default 65520), a
 //!   container's eth0 the bridge's.
 
-mod common;
-
-use common::outbound::{self, PASTA};
-use common::{example_conflist, outer, retry, HostServer, Lab, Out, NET};
+use lab::outbound::{self, PASTA};
+use lab::{example_conflist, outer, retry, HostServer, Lab, Out, NET};
 use serde_json::Value;
 use std::fs;
 use std::net::{TcpListener, UdpSocket};
@@ -34,14 +32,6 @@ const SLIRP_DNS: &str = "10.0.2.3";
 /// A name only the test's DNS server knows, and its answer.
 const LAB_NAME: &str = "only-the-lab.test";
 const LAB_NAME_IP: &str = "10.1.2.3";
-
-/// conf-examples/dual-stack.conflist.
-fn dual_stack_conflist() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/dual-stack.conflist");
-    let text =
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
 
 /// The first IPv6 address (without prefix) of a CNI result.
 fn result_ipv6(result: &Value) -> Option<String> {
@@ -139,11 +129,11 @@ fn ipv6_containers_and_host_loopback(engine: &str) {
     if !outbound::available(engine, &test) {
         return;
     }
-    let Some(lab) = Lab::new(&test) else {
+    let Some(lab) = Lab::new(lab::binary!(), &test) else {
         return;
     };
     let server = HostServer::start("::1");
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outbound::with_engine(&mut conf, engine);
     assert_eq!(conf["plugins"][0]["ipv6"], true, "{conf}");
     assert_eq!(conf["plugins"][0]["allowHostLoopback"], true, "{conf}");
@@ -220,11 +210,11 @@ fn ipv6_host_loopback_unreachable_when_not_allowed(engine: &str) {
     if !outbound::available(engine, &test) {
         return;
     }
-    let Some(lab) = Lab::new(&test) else {
+    let Some(lab) = Lab::new(lab::binary!(), &test) else {
         return;
     };
     let server = HostServer::start("::1");
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outer(&mut conf).insert("allowHostLoopback".into(), false.into());
     outbound::with_engine(&mut conf, engine);
     lab.write_netconf(DUAL, &conf);
@@ -362,7 +352,7 @@ impl Drop for Dnsmasq {
 }
 
 /// `busybox nslookup LAB_NAME 10.0.2.3` from a container.
-fn lookup(lab: &Lab, c: &common::Container) -> Out {
+fn lookup(lab: &Lab, c: &lab::Container) -> Out {
     lab.in_netns(c, &["busybox", "nslookup", LAB_NAME, SLIRP_DNS])
 }
 
@@ -378,13 +368,13 @@ fn dns_through_the_infra_forwarder(engine: &str) {
     }
     if !Path::new(Dnsmasq::BIN).exists() {
         let why = format!("{} (apt-get install dnsmasq-base)", Dnsmasq::BIN);
-        if common::in_ci() {
+        if lab::in_ci() {
             panic!("dns_through_the_infra_forwarder needs {why}");
         }
         eprintln!("skipping dns_through_the_infra_forwarder: it needs {why}");
         return;
     }
-    let Some(lab) = Lab::new(&test) else {
+    let Some(lab) = Lab::new(lab::binary!(), &test) else {
         return;
     };
     let dns = Dnsmasq::start(lab.dir.join("dnsmasq.log"));
@@ -458,11 +448,11 @@ fn dns_through_the_infra_forwarder_pasta() {
 fn dns_forwarder_follows_a_changed_resolv_conf() {
     if !Path::new(Dnsmasq::BIN).exists() {
         let why = format!("{} (apt-get install dnsmasq-base)", Dnsmasq::BIN);
-        assert!(!common::in_ci(), "the test needs {why}");
+        assert!(!lab::in_ci(), "the test needs {why}");
         eprintln!("skipping: it needs {why}");
         return;
     }
-    let Some(lab) = Lab::with_example_net("dns_reread") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "dns_reread") else {
         return;
     };
     let first = Dnsmasq::answering(lab.dir.join("first.log"), "10.1.2.4");
@@ -513,7 +503,7 @@ fn mtu_of_tap0_and_eth0(engine: &str) {
     if !outbound::available(engine, &test) {
         return;
     }
-    let Some(lab) = Lab::new(&test) else {
+    let Some(lab) = Lab::new(lab::binary!(), &test) else {
         return;
     };
     let c = lab.container();

@@ -11,11 +11,9 @@
 //! that runs the real one, unless the test has created a "broken" flag
 //! file, in which case it exits 1 as an engine that cannot start would.
 
-mod common;
-
-use common::net::http_get;
-use common::outbound;
-use common::{example_conflist, outer, plugin_stdin, HostServer, Lab, Out, Server, LAB_PATH, NET};
+use lab::net::http_get;
+use lab::outbound;
+use lab::{example_conflist, outer, plugin_stdin, HostServer, Lab, Out, Server, LAB_PATH, NET};
 use serde_json::{json, Value};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -59,7 +57,7 @@ fn engine_wrapper(lab: &Lab, program: &str, flag: &Path) -> PathBuf {
 }
 
 /// busybox httpd on port 80 in the container, serving `body`.
-fn httpd(lab: &Lab, c: &common::Container, body: &str) -> Server {
+fn httpd(lab: &Lab, c: &lab::Container, body: &str) -> Server {
     lab.write_file(&format!("www-{}/index.html", c.pid), body);
     let dir = lab.dir.join(format!("www-{}", c.pid)).display().to_string();
     let out = lab.in_netns(
@@ -104,7 +102,7 @@ fn outbound_down_then_back(engine: &str, driver: &str) {
     if !outbound::available(engine, &test) {
         return;
     }
-    let Some(lab) = Lab::new(&test) else {
+    let Some(lab) = Lab::new(lab::binary!(), &test) else {
         return;
     };
     let t0 = Instant::now();
@@ -117,10 +115,10 @@ fn outbound_down_then_back(engine: &str, driver: &str) {
     let wrap = engine_wrapper(&lab, program, &flag);
     let path = format!("{}:{LAB_PATH}", wrap.display());
     let host = HostServer::start("127.0.0.1");
-    let host_url = format!("http://{}:{}/", common::SLIRP_HOST, host.port);
+    let host_url = format!("http://{}:{}/", lab::SLIRP_HOST, host.port);
 
     let c = lab.container();
-    let port = common::free_tcp_port();
+    let port = lab::free_tcp_port();
     let cap_args =
         json!({"portMappings": [{"hostPort": port, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.1"}]})
             .to_string();

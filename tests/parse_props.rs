@@ -1,4 +1,4 @@
-//! Issue #4: property tests (proptest) over the parsing of a plugin call,
+//! Property tests (proptest) over the parsing of a plugin call,
 //! in-process: `plugin::parse_call` with generated CNI_* environments and
 //! generated or mutated network configs. Whatever the input, it never
 //! panics, a failure carries the spec's code for its kind and names the
@@ -13,9 +13,7 @@
 //! plugin accepts, and cni-VERSION.conflist is the example network at
 //! VERSION and nothing else.
 
-mod common;
-
-use common::{example_conflist, testdata};
+use lab::{example_conflist, testdata};
 use proptest::prelude::*;
 use rootless_cni::cni::config::{OWN_KEYS, SPEC_KEYS};
 use rootless_cni::cni::gojson;
@@ -312,7 +310,7 @@ fn every_conflist_of_testdata_is_a_config_the_plugin_accepts() {
     assert!(names.len() >= 5, "{names:?}");
     for path in names {
         let name = path.file_stem().and_then(|n| n.to_str()).expect("a name");
-        let stdin = common::plugin_stdin(&testdata::conflist(name)).to_string();
+        let stdin = lab::plugin_stdin(&testdata::conflist(name)).to_string();
         if let Err(e) = parse_call(lookup(&valid_env()), stdin.as_bytes()) {
             panic!("{}: {e}", path.display());
         }

@@ -5,21 +5,10 @@
 //! ("administratively prohibited"), whether or not the host's loopback is
 //! allowed; UDP DNS through the forwarder is proven by net_extras.rs.
 
-mod common;
-
-use common::outbound::{self, PASTA};
-use common::{outer, Lab};
-use serde_json::Value;
-use std::path::Path;
+use lab::outbound::{self, PASTA};
+use lab::{outer, Lab};
 
 const DUAL: &str = "dual-stack";
-
-fn dual_stack_conflist() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/dual-stack.conflist");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
-}
 
 /// Connects (TCP) or sends and waits for an answer on a connected socket
 /// (UDP); prints "refused" when the infra's refusal comes back as the
@@ -37,7 +26,7 @@ const PROBE: &str = "import socket,sys,errno\n\
     except OSError as e:\n\
     \x20 print('refused' if e.errno in (errno.EHOSTUNREACH, errno.EACCES) else 'other: %r' % e)\n";
 
-fn probe(lab: &Lab, c: &common::Container, host: &str, port: u16, kind: &str) -> String {
+fn probe(lab: &Lab, c: &lab::Container, host: &str, port: u16, kind: &str) -> String {
     let port = port.to_string();
     let out = lab.in_netns(c, &["python3", "-c", PROBE, host, &port, kind]);
     format!("{} {}", out.stdout.trim(), out.stderr.trim())
@@ -51,11 +40,11 @@ fn pasta_dns_forwarder_address_carries_only_dns() {
     if !outbound::available(PASTA, test) || !outbound::have_python3() {
         return;
     }
-    let Some(lab) = Lab::new(test) else {
+    let Some(lab) = Lab::new(lab::binary!(), test) else {
         return;
     };
     let c = lab.container();
-    let mut conf = dual_stack_conflist();
+    let mut conf = lab::conf_example("dual-stack.conflist");
     outbound::with_engine(&mut conf, PASTA);
     for allow in [false, true] {
         outer(&mut conf).insert("allowHostLoopback".into(), allow.into());

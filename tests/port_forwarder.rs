@@ -10,9 +10,7 @@
 //! The server is a python3 TCP echo server (epoll) inside a container; the
 //! client is this test process on the host's loopback.
 
-mod common;
-
-use common::{example_conflist, outer, Container, Lab, NET};
+use lab::{example_conflist, outer, Container, Lab, NET};
 use serde_json::{json, Value};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -63,7 +61,7 @@ while True:
 const ECHO_PORT: u16 = 7;
 
 fn lab_with(name: &str, extra: Value) -> Option<Lab> {
-    let lab = Lab::new(name)?;
+    let lab = Lab::new(lab::binary!(), name)?;
     let mut conf = example_conflist();
     outer(&mut conf).insert("portDriver".into(), "builtin".into());
     for (k, v) in extra.as_object().into_iter().flatten() {
@@ -147,7 +145,7 @@ fn echo_server(lab: &Lab, c: &Container) -> Server {
 fn have_python3() -> bool {
     let found = Path::new("/usr/bin/python3").exists();
     assert!(
-        found || !common::in_ci(),
+        found || !lab::in_ci(),
         "python3 (/usr/bin/python3) is needed (CI=true)"
     );
     found
@@ -285,7 +283,7 @@ fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
     raise_own_fd_limit();
     let t0 = Instant::now();
     let c = lab.container();
-    let port = common::free_tcp_port();
+    let port = lab::free_tcp_port();
     add(&lab, &c, port);
     // A burst of clients finds room in the accept queue: the kernel's
     // somaxconn, not the 128 std listens with (a burst of 256 lost most
@@ -400,7 +398,7 @@ fn stalled_readers_holding_every_pipe_leave_the_others_echoing() {
     };
     let t0 = Instant::now();
     let c = lab.container();
-    let port = common::free_tcp_port();
+    let port = lab::free_tcp_port();
     add(&lab, &c, port);
     let server = echo_server(&lab, &c);
     let sup = supervisor_pid(&lab);
@@ -492,7 +490,7 @@ fn flood_with_a_small_fd_limit_leaves_control_working() {
     raise_own_fd_limit();
     let t0 = Instant::now();
     let (c1, c2) = (lab.container(), lab.container());
-    let (p1, p2) = (common::free_tcp_port(), common::free_tcp_port());
+    let (p1, p2) = (lab::free_tcp_port(), lab::free_tcp_port());
     add(&lab, &c1, p1);
     let s1 = echo_server(&lab, &c1);
     let sup = supervisor_pid(&lab);
@@ -601,7 +599,7 @@ fn one_stream_throughput() {
         return;
     };
     let c = lab.container();
-    let port = common::free_tcp_port();
+    let port = lab::free_tcp_port();
     let cap = json!({"portMappings": [
         {"hostPort": port, "containerPort": 5201, "protocol": "tcp", "hostIP": "127.0.0.1"}
     ]})
@@ -685,7 +683,7 @@ fn a_udp_flood_does_not_hold_the_forwarder() {
     };
     let t0 = Instant::now();
     let (c1, c2) = (lab.container(), lab.container());
-    let (p1, p2) = (common::free_tcp_port(), common::free_tcp_port());
+    let (p1, p2) = (lab::free_tcp_port(), lab::free_tcp_port());
     let cap = json!({"portMappings": [
         {"hostPort": p1, "containerPort": ECHO_PORT, "protocol": "udp", "hostIP": "127.0.0.1"}
     ]})

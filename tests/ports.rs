@@ -7,10 +7,8 @@
 //! TCP, a small python3 echo server for UDP. Host ports are high, unusual
 //! and bind-tested first, so parallel tests do not collide.
 
-mod common;
-
-use common::net::http_get;
-use common::{
+use lab::net::http_get;
+use lab::{
     example_conflist, host_global_ipv4, outer, plugin_stdin, result_ipv4, Container, HostServer,
     Lab, Out, Server, NET, SLIRP_HOST,
 };
@@ -120,7 +118,7 @@ fn conf(driver: &str) -> Value {
 
 /// A lab with the example network using `driver`.
 fn lab_for(name: &str, driver: &str) -> Option<Lab> {
-    let lab = Lab::new(&format!("{name}_{driver}"))?;
+    let lab = Lab::new(lab::binary!(), &format!("{name}_{driver}"))?;
     lab.write_netconf(NET, &conf(driver));
     Some(lab)
 }
@@ -149,7 +147,7 @@ fn plugin_add(lab: &Lab, driver: &str, id: &str, c: &Container, mappings: &[Valu
 }
 
 /// The CNI error of a failed call.
-fn cni_error(out: &Out, what: &str) -> common::CniError {
+fn cni_error(out: &Out, what: &str) -> lab::CniError {
     assert!(!out.ok(), "{what} succeeded: {out}");
     let err = out
         .cni_error()
@@ -299,7 +297,7 @@ fn have_python3() -> bool {
     let found = Path::new("/usr/bin/python3").exists();
     if !found {
         assert!(
-            !common::in_ci(),
+            !lab::in_ci(),
             "python3 (/usr/bin/python3) is needed for the UDP tests (CI=true)"
         );
         eprintln!("no /usr/bin/python3: UDP checks skipped");
@@ -648,7 +646,7 @@ fn port_in_use(driver: &str) {
         "the bystander\n",
         "c2 after the conflicts",
     );
-    lab.assert_ping(&c2, common::GATEWAY, "c2 -> gateway after the conflicts");
+    lab.assert_ping(&c2, lab::GATEWAY, "c2 -> gateway after the conflicts");
 
     // Once the port is let go, the same container gets it.
     drop(holder);

@@ -4,7 +4,7 @@
 //! The fenced block after `<!-- readme-test: rootless podman -->` in
 //! README.md runs under `bash -e` as a fresh unprivileged uid (a user with
 //! a home and a subordinate id range, nothing of podman's or ours in it:
-//! tests/common/podman.rs), in a clone of the repository
+//! `lab::podman`), in a clone of the repository
 //! (`user_clone`). The only changes to the block, each for the lab, not
 //! for the steps, and each asserted to match so that a changed README
 //! fails here instead of silently running something else:
@@ -21,11 +21,9 @@
 //! podman (runc, cgroupfs, ulimits, vfs) is the lab's system
 //! containers.conf and storage.conf, never the user's files.
 
-mod common;
-
-use common::host_tools::skip_without;
-use common::podman::{skip_without_rootless_podman, user_clone, RootlessPodman, IMAGE};
-use common::{free_tcp_port, Lab, LAB_PATH};
+use lab::host_tools::skip_without;
+use lab::podman::{skip_without_rootless_podman, user_clone, RootlessPodman, IMAGE};
+use lab::{free_tcp_port, Lab, LAB_PATH};
 use std::fs;
 use std::path::Path;
 use std::time::Instant;
@@ -63,7 +61,7 @@ fn readme_rootless_podman_steps_work_as_written() {
     if skip_without_rootless_podman(test, &["bash", "sed"]) {
         return;
     }
-    let Some(lab) = Lab::new(test) else {
+    let Some(lab) = Lab::new(lab::binary!(), test) else {
         return;
     };
     let started = Instant::now();
@@ -129,12 +127,12 @@ fn doctor_from_the_users_shell_explains_the_namespace_checks() {
     if skip_without(test, &["podman", "newuidmap", "newgidmap"]) {
         return;
     }
-    let Some(lab) = Lab::new(test) else {
+    let Some(lab) = Lab::new(lab::binary!(), test) else {
         return;
     };
     let pm = RootlessPodman::start(lab, "");
     let bin = pm.lab.bin().join("rootless-cni").display().to_string();
-    let check = |out: &common::Out, name: &str| -> serde_json::Value {
+    let check = |out: &lab::Out, name: &str| -> serde_json::Value {
         let report = out.json().unwrap_or_else(|| panic!("doctor --json: {out}"));
         report["checks"]
             .as_array()

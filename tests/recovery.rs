@@ -1,14 +1,12 @@
 //! The sandbox SIGKILLed under live attachments: CHECK answers 103, DEL
 //! forgets them, and the next ADD gets a fresh infra that works.
 
-mod common;
-
-use common::{example_conflist, plugin_stdin, result_ipv4, Lab, GATEWAY, NET};
+use lab::{example_conflist, plugin_stdin, result_ipv4, Lab, GATEWAY, NET};
 use std::time::{Duration, Instant};
 
 #[test]
 fn killed_sandbox_is_reported_and_replaced() {
-    let Some(lab) = Lab::with_example_net("killed_sandbox") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "killed_sandbox") else {
         return;
     };
     let c = lab.container();

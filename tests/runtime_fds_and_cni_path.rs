@@ -6,9 +6,7 @@
 //! the infra has its own of), both run the plugins found there, including
 //! the IPAM plugin the bridge runs through CNI_PATH.
 
-mod common;
-
-use common::{example_conflist, plugin_stdin, Lab, GATEWAY};
+use lab::{example_conflist, plugin_stdin, Lab, GATEWAY};
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -21,7 +19,7 @@ const CHAIN: [&str; 5] = ["bridge", "host-local", "portmap", "firewall", "tuning
 /// The pids of the lab's processes that hold `path` open.
 fn holders_of(lab: &Lab, path: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    for pid in common::pids_of_uid(lab.uid) {
+    for pid in lab::pids_of_uid(lab.uid) {
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
@@ -37,7 +35,7 @@ fn holders_of(lab: &Lab, path: &Path) -> Vec<String> {
 
 #[test]
 fn a_fd_the_runtime_passed_is_closed_when_the_add_returns() {
-    let Some(lab) = Lab::new("fds_runtime_pipe") else {
+    let Some(lab) = Lab::new(lab::binary!(), "fds_runtime_pipe") else {
         return;
     };
     // A FIFO stands for the runtime's pipe: the test reads it, the ADD's
@@ -151,7 +149,7 @@ fn attach_through(lab: &Lab, what: &str, cwd: &str, cni_path: &str, log: &Path) 
 
 #[test]
 fn cni_path_is_resolved_where_the_runtime_stands() {
-    let Some(lab) = Lab::new("fds_cni_path") else {
+    let Some(lab) = Lab::new(lab::binary!(), "fds_cni_path") else {
         return;
     };
     let log = lab.dir.join("plugins.log");

@@ -1,4 +1,4 @@
-//! Issue #5, part 1: the CNI spec from 0.3.0 to 1.1.0 as a runtime sees it.
+//! The CNI spec from 0.3.0 to 1.1.0 as a runtime sees it is kept.
 //!
 //! - VERSION lists 0.3.0, 0.3.1, 0.4.0, 1.0.0 and 1.1.0.
 //! - ADD over a 1.0.0 delegate answers at the runtime's version, converted
@@ -17,10 +17,8 @@
 //! testdata/conflists/: the example network at each version
 //! (cni-VERSION.conflist), and static-ip-mac.conflist.
 
-mod common;
-
-use common::testdata::{self, outer_at};
-use common::{example_conflist, result_ipv4, Container, Lab, GATEWAY, NET};
+use lab::testdata::{self, outer_at};
+use lab::{example_conflist, result_ipv4, Container, Lab, GATEWAY, NET};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -111,7 +109,7 @@ fn version_lists_all_five() {
 /// A 1.0.0 delegate; the runtime asks at 0.3.1, 0.4.0, 1.0.0 and 1.1.0.
 #[test]
 fn add_result_is_converted_to_the_runtime_version() {
-    let Some(lab) = Lab::new("spec_convert") else {
+    let Some(lab) = Lab::new(lab::binary!(), "spec_convert") else {
         return;
     };
     let versions = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -155,7 +153,7 @@ fn add_result_is_converted_to_the_runtime_version() {
 
 #[test]
 fn delegate_too_old_to_convert_is_refused() {
-    let Some(lab) = Lab::new("spec_old_delegate") else {
+    let Some(lab) = Lab::new(lab::binary!(), "spec_old_delegate") else {
         return;
     };
     let mut delegate = example_conflist()["plugins"][0]["delegate"].clone();
@@ -178,7 +176,7 @@ fn delegate_too_old_to_convert_is_refused() {
 
 #[test]
 fn check_needs_0_4_0() {
-    let Some(lab) = Lab::new("spec_check_version") else {
+    let Some(lab) = Lab::new(lab::binary!(), "spec_check_version") else {
         return;
     };
     let c = lab.container();
@@ -209,7 +207,7 @@ fn check_needs_0_4_0() {
 /// Two attachments, gc-a and gc-b; then GC through our binary with `key`
 /// listing gc-a (`keep_first`) or nothing.
 fn gc_case(name: &str, key: &str, keep_first: bool) {
-    let Some(lab) = Lab::new(name) else {
+    let Some(lab) = Lab::new(lab::binary!(), name) else {
         return;
     };
     let conf = outer_at("1.0.0");
@@ -280,7 +278,7 @@ fn gc_takes_the_older_key_name() {
 
 #[test]
 fn gc_and_status_need_1_1_0() {
-    let Some(lab) = Lab::new("spec_gc_version") else {
+    let Some(lab) = Lab::new(lab::binary!(), "spec_gc_version") else {
         return;
     };
     for verb in ["GC", "STATUS"] {
@@ -299,7 +297,7 @@ fn gc_and_status_need_1_1_0() {
 
 #[test]
 fn status_succeeds_when_an_add_would() {
-    let Some(lab) = Lab::new("spec_status") else {
+    let Some(lab) = Lab::new(lab::binary!(), "spec_status") else {
         return;
     };
     let conf = outer_at("1.1.0");
@@ -319,7 +317,7 @@ fn status_succeeds_when_an_add_would() {
 
 #[test]
 fn status_without_bridge_in_cni_path_is_code_50() {
-    let Some(lab) = Lab::new("spec_status_50") else {
+    let Some(lab) = Lab::new(lab::binary!(), "spec_status_50") else {
         return;
     };
     // CNI_PATH with every plugin of the example but bridge.
@@ -347,7 +345,7 @@ fn status_without_bridge_in_cni_path_is_code_50() {
 
 #[test]
 fn disable_check_in_the_delegate_is_honoured() {
-    let Some(lab) = Lab::new("spec_disable_check") else {
+    let Some(lab) = Lab::new(lab::binary!(), "spec_disable_check") else {
         return;
     };
     for disable in [false, true] {
@@ -379,7 +377,7 @@ fn disable_check_in_the_delegate_is_honoured() {
 
 #[test]
 fn del_without_netns_and_prev_result() {
-    let Some(lab) = Lab::new("spec_del_no_netns") else {
+    let Some(lab) = Lab::new(lab::binary!(), "spec_del_no_netns") else {
         return;
     };
     let conf = outer_at("1.0.0");
@@ -408,7 +406,7 @@ fn del_without_netns_and_prev_result() {
 
 #[test]
 fn static_ip_and_mac_from_the_runtime() {
-    let Some(lab) = Lab::new("spec_static") else {
+    let Some(lab) = Lab::new(lab::binary!(), "spec_static") else {
         return;
     };
     // The inner chain for a static IP and MAC: bridge (host-local inside)

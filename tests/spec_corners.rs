@@ -13,10 +13,8 @@
 //!   its stdout.
 //! - A legal 128-character container id of dots is attached and deleted.
 
-mod common;
-
-use common::testdata::outer_at;
-use common::{Lab, Out, GATEWAY, NET};
+use lab::testdata::outer_at;
+use lab::{Lab, Out, GATEWAY, NET};
 use serde_json::{json, Value};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -70,7 +68,7 @@ fn names(result: &Value) -> Vec<String> {
 
 #[test]
 fn add_chained_after_another_plugin_keeps_its_prev_result() {
-    let Some(lab) = Lab::new("corners_prev_result") else {
+    let Some(lab) = Lab::new(lab::binary!(), "corners_prev_result") else {
         return;
     };
     let c = lab.container();
@@ -153,7 +151,7 @@ exit 0"#,
 
 #[test]
 fn gc_carries_on_past_failures_and_reports_them_all() {
-    let Some(lab) = Lab::new("corners_gc_carries_on") else {
+    let Some(lab) = Lab::new(lab::binary!(), "corners_gc_carries_on") else {
         return;
     };
     let log = user_file(&lab, "gc.log");
@@ -205,7 +203,7 @@ fn gc_carries_on_past_failures_and_reports_them_all() {
 
 #[test]
 fn status_needs_no_cni_path_and_creates_nothing() {
-    let Some(lab) = Lab::new("corners_status") else {
+    let Some(lab) = Lab::new(lab::binary!(), "corners_status") else {
         return;
     };
     let conf = outer_at("1.1.0");
@@ -233,7 +231,7 @@ fn status_needs_no_cni_path_and_creates_nothing() {
 
 #[test]
 fn check_over_an_inner_chain_older_than_0_4_0_is_code_1() {
-    let Some(lab) = Lab::new("corners_check_old_inner") else {
+    let Some(lab) = Lab::new(lab::binary!(), "corners_check_old_inner") else {
         return;
     };
     let c = lab.container();
@@ -264,7 +262,7 @@ fn check_over_an_inner_chain_older_than_0_4_0_is_code_1() {
 
 #[test]
 fn inner_error_objects_come_back_at_the_runtime_version() {
-    let Some(lab) = Lab::new("corners_error_version") else {
+    let Some(lab) = Lab::new(lab::binary!(), "corners_error_version") else {
         return;
     };
     script_plugin(
@@ -291,7 +289,7 @@ exit 0"#,
 
 #[test]
 fn plugin_timeout_bounds_a_plugin_that_closed_its_stdout() {
-    let Some(lab) = Lab::new("corners_closed_stdout") else {
+    let Some(lab) = Lab::new(lab::binary!(), "corners_closed_stdout") else {
         return;
     };
     // It answers, closes stdout, and does not exit.
@@ -324,7 +322,7 @@ exit 0"#,
 
 #[test]
 fn a_128_character_container_id_of_dots_is_attached() {
-    let Some(lab) = Lab::new("corners_long_id") else {
+    let Some(lab) = Lab::new(lab::binary!(), "corners_long_id") else {
         return;
     };
     let id = format!("a{}", ".".repeat(127));

@@ -4,14 +4,11 @@
 //! others can write to, refused with code 105 naming it; and a symlink put
 //! in the state dir between calls is never followed.
 
-mod common;
-mod support;
-
-use common::{example_conflist, outer, plugin_stdin, Lab, Out};
+use lab::{example_conflist, outer, plugin_stdin, Lab, Out};
+use lab::{panicked, supervisors};
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use support::{panicked, supervisors};
 
 /// Checks a refused call: non-zero exit (not a panic), an error object with
 /// `code` naming every one of `culprits`. Err(why) otherwise.
@@ -98,7 +95,7 @@ fn modes(state: &Path) -> Vec<(PathBuf, u32, bool)> {
 /// and others nothing.
 #[test]
 fn umask_000_leaves_nothing_for_other_users() {
-    let Some(lab) = Lab::new("state_dir_umask") else {
+    let Some(lab) = Lab::new(lab::binary!(), "state_dir_umask") else {
         return;
     };
     let c = lab.container();
@@ -139,7 +136,7 @@ fn umask_000_leaves_nothing_for_other_users() {
 /// the fix; nothing is written to it and no infra starts.
 #[test]
 fn state_dir_open_to_others_is_refused() {
-    let Some(lab) = Lab::new("state_dir_mode") else {
+    let Some(lab) = Lab::new(lab::binary!(), "state_dir_mode") else {
         return;
     };
     let c = lab.container();
@@ -177,7 +174,7 @@ fn state_dir_open_to_others_is_refused() {
 /// by another user is refused too.
 #[test]
 fn state_dir_below_a_dir_others_can_write_is_refused() {
-    let Some(lab) = Lab::new("state_dir_ancestor") else {
+    let Some(lab) = Lab::new(lab::binary!(), "state_dir_ancestor") else {
         return;
     };
     let c = lab.container();
@@ -236,7 +233,7 @@ fn state_dir_below_a_dir_others_can_write_is_refused() {
 /// the running infra is left alone; once the dir is put back, DEL works.
 #[test]
 fn symlinks_swapped_into_the_state_dir_are_not_followed() {
-    let Some(lab) = Lab::with_example_net("state_dir_symlinks") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "state_dir_symlinks") else {
         return;
     };
     let c = lab.container();
@@ -306,7 +303,7 @@ fn symlinks_swapped_into_the_state_dir_are_not_followed() {
 /// it started for nothing is stopped, not left running with no record.
 #[test]
 fn an_add_that_cannot_record_stops_the_infra_it_started() {
-    let Some(lab) = Lab::with_example_net("state_dir_first_record") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "state_dir_first_record") else {
         return;
     };
     let state = lab.state_dir();

@@ -1,13 +1,11 @@
-//! Issue #2, test 4: DEL removes everything an ADD made, the last DEL stops
+//! DEL removes everything an ADD made, the last DEL stops
 //! the infra, and DEL succeeds when there is nothing (left) to delete.
 
-mod common;
-
-use common::{example_conflist, plugin_stdin, Lab, GATEWAY, NET};
+use lab::{example_conflist, plugin_stdin, Lab, GATEWAY, NET};
 
 #[test]
 fn del_removes_everything_and_the_last_stops_the_infra() {
-    let Some(lab) = Lab::with_example_net("del_everything") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "del_everything") else {
         return;
     };
     let (c1, c2) = (lab.container(), lab.container());
@@ -51,7 +49,7 @@ fn del_removes_everything_and_the_last_stops_the_infra() {
 /// path only to derive the container id).
 #[test]
 fn del_with_the_netns_gone_via_cnitool() {
-    let Some(lab) = Lab::with_example_net("del_netns_gone_cnitool") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "del_netns_gone_cnitool") else {
         return;
     };
     let c = lab.container();
@@ -73,7 +71,7 @@ fn del_with_the_netns_gone_via_cnitool() {
 /// The same, our binary called directly with CNI_NETNS pointing nowhere.
 #[test]
 fn del_with_the_netns_gone_direct() {
-    let Some(lab) = Lab::new("del_netns_gone_direct") else {
+    let Some(lab) = Lab::new(lab::binary!(), "del_netns_gone_direct") else {
         return;
     };
     let stdin = plugin_stdin(&example_conflist()).to_string();

@@ -8,11 +8,9 @@
 //! (`PREVIOUS_RELEASE`), with the same toolchain, once, and cached under
 //! target/previous-release/<commit>/.
 
-mod common;
-
-use common::gocni::{assert_page_on_loopback, WebServer};
-use common::net::http_get;
-use common::{example_conflist, free_tcp_port, in_ci, plugin_stdin, Container, Lab, NET};
+use lab::gocni::{assert_page_on_loopback, WebServer};
+use lab::net::http_get;
+use lab::{example_conflist, free_tcp_port, in_ci, plugin_stdin, Container, Lab, NET};
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -116,7 +114,7 @@ fn install_previous(lab: &Lab) -> Option<Binaries> {
 
 /// `cnitool CMD` of `c` with the binary of `cni_path`, publishing `port`
 /// (container port 80 on 127.0.0.1) when given.
-fn call(lab: &Lab, cni_path: &str, cmd: &str, c: &Container, port: Option<u16>) -> common::Out {
+fn call(lab: &Lab, cni_path: &str, cmd: &str, c: &Container, port: Option<u16>) -> lab::Out {
     let cap_args = port.map(|p| {
         format!(
             r#"{{"portMappings":[{{"hostPort":{p},"containerPort":80,"protocol":"tcp","hostIP":"127.0.0.1"}}]}}"#
@@ -132,7 +130,7 @@ fn call(lab: &Lab, cni_path: &str, cmd: &str, c: &Container, port: Option<u16>) 
 /// CHECK passed. With a port, Debian's portmap (plugins 1.1.1) also looks
 /// for IPv6 rules an IPv4-only container never got
 /// (containernetworking/plugins#819): that, and only that, may fail it.
-fn assert_checked(check: &common::Out, port: Option<u16>, what: &str) {
+fn assert_checked(check: &lab::Out, port: Option<u16>, what: &str) {
     let portmap_bug = port.is_some() && check.stderr.contains("could not check ipv6 dnat");
     assert!(check.ok() || portmap_bug, "{what}: {check}");
 }
@@ -152,7 +150,7 @@ fn supervisor_pid(lab: &Lab) -> Option<u64> {
 #[test]
 fn attachments_of_the_previous_release_survive_an_upgrade() {
     let started = Instant::now();
-    let Some(lab) = Lab::with_example_net("upgrade_from_previous") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "upgrade_from_previous") else {
         return;
     };
     let Some(bins) = install_previous(&lab) else {
@@ -229,7 +227,7 @@ fn attachments_of_the_previous_release_survive_an_upgrade() {
 #[test]
 fn the_previous_release_meets_the_state_of_this_one() {
     let started = Instant::now();
-    let Some(lab) = Lab::with_example_net("upgrade_rollback") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "upgrade_rollback") else {
         return;
     };
     let Some(bins) = install_previous(&lab) else {
@@ -303,7 +301,7 @@ fn set_format(path: &Path, version: Option<u64>) {
 /// or absent.
 #[test]
 fn a_newer_state_format_is_refused_and_left_as_it_is() {
-    let Some(lab) = Lab::with_example_net("upgrade_newer_format") else {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "upgrade_newer_format") else {
         return;
     };
     let (c1, c2) = (lab.container(), lab.container());
@@ -317,7 +315,7 @@ fn a_newer_state_format_is_refused_and_left_as_it_is() {
     let infra_json = state.join("infra.json");
     let supervisor = supervisor_pid(&lab);
     let newer = rootless_cni::state::FORMAT_VERSION + 1;
-    let refused = |out: &common::Out, what: &str| {
+    let refused = |out: &lab::Out, what: &str| {
         let err = out
             .cni_error()
             .unwrap_or_else(|| panic!("{what}: no CNI error: {out}"));

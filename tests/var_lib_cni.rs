@@ -7,13 +7,12 @@
 //! default lab is: its session overlays /var/lib and binds a dir on
 //! /var/lib/cni for cnitool's cache, so all the other tests cover it.
 
-mod common;
-
-use common::{example_conflist, plugin_stdin, result_ipv4, Lab, LabOptions, GATEWAY, NET};
+use lab::{example_conflist, plugin_stdin, result_ipv4, Lab, LabOptions, GATEWAY, NET};
 
 #[test]
 fn infra_makes_room_for_var_lib_cni_when_the_host_has_none() {
     let Some(lab) = Lab::new_with(
+        lab::binary!(),
         "no_var_lib_cni",
         LabOptions {
             var_lib_cni: false,

@@ -76,7 +76,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
         ));
 
         // Container → host's loopback, both MTUs.
-        let port = driver::free_port()?;
+        let port = lab::free_tcp_port();
         let mut host_srv = std::process::Command::new("iperf3");
         host_srv.args([
             "-s",
@@ -126,7 +126,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
 
         // Host → container through a published port: the builtin driver,
         // the same forwarder with either engine (shown, not assumed).
-        let (ps, pp) = (driver::free_port()?, driver::free_port()?);
+        let (ps, pp) = (lab::free_tcp_port(), lab::free_tcp_port());
         let published = |engine: &'static str, hp: u16| {
             let mapping = json!({ "portMappings": [{ "hostPort": hp, "containerPort": IPERF_PORT, "protocol": "tcp", "hostIP": "127.0.0.1" }] });
             let o = opts(cx, engine, "published", None);

@@ -26,8 +26,8 @@ use super::driver::{
     state_dir_path, status, Attached, Cx,
 };
 use super::*;
-use common::host_tools::write_user_files;
-use common::{free_tcp_port, retry, run_command};
+use lab::host_tools::write_user_files;
+use lab::{free_tcp_port, retry, run_command};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
@@ -744,42 +744,10 @@ struct Tree(Background);
 
 impl Drop for Tree {
     fn drop(&mut self) {
-        for pid in descendants(self.0.child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        for pid in lab::descendants(self.0.child.id()) {
+            lab::sigkill(pid);
         }
     }
-}
-
-/// Pids below `pid`, by parent pid.
-fn descendants(pid: u32) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
-        .map(|d| {
-            d.filter_map(|e| {
-                let p: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-                let stat = fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-                let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
-                Some((p, ppid.parse().ok()?))
-            })
-            .collect()
-        })
-        .unwrap_or_default();
-    let mut found = vec![pid];
-    let mut at = 0;
-    while at < found.len() {
-        let parent = found[at];
-        found.extend(
-            parents
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        at += 1;
-    }
-    found.remove(0);
-    found
 }
 
 /// Starts `cmd` (stdout piped to us, stderr to `log`) and waits until a
@@ -835,7 +803,7 @@ fn echo_server_in(cx: &Cx, c: Option<&Container>, port: u16, what: &str) -> Res<
 /// sharing a uid, whoever runs later would get small pipes). Its processes
 /// are killed with it, or by the bench's cleanup on a signal.
 fn peer_lab(name: &str) -> Res<Lab> {
-    let lab = Lab::new(name).ok_or_else(|| format!("no lab for {name}"))?;
+    let lab = Lab::new(lab::binary!(), name).ok_or_else(|| format!("no lab for {name}"))?;
     cleanup::with(|l| {
         l.more_uids.push(lab.uid);
         l.dirs.push(lab.dir.clone());
@@ -867,7 +835,7 @@ fn rootlesskit_iperf(lab: &Lab, port: u16) -> Res<Tree> {
         .env_clear()
         .env("PATH", LAB_PATH)
         // mount(8) as real root keeps its utab under the machine's /run.
-        .env("LIBMOUNT_UTAB", common::utab());
+        .env("LIBMOUNT_UTAB", lab::utab());
     let tree = start_logged(
         cmd,
         "rootlesskit's iperf3 server",
@@ -910,7 +878,7 @@ fn pasta_iperf(lab: &Lab, port: u16) -> Res<Tree> {
     cmd.args(["--mount", "--propagation", "private", "sh", "-c", &inner])
         .env_clear()
         .env("PATH", LAB_PATH)
-        .env("LIBMOUNT_UTAB", common::utab());
+        .env("LIBMOUNT_UTAB", lab::utab());
     start_logged(
         cmd,
         "pasta's iperf3 server",

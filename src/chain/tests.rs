@@ -400,7 +400,7 @@ fn results_convert_to_every_runtime_version_as_the_golden_files_say() {
 
 /// Whether the golden files are to be rewritten: ROOTLESS_CNI_BLESS set to
 /// anything but empty, `0`, `false`, `no` or `off` (the rule CI follows in
-/// tests/common). Refused when CI is set so: there a blessing run would
+/// the lab crate, lab/). Refused when CI is set so: there a blessing run would
 /// write whatever the code answers and pass, checking nothing.
 fn bless() -> bool {
     let set = |name: &str| {

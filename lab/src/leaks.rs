@@ -15,7 +15,8 @@
 //! both ways: what is new and what is gone; `Lab::assert_no_infra` compares
 //! with the empty lab.
 
-use super::{pids_of_uid, proc_cmdline, proc_state, Lab};
+use crate::process::{describe_process, pids_of_uid, proc_cmdline, proc_state, start_time};
+use crate::Lab;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
@@ -228,7 +229,7 @@ impl Lab {
     }
 
     /// The lab's own processes: the session holder and the containers.
-    pub(super) fn own_pids(&self) -> Vec<u32> {
+    fn own_pids(&self) -> Vec<u32> {
         self.children.borrow().iter().map(Child::id).collect()
     }
 }
@@ -344,9 +345,71 @@ fn walk(root: &Path, dir: &Path, found: &mut BTreeSet<String>) {
     }
 }
 
-/// Field 22 of /proc/PID/stat: the start time, in clock ticks since boot.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &text[text.rfind(')')? + 1..];
-    after.split_whitespace().nth(22 - 3)?.parse().ok()
+impl Lab {
+    // --- leaks -----------------------------------------------------------------
+
+    /// Processes of the lab uid other than the lab's own (session holder and
+    /// containers), described.
+    pub fn leftovers(&self) -> Vec<String> {
+        let own = self.own_pids();
+        pids_of_uid(self.uid)
+            .into_iter()
+            .filter(|p| !own.contains(p))
+            .map(describe_process)
+            .collect()
+    }
+
+    /// `leftovers()`, after giving them up to `grace` to go away.
+    pub fn leftovers_after(&self, grace: Duration) -> Vec<String> {
+        let deadline = Instant::now() + grace;
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every mount of the session's mount namespace (the caller's, where
+    /// the plugin runs), as `TARGET FSTYPE SOURCE`: a bind's source names
+    /// the bound dir, so a leaked bind over `/run` differs from `/run`.
+    pub(crate) fn session_mounts(&self) -> Vec<String> {
+        let out = self.exec(&[], None, &["findmnt", "-rn", "-o", "TARGET,FSTYPE,SOURCE"]);
+        assert!(out.ok(), "findmnt in the session: {out}");
+        out.stdout.lines().map(str::to_string).collect()
+    }
+
+    /// Mounts in the session's mount namespace that were not there when the
+    /// lab was ready, and those gone since: anywhere (a `/var/lib` overlay or a `/run` bind left
+    /// in the caller's namespace as much as a bound netns), counted, so a
+    /// second mount on the same target shows too.
+    fn session_mount_leftovers(&self) -> Vec<String> {
+        let mut before = self.session_mounts.borrow().clone();
+        let mut left = Vec::new();
+        for m in self.session_mounts() {
+            match before.iter().position(|b| *b == m) {
+                Some(i) => {
+                    before.swap_remove(i);
+                }
+                None => left.push(m),
+            }
+        }
+        // A lab mount taken away (a slirp4netns sandbox once unmounted the
+        // caller's netns mounts) is as much a change.
+        left.extend(before.into_iter().map(|m| format!("unmounted: {m}")));
+        left
+    }
+
+    /// Asserts that nothing of an infra is left: status says no infra, and
+    /// the no-leak checker finds nothing the lab did not hold when it was
+    /// built (no process, namespace, mount, lease, record or infra file).
+    pub fn assert_no_infra(&self, when: &str) {
+        let status = self.status();
+        assert!(
+            status["infra"].is_null(),
+            "{when}: infra still running: {status}"
+        );
+        self.assert_no_leaks(&Snapshot::default(), when);
+    }
 }

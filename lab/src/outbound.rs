@@ -1,7 +1,7 @@
 //! The infra's two ways out, slirp4netns and pasta: the tests that prove
 //! what either must do run once per engine, through these helpers.
 
-use super::{find_in_path, in_ci, outer};
+use crate::{find_in_path, in_ci, outer};
 use serde_json::Value;
 
 /// The config's `outbound` values.
@@ -104,12 +104,12 @@ impl Drop for HostUdpEcho {
 /// Sends `payload` over UDP from container `c` to `ip`:`port` and prints
 /// the answer (python3: busybox's nc has no UDP).
 pub fn udp_exchange(
-    lab: &super::Lab,
-    c: &super::Container,
+    lab: &crate::Lab,
+    c: &crate::Container,
     ip: &str,
     port: u16,
     payload: &str,
-) -> super::Out {
+) -> crate::Out {
     let script = "import socket,sys\n\
         s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)\n\
         s.settimeout(2)\n\

@@ -1,22 +1,16 @@
 //! The files of testdata/ (testdata/README.md says what each holds).
 
 use serde_json::Value;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// `rel` under testdata/.
 pub fn path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata")
-        .join(rel)
+    crate::repo().join("testdata").join(rel)
 }
 
 /// The JSON file `rel` under testdata/.
 pub fn json(rel: &str) -> Value {
-    let path = path(rel);
-    let text =
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    crate::read_json(&path(rel))
 }
 
 /// testdata/conflists/NAME.conflist.
@@ -27,7 +21,7 @@ pub fn conflist(name: &str) -> Value {
 /// The example network as a runtime at `version` sends it to its first
 /// plugin: testdata/conflists/cni-VERSION.conflist.
 pub fn outer_at(version: &str) -> Value {
-    super::plugin_stdin(&conflist(&format!("cni-{version}")))
+    crate::plugin_stdin(&conflist(&format!("cni-{version}")))
 }
 
 /// The cases of the hostile-input corpus testdata/hostile/NAME.json.

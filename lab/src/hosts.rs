@@ -111,7 +111,7 @@ pub fn start_host_ns(
     let mut child = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])
         .env_clear()
-        .env("PATH", super::LAB_PATH)
+        .env("PATH", crate::LAB_PATH)
         // mount(8) keeps its utab under the machine's /run (creating
         // /run/mount): keep it in the lab.
         .env("LIBMOUNT_UTAB", d.join("utab"))
@@ -127,7 +127,7 @@ pub fn start_host_ns(
 /// Waits (10 s at most) for a mount namespace holder `child` to touch
 /// `ready`; one that exits or hangs first is killed and reaped, and the
 /// error names `what` with what it wrote to `err_path`.
-pub(super) fn await_holder(
+pub(crate) fn await_holder(
     child: &mut Child,
     ready: &Path,
     err_path: &Path,

@@ -2,9 +2,9 @@
 //! mount namespace of root's, the busybox-static image the podman tests
 //! import (no registry here), and the tools their checks share.
 
-use super::host_tools::{busybox_static, skip_without, write_user_files};
-use super::hosts::await_holder;
-use super::{run_command, Lab, Out, LAB_PATH};
+use crate::host_tools::{busybox_static, skip_without, write_user_files};
+use crate::hosts::await_holder;
+use crate::{run_command, Lab, Out, LAB_PATH};
 use serde_json::Value;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -21,7 +21,7 @@ pub fn root_command(argv: &[&str]) -> Command {
     cmd.args(&argv[1..])
         .env_clear()
         .env("PATH", LAB_PATH)
-        .env("LIBMOUNT_UTAB", crate::common::utab());
+        .env("LIBMOUNT_UTAB", crate::utab());
     cmd
 }
 
@@ -152,7 +152,7 @@ pub fn only_attachment(status: &Value) -> Value {
     attachments[0].clone()
 }
 
-pub use super::retry;
+pub use crate::retry;
 
 pub const ULIMITS: [&str; 4] = [
     "--ulimit",
@@ -242,7 +242,7 @@ impl RootlessPodman {
     /// default state dir $XDG_RUNTIME_DIR/rootless-cni-plugin.
     pub fn new(lab: Lab) -> RootlessPodman {
         let pm = RootlessPodman::start(lab, "");
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/podman");
+        let examples = crate::repo().join("conf-examples/podman");
         let conf = fs::read_to_string(examples.join("containers.conf"))
             .expect("reading conf-examples/podman/containers.conf");
         let dirs_line = format!(
@@ -404,10 +404,7 @@ impl RootlessPodman {
         self.done = true;
         let _ = self.podman(&["rm", "--all", "--force", "--time", "0"]);
         if let Some(pid) = self.pause_pid() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            crate::sigkill(pid);
         }
         if let Some(mut holder) = self.holder.take() {
             let _ = holder.kill();
@@ -426,7 +423,7 @@ impl Drop for RootlessPodman {
     }
 }
 
-pub fn chown_to(lab: &Lab, path: &Path) {
+fn chown_to(lab: &Lab, path: &Path) {
     std::os::unix::fs::chown(path, Some(lab.uid), Some(lab.uid))
         .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
 }
@@ -461,7 +458,7 @@ pub fn ns_of(pid: u32, kind: &str) -> String {
 /// the binary at target/release/rootless-cni, where `cargo build --release`
 /// would put it (the lab user has no Rust toolchain). Its path.
 pub fn user_clone(lab: &Lab) -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let repo = crate::repo();
     let clone = lab.dir.join("rootless-cni");
     fs::create_dir_all(clone.join("target/release")).expect("mkdir the clone");
     for item in ["scripts", "conf-examples", "README.md", "Cargo.toml"] {
@@ -477,7 +474,7 @@ pub fn user_clone(lab: &Lab) -> PathBuf {
         assert!(out.ok(), "{out}");
     }
     fs::copy(
-        env!("CARGO_BIN_EXE_rootless-cni"),
+        lab.built_binary(),
         clone.join("target/release/rootless-cni"),
     )
     .expect("copying the binary into the clone");

@@ -3,34 +3,30 @@
 //! user inside the session, driving a pod's netns the way containerd's CRI
 //! plugin drives go-cni (same options on setup, check and remove).
 
-use super::net::http_get;
-use super::{Container, Lab, Out};
+use crate::net::http_get;
+use crate::{Container, Lab, Out};
 use serde_json::Value;
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 /// The client: `$GOCNI_CLIENT`, else `<manifest>/.tools/bin/gocni-client`.
-pub fn gocni_client_path() -> PathBuf {
+fn gocni_client_path() -> PathBuf {
     match std::env::var_os("GOCNI_CLIENT").filter(|v| !v.is_empty()) {
         Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/gocni-client"),
+        None => crate::repo().join(".tools/bin/gocni-client"),
     }
 }
 
 /// conf-examples/kubernetes/10-rootless.conflist: what kubelet-through-
 /// containerd loads from its `conf_dir`.
 pub fn kubernetes_conflist() -> Value {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("conf-examples/kubernetes/10-rootless.conflist");
-    let text =
-        fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+    crate::conf_example("kubernetes/10-rootless.conflist")
 }
 
 /// A pod as the client sees it: a sandbox id (64 hex digits, as
@@ -87,7 +83,7 @@ impl<'a> GoCni<'a> {
                 "no go-cni client at {} (run scripts/build-gocni-client or set GOCNI_CLIENT)",
                 built.display()
             );
-            assert!(!super::in_ci(), "{why} (CI=true)");
+            assert!(!crate::in_ci(), "{why} (CI=true)");
             eprintln!("skipping: {why}");
             return None;
         }

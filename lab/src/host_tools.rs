@@ -5,22 +5,9 @@
 //! a named user with subordinate ids (for runtimes that make their own user
 //! namespace).
 
-use super::{Lab, LAB_PATH};
+use crate::{find_in_path, Lab};
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-
-/// `tool` on the lab's PATH, if it is there and executable.
-pub fn which(tool: &str) -> Option<PathBuf> {
-    LAB_PATH
-        .split(':')
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| {
-            fs::metadata(p)
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
-}
 
 /// Whether to skip `test` for lack of `tools`: with CI=true a missing tool
 /// fails the test instead.
@@ -28,13 +15,13 @@ pub fn skip_without(test: &str, tools: &[&str]) -> bool {
     let missing: Vec<&str> = tools
         .iter()
         .copied()
-        .filter(|t| which(t).is_none())
+        .filter(|t| find_in_path(t).is_none())
         .collect();
     if missing.is_empty() {
         return false;
     }
     let list = missing.join(", ");
-    if super::in_ci() {
+    if crate::in_ci() {
         panic!("{test}: missing {list} (CI=true); scripts/deps installs them");
     }
     eprintln!("skipping {test}: missing {list} (scripts/deps installs them)");
@@ -49,11 +36,10 @@ pub fn skip_without(test: &str, tools: &[&str]) -> bool {
 /// build script's, which `scripts/test` runs first. A dynamic busybox fails
 /// in an image without a libc (`exec … no such file`).
 pub fn busybox_static() -> PathBuf {
-    if let Some(installed) = which("busybox").filter(|p| is_static_elf(p)) {
+    if let Some(installed) = find_in_path("busybox").filter(|p| is_static_elf(p)) {
         return installed;
     }
-    let unpacked = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(".tools/cri-images-build/busybox-static/bin/busybox");
+    let unpacked = crate::repo().join(".tools/cri-images-build/busybox-static/bin/busybox");
     let candidates = std::env::var_os("BUSYBOX_STATIC")
         .map(PathBuf::from)
         .into_iter()

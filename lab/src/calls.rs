@@ -1,14 +1,8 @@
-//! What the reliability and security tests add to the lab: calls
-//! in the session that the test starts, watches and kills itself (each in a
-//! process group of its own), many calls at once, process start times for
-//! forged records, and a tiny deterministic PRNG.
-//!
-//! Used beside `common` (`mod common; mod support;`), so the shared harness
-//! stays as it is.
-#![allow(dead_code)] // each test file uses a different part
+//! Calls in the session that a test starts, watches and kills itself
+//! (each in a process group of its own), and many calls at once: what the
+//! reliability and security tests do to our binary.
 
-use crate::common::{example_conflist, outer, plugin_stdin, Lab, Out, Spawned};
-use std::fs;
+use crate::{Lab, Out, Spawned};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::thread;
@@ -197,126 +191,8 @@ pub fn supervisors(lab: &Lab) -> Vec<String> {
     lab.processes_with_arg(SUPERVISE)
 }
 
-/// Field 22 of /proc/PID/stat (start time in clock ticks since boot).
-pub fn start_time(pid: u32) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &text[text.rfind(')')? + 1..];
-    after.split_whitespace().nth(22 - 3)?.parse().ok()
-}
-
 /// Whether the output shows a panic of ours (Rust's exit code 101 or its
 /// message on stderr).
 pub fn panicked(out: &Out) -> bool {
     out.status == Some(101) || out.stderr.contains("panicked")
-}
-
-/// Writes `contents` to `path` as the lab user would have (owner uid, 0600).
-pub fn write_as_user(lab: &Lab, path: &std::path::Path, contents: &[u8]) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).unwrap_or_else(|e| panic!("mkdir {}: {e}", parent.display()));
-    }
-    fs::write(path, contents).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-    std::os::unix::fs::chown(path, Some(lab.uid), Some(lab.uid))
-        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
-}
-
-/// The files of the state dir's attachments/ that are not a JSON record
-/// (a leftover temporary file), and the *.json ones that do not parse.
-pub fn bad_records(lab: &Lab) -> Vec<String> {
-    let dir = lab.state_dir().join("attachments");
-    let mut bad = Vec::new();
-    for name in Lab::list(&dir) {
-        if !name.ends_with(".json") || name.starts_with('.') {
-            bad.push(format!("{name}: not a record"));
-            continue;
-        }
-        let path = dir.join(&name);
-        let text = fs::read(&path).unwrap_or_default();
-        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&text) {
-            bad.push(format!("{name}: {e}: {:?}", String::from_utf8_lossy(&text)));
-        }
-    }
-    bad
-}
-
-/// splitmix64: small, deterministic, good enough to pick test inputs.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    pub fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-}
-
-/// The seed for a test: `$TEST_SEED` if set, else `default`. Printed, so a
-/// failure can be replayed.
-pub fn seed(name: &str, default: u64) -> u64 {
-    let seed = std::env::var("TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default);
-    eprintln!("{name}: seed {seed} (TEST_SEED to replay)");
-    seed
-}
-
-/// Writes an inner plugin of the test's own (a whole script, shebang
-/// included) into the lab's CNI dir, executable, owned by the lab user.
-pub fn install_plugin(lab: &Lab, name: &str, script: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    let path = lab.bin().join(name);
-    write_as_user(lab, &path, script.as_bytes());
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
-        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
-}
-
-/// A plugin (python3) that marks that its ADD started (`DIR/started`, DIR
-/// replaced by the caller), sleeps 2 s through it and passes the result on:
-/// a kill or a lock timeout lands while it runs.
-pub const SLOWADD: &str = r#"#!/usr/bin/python3
-import json, os, sys, time
-conf = json.load(sys.stdin)
-if os.environ.get("CNI_COMMAND") == "ADD":
-    open("DIR/started", "w").close()
-    time.sleep(2)
-print(json.dumps(conf.get("prevResult") or {"cniVersion": conf["cniVersion"]}))
-"#;
-
-/// The plugin's stdin for the example config whose delegated chain is the
-/// one plugin `plugin_type` (installed by the test), in a network "slow".
-pub fn one_plugin_delegate_stdin(plugin_type: &str) -> serde_json::Value {
-    let mut conf = example_conflist();
-    outer(&mut conf).insert(
-        "delegate".into(),
-        serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "slow",
-            "plugins": [{ "type": plugin_type }]
-        }),
-    );
-    plugin_stdin(&conf)
 }
