@@ -33,7 +33,10 @@ fn killed_sandbox_is_reported_and_replaced() {
     while lab.is_running(sandbox) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    assert!(!lab.is_running(sandbox), "sandbox {sandbox} survives SIGKILL");
+    assert!(
+        !lab.is_running(sandbox),
+        "sandbox {sandbox} survives SIGKILL"
+    );
     // CHECK through cnitool fails, and says so.
     let check = lab.cnitool("check", NET, &c.netns());
     assert!(!check.ok(), "CHECK of a lost attachment succeeded: {check}");
