@@ -7,9 +7,6 @@ use std::collections::BTreeSet;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The hidden command line of the supervisor.
-const SUPERVISE: &str = "__supervise";
-
 /// A pid out of `status --json` (`infra.<which>.pid`).
 fn infra_pid(status: &Value, which: &str) -> u32 {
     status["infra"][which]["pid"]
@@ -190,7 +187,7 @@ fn parallel_adds_share_one_infra() {
     assert_eq!(distinct.len(), N, "addresses not all distinct: {ips:?}");
 
     // Exactly one infra, and every attachment lives in it.
-    let supervisors = lab.processes_with_arg(SUPERVISE);
+    let supervisors = lab::supervisors(&lab);
     assert_eq!(
         supervisors.len(),
         1,

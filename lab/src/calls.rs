@@ -186,9 +186,16 @@ pub fn run(lab: &Lab, call: &Call, timeout: Duration) -> Out {
     spawn(lab, call).wait(timeout)
 }
 
-/// Live `__supervise` processes of the lab uid: the number of infras.
+/// Live `__supervise` processes of the lab uid: the number of infras. A
+/// child the supervisor forked (the sandbox, the way out, a setup command)
+/// carries its command line until its exec, and is not another infra.
 pub fn supervisors(lab: &Lab) -> Vec<String> {
-    lab.processes_with_arg(SUPERVISE)
+    let found = lab.pids_with_arg(SUPERVISE);
+    found
+        .iter()
+        .filter(|&&p| !crate::process::parent_of(p).is_some_and(|pp| found.contains(&pp)))
+        .map(|&p| crate::process::describe_process(p))
+        .collect()
 }
 
 /// Whether the output shows a panic of ours (Rust's exit code 101 or its

@@ -133,6 +133,14 @@ impl Lab {
     /// Live (not zombie) processes of the lab uid with `arg` as one of their
     /// argv elements (e.g. "__supervise"), described.
     pub fn processes_with_arg(&self, arg: &str) -> Vec<String> {
+        self.pids_with_arg(arg)
+            .into_iter()
+            .map(describe_process)
+            .collect()
+    }
+
+    /// The PIDs `processes_with_arg` describes.
+    pub fn pids_with_arg(&self, arg: &str) -> Vec<u32> {
         pids_of_uid(self.uid)
             .into_iter()
             .filter(|&p| !proc_state(p).unwrap_or_default().starts_with('Z'))
@@ -141,7 +149,6 @@ impl Lab {
                     .map(|b| b.split(|&c| c == 0).any(|a| a == arg.as_bytes()))
                     .unwrap_or(false)
             })
-            .map(describe_process)
             .collect()
     }
 
