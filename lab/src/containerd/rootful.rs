@@ -2,7 +2,9 @@
 //! the namespace's first process kills everything it started.
 
 use super::{write_containerd_dir, Cri, CALL_TIMEOUT};
-use crate::process::{children_of, descendants, describe_process, parent_of, proc_state, sigkill};
+use crate::process::{
+    children_of, descendants, describe_process, parent_of, proc_state, sigkill, start_time,
+};
 use crate::rootful::remove_empty_dirs;
 use crate::{run_command, Lab, Out, LAB_PATH};
 use serde_json::Value;
@@ -218,17 +220,23 @@ impl RootfulContainerd {
             return;
         };
         let pid = holder.id();
-        let tree = descendants(pid);
+        // Each with its start time: a pid that died is soon another
+        // process's on a busy machine, and must not be killed then.
+        let tree: Vec<(u32, Option<u64>)> = descendants(pid)
+            .into_iter()
+            .map(|p| (p, start_time(p)))
+            .collect();
+        let still_ours = |&(p, started): &(u32, Option<u64>)| {
+            started.is_some() && start_time(p) == started && is_alive(p)
+        };
         // --kill-child: the namespace's first process gets SIGKILL when
         // unshare dies, and the kernel then kills the rest.
         let _ = holder.kill();
         let _ = holder.wait();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tree.iter().any(|&p| is_alive(p)) && Instant::now() < deadline {
-            for &p in &tree {
-                if is_alive(p) {
-                    sigkill(p);
-                }
+        while tree.iter().any(still_ours) && Instant::now() < deadline {
+            for p in tree.iter().filter(|p| still_ours(p)) {
+                sigkill(p.0);
             }
             thread::sleep(Duration::from_millis(50));
         }
