@@ -5,7 +5,7 @@ use crate::cni;
 use crate::cni::config::NetConf;
 use crate::cni::env::{CniEnv, Verb};
 use crate::commands;
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::io::{Read, Write};
 
 /// More config than any real network needs; bounds what a caller can make
@@ -28,7 +28,7 @@ pub fn main() -> i32 {
     let version = answer_version(&stdin);
     let outcome = match read {
         Err(e) => Err(Error::new(
-            code::DECODE,
+            Kind::Decode,
             format!("reading the network config on stdin: {e}"),
         )),
         Ok(_) => parse_call(|k| std::env::var(k).ok(), &stdin).and_then(|call| run(call, &version)),
@@ -72,7 +72,7 @@ pub struct Call {
 pub fn parse_call(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Call> {
     if stdin.len() as u64 > MAX_STDIN {
         return Err(Error::new(
-            code::DECODE,
+            Kind::Decode,
             format!("network config on stdin is larger than {MAX_STDIN} bytes"),
         ));
     }
@@ -89,7 +89,7 @@ pub fn parse_call(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<
     };
     if !cni::version::at_least(&conf.cni_version, needs) {
         return Err(Error::new(
-            code::INCOMPATIBLE_VERSION,
+            Kind::IncompatibleVersion,
             format!(
                 "cniVersion {} does not know {}; it needs {needs} or later",
                 conf.cni_version,

@@ -2,7 +2,7 @@
 //! plugins need CAP_NET_ADMIN over the container netns, which they have only
 //! in the user namespace that owns it (or an ancestor of that one).
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -61,7 +61,7 @@ pub fn join_owned(userns: &OwnedFd, what: &str) -> Result<()> {
     let me = nix::unistd::geteuid().as_raw();
     if rc < 0 || owner != me {
         return Err(Error::new(
-            code::INVALID_ENV,
+            Kind::InvalidEnv,
             format!(
                 "{what} belongs to user namespace {} owned by uid {owner}, not by us (uid {me}): the inner plugins could not configure it; run the runtime in that user namespace",
                 inode_of(userns).unwrap_or(0)
@@ -70,9 +70,10 @@ pub fn join_owned(userns: &OwnedFd, what: &str) -> Result<()> {
     }
     nix::sched::setns(userns, nix::sched::CloneFlags::CLONE_NEWUSER).map_err(|e| {
         Error::new(
-            code::INVALID_ENV,
+            Kind::InvalidEnv,
             format!("joining the user namespace that owns {what}: {e}"),
         )
+        .with_source(e)
     })?;
     log::info!(
         "joined user namespace {} (it owns {what})",

@@ -22,7 +22,7 @@ use crate::cni::config::InnerList;
 use crate::cni::env::Verb;
 use crate::cni::gojson;
 use crate::cni::version;
-use crate::error::{code, Error, ErrorList, Result};
+use crate::error::{Error, ErrorList, Kind, Result};
 use crate::exec::PluginBinary;
 use crate::state::Attachment;
 use serde_json::{json, Map, Value};
@@ -106,7 +106,7 @@ pub fn check_knows_check(inner: &str, runtime: &str) -> Result<()> {
         return Ok(());
     }
     Err(Error::new(
-        code::INCOMPATIBLE_VERSION,
+        Kind::IncompatibleVersion,
         format!(
             "CHECK needs cniVersion 0.4.0 or later: the inner chain is at {inner} (the runtime asked at {runtime})"
         ),
@@ -187,7 +187,7 @@ impl<'a, E: Exec> Chain<'a, E> {
             let step = self.run(Verb::Add, i, prev).and_then(|raw| {
                 let value = serde_json::from_slice(&raw).map_err(|e| {
                     Error::new(
-                        code::INNER_PLUGIN,
+                        Kind::InnerPlugin,
                         format!(
                             "inner plugin {} printed a result that is not JSON: {e}",
                             self.name(i)

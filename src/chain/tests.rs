@@ -26,7 +26,7 @@ impl Exec for Fake {
 
     fn find(plugin_type: &str, _cni_path: &[PathBuf]) -> Result<String> {
         match plugin_type {
-            "missing" => Err(Error::new(code::INNER_PLUGIN, "missing: not found")),
+            "missing" => Err(Error::new(Kind::InnerPlugin, "missing: not found")),
             t => Ok(t.to_string()),
         }
     }
@@ -37,10 +37,7 @@ impl Exec for Fake {
             .borrow_mut()
             .push((verb, plugin.clone(), config.clone()));
         if self.fails.contains(&(verb, plugin.as_str())) {
-            return Err(Error::new(
-                code::TRY_AGAIN_LATER,
-                format!("{plugin} failed"),
-            ));
+            return Err(Error::new(Kind::TryAgainLater, format!("{plugin} failed")));
         }
         if verb != Verb::Add {
             return Ok(Vec::new());
@@ -119,7 +116,7 @@ fn names(result: &Value) -> Vec<&str> {
 #[test]
 fn a_plugin_missing_from_cni_path_stops_the_chain_before_it_runs() {
     let found = Plugins::find::<Fake>(list("1.0.0", types(&["a", "missing"])), &[]);
-    assert_eq!(found.err().unwrap().code, code::INNER_PLUGIN);
+    assert_eq!(found.err().unwrap().kind, Kind::InnerPlugin);
 }
 
 #[test]
@@ -242,7 +239,7 @@ fn a_result_that_is_not_json_fails_the_add_and_is_rolled_back() {
     };
     let c = chain(list("1.0.0", types(&["a", "last"])), &rt, fake);
     let failure = c.add(|_| {}).err().unwrap();
-    assert_eq!(failure.error.code, code::INNER_PLUGIN);
+    assert_eq!(failure.error.kind, Kind::InnerPlugin);
     assert!(failure.error.msg.contains("last"), "{}", failure.error);
     assert_eq!(c.exec.order().last(), Some(&(Verb::Del, "a".to_string())));
 }

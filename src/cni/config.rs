@@ -1,7 +1,7 @@
 //! Our network config (stdin) and the inner conflist it delegates to.
 
 use super::gojson;
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Error, Kind, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -135,13 +135,13 @@ impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<Self> {
         let value: Value = serde_json::from_slice(stdin).map_err(|e| {
             Error::new(
-                crate::error::code::DECODE,
+                Kind::Decode,
                 format!("network config on stdin is not valid JSON: {e}"),
             )
         })?;
         let Value::Object(obj) = value else {
             return Err(Error::new(
-                crate::error::code::DECODE,
+                Kind::Decode,
                 "network config on stdin is not a JSON object",
             ));
         };
@@ -430,7 +430,7 @@ fn find_network(dir: &Path, name: &str) -> Result<InnerList> {
                 dir.display()
             )
         })
-        .map_err(|e| Error::config(e.msg))?;
+        .map_err(|e| e.with_kind(Kind::InvalidConfig))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -561,7 +561,7 @@ mod tests {
         assert_eq!(l.to_limits().tcp_idle, None);
         for bad in [r#","maxConnections":0"#, r#","maxUdpFlows":"many""#] {
             let e = NetConf::parse(conf(bad).as_bytes()).unwrap_err();
-            assert_eq!(e.code, 7, "{bad}: {}", e.msg);
+            assert_eq!(e.code(), 7, "{bad}: {}", e.msg);
         }
     }
 
@@ -596,7 +596,7 @@ mod tests {
         let e =
             NetConf::parse(conf(r#","outbound":"pasta","portDriver":"slirp4netns""#).as_bytes())
                 .unwrap_err();
-        assert_eq!(e.code, 7);
+        assert_eq!(e.code(), 7);
         assert!(
             e.msg.contains("\"outbound\"") && e.msg.contains("\"portDriver\""),
             "{}",
@@ -607,20 +607,20 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = NetConf::parse(conf(r#","bogusKey":1"#).as_bytes()).unwrap_err();
-        assert_eq!(e.code, 7);
+        assert_eq!(e.code(), 7);
         assert!(e.msg.contains("bogusKey"));
     }
 
     #[test]
     fn malformed_json_is_decode_error() {
-        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, 6);
+        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code(), 6);
     }
 
     #[test]
     fn missing_delegate() {
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"rootless-cni"}"#)
             .unwrap_err();
-        assert_eq!(e.code, 7);
+        assert_eq!(e.code(), 7);
         assert!(e.msg.contains("delegate"));
     }
 
@@ -639,7 +639,7 @@ mod tests {
             (r#","outbound":true"#, "outbound"),
         ] {
             let e = NetConf::parse(conf(extra).as_bytes()).unwrap_err();
-            assert_eq!(e.code, 7, "{key}");
+            assert_eq!(e.code(), 7, "{key}");
             assert!(e.msg.contains(key), "{key}: {}", e.msg);
         }
     }
@@ -655,7 +655,10 @@ mod tests {
     #[test]
     fn plugin_type_must_be_a_file_name() {
         let v: Value = serde_json::from_str(r#"{"plugins":[{"type":"../bin/sh"}]}"#).unwrap();
-        assert_eq!(InnerList::from_value(&v, "1.0.0", "x").unwrap_err().code, 7);
+        assert_eq!(
+            InnerList::from_value(&v, "1.0.0", "x").unwrap_err().code(),
+            7
+        );
     }
 
     #[test]
@@ -670,6 +673,9 @@ mod tests {
         );
         assert_eq!(parse_duration(&serde_json::json!("x")), None);
         let huge = format!(r#","lockTimeout":"{}s""#, u64::MAX);
-        assert_eq!(NetConf::parse(conf(&huge).as_bytes()).unwrap_err().code, 7);
+        assert_eq!(
+            NetConf::parse(conf(&huge).as_bytes()).unwrap_err().code(),
+            7
+        );
     }
 }

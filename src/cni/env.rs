@@ -248,7 +248,7 @@ mod tests {
                     })
                     .collect();
                 let err = parse(&pairs).unwrap_err();
-                assert_eq!(err.code, 4, "{verb} {key}={value:?}");
+                assert_eq!(err.code(), 4, "{verb} {key}={value:?}");
                 assert!(err.msg.contains(key), "{}", err.msg);
             }
         }
@@ -286,7 +286,7 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("accepted: {case}"));
             assert_eq!(
-                u64::from(err.code),
+                u64::from(err.code()),
                 case["code"].as_u64().unwrap(),
                 "{case}"
             );

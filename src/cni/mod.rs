@@ -31,7 +31,7 @@ pub fn error_reply(err: &Error, cni_version: &str) -> Vec<u8> {
             _ => return raw.clone(),
         }
     }
-    let mut obj = json!({ "cniVersion": cni_version, "code": err.code, "msg": err.msg });
+    let mut obj = json!({ "cniVersion": cni_version, "code": err.code(), "msg": err.msg });
     if !err.details.is_empty() {
         obj["details"] = json!(err.details);
     }
@@ -123,7 +123,7 @@ mod tests {
 
     #[test]
     fn passed_through_errors_take_the_runtime_version() {
-        let mut e = Error::new(7, "bad");
+        let mut e = Error::new(crate::error::Kind::InvalidConfig, "bad");
         e.passthrough = Some(br#"{"cniVersion":"0.3.1","code":7,"msg":"bad"}"#.to_vec());
         let out: serde_json::Value = serde_json::from_slice(&error_reply(&e, "1.1.0")).unwrap();
         assert_eq!(out["cniVersion"], "1.1.0");

@@ -2,7 +2,7 @@
 //! result between them. The inner chain runs at the delegate's own version;
 //! the runtime gets its result at the version it asked for.
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use serde_json::Value;
 
 /// What we answer to VERSION: everything podman, containerd, CRI-O and
@@ -26,7 +26,7 @@ pub fn check_supported(v: &str) -> Result<()> {
         return Ok(());
     }
     Err(Error::new(
-        code::INCOMPATIBLE_VERSION,
+        Kind::IncompatibleVersion,
         format!(
             "cniVersion {v:?} is not supported; this plugin speaks {}",
             SUPPORTED.join(", ")
@@ -65,7 +65,7 @@ pub fn check_convertible(from: &str, to: &str) -> Result<()> {
         return Ok(());
     }
     Err(Error::new(
-        code::INCOMPATIBLE_VERSION,
+        Kind::IncompatibleVersion,
         format!("cannot convert a result of version {from} (the inner chain's) to version {to} (the runtime's)"),
     ))
 }
@@ -90,7 +90,7 @@ mod tests {
     #[test]
     fn ancient_versions_do_not_convert() {
         let e = convert_result(&json!({}), "1.0.0", "0.2.0").unwrap_err();
-        assert_eq!(e.code, 1);
+        assert_eq!(e.code(), 1);
         assert!(e.msg.contains("0.2.0") && e.msg.contains("1.0.0"));
     }
 }

@@ -8,7 +8,7 @@ pub mod outbound;
 pub mod sandbox;
 pub mod supervisor;
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::procfs::{self, ProcessId};
 use crate::state::{self, StateDir, StateLock};
 use crate::sys;
@@ -155,7 +155,7 @@ impl InfraInfo {
     pub fn load_checked(state: &StateDir) -> Result<Option<Self>> {
         match state.read_json::<InfraInfo>(state::INFRA_FILE) {
             Ok(info) => Ok(info),
-            Err(e) if e.code == code::NEWER_STATE => Err(e),
+            Err(e) if e.kind == Kind::NewerState => Err(e),
             Err(e) => {
                 log::warn!("ignoring {e}");
                 Ok(None)
@@ -243,14 +243,14 @@ pub fn hold_alive_lock(state: &StateDir) -> Result<std::fs::File> {
     match sys::try_flock(&file) {
         Ok(true) => Ok(file),
         Ok(false) => Err(Error::new(
-            code::INFRA_START,
+            Kind::InfraStart,
             format!(
                 "another infra's supervisor holds {}: not starting a second infra",
                 path.display()
             ),
         )),
         Err(e) => Err(Error::new(
-            code::INFRA_START,
+            Kind::InfraStart,
             format!("locking {}: {e}", path.display()),
         )),
     }
@@ -347,7 +347,7 @@ fn unrecorded_supervisor(state: &StateDir) -> Result<Option<InfraInfo>> {
     let lock = state.file(ALIVE_LOCK);
     let info = control::info(state).map_err(|e| {
         Error::new(
-            code::UNSAFE_STATE_DIR,
+            Kind::UnsafeStateDir,
             format!(
                 "an infra supervisor still runs (it holds {}) but {} is unreadable and its control socket does not answer ({}); end that supervisor (`fuser {}` names it), then retry",
                 lock.display(),
@@ -371,7 +371,7 @@ fn unrecorded_supervisor(state: &StateDir) -> Result<Option<InfraInfo>> {
 /// none): it must neither use nor clean up the infra.
 fn other_pid_namespace(state: &StateDir, info: &InfraInfo, mine: u64) -> Error {
     Error::new(
-        code::UNSAFE_STATE_DIR,
+        Kind::UnsafeStateDir,
         format!(
             "state dir {} belongs to an infra started in another PID namespace ({}, ours is {mine}); run this in the PID namespace the infra was started from, or give this runtime its own \"stateDir\"",
             state.path.display(),
@@ -396,7 +396,7 @@ fn forget_infra_files(state: &StateDir) -> Result<()> {
 fn join_infra_userns(state: &StateDir, info: &InfraInfo, mine: u64) -> Result<()> {
     let elsewhere = || {
         Error::new(
-            code::UNSAFE_STATE_DIR,
+            Kind::UnsafeStateDir,
             format!(
                 "state dir {} belongs to the infra of another user namespace ({}, ours is {mine}); give this runtime its own \"stateDir\"",
                 state.path.display(),
@@ -445,7 +445,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     // The dirs below are the running infra's: never reset under it.
     if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
         return Err(Error::new(
-            code::INFRA_START,
+            Kind::InfraStart,
             format!(
                 "an infra supervisor still holds {}: not starting a second infra",
                 state.file(ALIVE_LOCK).display()
@@ -496,7 +496,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     }
     let _ = forget_infra_files(state);
     Err(
-        Error::new(code::INFRA_START, format!("starting the infra: {failure}")).with_details(
+        Error::new(Kind::InfraStart, format!("starting the infra: {failure}")).with_details(
             format!("{}:\n{}", log_path.display(), sys::tail(&log_path, 10)),
         ),
     )
@@ -514,7 +514,7 @@ pub fn spawn_own(
     mut child_setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
     timeout: Duration,
 ) -> Result<std::process::Child> {
-    let fail = |why: String| Error::new(code::INFRA_START, why);
+    let fail = |why: String| Error::new(Kind::InfraStart, why);
     let exe = std::env::current_exe().map_err(|e| fail(format!("finding our own binary: {e}")))?;
     let (ready_r, ready_w) = sys::pipe()?;
     let ready_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);

@@ -5,7 +5,7 @@
 
 use super::outbound::{self, Running};
 use super::{control, sandbox, InfraInfo, PortDriver, Settings};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::ports::{self, builtin::Builtin, client_addr, Driver};
 use crate::procfs::{self, ProcessId};
 use crate::state::{self, StateDir};
@@ -163,7 +163,7 @@ impl Supervisor {
         let ns = |kind: &str| procfs::ns_inode(format!("/proc/{}/ns/{kind}", sandbox_id.pid));
         let (Some(netns), Some(mntns)) = (ns("net"), ns("mnt")) else {
             return Err(Error::new(
-                code::INFRA_START,
+                Kind::InfraStart,
                 "the sandbox vanished after start",
             ));
         };
@@ -491,6 +491,6 @@ fn spawn_sandbox(state: &StateDir, settings: &Settings) -> Result<(Child, Proces
         SANDBOX_TIMEOUT,
     )?;
     let id = ProcessId::of(child.id() as i32)
-        .ok_or_else(|| Error::new(code::INFRA_START, "the sandbox exited during setup"))?;
+        .ok_or_else(|| Error::new(Kind::InfraStart, "the sandbox exited during setup"))?;
     Ok((child, id))
 }

@@ -2,7 +2,7 @@
 //! socket. slirp4netns's API takes IPv4 host addresses only.
 
 use super::{Driver, PortMapping, Protocol, INFRA_ADDR};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -56,7 +56,7 @@ impl Slirp {
             .and_then(Value::as_str)
             .unwrap_or("no id in the answer");
         Err(Error::new(
-            code::HOST_PORT,
+            Kind::HostPort,
             format!(
                 "cannot publish host port {} through slirp4netns: {desc}{}",
                 m.describe(),
