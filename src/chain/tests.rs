@@ -3,6 +3,7 @@
 //! here only what the chain hands it and what it makes of the answers.
 
 use super::*;
+use crate::cni::version::CniVersion;
 use crate::exec::ContainerNetns;
 use serde_json::json;
 use std::cell::RefCell;
@@ -77,7 +78,7 @@ impl Fake {
 
 fn list(version: &str, plugins: Value) -> InnerList {
     let conflist = json!({"cniVersion": version, "name": "inner", "plugins": plugins});
-    InnerList::from_value(&conflist, "", "").unwrap()
+    InnerList::from_value(&conflist, None, "").unwrap()
 }
 
 fn types(names: &[&str]) -> Value {
@@ -324,7 +325,7 @@ fn reply_at_the_inner_version_is_what_the_plugin_printed_but_the_netns() {
     let rt = runtime_conf(json!({}));
     let c = chain(list("1.0.0", types(&["a"])), &rt, Fake::default());
     let result = c.add(|_| {}).ok().unwrap();
-    let reply = c.reply(&result, "1.0.0", None).unwrap();
+    let reply = c.reply(&result, &CniVersion::V1_0_0, None).unwrap();
     let want = String::from_utf8(result.raw.clone())
         .unwrap()
         .replace(&rt.netns.inner_path(), "/proc/self/ns/net");
@@ -338,7 +339,8 @@ fn reply_after_other_plugins_follows_their_result_at_the_runtime_version() {
     let result = c.add(|_| {}).ok().unwrap();
     let prev = json!({"cniVersion": "1.1.0", "interfaces": [{"name": "before"}]});
     let reply: Value =
-        serde_json::from_slice(&c.reply(&result, "1.1.0", Some(&prev)).unwrap()).unwrap();
+        serde_json::from_slice(&c.reply(&result, &CniVersion::V1_1_0, Some(&prev)).unwrap())
+            .unwrap();
     assert_eq!(reply["cniVersion"], "1.1.0");
     assert_eq!(names(&reply), ["before", "a"]);
     assert_eq!(reply["interfaces"][1]["sandbox"], "/proc/self/ns/net");
@@ -379,7 +381,7 @@ fn results_convert_to_every_runtime_version_as_the_golden_files_say() {
         let result = c.add(|_| {}).ok().unwrap();
         for runtime in version::SUPPORTED {
             let golden = dir.join(format!("{inner}-as-{runtime}.json"));
-            let reply = c.reply(&result, runtime, None).unwrap();
+            let reply = c.reply(&result, &CniVersion::new(*runtime), None).unwrap();
             if bless {
                 std::fs::write(&golden, &reply).unwrap();
             } else if std::fs::read(&golden).ok() != Some(reply.clone()) {

@@ -1,6 +1,7 @@
 //! Our network config (stdin) and the inner conflist it delegates to.
 
 use super::gojson;
+use super::version::CniVersion;
 use crate::error::{Context, Error, Kind, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -48,9 +49,16 @@ pub const OWN_KEYS: &[&str] = &[
     "udpIdleTimeout",
 ];
 
+/// A config without "cniVersion" is read as 0.4.0, the oldest version
+/// that knows every verb a runtime before 1.0 sends (CHECK): it is what the
+/// runtime's calls and replies use, and the delegate's version when the
+/// delegate names none. (Error objects for a stdin that could not be read
+/// at all say `cni::ERROR_DEFAULT_VERSION` instead.)
+pub const CONFIG_DEFAULT_VERSION: CniVersion = CniVersion::V0_4_0;
+
 #[derive(Debug, Clone)]
 pub struct NetConf {
-    pub cni_version: String,
+    pub cni_version: CniVersion,
     pub name: String,
     pub inner: InnerSource,
     pub state_dir: Option<PathBuf>,
@@ -124,7 +132,7 @@ pub enum InnerSource {
 /// The inner chain, normalised to a conflist.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InnerList {
-    pub cni_version: String,
+    pub cni_version: CniVersion,
     pub name: String,
     pub disable_check: bool,
     pub disable_gc: bool,
@@ -153,7 +161,8 @@ impl NetConf {
                 )));
             }
         }
-        let cni_version = string(&obj, "cniVersion")?.unwrap_or_else(|| "0.4.0".into());
+        let cni_version =
+            string(&obj, "cniVersion")?.map_or(CONFIG_DEFAULT_VERSION, CniVersion::new);
         let name = string(&obj, "name")?.ok_or_else(|| Error::config("config has no \"name\""))?;
         crate::cni::env::validate_network_name(&name)?;
 
@@ -287,7 +296,7 @@ impl NetConf {
     pub fn inner_list(&self) -> Result<InnerList> {
         match &self.inner {
             InnerSource::Delegate(value) => {
-                InnerList::from_value(value, &self.cni_version, &self.name)
+                InnerList::from_value(value, Some(&self.cni_version), &self.name)
                     .map_err(|e| e.context("\"delegate\""))
             }
             InnerSource::Network { name, conf_dir } => {
@@ -451,7 +460,7 @@ fn find_network(dir: &Path, name: &str) -> Result<InnerList> {
         if value.get("name").and_then(Value::as_str) != Some(name) {
             continue;
         }
-        return InnerList::from_value(&value, "", name)
+        return InnerList::from_value(&value, None, name)
             .map_err(|e| e.context(format!("network {name:?} in {}", file.display())));
     }
     Err(Error::config(format!(
@@ -462,17 +471,24 @@ fn find_network(dir: &Path, name: &str) -> Result<InnerList> {
 
 impl InnerList {
     /// A conflist, or a single plugin config turned into a one-plugin list
-    /// the way libcni's ConfListFromConf does.
-    pub fn from_value(value: &Value, default_version: &str, default_name: &str) -> Result<Self> {
+    /// the way libcni's ConfListFromConf does. Without a "cniVersion" of
+    /// its own it is at `default_version` (a delegate: the config's), or
+    /// refused when there is none (a conflist file must say).
+    pub fn from_value(
+        value: &Value,
+        default_version: Option<&CniVersion>,
+        default_name: &str,
+    ) -> Result<Self> {
         let obj = value
             .as_object()
             .ok_or_else(|| Error::config("must be a JSON object"))?;
-        let cni_version = string(obj, "cniVersion")?
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| default_version.to_string());
-        if cni_version.is_empty() {
-            return Err(Error::config("has no \"cniVersion\""));
-        }
+        let cni_version = match string(obj, "cniVersion")?.filter(|v| !v.is_empty()) {
+            Some(v) => CniVersion::new(v),
+            None => default_version
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .ok_or_else(|| Error::config("has no \"cniVersion\""))?,
+        };
         let name = string(obj, "name")?.unwrap_or_else(|| default_name.to_string());
         crate::cni::env::validate_network_name(&name)?;
         let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
@@ -647,7 +663,7 @@ mod tests {
     #[test]
     fn single_plugin_delegate_becomes_a_list() {
         let v: Value = serde_json::from_str(r#"{"type":"bridge","bridge":"b0"}"#).unwrap();
-        let l = InnerList::from_value(&v, "0.4.0", "x").unwrap();
+        let l = InnerList::from_value(&v, Some(&CniVersion::V0_4_0), "x").unwrap();
         assert_eq!(l.plugins.len(), 1);
         assert_eq!(l.cni_version, "0.4.0");
     }
@@ -656,7 +672,9 @@ mod tests {
     fn plugin_type_must_be_a_file_name() {
         let v: Value = serde_json::from_str(r#"{"plugins":[{"type":"../bin/sh"}]}"#).unwrap();
         assert_eq!(
-            InnerList::from_value(&v, "1.0.0", "x").unwrap_err().code(),
+            InnerList::from_value(&v, Some(&CniVersion::V1_0_0), "x")
+                .unwrap_err()
+                .code(),
             7
         );
     }

@@ -1,5 +1,6 @@
 //! The CNI_* environment, validated before anything is touched.
 
+use super::version::CniVersion;
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 
@@ -23,6 +24,16 @@ impl Verb {
             Verb::Version => "VERSION",
             Verb::Gc => "GC",
             Verb::Status => "STATUS",
+        }
+    }
+
+    /// The first spec version that knows the verb: a config at an older
+    /// cniVersion cannot ask for it.
+    pub fn min_version(self) -> CniVersion {
+        match self {
+            Verb::Add | Verb::Del | Verb::Version => CniVersion::V0_1_0,
+            Verb::Check => CniVersion::V0_4_0,
+            Verb::Gc | Verb::Status => CniVersion::V1_1_0,
         }
     }
 }
