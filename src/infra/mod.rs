@@ -463,20 +463,23 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     state.remove(state::SLIRP_SOCKET)?;
     let log_path = state.file(state::LOG_FILE);
     let log = state.open_log(state::LOG_FILE, MAX_LOG)?;
-    let spawned = spawn_own(
-        supervisor::ENTRY,
-        state,
-        settings,
-        |cmd| {
-            cmd.stderr(log).current_dir("/");
-        },
-        || {
-            nix::unistd::setsid()
-                .map(drop)
-                .map_err(std::io::Error::from)
-        },
-        START_TIMEOUT,
-    );
+    // SAFETY: setsid is async-signal-safe and allocates nothing.
+    let spawned = unsafe {
+        spawn_own(
+            supervisor::ENTRY,
+            state,
+            settings,
+            |cmd| {
+                cmd.stderr(log).current_dir("/");
+            },
+            || {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            },
+            START_TIMEOUT,
+        )
+    };
     let failure = match spawned {
         Ok(mut child) => match InfraInfo::load(state) {
             Some(info) if info.is_alive() => {
@@ -506,7 +509,13 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
 /// and the write end of a pipe (`--ready-fd`), runs `child_setup` between
 /// fork and exec, and waits until the child closes the pipe: "ok" means
 /// ready, anything else says why not (the child is then killed).
-pub fn spawn_own(
+///
+/// # Safety
+///
+/// `child_setup` runs in the forked child of a possibly multi-threaded
+/// process: it must only make async-signal-safe calls (no allocation, no
+/// locks), as `CommandExt::pre_exec` requires.
+pub unsafe fn spawn_own(
     entry: &str,
     state: &StateDir,
     settings: &Settings,
@@ -539,8 +548,8 @@ pub fn spawn_own(
         }
     }
     configure(&mut cmd);
-    // SAFETY: runs between fork and exec; child_setup and fcntl must be, and
-    // are, async-signal-safe.
+    // SAFETY: runs between fork and exec; fcntl is async-signal-safe, and
+    // so is child_setup, by this function's contract.
     unsafe {
         cmd.pre_exec(move || {
             child_setup()?;

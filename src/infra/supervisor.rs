@@ -478,18 +478,23 @@ impl Supervisor {
 /// mount namespaces; it dies with us.
 fn spawn_sandbox(state: &StateDir, settings: &Settings) -> Result<(Child, ProcessId)> {
     let parent = nix::unistd::getpid();
-    let child = super::spawn_own(
-        sandbox::ENTRY,
-        state,
-        settings,
-        |_| {},
-        move || {
-            sys::die_with_parent(parent)?;
-            let flags = nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS;
-            nix::sched::unshare(flags).map_err(std::io::Error::from)
-        },
-        SANDBOX_TIMEOUT,
-    )?;
+    // SAFETY: prctl, getppid and unshare are async-signal-safe and
+    // allocate nothing.
+    let child = unsafe {
+        super::spawn_own(
+            sandbox::ENTRY,
+            state,
+            settings,
+            |_| {},
+            move || {
+                sys::die_with_parent(parent)?;
+                let flags =
+                    nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS;
+                nix::sched::unshare(flags).map_err(std::io::Error::from)
+            },
+            SANDBOX_TIMEOUT,
+        )
+    }?;
     let id = ProcessId::of(child.id() as i32)
         .ok_or_else(|| Error::new(Kind::InfraStart, "the sandbox exited during setup"))?;
     Ok((child, id))

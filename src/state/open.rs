@@ -99,9 +99,7 @@ pub(super) fn open_checked(path: &Path, create: bool) -> Result<Option<(PathBuf,
     };
     let me = nix::unistd::geteuid().as_raw();
     let walk = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let root = nix::fcntl::open("/", walk, Mode::empty()).map_err(|e| io_error(e, "opening /"))?;
-    // SAFETY: open just returned this fd; nothing else owns it.
-    let mut dir = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(root) };
+    let mut dir = sys::open(Path::new("/"), walk).map_err(|e| io_error(e, "opening /"))?;
     let mut walked = PathBuf::from("/");
     let mut components = parent.components().skip(1).peekable();
     loop {
