@@ -57,7 +57,7 @@ pub fn answer_version(stdin: &[u8]) -> CniVersion {
                 .and_then(|v| v.as_str())
                 .map(CniVersion::new)
         })
-        .unwrap_or(cni::ERROR_DEFAULT_VERSION)
+        .unwrap_or(cni::ANSWER_DEFAULT_VERSION)
 }
 
 /// A call that passed validation: what `run` acts on.

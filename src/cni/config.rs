@@ -50,10 +50,11 @@ pub const OWN_KEYS: &[&str] = &[
 ];
 
 /// A config without "cniVersion" is read as 0.4.0, the oldest version
-/// that knows every verb a runtime before 1.0 sends (CHECK): it is what the
-/// runtime's calls and replies use, and the delegate's version when the
-/// delegate names none. (Error objects for a stdin that could not be read
-/// at all say `cni::ERROR_DEFAULT_VERSION` instead.)
+/// that knows every verb a runtime before 1.0 sends (CHECK): the verbs it
+/// may ask and the result it gets follow it, and so does the delegate when
+/// it names no version. (An error object or VERSION reply to a stdin
+/// naming no version is labelled `cni::ANSWER_DEFAULT_VERSION`: only a
+/// label.)
 pub const CONFIG_DEFAULT_VERSION: CniVersion = CniVersion::V0_4_0;
 
 #[derive(Debug, Clone)]

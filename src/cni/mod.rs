@@ -10,13 +10,12 @@ use crate::error::Error;
 use serde_json::json;
 use version::CniVersion;
 
-/// The version of an error object or VERSION reply when stdin names none
-/// (no config, not JSON, no "cniVersion"): the spec's current one, which
-/// every runtime reads. A config without "cniVersion" is read at
-/// `config::CONFIG_DEFAULT_VERSION` instead; the two differ because this
-/// one only labels our answer, while that one decides what the config
-/// means and how the inner chain is called.
-pub const ERROR_DEFAULT_VERSION: CniVersion = CniVersion::V1_0_0;
+/// The version an error object or VERSION reply is labelled with when
+/// stdin names none (no config, not JSON, no "cniVersion"). Both answers
+/// have one shape in every version we speak, so this only labels them;
+/// what a config without "cniVersion" means, and how its inner chain is
+/// called, is `config::CONFIG_DEFAULT_VERSION`'s to say.
+pub const ANSWER_DEFAULT_VERSION: CniVersion = CniVersion::V1_0_0;
 
 pub fn version_reply(cni_version: &CniVersion) -> String {
     json!({ "cniVersion": cni_version, "supportedVersions": version::SUPPORTED }).to_string()

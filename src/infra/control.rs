@@ -168,7 +168,7 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
         Ok(_) => match read_request(&line) {
             Err(refusal) => Response {
                 error: Some(refusal.error),
-                code: refusal.code.map(Kind::code),
+                code: refusal.kind.map(Kind::code),
                 ..Response::default()
             },
             Ok(Request::Info) => Response {
@@ -187,7 +187,7 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
 #[derive(Debug)]
 struct Refusal {
     error: String,
-    code: Option<Kind>,
+    kind: Option<Kind>,
 }
 
 /// The request in `line`, or why it is refused: one of a newer
@@ -199,7 +199,7 @@ fn read_request(line: &str) -> std::result::Result<Request, Refusal> {
         .unwrap_or(1);
     let refuse = |why: String| Refusal {
         error: why,
-        code: Some(Kind::NewerState),
+        kind: Some(Kind::NewerState),
     };
     if version > u64::from(PROTOCOL_VERSION) {
         return Err(refuse(format!(
@@ -213,7 +213,7 @@ fn read_request(line: &str) -> std::result::Result<Request, Refusal> {
         ))),
         Err(e) => Err(Refusal {
             error: format!("bad request: {e}"),
-            code: None,
+            kind: None,
         }),
     }
 }
@@ -270,9 +270,9 @@ mod tests {
             PROTOCOL_VERSION + 1
         );
         let refused = read_request(&newer).unwrap_err();
-        assert_eq!(refused.code, Some(Kind::NewerState), "{refused:?}");
+        assert_eq!(refused.kind, Some(Kind::NewerState), "{refused:?}");
         let unknown = read_request(r#"{"version":2,"op":"drain"}"#).unwrap_err();
-        assert_eq!(unknown.code, Some(Kind::NewerState), "{unknown:?}");
+        assert_eq!(unknown.kind, Some(Kind::NewerState), "{unknown:?}");
         // An answer of 151877a's supervisor: version 1.
         let old: Response = serde_json::from_str(r#"{"error":null,"code":null}"#).unwrap();
         assert_eq!(old.version, 1);
