@@ -99,7 +99,7 @@ pub fn info(state: &StateDir) -> Result<super::InfraInfo> {
 fn exchange(state: &StateDir, req: &Request) -> Result<Response> {
     let path = state.file(SOCKET);
     let fail = |e: std::io::Error| {
-        Error::internal(format!("infra control socket {}: {e}", path.display()))
+        Error::from(e).context(format!("infra control socket {}", path.display()))
     };
     // Through the state dir's fd: no name above it is looked up again.
     let mut conn = UnixStream::connect(state.fd_path(SOCKET)).map_err(fail)?;
@@ -132,7 +132,7 @@ pub fn listen(state: &StateDir) -> Result<UnixListener> {
     let path = state.file(SOCKET);
     state.remove(SOCKET)?;
     let listener = UnixListener::bind(state.fd_path(SOCKET))
-        .map_err(|e| Error::internal(format!("binding {}: {e}", path.display())))?;
+        .map_err(|e| Error::from(e).context(format!("binding {}", path.display())))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

@@ -138,8 +138,7 @@ fn why_unavailable(m: &PortMapping) -> String {
 /// One request, one answer: slirp4netns closes after each.
 fn call(api_socket: &Path, req: &Value) -> Result<Value> {
     let what = || format!("slirp4netns API {}", api_socket.display());
-    let mut conn =
-        UnixStream::connect(api_socket).map_err(|e| Error::internal(format!("{}: {e}", what())))?;
+    let mut conn = UnixStream::connect(api_socket).map_err(|e| Error::from(e).context(what()))?;
     conn.set_read_timeout(Some(API_TIMEOUT))?;
     conn.write_all(req.to_string().as_bytes())?;
     conn.shutdown(std::net::Shutdown::Write)?;
