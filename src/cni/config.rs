@@ -1,7 +1,8 @@
 //! Our network config (stdin) and the inner conflist it delegates to.
 
 use super::gojson;
-use crate::error::{Context, Error, Result};
+use super::version::CniVersion;
+use crate::error::{Context, Error, Kind, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,9 +49,17 @@ pub const OWN_KEYS: &[&str] = &[
     "udpIdleTimeout",
 ];
 
+/// A config without "cniVersion" is read as 0.4.0, the oldest version
+/// that knows every verb a runtime before 1.0 sends (CHECK): the verbs it
+/// may ask and the result it gets follow it, and so does the delegate when
+/// it names no version. (An error object or VERSION reply to a stdin
+/// naming no version is labelled `cni::ANSWER_DEFAULT_VERSION`: only a
+/// label.)
+pub const CONFIG_DEFAULT_VERSION: CniVersion = CniVersion::V0_4_0;
+
 #[derive(Debug, Clone)]
 pub struct NetConf {
-    pub cni_version: String,
+    pub cni_version: CniVersion,
     pub name: String,
     pub inner: InnerSource,
     pub state_dir: Option<PathBuf>,
@@ -131,7 +140,7 @@ pub enum InnerSource {
 /// The inner chain, normalised to a conflist.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InnerList {
-    pub cni_version: String,
+    pub cni_version: CniVersion,
     pub name: String,
     pub disable_check: bool,
     pub disable_gc: bool,
@@ -142,13 +151,13 @@ impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<Self> {
         let value: Value = serde_json::from_slice(stdin).map_err(|e| {
             Error::new(
-                crate::error::code::DECODE,
+                Kind::Decode,
                 format!("network config on stdin is not valid JSON: {e}"),
             )
         })?;
         let Value::Object(obj) = value else {
             return Err(Error::new(
-                crate::error::code::DECODE,
+                Kind::Decode,
                 "network config on stdin is not a JSON object",
             ));
         };
@@ -160,7 +169,8 @@ impl NetConf {
                 )));
             }
         }
-        let cni_version = string(&obj, "cniVersion")?.unwrap_or_else(|| "0.4.0".into());
+        let cni_version =
+            string(&obj, "cniVersion")?.map_or(CONFIG_DEFAULT_VERSION, CniVersion::new);
         let name = string(&obj, "name")?.ok_or_else(|| Error::config("config has no \"name\""))?;
         crate::cni::env::validate_network_name(&name)?;
 
@@ -293,7 +303,7 @@ impl NetConf {
     pub fn inner_list(&self) -> Result<InnerList> {
         match &self.inner {
             InnerSource::Delegate(value) => {
-                InnerList::from_value(value, &self.cni_version, &self.name)
+                InnerList::from_value(value, Some(&self.cni_version), &self.name)
                     .map_err(|e| e.context("\"delegate\""))
             }
             InnerSource::Network { name, conf_dir } => {
@@ -436,7 +446,7 @@ fn find_network(dir: &Path, name: &str) -> Result<InnerList> {
                 dir.display()
             )
         })
-        .map_err(|e| Error::config(e.msg))?;
+        .map_err(|e| e.with_kind(Kind::InvalidConfig))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -457,7 +467,7 @@ fn find_network(dir: &Path, name: &str) -> Result<InnerList> {
         if value.get("name").and_then(Value::as_str) != Some(name) {
             continue;
         }
-        return InnerList::from_value(&value, "", name)
+        return InnerList::from_value(&value, None, name)
             .map_err(|e| e.context(format!("network {name:?} in {}", file.display())));
     }
     Err(Error::config(format!(
@@ -468,17 +478,24 @@ fn find_network(dir: &Path, name: &str) -> Result<InnerList> {
 
 impl InnerList {
     /// A conflist, or a single plugin config turned into a one-plugin list
-    /// the way libcni's ConfListFromConf does.
-    pub fn from_value(value: &Value, default_version: &str, default_name: &str) -> Result<Self> {
+    /// the way libcni's ConfListFromConf does. Without a "cniVersion" of
+    /// its own it is at `default_version` (a delegate: the config's), or
+    /// refused when there is none (a conflist file must say).
+    pub fn from_value(
+        value: &Value,
+        default_version: Option<&CniVersion>,
+        default_name: &str,
+    ) -> Result<Self> {
         let obj = value
             .as_object()
             .ok_or_else(|| Error::config("must be a JSON object"))?;
-        let cni_version = string(obj, "cniVersion")?
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| default_version.to_string());
-        if cni_version.is_empty() {
-            return Err(Error::config("has no \"cniVersion\""));
-        }
+        let cni_version = match string(obj, "cniVersion")?.filter(|v| !v.is_empty()) {
+            Some(v) => CniVersion::new(v),
+            None => default_version
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .ok_or_else(|| Error::config("has no \"cniVersion\""))?,
+        };
         let name = string(obj, "name")?.unwrap_or_else(|| default_name.to_string());
         crate::cni::env::validate_network_name(&name)?;
         let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
@@ -567,7 +584,7 @@ mod tests {
         assert_eq!(l.to_limits().tcp_idle, None);
         for bad in [r#","maxConnections":0"#, r#","maxUdpFlows":"many""#] {
             let e = NetConf::parse(conf(bad).as_bytes()).unwrap_err();
-            assert_eq!(e.code, 7, "{bad}: {}", e.msg);
+            assert_eq!(e.code(), 7, "{bad}: {}", e.msg);
         }
     }
 
@@ -602,7 +619,7 @@ mod tests {
         let e =
             NetConf::parse(conf(r#","outbound":"pasta","portDriver":"slirp4netns""#).as_bytes())
                 .unwrap_err();
-        assert_eq!(e.code, 7);
+        assert_eq!(e.code(), 7);
         assert!(
             e.msg.contains("\"outbound\"") && e.msg.contains("\"portDriver\""),
             "{}",
@@ -613,20 +630,20 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = NetConf::parse(conf(r#","bogusKey":1"#).as_bytes()).unwrap_err();
-        assert_eq!(e.code, 7);
+        assert_eq!(e.code(), 7);
         assert!(e.msg.contains("bogusKey"));
     }
 
     #[test]
     fn malformed_json_is_decode_error() {
-        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, 6);
+        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code(), 6);
     }
 
     #[test]
     fn missing_delegate() {
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"rootless-cni"}"#)
             .unwrap_err();
-        assert_eq!(e.code, 7);
+        assert_eq!(e.code(), 7);
         assert!(e.msg.contains("delegate"));
     }
 
@@ -645,7 +662,7 @@ mod tests {
             (r#","outbound":true"#, "outbound"),
         ] {
             let e = NetConf::parse(conf(extra).as_bytes()).unwrap_err();
-            assert_eq!(e.code, 7, "{key}");
+            assert_eq!(e.code(), 7, "{key}");
             assert!(e.msg.contains(key), "{key}: {}", e.msg);
         }
     }
@@ -653,7 +670,7 @@ mod tests {
     #[test]
     fn single_plugin_delegate_becomes_a_list() {
         let v: Value = serde_json::from_str(r#"{"type":"bridge","bridge":"b0"}"#).unwrap();
-        let l = InnerList::from_value(&v, "0.4.0", "x").unwrap();
+        let l = InnerList::from_value(&v, Some(&CniVersion::V0_4_0), "x").unwrap();
         assert_eq!(l.plugins.len(), 1);
         assert_eq!(l.cni_version, "0.4.0");
     }
@@ -661,7 +678,12 @@ mod tests {
     #[test]
     fn plugin_type_must_be_a_file_name() {
         let v: Value = serde_json::from_str(r#"{"plugins":[{"type":"../bin/sh"}]}"#).unwrap();
-        assert_eq!(InnerList::from_value(&v, "1.0.0", "x").unwrap_err().code, 7);
+        assert_eq!(
+            InnerList::from_value(&v, Some(&CniVersion::V1_0_0), "x")
+                .unwrap_err()
+                .code(),
+            7
+        );
     }
 
     #[test]
@@ -676,6 +698,9 @@ mod tests {
         );
         assert_eq!(parse_duration(&serde_json::json!("x")), None);
         let huge = format!(r#","lockTimeout":"{}s""#, u64::MAX);
-        assert_eq!(NetConf::parse(conf(&huge).as_bytes()).unwrap_err().code, 7);
+        assert_eq!(
+            NetConf::parse(conf(&huge).as_bytes()).unwrap_err().code(),
+            7
+        );
     }
 }

@@ -9,7 +9,7 @@ pub mod prereq;
 pub mod sandbox;
 pub mod supervisor;
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::procfs::{self, ProcessId};
 use crate::state::{self, StateDir, StateLock};
 use crate::sys;
@@ -157,7 +157,7 @@ impl InfraInfo {
     pub fn load_checked(state: &StateDir) -> Result<Option<Self>> {
         match state.read_json::<InfraInfo>(state::INFRA_FILE) {
             Ok(info) => Ok(info),
-            Err(e) if e.code == code::NEWER_STATE => Err(e),
+            Err(e) if e.kind == Kind::NewerState => Err(e),
             Err(e) => {
                 log::warn!("ignoring {e}");
                 Ok(None)
@@ -245,14 +245,14 @@ pub fn hold_alive_lock(state: &StateDir) -> Result<std::fs::File> {
     match sys::try_flock(&file) {
         Ok(true) => Ok(file),
         Ok(false) => Err(Error::new(
-            code::INFRA_START,
+            Kind::InfraStart,
             format!(
                 "another infra's supervisor holds {}: not starting a second infra",
                 path.display()
             ),
         )),
         Err(e) => Err(Error::new(
-            code::INFRA_START,
+            Kind::InfraStart,
             format!("locking {}: {e}", path.display()),
         )),
     }
@@ -412,7 +412,7 @@ fn unrecorded_supervisor(state: &StateDir) -> Result<Option<InfraInfo>> {
     let lock = state.file(ALIVE_LOCK);
     let info = control::info(state).map_err(|e| {
         Error::new(
-            code::UNSAFE_STATE_DIR,
+            Kind::UnsafeStateDir,
             format!(
                 "an infra supervisor still runs (it holds {}) but {} is unreadable and its control socket does not answer ({}); end that supervisor (`fuser {}` names it), then retry",
                 lock.display(),
@@ -430,7 +430,7 @@ fn unrecorded_supervisor(state: &StateDir) -> Result<Option<InfraInfo>> {
 /// none): it must neither use nor clean up the infra.
 fn other_pid_namespace(state: &StateDir, info: &InfraInfo, mine: u64) -> Error {
     Error::new(
-        code::UNSAFE_STATE_DIR,
+        Kind::UnsafeStateDir,
         format!(
             "state dir {} belongs to an infra started in another PID namespace ({}, ours is {mine}); run this in the PID namespace the infra was started from, or give this runtime its own \"stateDir\"",
             state.path.display(),
@@ -460,7 +460,7 @@ pub fn join_infra_userns(state: &StateDir, info: &InfraInfo) -> Result<()> {
     }
     let elsewhere = || {
         Error::new(
-            code::UNSAFE_STATE_DIR,
+            Kind::UnsafeStateDir,
             format!(
                 "state dir {} belongs to the infra of another user namespace ({}, ours is {mine}); give this runtime its own \"stateDir\"",
                 state.path.display(),
@@ -509,7 +509,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     // The dirs below are the running infra's: never reset under it.
     if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
         return Err(Error::new(
-            code::INFRA_START,
+            Kind::InfraStart,
             format!(
                 "an infra supervisor still holds {}: not starting a second infra",
                 state.file(ALIVE_LOCK).display()
@@ -527,19 +527,22 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     state.remove(state::SLIRP_SOCKET)?;
     let log_path = state.file(state::LOG_FILE);
     let log = state.open_log(state::LOG_FILE, MAX_LOG)?;
-    let spawned = spawn_own(
-        supervisor::ENTRY,
-        |ready_fd| supervisor::Args::new(state, settings, ready_fd).to_args(),
-        |cmd| {
-            cmd.stderr(log).current_dir("/");
-        },
-        || {
-            nix::unistd::setsid()
-                .map(drop)
-                .map_err(std::io::Error::from)
-        },
-        START_TIMEOUT,
-    );
+    // SAFETY: setsid is async-signal-safe and allocates nothing.
+    let spawned = unsafe {
+        spawn_own(
+            supervisor::ENTRY,
+            |ready_fd| supervisor::Args::new(state, settings, ready_fd).to_args(),
+            |cmd| {
+                cmd.stderr(log).current_dir("/");
+            },
+            || {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            },
+            START_TIMEOUT,
+        )
+    };
     let failure = match spawned {
         Ok(mut child) => match InfraInfo::load(state) {
             Some(info) if info.is_alive() => {
@@ -559,7 +562,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     }
     let _ = forget_infra_files(state);
     Err(
-        Error::new(code::INFRA_START, format!("starting the infra: {failure}")).with_details(
+        Error::new(Kind::InfraStart, format!("starting the infra: {failure}")).with_details(
             format!("{}:\n{}", log_path.display(), sys::tail(&log_path, 10)),
         ),
     )
@@ -569,14 +572,20 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
 /// of the write end of a pipe (its `--ready-fd`), runs `child_setup`
 /// between fork and exec, and waits until the child closes the pipe: "ok"
 /// means ready, anything else says why not (the child is then killed).
-pub fn spawn_own(
+///
+/// # Safety
+///
+/// `child_setup` runs in the forked child of a possibly multi-threaded
+/// process: it must only make async-signal-safe calls (no allocation, no
+/// locks), as `CommandExt::pre_exec` requires.
+pub unsafe fn spawn_own(
     entry: &str,
     args: impl FnOnce(i32) -> Vec<OsString>,
     configure: impl FnOnce(&mut Command),
     mut child_setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
     timeout: Duration,
 ) -> Result<std::process::Child> {
-    let fail = |why: String| Error::new(code::INFRA_START, why);
+    let fail = |why: String| Error::new(Kind::InfraStart, why);
     let exe = std::env::current_exe().map_err(|e| fail(format!("finding our own binary: {e}")))?;
     let (ready_r, ready_w) = sys::pipe()?;
     let ready_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
@@ -596,8 +605,8 @@ pub fn spawn_own(
         }
     }
     configure(&mut cmd);
-    // SAFETY: runs between fork and exec; child_setup and fcntl must be, and
-    // are, async-signal-safe.
+    // SAFETY: runs between fork and exec; fcntl is async-signal-safe, and
+    // so is child_setup, by this function's contract.
     unsafe {
         cmd.pre_exec(move || {
             child_setup()?;

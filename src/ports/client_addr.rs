@@ -44,7 +44,7 @@ use crate::sys;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -221,6 +221,9 @@ fn spawn_inside(
     // join_namespaces and close_range are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
+            // SAFETY: both fds are borrowed for this whole function, so they
+            // are open when `cmd.spawn()` below forks.
+            let (mnt, net) = (BorrowedFd::borrow_raw(mnt), BorrowedFd::borrow_raw(net));
             join_namespaces(mnt, net)?;
             sys::cloexec_inherited_fds()
         });
