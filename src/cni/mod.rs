@@ -4,6 +4,7 @@
 pub mod config;
 pub mod env;
 pub mod gojson;
+pub mod inner;
 pub mod version;
 
 use crate::error::Error;
