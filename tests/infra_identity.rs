@@ -397,3 +397,77 @@ fn an_infra_whose_mounts_are_gone_is_replaced() {
     lab.detach(&c2);
     lab.assert_no_infra("after the last DEL");
 }
+
+/// infra.json unreadable while the infra runs, and a call from another PID
+/// namespace: the supervisor that answers for the record is still an infra
+/// this caller cannot tell the processes of. It is refused as with a
+/// readable record, and `stop --force` there removes nothing (no second
+/// infra follows in the infra's own PID namespace).
+#[test]
+fn an_unreadable_infra_json_is_no_licence_for_another_pid_namespace() {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "pidns_unreadable") else {
+        return;
+    };
+    let c = lab.container();
+    lab.attach(&c);
+    let before = infra_json(&lab);
+    let supervisor = pid_of(&before, "supervisor");
+    fs::write(lab.state_dir().join("infra.json"), "{\"supervisor\": {\"pi").unwrap();
+    let bin = lab.bin().join("rootless-cni").display().to_string();
+    for cmd in [&["status"][..], &["stop", "--force"]] {
+        let mut argv = vec!["unshare", "--pid", "--fork", "--mount-proc", bin.as_str()];
+        argv.extend(cmd);
+        let out = lab.exec(&[], None, &argv);
+        eprintln!("{cmd:?} from another PID namespace, infra.json unreadable: {out}");
+        assert!(
+            !out.ok() && out.stderr.contains("PID namespace"),
+            "{cmd:?} from another PID namespace, infra.json unreadable: {out}"
+        );
+        assert!(alive(supervisor), "the supervisor {supervisor} died");
+        for file in ["control.sock", "infra.lck"] {
+            assert!(
+                lab.state_dir().join(file).exists(),
+                "{file} was removed while the infra runs ({cmd:?})"
+            );
+        }
+    }
+    let c2 = lab.container();
+    lab.attach(&c2);
+    let supervisors = lab.processes_with_arg("__supervise");
+    assert_eq!(supervisors.len(), 1, "supervisors: {supervisors:?}");
+    assert_eq!(infra_json(&lab)["supervisor"], before["supervisor"]);
+    lab.detach(&c);
+    lab.detach(&c2);
+    lab.assert_no_infra("after the last DEL");
+}
+
+/// infra.json unreadable and the infra's mounts gone: the supervisor's
+/// word makes the record, not the infra sound. The next ADD replaces the
+/// broken infra as it does when the record is readable.
+#[test]
+fn an_unreadable_infra_json_does_not_keep_a_broken_infra() {
+    let Some(lab) = Lab::with_example_net(lab::binary!(), "broken_unreadable") else {
+        return;
+    };
+    let c1 = lab.container();
+    lab.attach(&c1);
+    let sandbox = lab.sandbox_pid();
+    fs::remove_dir_all(lab.state_dir().join("var-lib-cni")).unwrap();
+    fs::write(lab.state_dir().join("infra.json"), "{\"supervisor\": {\"pi").unwrap();
+
+    let c2 = lab.container();
+    let add = lab.cnitool("add", NET, &c2.netns());
+    assert!(
+        add.ok(),
+        "ADD on a broken infra with an unreadable record: {add}"
+    );
+    let fresh = lab.sandbox_pid();
+    assert!(
+        fresh.is_some() && fresh != sandbox,
+        "sandbox {fresh:?}, broken one was {sandbox:?}"
+    );
+    lab.assert_ping(&c2, GATEWAY, "container -> gateway");
+    lab.detach(&c1);
+    lab.detach(&c2);
+    lab.assert_no_infra("after the last DEL");
+}
