@@ -68,8 +68,9 @@ pub enum Probe {
     Absent,
     /// A live infra whose mounts are the state dir's.
     Live(InfraInfo),
-    /// infra.json is missing or unreadable, but its supervisor runs and
-    /// said what its infra is (`reap_dead_infra` writes the record again).
+    /// A live infra whose mounts are the state dir's, but whose infra.json
+    /// is missing or unreadable: its supervisor said what it is
+    /// (`reap_dead_infra` writes the record again).
     Unrecorded(InfraInfo),
     /// Alive, but its /run or /var/lib/cni is no longer the state dir's
     /// (deleted under it?): it is to be replaced, its attachments are lost.
@@ -88,10 +89,12 @@ impl InfraInfo {
     /// PIDs mean other processes here, is an error: this caller can neither
     /// use nor clean it up.
     pub fn probe(state: &StateDir) -> Result<Probe> {
-        let info = match InfraInfo::load_checked(state)? {
-            Some(info) => info,
+        // What a supervisor says of its infra is checked as a record is:
+        // it may run in another PID namespace, or with broken mounts.
+        let (info, recorded) = match InfraInfo::load_checked(state)? {
+            Some(info) => (info, true),
             None => match unrecorded_supervisor(state)? {
-                Some(info) => return Ok(Probe::Unrecorded(info)),
+                Some(info) => (info, false),
                 None => return Ok(Probe::Absent),
             },
         };
@@ -106,10 +109,10 @@ impl InfraInfo {
             return Ok(Probe::DeadElsewhere(info));
         }
         if info.is_alive() {
-            return Ok(if info.mounts_ok(state) {
-                Probe::Live(info)
-            } else {
-                Probe::Broken(info)
+            return Ok(match (info.mounts_ok(state), recorded) {
+                (true, true) => Probe::Live(info),
+                (true, false) => Probe::Unrecorded(info),
+                (false, _) => Probe::Broken(info),
             });
         }
         if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
