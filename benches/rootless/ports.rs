@@ -21,16 +21,30 @@
 //! TIME_WAIT stays with its accepted sockets and never takes the ephemeral
 //! ports of the client or of the forwarder's side in the infra.
 
-use super::driver::{
-    client_args, container_server, gbits_runs, in_container, infra_pid, iperf_client, ratio_runs,
-    state_dir_path, status, Attached, Cx,
-};
-use super::*;
+use crate::cleanup;
+use crate::driver::{infra_pid, state_dir_path, status, Attached, Cx};
+use crate::footprint::proc_kib;
+use crate::iperf::{client_args, container_server, in_container, iperf_client, IPERF_PORT};
+use crate::netconf::{conflist, stdin_conf, Chain, NetOpts};
+use crate::procs::Background;
+use crate::stats::{gbits, gbits_runs, median, mib, ms, ratio, ratio_runs};
+use crate::Res;
+use crate::WORKER_ARG;
 use lab::host_tools::write_user_files;
-use lab::{free_tcp_port, retry, run_command};
+use lab::{free_tcp_port, Container, Lab, LAB_PATH};
+use lab::{retry, run_command};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
 /// The port the echo server listens on in containers.
 const ECHO_PORT: u16 = 7;
