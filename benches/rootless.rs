@@ -83,7 +83,7 @@ mod dataplane;
 mod outbound;
 #[path = "rootless/parallel.rs"]
 mod parallel;
-#[path = "rootless/ports.rs"]
+#[path = "rootless/ports/mod.rs"]
 mod ports;
 #[path = "rootless/scale.rs"]
 mod scale;
