@@ -1,61 +1,134 @@
 //! One error type for the whole binary. Every error knows the CNI code it is
 //! reported with, so the plugin entry point can always answer with a spec
-//! error object, whatever layer the failure came from.
+//! error object, whatever layer the failure came from; and it keeps the
+//! error it came from, so a caller can ask for the errno after `?`.
 
 use std::fmt;
 
-/// Codes from the CNI spec ("Error" section) and our own, 100 and up.
-pub mod code {
-    pub const INCOMPATIBLE_VERSION: u32 = 1;
-    pub const INVALID_ENV: u32 = 4;
-    pub const DECODE: u32 = 6;
-    pub const INVALID_CONFIG: u32 = 7;
-    pub const TRY_AGAIN_LATER: u32 = 11;
-    /// STATUS: the plugin cannot serve ADDs now.
-    pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
-    /// STATUS: as 50, and existing containers may have limited connectivity
-    /// (the infra's way out is down).
-    pub const LIMITED_CONNECTIVITY: u32 = 51;
-    /// An I/O or system call failure of our own.
-    pub const INTERNAL: u32 = 100;
-    /// The infra (supervisor, sandbox, slirp4netns) could not be started.
-    pub const INFRA_START: u32 = 101;
-    /// An inner plugin could not be run, or failed without a valid error object.
-    pub const INNER_PLUGIN: u32 = 102;
-    /// CHECK of an attachment that is unknown, or that died with its infra.
-    pub const ATTACHMENT_LOST: u32 = 103;
-    /// ADD of an attachment that already exists.
-    pub const ALREADY_ATTACHED: u32 = 104;
-    /// The state dir is not safe to use (owner, mode, symlink).
-    pub const UNSAFE_STATE_DIR: u32 = 105;
-    /// A published host port cannot be had (in use, privileged, no such address).
-    pub const HOST_PORT: u32 = 107;
-    /// CHECK: the infra's way out (slirp4netns) is down; the supervisor
+/// What went wrong, as the CNI spec ("Error" section) and we number it.
+/// Codes below 100 are the spec's, 100 and up our own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// 1: a CNI version this plugin (or its chain) does not speak.
+    IncompatibleVersion,
+    /// 4: a CNI_* variable missing or invalid.
+    InvalidEnv,
+    /// 6: the network config on stdin is not JSON.
+    Decode,
+    /// 7: the network config is JSON but not valid.
+    InvalidConfig,
+    /// 11: a transient failure; the runtime may retry.
+    TryAgainLater,
+    /// 50, STATUS: the plugin cannot serve ADDs now.
+    PluginNotAvailable,
+    /// 51, STATUS: as 50, and existing containers may have limited
+    /// connectivity (the infra's way out is down).
+    LimitedConnectivity,
+    /// 100: an I/O or system call failure of our own.
+    Internal,
+    /// 101: the infra (supervisor, sandbox, slirp4netns) could not be started.
+    InfraStart,
+    /// 102: an inner plugin could not be run, or failed without a valid
+    /// error object.
+    InnerPlugin,
+    /// 103: CHECK of an attachment that is unknown, or that died with its infra.
+    AttachmentLost,
+    /// 104: ADD of an attachment that already exists.
+    AlreadyAttached,
+    /// 105: the state dir is not safe to use (owner, mode, symlink).
+    UnsafeStateDir,
+    /// 107: a published host port cannot be had (in use, privileged, no
+    /// such address).
+    HostPort,
+    /// 108, CHECK: the infra's way out (slirp4netns) is down; the supervisor
     /// keeps restarting it.
-    pub const OUTBOUND_DOWN: u32 = 108;
-    /// The state dir holds a file of a newer format than this binary reads
-    /// (another release wrote it); it is left as it is.
-    pub const NEWER_STATE: u32 = 109;
+    OutboundDown,
+    /// 109: the state dir holds a file of a newer format than this binary
+    /// reads (another release wrote it); it is left as it is.
+    NewerState,
+    /// Any other code: an inner plugin's, or the supervisor's, carried as
+    /// it was given.
+    Other(u32),
 }
+
+/// Every kind with a number of its own, for `from_code`.
+const NAMED: [Kind; 16] = [
+    Kind::IncompatibleVersion,
+    Kind::InvalidEnv,
+    Kind::Decode,
+    Kind::InvalidConfig,
+    Kind::TryAgainLater,
+    Kind::PluginNotAvailable,
+    Kind::LimitedConnectivity,
+    Kind::Internal,
+    Kind::InfraStart,
+    Kind::InnerPlugin,
+    Kind::AttachmentLost,
+    Kind::AlreadyAttached,
+    Kind::UnsafeStateDir,
+    Kind::HostPort,
+    Kind::OutboundDown,
+    Kind::NewerState,
+];
+
+impl Kind {
+    /// The number the error object carries.
+    pub fn code(self) -> u32 {
+        match self {
+            Kind::IncompatibleVersion => 1,
+            Kind::InvalidEnv => 4,
+            Kind::Decode => 6,
+            Kind::InvalidConfig => 7,
+            Kind::TryAgainLater => 11,
+            Kind::PluginNotAvailable => 50,
+            Kind::LimitedConnectivity => 51,
+            Kind::Internal => 100,
+            Kind::InfraStart => 101,
+            Kind::InnerPlugin => 102,
+            Kind::AttachmentLost => 103,
+            Kind::AlreadyAttached => 104,
+            Kind::UnsafeStateDir => 105,
+            Kind::HostPort => 107,
+            Kind::OutboundDown => 108,
+            Kind::NewerState => 109,
+            Kind::Other(n) => n,
+        }
+    }
+
+    /// The kind of a number another program reported (an inner plugin, the
+    /// supervisor); `code()` gives the same number back.
+    pub fn from_code(code: u32) -> Kind {
+        NAMED
+            .into_iter()
+            .find(|k| k.code() == code)
+            .unwrap_or(Kind::Other(code))
+    }
+}
+
+type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug)]
 pub struct Error {
-    pub code: u32,
+    pub kind: Kind,
     pub msg: String,
     pub details: String,
     /// An inner plugin's own error object, printed unchanged.
     pub passthrough: Option<Vec<u8>>,
+    /// The error this one was made from (an io or nix error), kept so the
+    /// errno can be asked for after `?`.
+    source: Option<Source>,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub fn new(code: u32, msg: impl Into<String>) -> Self {
+    pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
         Error {
-            code,
+            kind,
             msg: msg.into(),
             details: String::new(),
             passthrough: None,
+            source: None,
         }
     }
 
@@ -64,22 +137,69 @@ impl Error {
         self
     }
 
+    /// The same failure reported under another kind: message, details and
+    /// source are kept. An inner plugin's own object is dropped, since it
+    /// would be printed with its own code.
+    pub fn with_kind(mut self, kind: Kind) -> Self {
+        self.kind = kind;
+        self.passthrough = None;
+        self
+    }
+
+    /// Keeps `source` as the cause; the message is left as it is.
+    pub fn with_source(mut self, source: impl Into<Source>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
     pub fn env(msg: impl Into<String>) -> Self {
-        Self::new(code::INVALID_ENV, msg)
+        Self::new(Kind::InvalidEnv, msg)
     }
 
     pub fn config(msg: impl Into<String>) -> Self {
-        Self::new(code::INVALID_CONFIG, msg)
+        Self::new(Kind::InvalidConfig, msg)
     }
 
     pub fn internal(msg: impl Into<String>) -> Self {
-        Self::new(code::INTERNAL, msg)
+        Self::new(Kind::Internal, msg)
     }
 
-    /// Prefixes the message with what we were doing, keeping the code.
+    /// The number the error object carries.
+    pub fn code(&self) -> u32 {
+        self.kind.code()
+    }
+
+    /// Prefixes the message with what we were doing, keeping the kind and
+    /// the source.
     pub fn context(mut self, what: impl fmt::Display) -> Self {
         self.msg = format!("{what}: {}", self.msg);
         self
+    }
+
+    /// The errno of the system call this error came from, if it did.
+    pub fn errno(&self) -> Option<nix::errno::Errno> {
+        let mut cause = self
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static));
+        while let Some(e) = cause {
+            if let Some(errno) = e.downcast_ref::<nix::errno::Errno>() {
+                return Some(*errno);
+            }
+            if let Some(n) = e
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.raw_os_error())
+            {
+                return Some(nix::errno::Errno::from_raw(n));
+            }
+            cause = e.source();
+        }
+        None
+    }
+
+    /// `errno()` as the number `std::io::Error::raw_os_error` gives.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.errno().map(|e| e as i32)
     }
 }
 
@@ -93,17 +213,21 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|s| s as _)
+    }
+}
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        Error::internal(e.to_string())
+        Error::internal(e.to_string()).with_source(e)
     }
 }
 
 impl From<nix::Error> for Error {
     fn from(e: nix::Error) -> Self {
-        Error::internal(e.desc())
+        Error::internal(e.desc()).with_source(e)
     }
 }
 
@@ -155,5 +279,49 @@ impl ErrorList {
                 Err(first.with_details(details))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_maps_to_its_code_and_back() {
+        let codes = [
+            1, 4, 6, 7, 11, 50, 51, 100, 101, 102, 103, 104, 105, 107, 108, 109,
+        ];
+        for (kind, code) in NAMED.into_iter().zip(codes) {
+            assert_eq!(kind.code(), code, "{kind:?}");
+            assert_eq!(Kind::from_code(code), kind);
+        }
+        assert_eq!(Kind::from_code(42), Kind::Other(42));
+        assert_eq!(Kind::Other(42).code(), 42);
+    }
+
+    #[test]
+    fn a_context_keeps_the_kind_and_the_errno() {
+        let io = std::io::Error::from_raw_os_error(libc::ENOENT);
+        let e = Err::<(), _>(io).context("opening x").unwrap_err();
+        assert_eq!(e.kind, Kind::Internal);
+        assert!(e.msg.starts_with("opening x: "), "{}", e.msg);
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        assert!(std::error::Error::source(&e).is_some());
+        let nix = Err::<(), _>(nix::errno::Errno::EPERM)
+            .context("joining")
+            .unwrap_err();
+        assert_eq!(nix.errno(), Some(nix::errno::Errno::EPERM));
+        assert_eq!(nix.msg, "joining: Operation not permitted");
+        assert_eq!(Error::internal("plain").errno(), None);
+    }
+
+    #[test]
+    fn with_kind_keeps_the_message_and_source() {
+        let e = Error::from(nix::errno::Errno::EACCES)
+            .with_details("d")
+            .with_kind(Kind::PluginNotAvailable);
+        assert_eq!(e.code(), 50);
+        assert_eq!(e.to_string(), "Permission denied (d)");
+        assert_eq!(e.errno(), Some(nix::errno::Errno::EACCES));
     }
 }

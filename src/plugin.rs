@@ -4,8 +4,9 @@
 use crate::cni;
 use crate::cni::config::NetConf;
 use crate::cni::env::{CniEnv, Verb};
+use crate::cni::version::CniVersion;
 use crate::commands;
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::io::{Read, Write};
 
 /// More config than any real network needs; bounds what a caller can make
@@ -28,7 +29,7 @@ pub fn main() -> i32 {
     let version = answer_version(&stdin);
     let outcome = match read {
         Err(e) => Err(Error::new(
-            code::DECODE,
+            Kind::Decode,
             format!("reading the network config on stdin: {e}"),
         )),
         Ok(_) => parse_call(|k| std::env::var(k).ok(), &stdin).and_then(|call| run(call, &version)),
@@ -48,15 +49,15 @@ pub fn main() -> i32 {
 }
 
 /// The version to answer in, even when the rest of the config is bad.
-pub fn answer_version(stdin: &[u8]) -> String {
+pub fn answer_version(stdin: &[u8]) -> CniVersion {
     serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
         .and_then(|v| {
             v.get("cniVersion")
                 .and_then(|v| v.as_str())
-                .map(String::from)
+                .map(CniVersion::new)
         })
-        .unwrap_or_else(|| cni::DEFAULT_VERSION.to_string())
+        .unwrap_or(cni::ANSWER_DEFAULT_VERSION)
 }
 
 /// A call that passed validation: what `run` acts on.
@@ -72,7 +73,7 @@ pub struct Call {
 pub fn parse_call(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Call> {
     if stdin.len() as u64 > MAX_STDIN {
         return Err(Error::new(
-            code::DECODE,
+            Kind::Decode,
             format!("network config on stdin is larger than {MAX_STDIN} bytes"),
         ));
     }
@@ -82,14 +83,10 @@ pub fn parse_call(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<
     }
     let conf = NetConf::parse(stdin)?;
     cni::version::check_supported(&conf.cni_version)?;
-    let needs = match env.command {
-        Verb::Check => "0.4.0",
-        Verb::Gc | Verb::Status => "1.1.0",
-        _ => "0.0.0",
-    };
-    if !cni::version::at_least(&conf.cni_version, needs) {
+    let needs = env.command.min_version();
+    if conf.cni_version < needs {
         return Err(Error::new(
-            code::INCOMPATIBLE_VERSION,
+            Kind::IncompatibleVersion,
             format!(
                 "cniVersion {} does not know {}; it needs {needs} or later",
                 conf.cni_version,
@@ -103,7 +100,7 @@ pub fn parse_call(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<
     })
 }
 
-fn run(call: Call, version: &str) -> Result<Vec<u8>> {
+fn run(call: Call, version: &CniVersion) -> Result<Vec<u8>> {
     let Call { env, conf } = call;
     let Some(conf) = conf else {
         return Ok(commands::version::version(version).into_bytes());

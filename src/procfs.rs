@@ -145,8 +145,7 @@ pub fn uptime_seconds(p: &ProcessId) -> Option<u64> {
         .next()?
         .parse()
         .ok()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
     if ticks <= 0 {
         return None;
     }

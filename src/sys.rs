@@ -33,11 +33,7 @@ pub fn close_on_exec(fd: RawFd) -> Result<()> {
 /// (we were reparented before the prctl), the exec is refused. Meant for
 /// `pre_exec`: it does not allocate.
 pub fn die_with_parent(parent: nix::unistd::Pid) -> std::io::Result<()> {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a plain integer and touches no memory.
-    let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
     if nix::unistd::getppid() != parent {
         return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
     }
@@ -47,22 +43,11 @@ pub fn die_with_parent(parent: nix::unistd::Pid) -> std::io::Result<()> {
 /// Moves the calling process into a new mount namespace whose mounts do not
 /// propagate back. Meant for `pre_exec`: it does not allocate.
 pub fn private_mount_namespace() -> std::io::Result<()> {
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
-    let root = b"/\0";
-    // SAFETY: root is a NUL-terminated string; the null pointers are the
-    // documented "none" for source, type and data.
-    let rc = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            root.as_ptr().cast(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    use nix::mount::MsFlags;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    // nix copies a path this short to the stack: no allocation.
+    let none: Option<&str> = None;
+    nix::mount::mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)?;
     Ok(())
 }
 
@@ -180,18 +165,11 @@ pub fn cloexec_inherited_fds() -> std::io::Result<()> {
         return Ok(());
     }
     // Kernels before 5.11: every fd up to the limit, one by one.
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: limit is a valid, writable rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let top = limit.rlim_cur.min(1 << 20) as RawFd;
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    let top = soft.min(1 << 20) as RawFd;
     for fd in 3..top {
-        // SAFETY: F_SETFD on a closed fd fails with EBADF and touches nothing.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        // A closed fd fails with EBADF, and is left so.
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     }
     Ok(())
 }
@@ -248,6 +226,44 @@ pub fn openat(
     let fd = nix::fcntl::openat(Some(dir.as_raw_fd()), name, flags | OFlag::O_CLOEXEC, mode)?;
     // SAFETY: openat just returned this fd; nothing else owns it.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// `open` of `path`, close-on-exec, as an owned fd.
+pub fn open(path: &std::path::Path, flags: OFlag) -> nix::Result<OwnedFd> {
+    let mode = nix::sys::stat::Mode::empty();
+    let fd = nix::fcntl::open(path, flags | OFlag::O_CLOEXEC, mode)?;
+    // SAFETY: open just returned this fd; nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// The ioctls of ioctl_ns(2) that answer with a new fd: the user namespace
+/// owning a namespace, the parent of a user namespace.
+pub const NS_GET_USERNS: libc::c_ulong = 0xb701;
+pub const NS_GET_PARENT: libc::c_ulong = 0xb702;
+
+/// One of the fd-returning ioctls of ioctl_ns(2) on `ns`.
+pub fn ns_ioctl(ns: std::os::fd::BorrowedFd, request: libc::c_ulong) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: these ioctls take no argument and return a new fd or -1.
+    let rc = unsafe { libc::ioctl(ns.as_raw_fd(), request) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc) })
+}
+
+/// The uid owning the user namespace `userns` (NS_GET_OWNER_UID).
+pub fn ns_owner_uid(userns: std::os::fd::BorrowedFd) -> std::io::Result<libc::uid_t> {
+    const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+    let mut owner: libc::uid_t = 0;
+    // SAFETY: NS_GET_OWNER_UID writes one uid_t through the pointer, which is
+    // valid and writable for the duration of the call.
+    let rc = unsafe { libc::ioctl(userns.as_raw_fd(), NS_GET_OWNER_UID, &mut owner) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(owner)
 }
 
 /// The names in the dir `dir` is open on (not `.` and `..`), read through

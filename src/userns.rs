@@ -2,15 +2,13 @@
 //! plugins need CAP_NET_ADMIN over the container netns, which they have only
 //! in the user namespace that owns it (or an ancestor of that one).
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
 // ioctl_ns(2): _IO(0xb7, 1), _IO(0xb7, 2), _IO(0xb7, 4).
-const NS_GET_USERNS: libc::c_ulong = 0xb701;
-const NS_GET_PARENT: libc::c_ulong = 0xb702;
-const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+use crate::sys::{ns_ioctl, NS_GET_PARENT, NS_GET_USERNS};
 
 pub enum Owner {
     /// Our user namespace owns it, or one inside ours does.
@@ -22,7 +20,7 @@ pub enum Owner {
 /// Which user namespace owns the namespace file `ns`.
 pub fn owner_of(ns: &File) -> std::io::Result<Owner> {
     let ours = crate::procfs::self_ns_inode("user").unwrap_or(0);
-    let direct = ns_ioctl(ns.as_raw_fd(), NS_GET_USERNS)?;
+    let direct = ns_ioctl(ns.as_fd(), NS_GET_USERNS)?;
     // Power over a descendant user namespace comes from capabilities in
     // ours; an ordinary user in the initial namespace has none.
     if !has_admin_caps() {
@@ -38,7 +36,7 @@ pub fn owner_of(ns: &File) -> std::io::Result<Owner> {
             return Ok(Owner::Ours);
         }
         // EPERM once we walk out of what we can see: not inside ours.
-        match ns_ioctl(current.as_raw_fd(), NS_GET_PARENT) {
+        match ns_ioctl(current.as_fd(), NS_GET_PARENT) {
             Ok(parent) => current = parent,
             Err(_) => return Ok(Owner::Foreign { userns: direct }),
         }
@@ -56,20 +54,13 @@ pub fn join_owned(userns: &OwnedFd, what: &str) -> Result<()> {
             "joining the user namespace that owns {what}: this process runs {threads} threads, and only a single-threaded one may change its user namespace"
         )));
     }
-    let mut owner: libc::uid_t = 0;
-    // SAFETY: NS_GET_OWNER_UID writes one uid_t through the pointer, which is
-    // valid and writable for the duration of the call.
-    let rc = unsafe {
-        libc::ioctl(
-            userns.as_raw_fd(),
-            NS_GET_OWNER_UID,
-            &mut owner as *mut libc::uid_t,
-        )
-    };
+    let owner = crate::sys::ns_owner_uid(userns.as_fd());
     let me = nix::unistd::geteuid().as_raw();
-    if rc < 0 || owner != me {
+    if owner.as_ref().ok() != Some(&me) {
+        // An owner the kernel would not name is reported as uid 0.
+        let owner = owner.unwrap_or(0);
         return Err(Error::new(
-            code::INVALID_ENV,
+            Kind::InvalidEnv,
             format!(
                 "{what} belongs to user namespace {} owned by uid {owner}, not by us (uid {me}): the inner plugins could not configure it; run the runtime in that user namespace",
                 inode_of(userns).unwrap_or(0)
@@ -78,9 +69,10 @@ pub fn join_owned(userns: &OwnedFd, what: &str) -> Result<()> {
     }
     nix::sched::setns(userns, nix::sched::CloneFlags::CLONE_NEWUSER).map_err(|e| {
         Error::new(
-            code::INVALID_ENV,
+            Kind::InvalidEnv,
             format!("joining the user namespace that owns {what}: {e}"),
         )
+        .with_source(e)
     })?;
     log::info!(
         "joined user namespace {} (it owns {what})",
@@ -101,16 +93,6 @@ fn has_admin_caps() -> bool {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .is_some_and(|eff| eff & NEEDED == NEEDED)
-}
-
-fn ns_ioctl(fd: std::os::fd::RawFd, request: libc::c_ulong) -> std::io::Result<OwnedFd> {
-    // SAFETY: these ioctls take no argument and return a new fd or -1.
-    let rc = unsafe { libc::ioctl(fd, request) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just gave us this fd; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc) })
 }
 
 fn inode_of(fd: &OwnedFd) -> std::io::Result<u64> {

@@ -17,7 +17,7 @@ use lab::{example_conflist, testdata};
 use proptest::prelude::*;
 use rootless_cni::cni::config::{OWN_KEYS, SPEC_KEYS};
 use rootless_cni::cni::gojson;
-use rootless_cni::error::code;
+use rootless_cni::error::Kind;
 use rootless_cni::plugin::{parse_call, Call};
 use rootless_cni::ports;
 use serde_json::{json, Map, Value};
@@ -117,7 +117,7 @@ fn lookup(env: &BTreeMap<String, String>) -> impl Fn(&str) -> Option<String> + '
 
 /// The checks every outcome must pass; `culprit` is a word the message of
 /// a failure must contain, when one is known.
-fn check(outcome: &rootless_cni::error::Result<Call>, allowed: &[u32], culprit: Option<&str>) {
+fn check(outcome: &rootless_cni::error::Result<Call>, allowed: &[Kind], culprit: Option<&str>) {
     match outcome {
         Ok(call) => {
             let env = &call.env;
@@ -148,9 +148,9 @@ fn check(outcome: &rootless_cni::error::Result<Call>, allowed: &[u32], culprit: 
         }
         Err(e) => {
             assert!(
-                allowed.contains(&e.code),
-                "code {} not one of {allowed:?}: {e}",
-                e.code
+                allowed.contains(&e.kind),
+                "{:?} not one of {allowed:?}: {e}",
+                e.kind
             );
             assert!(!e.msg.trim().is_empty(), "an error without a message");
             if let Some(word) = culprit {
@@ -193,7 +193,7 @@ proptest! {
             };
         }
         let stdin = valid_config().to_string();
-        check(&parse_call(lookup(&env), stdin.as_bytes()), &[code::INVALID_ENV], Some("CNI_"));
+        check(&parse_call(lookup(&env), stdin.as_bytes()), &[Kind::InvalidEnv], Some("CNI_"));
     }
 
     /// Any JSON document as the config: accepted, or a decode, config or
@@ -201,14 +201,14 @@ proptest! {
     #[test]
     fn any_json_config(conf in json_value()) {
         let stdin = conf.to_string();
-        let allowed = [code::DECODE, code::INVALID_CONFIG, code::INCOMPATIBLE_VERSION];
+        let allowed = [Kind::Decode, Kind::InvalidConfig, Kind::IncompatibleVersion];
         check(&parse_call(lookup(&valid_env()), stdin.as_bytes()), &allowed, None);
     }
 
     /// Any bytes as stdin, up to a few KiB.
     #[test]
     fn any_bytes(stdin in prop::collection::vec(any::<u8>(), 0..4096)) {
-        check(&parse_call(lookup(&valid_env()), &stdin), &[code::DECODE], None);
+        check(&parse_call(lookup(&valid_env()), &stdin), &[Kind::Decode], None);
     }
 
     /// A valid config with one key set to anything: accepted, or an error
@@ -223,7 +223,7 @@ proptest! {
             ("cniVersion", Value::String(v)) => v.clone(),
             _ => key.clone(),
         };
-        let allowed = [code::DECODE, code::INVALID_CONFIG, code::INCOMPATIBLE_VERSION];
+        let allowed = [Kind::Decode, Kind::InvalidConfig, Kind::IncompatibleVersion];
         check(&outcome, &allowed, Some(&culprit));
     }
 
@@ -234,7 +234,7 @@ proptest! {
         conf.as_object_mut().expect("an object").remove(key);
         let stdin = conf.to_string();
         let outcome = parse_call(lookup(&valid_env()), stdin.as_bytes());
-        check(&outcome, &[code::INVALID_CONFIG], Some(key));
+        check(&outcome, &[Kind::InvalidConfig], Some(key));
     }
 
     /// A valid port mapping whose keys are spelt in any case (as Go's

@@ -139,7 +139,12 @@ pub(crate) fn run(
         // SAFETY: between fork and exec in the single-threaded child;
         // join_namespaces is async-signal-safe and `infra` outlives it.
         unsafe {
-            cmd.pre_exec(move || rootless_cni::exec::join_namespaces(mnt, net));
+            cmd.pre_exec(move || {
+                use std::os::fd::BorrowedFd;
+                // SAFETY: `infra` holds both fds open past the spawn below.
+                let (mnt, net) = (BorrowedFd::borrow_raw(mnt), BorrowedFd::borrow_raw(net));
+                rootless_cni::exec::join_namespaces(mnt, net)
+            });
         }
     }
     let t = Instant::now();

@@ -21,8 +21,8 @@ pub use sandbox::{rewrite_sandbox, rewrite_sandbox_raw};
 use crate::cni::config::InnerList;
 use crate::cni::env::Verb;
 use crate::cni::gojson;
-use crate::cni::version;
-use crate::error::{code, Error, ErrorList, Result};
+use crate::cni::version::{self, CniVersion};
+use crate::error::{Error, ErrorList, Kind, Result};
 use crate::exec::PluginBinary;
 use crate::state::Attachment;
 use serde_json::{json, Map, Value};
@@ -99,16 +99,17 @@ pub struct Chain<'a, E: Exec> {
     capability_args: Map<String, Value>,
 }
 
-/// CHECK needs an inner chain at 0.4.0 or later: code 1 naming both
-/// versions otherwise (`runtime` is the version the runtime asked in).
-pub fn check_knows_check(inner: &str, runtime: &str) -> Result<()> {
-    if version::at_least(inner, "0.4.0") {
+/// CHECK needs an inner chain that knows it: code 1 naming both versions
+/// otherwise (`runtime` is the version the runtime asked in).
+pub fn check_knows_check(inner: &CniVersion, runtime: &CniVersion) -> Result<()> {
+    let needs = Verb::Check.min_version();
+    if *inner >= needs {
         return Ok(());
     }
     Err(Error::new(
-        code::INCOMPATIBLE_VERSION,
+        Kind::IncompatibleVersion,
         format!(
-            "CHECK needs cniVersion 0.4.0 or later: the inner chain is at {inner} (the runtime asked at {runtime})"
+            "CHECK needs cniVersion {needs} or later: the inner chain is at {inner} (the runtime asked at {runtime})"
         ),
     ))
 }
@@ -131,13 +132,13 @@ impl<'a, E: Exec> Chain<'a, E> {
         rt: &'a RuntimeConf,
         exec: impl FnOnce() -> Result<E>,
     ) -> Result<Self> {
-        let list = InnerList::from_value(&rec.config, "", &rec.network)
+        let list = InnerList::from_value(&rec.config, None, &rec.network)
             .map_err(|e| e.context(format!("record of {}", rec.container_id)))?;
         let plugins = Plugins::find::<E>(list, &rt.cni_path)?;
         Ok(Self::new(plugins, rt, exec()?))
     }
 
-    pub fn cni_version(&self) -> &str {
+    pub fn cni_version(&self) -> &CniVersion {
         &self.list.cni_version
     }
 
@@ -187,7 +188,7 @@ impl<'a, E: Exec> Chain<'a, E> {
             let step = self.run(Verb::Add, i, prev).and_then(|raw| {
                 let value = serde_json::from_slice(&raw).map_err(|e| {
                     Error::new(
-                        code::INNER_PLUGIN,
+                        Kind::InnerPlugin,
                         format!(
                             "inner plugin {} printed a result that is not JSON: {e}",
                             self.name(i)
@@ -232,12 +233,12 @@ impl<'a, E: Exec> Chain<'a, E> {
     pub fn reply(
         &self,
         result: &AddResult,
-        version: &str,
+        version: &CniVersion,
         prev: Option<&Value>,
     ) -> Result<Vec<u8>> {
         let netns = &self.rt.netns;
         let (inner, runtime) = (netns.inner_path(), netns.runtime_str());
-        if prev.is_none() && self.list.cni_version == version {
+        if prev.is_none() && self.list.cni_version == *version {
             return Ok(rewrite_sandbox_raw(&result.raw, &inner, &runtime));
         }
         // Chained after other plugins, we append ours to their result (the
@@ -258,7 +259,7 @@ impl<'a, E: Exec> Chain<'a, E> {
     /// failure is returned.
     pub fn del(&self, cached: Option<&Value>) -> Result<()> {
         // libcni hands the cached result to DEL from 0.4.0 on.
-        let prev = if version::at_least(&self.list.cni_version, "0.4.0") {
+        let prev = if self.list.cni_version >= CniVersion::V0_4_0 {
             cached
         } else {
             None
@@ -300,7 +301,7 @@ impl<'a, E: Exec> Chain<'a, E> {
     /// GC and STATUS for the plugins whose version knows them (1.1.0 on);
     /// `extra` is added to each config (GC's valid attachments).
     fn network_verb(&self, verb: Verb, extra: Option<(&str, Value)>) -> Result<()> {
-        if !version::at_least(&self.list.cni_version, "1.1.0") {
+        if self.list.cni_version < verb.min_version() {
             log::debug!(
                 "inner chain at {} knows no {}",
                 self.list.cni_version,
@@ -341,7 +342,7 @@ impl<'a, E: Exec> Chain<'a, E> {
         conf.insert("name".into(), Value::String(self.list.name.clone()));
         conf.insert(
             "cniVersion".into(),
-            Value::String(self.list.cni_version.clone()),
+            Value::String(self.list.cni_version.to_string()),
         );
         if let Some(prev) = prev {
             conf.insert("prevResult".into(), prev.clone());

@@ -3,6 +3,7 @@
 //! here only what the chain hands it and what it makes of the answers.
 
 use super::*;
+use crate::cni::version::CniVersion;
 use crate::exec::ContainerNetns;
 use serde_json::json;
 use std::cell::RefCell;
@@ -26,7 +27,7 @@ impl Exec for Fake {
 
     fn find(plugin_type: &str, _cni_path: &[PathBuf]) -> Result<String> {
         match plugin_type {
-            "missing" => Err(Error::new(code::INNER_PLUGIN, "missing: not found")),
+            "missing" => Err(Error::new(Kind::InnerPlugin, "missing: not found")),
             t => Ok(t.to_string()),
         }
     }
@@ -37,10 +38,7 @@ impl Exec for Fake {
             .borrow_mut()
             .push((verb, plugin.clone(), config.clone()));
         if self.fails.contains(&(verb, plugin.as_str())) {
-            return Err(Error::new(
-                code::TRY_AGAIN_LATER,
-                format!("{plugin} failed"),
-            ));
+            return Err(Error::new(Kind::TryAgainLater, format!("{plugin} failed")));
         }
         if verb != Verb::Add {
             return Ok(Vec::new());
@@ -80,7 +78,7 @@ impl Fake {
 
 fn list(version: &str, plugins: Value) -> InnerList {
     let conflist = json!({"cniVersion": version, "name": "inner", "plugins": plugins});
-    InnerList::from_value(&conflist, "", "").unwrap()
+    InnerList::from_value(&conflist, None, "").unwrap()
 }
 
 fn types(names: &[&str]) -> Value {
@@ -119,7 +117,7 @@ fn names(result: &Value) -> Vec<&str> {
 #[test]
 fn a_plugin_missing_from_cni_path_stops_the_chain_before_it_runs() {
     let found = Plugins::find::<Fake>(list("1.0.0", types(&["a", "missing"])), &[]);
-    assert_eq!(found.err().unwrap().code, code::INNER_PLUGIN);
+    assert_eq!(found.err().unwrap().kind, Kind::InnerPlugin);
 }
 
 #[test]
@@ -242,7 +240,7 @@ fn a_result_that_is_not_json_fails_the_add_and_is_rolled_back() {
     };
     let c = chain(list("1.0.0", types(&["a", "last"])), &rt, fake);
     let failure = c.add(|_| {}).err().unwrap();
-    assert_eq!(failure.error.code, code::INNER_PLUGIN);
+    assert_eq!(failure.error.kind, Kind::InnerPlugin);
     assert!(failure.error.msg.contains("last"), "{}", failure.error);
     assert_eq!(c.exec.order().last(), Some(&(Verb::Del, "a".to_string())));
 }
@@ -327,7 +325,7 @@ fn reply_at_the_inner_version_is_what_the_plugin_printed_but_the_netns() {
     let rt = runtime_conf(json!({}));
     let c = chain(list("1.0.0", types(&["a"])), &rt, Fake::default());
     let result = c.add(|_| {}).ok().unwrap();
-    let reply = c.reply(&result, "1.0.0", None).unwrap();
+    let reply = c.reply(&result, &CniVersion::V1_0_0, None).unwrap();
     let want = String::from_utf8(result.raw.clone())
         .unwrap()
         .replace(&rt.netns.inner_path(), "/proc/self/ns/net");
@@ -341,7 +339,8 @@ fn reply_after_other_plugins_follows_their_result_at_the_runtime_version() {
     let result = c.add(|_| {}).ok().unwrap();
     let prev = json!({"cniVersion": "1.1.0", "interfaces": [{"name": "before"}]});
     let reply: Value =
-        serde_json::from_slice(&c.reply(&result, "1.1.0", Some(&prev)).unwrap()).unwrap();
+        serde_json::from_slice(&c.reply(&result, &CniVersion::V1_1_0, Some(&prev)).unwrap())
+            .unwrap();
     assert_eq!(reply["cniVersion"], "1.1.0");
     assert_eq!(names(&reply), ["before", "a"]);
     assert_eq!(reply["interfaces"][1]["sandbox"], "/proc/self/ns/net");
@@ -382,7 +381,7 @@ fn results_convert_to_every_runtime_version_as_the_golden_files_say() {
         let result = c.add(|_| {}).ok().unwrap();
         for runtime in version::SUPPORTED {
             let golden = dir.join(format!("{inner}-as-{runtime}.json"));
-            let reply = c.reply(&result, runtime, None).unwrap();
+            let reply = c.reply(&result, &CniVersion::new(*runtime), None).unwrap();
             if bless {
                 std::fs::write(&golden, &reply).unwrap();
             } else if std::fs::read(&golden).ok() != Some(reply.clone()) {

@@ -1,9 +1,12 @@
 //! Our network config (stdin) and the inner conflist it delegates to.
 
 use super::gojson;
-use crate::error::{Context, Error, Result};
+use super::inner::{default_conf_dir, find_network};
+pub use super::inner::{InnerList, InnerSource};
+use super::version::CniVersion;
+use crate::error::{Error, Kind, Result};
 use serde_json::{Map, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The slirp4netns MTU podman uses: fastest, see the README for the trade-off.
@@ -48,9 +51,17 @@ pub const OWN_KEYS: &[&str] = &[
     "udpIdleTimeout",
 ];
 
+/// A config without "cniVersion" is read as 0.4.0, the oldest version
+/// that knows every verb a runtime before 1.0 sends (CHECK): the verbs it
+/// may ask and the result it gets follow it, and so does the delegate when
+/// it names no version. (An error object or VERSION reply to a stdin
+/// naming no version is labelled `cni::ANSWER_DEFAULT_VERSION`: only a
+/// label.)
+pub const CONFIG_DEFAULT_VERSION: CniVersion = CniVersion::V0_4_0;
+
 #[derive(Debug, Clone)]
 pub struct NetConf {
-    pub cni_version: String,
+    pub cni_version: CniVersion,
     pub name: String,
     pub inner: InnerSource,
     pub state_dir: Option<PathBuf>,
@@ -119,36 +130,17 @@ impl Engine {
     }
 }
 
-#[derive(Debug, Clone)]
-pub enum InnerSource {
-    Delegate(Value),
-    Network {
-        name: String,
-        conf_dir: Option<PathBuf>,
-    },
-}
-
-/// The inner chain, normalised to a conflist.
-#[derive(Debug, Clone, PartialEq)]
-pub struct InnerList {
-    pub cni_version: String,
-    pub name: String,
-    pub disable_check: bool,
-    pub disable_gc: bool,
-    pub plugins: Vec<Map<String, Value>>,
-}
-
 impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<Self> {
         let value: Value = serde_json::from_slice(stdin).map_err(|e| {
             Error::new(
-                crate::error::code::DECODE,
+                Kind::Decode,
                 format!("network config on stdin is not valid JSON: {e}"),
             )
         })?;
         let Value::Object(obj) = value else {
             return Err(Error::new(
-                crate::error::code::DECODE,
+                Kind::Decode,
                 "network config on stdin is not a JSON object",
             ));
         };
@@ -160,7 +152,8 @@ impl NetConf {
                 )));
             }
         }
-        let cni_version = string(&obj, "cniVersion")?.unwrap_or_else(|| "0.4.0".into());
+        let cni_version =
+            string(&obj, "cniVersion")?.map_or(CONFIG_DEFAULT_VERSION, CniVersion::new);
         let name = string(&obj, "name")?.ok_or_else(|| Error::config("config has no \"name\""))?;
         crate::cni::env::validate_network_name(&name)?;
 
@@ -293,7 +286,7 @@ impl NetConf {
     pub fn inner_list(&self) -> Result<InnerList> {
         match &self.inner {
             InnerSource::Delegate(value) => {
-                InnerList::from_value(value, &self.cni_version, &self.name)
+                InnerList::from_value(value, Some(&self.cni_version), &self.name)
                     .map_err(|e| e.context("\"delegate\""))
             }
             InnerSource::Network { name, conf_dir } => {
@@ -307,7 +300,7 @@ impl NetConf {
     }
 }
 
-fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>> {
+pub(super) fn string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -414,140 +407,6 @@ fn parse_duration(v: &Value) -> Option<Duration> {
     Some(Duration::from_secs(n.checked_mul(mult)?))
 }
 
-fn default_conf_dir() -> Result<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("cni/net.d"));
-    }
-    match std::env::var_os("HOME").filter(|x| !x.is_empty()) {
-        Some(home) => Ok(PathBuf::from(home).join(".config/cni/net.d")),
-        None => Err(Error::config(
-            "\"network\" needs a confDir: none given and neither XDG_CONFIG_HOME nor HOME is set",
-        )),
-    }
-}
-
-/// libcni's rule: the first file (by name) of *.conflist, *.conf, *.json in
-/// the dir whose "name" matches.
-fn find_network(dir: &Path, name: &str) -> Result<InnerList> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| {
-            format!(
-                "\"network\" {name:?}: cannot read confDir {}",
-                dir.display()
-            )
-        })
-        .map_err(|e| Error::config(e.msg))?;
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("conflist" | "conf" | "json")
-            )
-        })
-        .collect();
-    files.sort();
-    for file in files {
-        let Ok(bytes) = std::fs::read(&file) else {
-            continue;
-        };
-        let Ok(value) = serde_json::from_slice::<Value>(&bytes) else {
-            continue;
-        };
-        if value.get("name").and_then(Value::as_str) != Some(name) {
-            continue;
-        }
-        return InnerList::from_value(&value, "", name)
-            .map_err(|e| e.context(format!("network {name:?} in {}", file.display())));
-    }
-    Err(Error::config(format!(
-        "\"network\" {name:?}: no conflist with that name in {}",
-        dir.display()
-    )))
-}
-
-impl InnerList {
-    /// A conflist, or a single plugin config turned into a one-plugin list
-    /// the way libcni's ConfListFromConf does.
-    pub fn from_value(value: &Value, default_version: &str, default_name: &str) -> Result<Self> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| Error::config("must be a JSON object"))?;
-        let cni_version = string(obj, "cniVersion")?
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| default_version.to_string());
-        if cni_version.is_empty() {
-            return Err(Error::config("has no \"cniVersion\""));
-        }
-        let name = string(obj, "name")?.unwrap_or_else(|| default_name.to_string());
-        crate::cni::env::validate_network_name(&name)?;
-        let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
-        let (disable_check, disable_gc) = (flag("disableCheck"), flag("disableGC"));
-        let plugins: Vec<Map<String, Value>> = match obj.get("plugins") {
-            Some(Value::Array(list)) => list
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    p.as_object()
-                        .cloned()
-                        .ok_or_else(|| Error::config(format!("plugins[{i}] is not an object")))
-                })
-                .collect::<Result<_>>()?,
-            Some(v) => {
-                return Err(Error::config(format!(
-                    "\"plugins\" must be a list, not {v}"
-                )))
-            }
-            None if obj.contains_key("type") => vec![obj.clone()],
-            None => {
-                return Err(Error::config(
-                    "is neither a conflist (\"plugins\") nor a plugin config (\"type\")",
-                ))
-            }
-        };
-        if plugins.is_empty() {
-            return Err(Error::config("has an empty \"plugins\" list"));
-        }
-        for (i, p) in plugins.iter().enumerate() {
-            match p.get("type").and_then(Value::as_str) {
-                Some(t) if is_plugin_name(t) => {}
-                Some(t) => {
-                    return Err(Error::config(format!(
-                        "plugins[{i}] \"type\" {t:?} is not a plugin file name"
-                    )))
-                }
-                None => return Err(Error::config(format!("plugins[{i}] has no \"type\""))),
-            }
-        }
-        Ok(InnerList {
-            cni_version,
-            name,
-            disable_check,
-            disable_gc,
-            plugins,
-        })
-    }
-
-    pub fn plugin_type(plugin: &Map<String, Value>) -> &str {
-        plugin.get("type").and_then(Value::as_str).unwrap_or("")
-    }
-
-    pub fn to_value(&self) -> Value {
-        serde_json::json!({
-            "cniVersion": self.cni_version,
-            "name": self.name,
-            "disableCheck": self.disable_check,
-            "disableGC": self.disable_gc,
-            "plugins": self.plugins,
-        })
-    }
-}
-
-/// A bare file name: `type` is looked up in CNI_PATH, never a path.
-fn is_plugin_name(t: &str) -> bool {
-    !t.is_empty() && t != "." && t != ".." && !t.contains('/') && !t.contains('\0')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,7 +426,7 @@ mod tests {
         assert_eq!(l.to_limits().tcp_idle, None);
         for bad in [r#","maxConnections":0"#, r#","maxUdpFlows":"many""#] {
             let e = NetConf::parse(conf(bad).as_bytes()).unwrap_err();
-            assert_eq!(e.code, 7, "{bad}: {}", e.msg);
+            assert_eq!(e.code(), 7, "{bad}: {}", e.msg);
         }
     }
 
@@ -602,7 +461,7 @@ mod tests {
         let e =
             NetConf::parse(conf(r#","outbound":"pasta","portDriver":"slirp4netns""#).as_bytes())
                 .unwrap_err();
-        assert_eq!(e.code, 7);
+        assert_eq!(e.code(), 7);
         assert!(
             e.msg.contains("\"outbound\"") && e.msg.contains("\"portDriver\""),
             "{}",
@@ -613,20 +472,20 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let e = NetConf::parse(conf(r#","bogusKey":1"#).as_bytes()).unwrap_err();
-        assert_eq!(e.code, 7);
+        assert_eq!(e.code(), 7);
         assert!(e.msg.contains("bogusKey"));
     }
 
     #[test]
     fn malformed_json_is_decode_error() {
-        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, 6);
+        assert_eq!(NetConf::parse(b"{not json").unwrap_err().code(), 6);
     }
 
     #[test]
     fn missing_delegate() {
         let e = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"rootless-cni"}"#)
             .unwrap_err();
-        assert_eq!(e.code, 7);
+        assert_eq!(e.code(), 7);
         assert!(e.msg.contains("delegate"));
     }
 
@@ -645,7 +504,7 @@ mod tests {
             (r#","outbound":true"#, "outbound"),
         ] {
             let e = NetConf::parse(conf(extra).as_bytes()).unwrap_err();
-            assert_eq!(e.code, 7, "{key}");
+            assert_eq!(e.code(), 7, "{key}");
             assert!(e.msg.contains(key), "{key}: {}", e.msg);
         }
     }
@@ -653,7 +512,7 @@ mod tests {
     #[test]
     fn single_plugin_delegate_becomes_a_list() {
         let v: Value = serde_json::from_str(r#"{"type":"bridge","bridge":"b0"}"#).unwrap();
-        let l = InnerList::from_value(&v, "0.4.0", "x").unwrap();
+        let l = InnerList::from_value(&v, Some(&CniVersion::V0_4_0), "x").unwrap();
         assert_eq!(l.plugins.len(), 1);
         assert_eq!(l.cni_version, "0.4.0");
     }
@@ -661,7 +520,12 @@ mod tests {
     #[test]
     fn plugin_type_must_be_a_file_name() {
         let v: Value = serde_json::from_str(r#"{"plugins":[{"type":"../bin/sh"}]}"#).unwrap();
-        assert_eq!(InnerList::from_value(&v, "1.0.0", "x").unwrap_err().code, 7);
+        assert_eq!(
+            InnerList::from_value(&v, Some(&CniVersion::V1_0_0), "x")
+                .unwrap_err()
+                .code(),
+            7
+        );
     }
 
     #[test]
@@ -676,6 +540,9 @@ mod tests {
         );
         assert_eq!(parse_duration(&serde_json::json!("x")), None);
         let huge = format!(r#","lockTimeout":"{}s""#, u64::MAX);
-        assert_eq!(NetConf::parse(conf(&huge).as_bytes()).unwrap_err().code, 7);
+        assert_eq!(
+            NetConf::parse(conf(&huge).as_bytes()).unwrap_err().code(),
+            7
+        );
     }
 }

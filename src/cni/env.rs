@@ -1,5 +1,6 @@
 //! The CNI_* environment, validated before anything is touched.
 
+use super::version::CniVersion;
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 
@@ -23,6 +24,16 @@ impl Verb {
             Verb::Version => "VERSION",
             Verb::Gc => "GC",
             Verb::Status => "STATUS",
+        }
+    }
+
+    /// The first spec version that knows the verb: a config at an older
+    /// cniVersion cannot ask for it.
+    pub fn min_version(self) -> CniVersion {
+        match self {
+            Verb::Add | Verb::Del | Verb::Version => CniVersion::V0_1_0,
+            Verb::Check => CniVersion::V0_4_0,
+            Verb::Gc | Verb::Status => CniVersion::V1_1_0,
         }
     }
 }
@@ -248,7 +259,7 @@ mod tests {
                     })
                     .collect();
                 let err = parse(&pairs).unwrap_err();
-                assert_eq!(err.code, 4, "{verb} {key}={value:?}");
+                assert_eq!(err.code(), 4, "{verb} {key}={value:?}");
                 assert!(err.msg.contains(key), "{}", err.msg);
             }
         }
@@ -286,7 +297,7 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("accepted: {case}"));
             assert_eq!(
-                u64::from(err.code),
+                u64::from(err.code()),
                 case["code"].as_u64().unwrap(),
                 "{case}"
             );

@@ -4,24 +4,30 @@
 pub mod config;
 pub mod env;
 pub mod gojson;
+pub mod inner;
 pub mod version;
 
 use crate::error::Error;
 use serde_json::json;
+use version::CniVersion;
 
-/// Version assumed for error objects when the config could not be read.
-pub const DEFAULT_VERSION: &str = "1.0.0";
+/// The version an error object or VERSION reply is labelled with when
+/// stdin names none (no config, not JSON, no "cniVersion"). Both answers
+/// have one shape in every version we speak, so this only labels them;
+/// what a config without "cniVersion" means, and how its inner chain is
+/// called, is `config::CONFIG_DEFAULT_VERSION`'s to say.
+pub const ANSWER_DEFAULT_VERSION: CniVersion = CniVersion::V1_0_0;
 
-pub fn version_reply(cni_version: &str) -> String {
+pub fn version_reply(cni_version: &CniVersion) -> String {
     json!({ "cniVersion": cni_version, "supportedVersions": version::SUPPORTED }).to_string()
 }
 
 /// The spec's error object. An inner plugin's own object is passed through,
 /// at the runtime's version: the inner chain may speak another one.
-pub fn error_reply(err: &Error, cni_version: &str) -> Vec<u8> {
+pub fn error_reply(err: &Error, cni_version: &CniVersion) -> Vec<u8> {
     if let Some(raw) = &err.passthrough {
         match serde_json::from_slice::<serde_json::Value>(raw) {
-            Ok(obj) if obj["cniVersion"] == cni_version => return raw.clone(),
+            Ok(obj) if obj["cniVersion"] == cni_version.as_str() => return raw.clone(),
             Ok(mut obj) if obj.is_object() => {
                 obj["cniVersion"] = json!(cni_version);
                 let mut out = serde_json::to_vec(&obj).unwrap_or_default();
@@ -31,7 +37,7 @@ pub fn error_reply(err: &Error, cni_version: &str) -> Vec<u8> {
             _ => return raw.clone(),
         }
     }
-    let mut obj = json!({ "cniVersion": cni_version, "code": err.code, "msg": err.msg });
+    let mut obj = json!({ "cniVersion": cni_version, "code": err.code(), "msg": err.msg });
     if !err.details.is_empty() {
         obj["details"] = json!(err.details);
     }
@@ -123,9 +129,10 @@ mod tests {
 
     #[test]
     fn passed_through_errors_take_the_runtime_version() {
-        let mut e = Error::new(7, "bad");
+        let mut e = Error::new(crate::error::Kind::InvalidConfig, "bad");
         e.passthrough = Some(br#"{"cniVersion":"0.3.1","code":7,"msg":"bad"}"#.to_vec());
-        let out: serde_json::Value = serde_json::from_slice(&error_reply(&e, "1.1.0")).unwrap();
+        let out: serde_json::Value =
+            serde_json::from_slice(&error_reply(&e, &CniVersion::V1_1_0)).unwrap();
         assert_eq!(out["cniVersion"], "1.1.0");
         assert_eq!(out["code"], 7);
     }

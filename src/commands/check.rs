@@ -5,7 +5,7 @@ use super::attachment_key;
 use crate::chain::{Chain, InfraExec, RuntimeConf};
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::exec::ContainerNetns;
 use crate::infra;
 use crate::state::AttachmentState;
@@ -14,7 +14,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let key = attachment_key(env, conf);
     let unknown = || {
         Error::new(
-            code::ATTACHMENT_LOST,
+            Kind::AttachmentLost,
             format!(
                 "container {} has no attachment {} on network {}",
                 key.container_id, key.ifname, key.network
@@ -36,7 +36,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     let record = record.ok_or_else(unknown)?;
     let Some(info) = info.filter(|i| i.sandbox == record.infra) else {
         return Err(Error::new(
-            code::ATTACHMENT_LOST,
+            Kind::AttachmentLost,
             format!(
                 "attachment of container {} ({} on network {}) was lost: the infra it lived in (sandbox pid {}) is gone; DEL it and ADD it again",
                 key.container_id, key.ifname, key.network, record.infra.pid
@@ -45,7 +45,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     };
     if record.state == AttachmentState::Failed {
         return Err(Error::new(
-            code::ATTACHMENT_LOST,
+            Kind::AttachmentLost,
             format!(
                 "the ADD of {} failed and left what its rollback could not undo; DEL it",
                 key.container_id
@@ -56,7 +56,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     // again) to remove.
     if record.state == AttachmentState::Pending && record.owner.is_some_and(|o| !o.is_alive()) {
         return Err(Error::new(
-            code::ATTACHMENT_LOST,
+            Kind::AttachmentLost,
             format!(
                 "the ADD of {} was killed before it finished; DEL it or ADD it again",
                 key.container_id
@@ -65,7 +65,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     }
     if record.state == AttachmentState::Pending {
         return Err(Error::new(
-            code::TRY_AGAIN_LATER,
+            Kind::TryAgainLater,
             format!(
                 "the ADD of {} is still running; try again later",
                 key.container_id
@@ -75,7 +75,7 @@ pub fn check(env: &CniEnv, conf: &NetConf) -> Result<()> {
     // The attachment is in place, but the container cannot reach anything
     // beyond the infra: not a working network.
     if let Some(why) = infra::outbound::outbound_down(&info) {
-        return Err(Error::new(code::OUTBOUND_DOWN, why));
+        return Err(Error::new(Kind::OutboundDown, why));
     }
     let netns = ContainerNetns::open(env.netns())?;
     netns.join_owner_userns()?;

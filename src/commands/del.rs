@@ -7,7 +7,7 @@ use super::publish;
 use crate::chain::{Chain, InfraExec, RuntimeConf};
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
-use crate::error::{code, Result};
+use crate::error::{Kind, Result};
 use crate::exec::{self, ContainerNetns};
 use crate::infra;
 use crate::state::AttachmentState;
@@ -22,7 +22,7 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
         let record = match state.read_attachment(&key, &lock) {
             Ok(r) => r,
             // Another release's record: neither ours to read nor to drop.
-            Err(e) if e.code == code::NEWER_STATE => return Err(e),
+            Err(e) if e.kind == Kind::NewerState => return Err(e),
             Err(e) => {
                 log::warn!("forgetting unreadable record: {e}");
                 state.remove_attachment(&key, &lock)?;
@@ -101,7 +101,7 @@ pub fn del(env: &CniEnv, conf: &NetConf) -> Result<()> {
             );
             return Ok(());
         }
-        Err(e) if e.code == code::NEWER_STATE => return Err(e),
+        Err(e) if e.kind == Kind::NewerState => return Err(e),
         _ => {}
     }
     if live_infra.is_none() {

@@ -6,7 +6,7 @@ use super::publish;
 use crate::chain::{self, Chain, InfraExec, RuntimeConf};
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
-use crate::error::{code, Error, ErrorList, Result};
+use crate::error::{Error, ErrorList, Kind, Result};
 use crate::infra::{self, InfraInfo};
 use crate::procfs::ProcessId;
 use crate::state::{Attachment, AttachmentState, StateDir};
@@ -138,7 +138,7 @@ fn claim_stale(
     };
     let killed_owner = match super::claim(state, &rec, &key) {
         Ok(killed) => killed,
-        Err(e) if e.code == code::TRY_AGAIN_LATER => {
+        Err(e) if e.kind == Kind::TryAgainLater => {
             log::info!("GC: {}: {}; kept", key.container_id, e.msg);
             return Ok(None);
         }

@@ -12,7 +12,7 @@ pub mod version;
 use crate::chain::{Chain, InfraExec, Plugins, RuntimeConf};
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::exec::{ContainerNetns, PluginBinary};
 use crate::infra::InfraInfo;
 use crate::procfs::ProcessId;
@@ -79,7 +79,7 @@ pub(crate) fn claim(state: &StateDir, record: &Attachment, key: &AttachmentKey) 
             AttachmentState::Ready | AttachmentState::Failed => "a DEL",
         };
         return Err(Error::new(
-            code::TRY_AGAIN_LATER,
+            Kind::TryAgainLater,
             format!(
                 "{what} of {} on {} is still running; try again later",
                 key.container_id, key.ifname

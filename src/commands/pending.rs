@@ -7,7 +7,7 @@
 
 use super::publish;
 use crate::chain::RuntimeConf;
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::infra::{self, InfraInfo, Settings};
 use crate::ports::PortMapping;
 use crate::procfs::ProcessId;
@@ -83,7 +83,7 @@ impl<'s> PendingAttachment<'s> {
         let lock = state.lock()?;
         let existing = match state.read_attachment(&key, &lock) {
             // Another release's record: not to be written over.
-            Err(e) if e.code == code::NEWER_STATE => return Err(e),
+            Err(e) if e.kind == Kind::NewerState => return Err(e),
             read => read.unwrap_or(None),
         };
         let (info, started) = infra::ensure_running(state, &lock, settings)?;
@@ -98,7 +98,7 @@ impl<'s> PendingAttachment<'s> {
         });
         let written = match attached {
             Some(old) => Err(Error::new(
-                code::ALREADY_ATTACHED,
+                Kind::AlreadyAttached,
                 format!(
                     "container {} is already attached to network {} as {} (state {:?}); DEL it first",
                     old.container_id, old.network, old.ifname, old.state
@@ -166,7 +166,7 @@ impl<'s> PendingAttachment<'s> {
             // died, or its caller was killed): the container netns is that
             // call's now, so nothing of ours may be undone there.
             return Err(Failure::from(Error::new(
-                code::ALREADY_ATTACHED,
+                Kind::AlreadyAttached,
                 format!(
                     "another ADD of container {} took over its attachment while this one ran",
                     self.record.container_id

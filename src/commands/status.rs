@@ -4,12 +4,11 @@
 use crate::chain;
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::infra;
 
 pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
-    let unavailable =
-        |e: Error| Error::new(code::PLUGIN_NOT_AVAILABLE, e.msg).with_details(e.details);
+    let unavailable = |e: Error| e.with_kind(Kind::PluginNotAvailable);
     let list = conf.inner_list().map_err(unavailable)?;
     // Without CNI_PATH the inner plugins can be neither found nor asked.
     let binaries = match env.path.is_empty() {
@@ -23,7 +22,7 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
         None => None,
     };
     if let Some(why) = running.as_ref().and_then(infra::outbound::outbound_down) {
-        return Err(Error::new(code::LIMITED_CONNECTIVITY, why));
+        return Err(Error::new(Kind::LimitedConnectivity, why));
     }
     match (running, binaries) {
         (Some(info), Some(plugins)) => {
@@ -31,6 +30,6 @@ pub fn status(env: &CniEnv, conf: &NetConf) -> Result<()> {
         }
         (Some(_), None) => Ok(()),
         (None, _) => infra::prereq::can_start_infra(conf.outbound)
-            .map_err(|msg| Error::new(code::PLUGIN_NOT_AVAILABLE, msg)),
+            .map_err(|msg| Error::new(Kind::PluginNotAvailable, msg)),
     }
 }

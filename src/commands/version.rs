@@ -1,5 +1,5 @@
 //! VERSION: which spec versions we speak.
 
-pub fn version(cni_version: &str) -> String {
+pub fn version(cni_version: &crate::cni::version::CniVersion) -> String {
     crate::cni::version_reply(cni_version)
 }

@@ -7,16 +7,19 @@ use crate::error::{Error, Result};
 use crate::infra::InfraInfo;
 use crate::sys;
 use nix::sched::{setns, CloneFlags};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 /// Handles on the infra's namespaces, checked against infra.json.
 pub struct InfraNs {
-    net: OwnedFd,
-    mnt: OwnedFd,
+    // Shared with the `pre_exec` of every command `enter` prepares, so that
+    // they are open when it forks, however long the command is kept.
+    net: Arc<OwnedFd>,
+    mnt: Arc<OwnedFd>,
     /// `/proc/<our pid>/root` when that names our root from inside the
     /// infra too: the prefix of CNI_PATH entries the infra sees otherwise.
     caller_root: Option<String>,
@@ -40,8 +43,8 @@ impl InfraNs {
             Ok(OwnedFd::from(file))
         };
         Ok(InfraNs {
-            net: open("net", info.netns)?,
-            mnt: open("mnt", info.mntns)?,
+            net: Arc::new(open("net", info.netns)?),
+            mnt: Arc::new(open("mnt", info.mntns)?),
             caller_root: caller_root_seen_from(info.sandbox.pid),
             infra_root: format!("/proc/{}/root", info.sandbox.pid),
         })
@@ -114,12 +117,12 @@ impl InfraNs {
     /// is closed on exec: an inner plugin may start a daemon (dnsname's
     /// dnsmasq) that would hold it as long as the infra lives.
     pub fn enter(&self, cmd: &mut Command, keep: [Option<std::os::fd::RawFd>; 2]) {
-        let (net, mnt) = (self.net.as_raw_fd(), self.mnt.as_raw_fd());
+        let (net, mnt) = (Arc::clone(&self.net), Arc::clone(&self.mnt));
         // SAFETY: runs between fork and exec in the single-threaded child;
         // join_namespaces, close_range and fcntl are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
-                join_namespaces(mnt, net)?;
+                join_namespaces(mnt.as_fd(), net.as_fd())?;
                 sys::cloexec_inherited_fds()?;
                 for fd in keep.into_iter().flatten() {
                     sys::keep_on_exec(fd)?;
@@ -156,11 +159,8 @@ fn caller_root_seen_from(sandbox: i32) -> Option<String> {
 /// fds), and moves to `/` of the new mount namespace: what makes a process
 /// run inside the infra. Meant for `pre_exec`: setns into a mount namespace
 /// needs a single-threaded caller, and nothing here allocates.
-pub fn join_namespaces(mnt: std::os::fd::RawFd, net: std::os::fd::RawFd) -> std::io::Result<()> {
-    use std::os::fd::BorrowedFd;
-    // SAFETY: the caller keeps both fds open until it has exec'd.
-    let (mnt, net) = unsafe { (BorrowedFd::borrow_raw(mnt), BorrowedFd::borrow_raw(net)) };
-    setns(mnt.as_fd(), CloneFlags::CLONE_NEWNS).map_err(std::io::Error::from)?;
-    setns(net.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+pub fn join_namespaces(mnt: BorrowedFd, net: BorrowedFd) -> std::io::Result<()> {
+    setns(mnt, CloneFlags::CLONE_NEWNS)?;
+    setns(net, CloneFlags::CLONE_NEWNET)?;
     nix::unistd::chdir("/").map_err(std::io::Error::from)
 }

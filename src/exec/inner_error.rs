@@ -2,7 +2,7 @@
 //! through, or ours naming it.
 
 use crate::cni::env::Verb;
-use crate::error::{code, Error};
+use crate::error::{Error, Kind};
 use serde_json::Value;
 
 /// The plugin's own error object when it printed one, else ours naming it.
@@ -24,14 +24,15 @@ pub(super) fn inner_error(
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
-            let mut e = Error::new(c as u32, format!("{name}: {msg}")).with_details(details);
+            let mut e = Error::new(Kind::from_code(c as u32), format!("{name}: {msg}"))
+                .with_details(details);
             e.passthrough = Some(stdout.to_vec());
             return e;
         }
     }
     let text = String::from_utf8_lossy(stdout);
     Error::new(
-        code::INNER_PLUGIN,
+        Kind::InnerPlugin,
         format!(
             "inner plugin {name} {} failed ({status}) without an error object",
             verb.as_str()

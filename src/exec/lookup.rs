@@ -1,6 +1,6 @@
 //! Finding an inner plugin in CNI_PATH, where the caller stands.
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
@@ -47,7 +47,7 @@ pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PluginBina
     }
     let dirs: Vec<String> = cni_path.iter().map(|d| d.display().to_string()).collect();
     Err(Error::new(
-        code::INNER_PLUGIN,
+        Kind::InnerPlugin,
         format!(
             "inner plugin {plugin_type:?} not found in CNI_PATH [{}]",
             dirs.join(":")

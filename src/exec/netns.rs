@@ -3,7 +3,7 @@
 //! sure (`join_owner_userns`) that our user namespace has the power over it
 //! that they need.
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -121,7 +121,7 @@ fn join_owner_of(netns: &std::fs::File, path: &Path) -> Result<()> {
         }
         // The kernel will not even name the owner: it is outside ours.
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(Error::new(
-            code::INVALID_ENV,
+            Kind::InvalidEnv,
             format!(
                 "{what} belongs to a user namespace outside ours that we do not own: the inner plugins could not configure it; run the runtime in the user namespace that created the container"
             ),

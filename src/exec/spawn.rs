@@ -6,7 +6,7 @@ use super::inner_error::inner_error;
 use super::lookup::PluginBinary;
 use super::netns::ContainerNetns;
 use crate::cni::env::Verb;
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::sys;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -66,7 +66,7 @@ pub fn run_plugin(
     infra.enter(&mut cmd, keep);
     let mut child = cmd.spawn().map_err(|e| {
         Error::new(
-            code::INNER_PLUGIN,
+            Kind::InnerPlugin,
             format!(
                 "running inner plugin {name} ({}) in the infra: {e}",
                 binary.path.display()
@@ -113,7 +113,7 @@ pub fn run_plugin(
                 ),
             };
             return Err(Error::new(
-                code::INNER_PLUGIN,
+                Kind::InnerPlugin,
                 format!("inner plugin {name} {} {why}", inv.verb.as_str()),
             ));
         }

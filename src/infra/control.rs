@@ -21,7 +21,7 @@
 //!   asked only of a supervisor holding `infra.lck`, which 151877a's never
 //!   takes; `addPorts` and `removePorts` mean the same as in version 1.
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::ports::{Driver, PortMapping};
 use crate::state::StateDir;
 use serde::{Deserialize, Serialize};
@@ -99,7 +99,7 @@ pub fn info(state: &StateDir) -> Result<super::InfraInfo> {
 fn exchange(state: &StateDir, req: &Request) -> Result<Response> {
     let path = state.file(SOCKET);
     let fail = |e: std::io::Error| {
-        Error::internal(format!("infra control socket {}: {e}", path.display()))
+        Error::from(e).context(format!("infra control socket {}", path.display()))
     };
     // Through the state dir's fd: no name above it is looked up again.
     let mut conn = UnixStream::connect(state.fd_path(SOCKET)).map_err(fail)?;
@@ -118,7 +118,10 @@ fn exchange(state: &StateDir, req: &Request) -> Result<Response> {
     })?;
     match resp.error {
         None => Ok(resp),
-        Some(msg) => Err(Error::new(resp.code.unwrap_or(code::INTERNAL), msg)),
+        Some(msg) => Err(Error::new(
+            resp.code.map_or(Kind::Internal, Kind::from_code),
+            msg,
+        )),
     }
 }
 
@@ -129,7 +132,7 @@ pub fn listen(state: &StateDir) -> Result<UnixListener> {
     let path = state.file(SOCKET);
     state.remove(SOCKET)?;
     let listener = UnixListener::bind(state.fd_path(SOCKET))
-        .map_err(|e| Error::internal(format!("binding {}: {e}", path.display())))?;
+        .map_err(|e| Error::from(e).context(format!("binding {}", path.display())))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
@@ -165,7 +168,7 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
         Ok(_) => match read_request(&line) {
             Err(refusal) => Response {
                 error: Some(refusal.error),
-                code: refusal.code,
+                code: refusal.kind.map(Kind::code),
                 ..Response::default()
             },
             Ok(Request::Info) => Response {
@@ -184,7 +187,7 @@ pub fn serve_one(listener: &UnixListener, driver: &mut dyn Driver, info: &super:
 #[derive(Debug)]
 struct Refusal {
     error: String,
-    code: Option<u32>,
+    kind: Option<Kind>,
 }
 
 /// The request in `line`, or why it is refused: one of a newer
@@ -196,7 +199,7 @@ fn read_request(line: &str) -> std::result::Result<Request, Refusal> {
         .unwrap_or(1);
     let refuse = |why: String| Refusal {
         error: why,
-        code: Some(code::NEWER_STATE),
+        kind: Some(Kind::NewerState),
     };
     if version > u64::from(PROTOCOL_VERSION) {
         return Err(refuse(format!(
@@ -210,7 +213,7 @@ fn read_request(line: &str) -> std::result::Result<Request, Refusal> {
         ))),
         Err(e) => Err(Refusal {
             error: format!("bad request: {e}"),
-            code: None,
+            kind: None,
         }),
     }
 }
@@ -233,7 +236,7 @@ fn handle(req: Request, driver: &mut dyn Driver) -> Response {
         Ok(()) => Response::default(),
         Err(e) => Response {
             error: Some(e.to_string()),
-            code: Some(e.code),
+            code: Some(e.code()),
             ..Response::default()
         },
     }
@@ -267,9 +270,9 @@ mod tests {
             PROTOCOL_VERSION + 1
         );
         let refused = read_request(&newer).unwrap_err();
-        assert_eq!(refused.code, Some(code::NEWER_STATE), "{refused:?}");
+        assert_eq!(refused.kind, Some(Kind::NewerState), "{refused:?}");
         let unknown = read_request(r#"{"version":2,"op":"drain"}"#).unwrap_err();
-        assert_eq!(unknown.code, Some(code::NEWER_STATE), "{unknown:?}");
+        assert_eq!(unknown.kind, Some(Kind::NewerState), "{unknown:?}");
         // An answer of 151877a's supervisor: version 1.
         let old: Response = serde_json::from_str(r#"{"error":null,"code":null}"#).unwrap();
         assert_eq!(old.version, 1);

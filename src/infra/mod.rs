@@ -1,21 +1,30 @@
 //! The infra: one per (user, user namespace). Its lifecycle runs under the
 //! state lock; its processes are the supervisor (in the caller's
 //! namespaces), the sandbox (whose network and mount namespaces *are* the
-//! infra) and its way out, slirp4netns or pasta (`outbound`).
+//! infra) and its way out, slirp4netns or pasta (`outbound`). Here: the
+//! record (`InfraInfo`) and starting and stopping; what the state dir says
+//! of a running one is `probe`, how it is set up `settings`.
 
 pub mod control;
 pub mod outbound;
 pub mod prereq;
+mod probe;
 pub mod sandbox;
+mod settings;
 pub mod supervisor;
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::procfs::{self, ProcessId};
 use crate::state::{self, StateDir, StateLock};
 use crate::sys;
 use serde::{Deserialize, Serialize};
 
 pub use crate::cni::config::PortDriver;
+use probe::{forget_infra_files, supervisor_holds_lock, SHUTDOWN_GRACE};
+pub use probe::{
+    hold_alive_lock, join_infra_userns, reap_and_join, reap_dead_infra, Probe, ALIVE_LOCK,
+};
+pub use settings::{ForwardLimits, Settings};
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -26,95 +35,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// infra.log is truncated at start when it grew past this.
 const MAX_LOG: u64 = 1 << 20;
-
-/// How the infra is set up; fixed by the ADD that starts it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Settings {
-    pub mtu: u32,
-    pub allow_host_loopback: bool,
-    pub ipv6: bool,
-    pub port_driver: PortDriver,
-    /// What connects the infra to the outside (absent in a record of a
-    /// version that knew slirp4netns only).
-    #[serde(default)]
-    pub outbound: outbound::Engine,
-    pub idle_timeout_secs: Option<u64>,
-    pub log_level: String,
-    /// The builtin driver's bounds (absent in a record of a version that
-    /// had none: the defaults).
-    #[serde(default)]
-    pub forward_limits: ForwardLimits,
-}
-
-/// Bounds of the builtin port driver's forwarder (config keys of the same
-/// names; see the README).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct ForwardLimits {
-    pub max_connections: usize,
-    pub max_connections_per_port: usize,
-    pub max_udp_flows: usize,
-    pub max_udp_flows_per_port: usize,
-    /// 0: no idle timeout.
-    pub tcp_idle_timeout_secs: u64,
-    pub udp_idle_timeout_secs: u64,
-}
-
-impl Default for ForwardLimits {
-    fn default() -> Self {
-        ForwardLimits {
-            max_connections: 32768,
-            max_connections_per_port: 16384,
-            max_udp_flows: 4096,
-            max_udp_flows_per_port: 1024,
-            // Two hours, as TCP keepalive's first probe: a connection that
-            // quiet is most likely gone at the other end.
-            tcp_idle_timeout_secs: 7200,
-            udp_idle_timeout_secs: 60,
-        }
-    }
-}
-
-impl ForwardLimits {
-    pub fn to_limits(self) -> crate::ports::forwarder::Limits {
-        let secs = std::time::Duration::from_secs;
-        crate::ports::forwarder::Limits {
-            connections: self.max_connections,
-            connections_per_port: self.max_connections_per_port,
-            udp_flows: self.max_udp_flows,
-            udp_flows_per_port: self.max_udp_flows_per_port,
-            tcp_idle: Some(self.tcp_idle_timeout_secs)
-                .filter(|s| *s > 0)
-                .map(secs),
-            udp_idle: secs(self.udp_idle_timeout_secs.max(1)),
-        }
-    }
-}
-
-impl Settings {
-    pub fn from_conf(conf: &crate::cni::config::NetConf) -> Self {
-        Settings {
-            mtu: conf.mtu,
-            allow_host_loopback: conf.allow_host_loopback,
-            ipv6: conf.ipv6,
-            port_driver: conf.port_driver,
-            outbound: conf.outbound,
-            idle_timeout_secs: conf.idle_timeout.map(|d| d.as_secs()),
-            log_level: log::max_level().to_string().to_lowercase(),
-            forward_limits: conf.forward_limits,
-        }
-    }
-
-    /// Handed to the supervisor as one JSON argument (`supervisor::Args`).
-    pub fn to_arg(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    pub fn from_arg(arg: &str) -> Result<Self> {
-        serde_json::from_str(arg).map_err(|e| Error::internal(format!("bad --settings: {e}")))
-    }
-}
 
 /// infra.json.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -157,7 +77,7 @@ impl InfraInfo {
     pub fn load_checked(state: &StateDir) -> Result<Option<Self>> {
         match state.read_json::<InfraInfo>(state::INFRA_FILE) {
             Ok(info) => Ok(info),
-            Err(e) if e.code == code::NEWER_STATE => Err(e),
+            Err(e) if e.kind == Kind::NewerState => Err(e),
             Err(e) => {
                 log::warn!("ignoring {e}");
                 Ok(None)
@@ -227,256 +147,6 @@ impl InfraInfo {
     }
 }
 
-/// Held (flock) by the supervisor for as long as it runs, released by the
-/// kernel when it dies however it dies: whether an infra still runs does not
-/// depend on infra.json being readable, nor on its PIDs being visible from
-/// the caller's PID namespace.
-pub const ALIVE_LOCK: &str = "infra.lck";
-
-/// How long a caller waits for a supervisor that is shutting down to let go
-/// of the lock (its own teardown waits up to STOP_TIMEOUT for leftovers).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// The supervisor's side of `ALIVE_LOCK`; refuses when another supervisor
-/// holds it. Close-on-exec: the sandbox and the way out do not hold it.
-pub fn hold_alive_lock(state: &StateDir) -> Result<std::fs::File> {
-    let path = state.file(ALIVE_LOCK);
-    let file = state.open_file(ALIVE_LOCK, true)?;
-    match sys::try_flock(&file) {
-        Ok(true) => Ok(file),
-        Ok(false) => Err(Error::new(
-            code::INFRA_START,
-            format!(
-                "another infra's supervisor holds {}: not starting a second infra",
-                path.display()
-            ),
-        )),
-        Err(e) => Err(Error::new(
-            code::INFRA_START,
-            format!("locking {}: {e}", path.display()),
-        )),
-    }
-}
-
-/// Whether a supervisor holds `ALIVE_LOCK` after up to `wait` (one that
-/// is shutting down lets go within it). A lock file we cannot open says
-/// nothing: an older supervisor did not take it, and none is there when
-/// no supervisor made it.
-fn supervisor_holds_lock(state: &StateDir, wait: Duration) -> bool {
-    let Ok(file) = state.open_file(ALIVE_LOCK, false) else {
-        return false;
-    };
-    let deadline = sys::deadline(wait);
-    loop {
-        match sys::try_flock(&file) {
-            // Taken only to look: released at once (dropped with the file).
-            Ok(true) | Err(_) => return false,
-            Ok(false) if Instant::now() >= deadline => return true,
-            Ok(false) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-/// What the state dir says of its infra, found without changing anything.
-pub enum Probe {
-    /// No infra runs: none was recorded, or the record is torn and no
-    /// supervisor runs (`reap_dead_infra` removes the infra's files).
-    Absent,
-    /// A live infra whose mounts are the state dir's.
-    Live(InfraInfo),
-    /// infra.json is missing or unreadable, but its supervisor runs and
-    /// said what its infra is (`reap_dead_infra` writes the record again).
-    Unrecorded(InfraInfo),
-    /// Alive, but its /run or /var/lib/cni is no longer the state dir's
-    /// (deleted under it?): it is to be replaced, its attachments are lost.
-    Broken(InfraInfo),
-    /// Recorded, dead: what it left is found by its PIDs and namespaces.
-    Dead(InfraInfo),
-    /// Recorded in a PID namespace whose supervisor is gone: its PIDs name
-    /// nothing here, so what it left is found by namespace inodes only.
-    DeadElsewhere(InfraInfo),
-}
-
-impl InfraInfo {
-    /// The state of the recorded infra. Reads files and /proc, and asks a
-    /// supervisor whose record is unreadable; signals, kills and removes
-    /// nothing. An infra of another PID namespace that still runs, or whose
-    /// PIDs mean other processes here, is an error: this caller can neither
-    /// use nor clean it up.
-    pub fn probe(state: &StateDir) -> Result<Probe> {
-        let info = match InfraInfo::load_checked(state)? {
-            Some(info) => info,
-            None => match unrecorded_supervisor(state)? {
-                Some(info) => return Ok(Probe::Unrecorded(info)),
-                None => return Ok(Probe::Absent),
-            },
-        };
-        let my_pidns = procfs::self_ns_inode("pid").unwrap_or(0);
-        if info.pidns != 0 && my_pidns != 0 && info.pidns != my_pidns {
-            if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
-                return Err(other_pid_namespace(state, &info, my_pidns));
-            }
-            // A record with a PID namespace is one whose supervisor took
-            // `ALIVE_LOCK`, and none holds it: that infra is dead (its PID
-            // namespace may have gone, killing it).
-            return Ok(Probe::DeadElsewhere(info));
-        }
-        if info.is_alive() {
-            return Ok(if info.mounts_ok(state) {
-                Probe::Live(info)
-            } else {
-                Probe::Broken(info)
-            });
-        }
-        if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
-            // /proc says the recorded processes are gone, yet a supervisor
-            // runs: the record's PIDs mean other processes from here.
-            return Err(other_pid_namespace(state, &info, my_pidns));
-        }
-        Ok(Probe::Dead(info))
-    }
-}
-
-/// Acts on a probe under the state lock: removes what a dead infra left
-/// (its processes still in its namespaces, its files), stops a broken one,
-/// writes an unreadable record again. The live infra, if one is left.
-pub fn reap_dead_infra(
-    state: &StateDir,
-    lock: &StateLock,
-    probe: Probe,
-) -> Result<Option<InfraInfo>> {
-    match probe {
-        Probe::Live(info) => Ok(Some(info)),
-        Probe::Unrecorded(info) => {
-            log::warn!(
-                "{} was unreadable; written again from what supervisor {} says",
-                state::INFRA_FILE,
-                info.supervisor.pid
-            );
-            info.save(state)?;
-            Ok(Some(info))
-        }
-        Probe::Absent => {
-            // A torn record of a dead infra, or none at all.
-            forget_infra_files(state)?;
-            Ok(None)
-        }
-        Probe::Broken(info) => {
-            log::warn!(
-                "the infra's /run or /var/lib/cni is no longer the state dir's (deleted under it?); replacing the infra, its attachments are lost"
-            );
-            stop(state, lock, &info)?;
-            Ok(None)
-        }
-        Probe::Dead(info) => {
-            log::info!(
-                "infra recorded in {} is gone; cleaning up",
-                state.path.display()
-            );
-            kill_and_reap(state, &info);
-            forget_infra_files(state)?;
-            Ok(None)
-        }
-        Probe::DeadElsewhere(info) => {
-            log::info!(
-                "infra recorded in {} (started in PID namespace {}) is gone; cleaning up",
-                state.path.display(),
-                info.pidns
-            );
-            // Its PIDs name nothing here, so none is signalled: what it left
-            // in its namespaces is found by their inodes, as after any death.
-            end_leftovers(state, &info);
-            forget_infra_files(state)?;
-            Ok(None)
-        }
-    }
-}
-
-/// The live infra after `reap_dead_infra`, with this process joined to
-/// the infra's user namespace when it was outside it (`join_infra_userns`),
-/// so that the caller can enter the infra's namespaces.
-pub fn reap_and_join(state: &StateDir, lock: &StateLock) -> Result<Option<InfraInfo>> {
-    let Some(info) = reap_dead_infra(state, lock, InfraInfo::probe(state)?)? else {
-        return Ok(None);
-    };
-    join_infra_userns(state, &info)?;
-    Ok(Some(info))
-}
-
-/// infra.json is missing or unreadable: a supervisor that still runs says
-/// what its infra is. None when no supervisor runs.
-fn unrecorded_supervisor(state: &StateDir) -> Result<Option<InfraInfo>> {
-    if !supervisor_holds_lock(state, SHUTDOWN_GRACE) {
-        return Ok(None);
-    }
-    let lock = state.file(ALIVE_LOCK);
-    let info = control::info(state).map_err(|e| {
-        Error::new(
-            code::UNSAFE_STATE_DIR,
-            format!(
-                "an infra supervisor still runs (it holds {}) but {} is unreadable and its control socket does not answer ({}); end that supervisor (`fuser {}` names it), then retry",
-                lock.display(),
-                state.file(state::INFRA_FILE).display(),
-                e.msg,
-                lock.display()
-            ),
-        )
-    })?;
-    Ok(Some(info))
-}
-
-/// A caller whose PID namespace is not the supervisor's cannot tell the
-/// infra's processes from others (a PID names another process there, or
-/// none): it must neither use nor clean up the infra.
-fn other_pid_namespace(state: &StateDir, info: &InfraInfo, mine: u64) -> Error {
-    Error::new(
-        code::UNSAFE_STATE_DIR,
-        format!(
-            "state dir {} belongs to an infra started in another PID namespace ({}, ours is {mine}); run this in the PID namespace the infra was started from, or give this runtime its own \"stateDir\"",
-            state.path.display(),
-            if info.pidns == 0 { "unrecorded".to_string() } else { info.pidns.to_string() },
-        ),
-    )
-}
-
-/// Removes what only a running infra has in the state dir: infra.json and
-/// the sockets. A SIGKILLed supervisor could not remove them itself.
-/// Callers hold the state lock and have seen no supervisor holding
-/// `ALIVE_LOCK` (a new one starts only under the state lock).
-fn forget_infra_files(state: &StateDir) -> Result<()> {
-    state.remove(ALIVE_LOCK)?;
-    state.remove(state::SLIRP_SOCKET)?;
-    state.remove(control::SOCKET)?;
-    state.remove(state::INFRA_FILE)
-}
-
-/// A caller outside the infra's user namespace joins it when it owns it;
-/// any other caller must use a state dir of its own. Joining changes the
-/// whole (single-threaded) process.
-pub fn join_infra_userns(state: &StateDir, info: &InfraInfo) -> Result<()> {
-    let mine = procfs::self_ns_inode("user").unwrap_or(0);
-    if info.userns == mine {
-        return Ok(());
-    }
-    let elsewhere = || {
-        Error::new(
-            code::UNSAFE_STATE_DIR,
-            format!(
-                "state dir {} belongs to the infra of another user namespace ({}, ours is {mine}); give this runtime its own \"stateDir\"",
-                state.path.display(),
-                info.userns
-            ),
-        )
-    };
-    let userns = std::fs::File::open(format!("/proc/{}/ns/user", info.supervisor.pid))
-        .map_err(|_| elsewhere())?;
-    if procfs::ns_inode(format!("/proc/{}/ns/user", info.supervisor.pid)) != Some(info.userns) {
-        return Err(elsewhere());
-    }
-    crate::userns::join_owned(&std::os::fd::OwnedFd::from(userns), "the infra")
-        .map_err(|e| elsewhere().with_details(e.msg))
-}
-
 /// The running infra, started when there is none. The bool says whether
 /// this call started it.
 pub fn ensure_running(
@@ -509,7 +179,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     // The dirs below are the running infra's: never reset under it.
     if supervisor_holds_lock(state, SHUTDOWN_GRACE) {
         return Err(Error::new(
-            code::INFRA_START,
+            Kind::InfraStart,
             format!(
                 "an infra supervisor still holds {}: not starting a second infra",
                 state.file(ALIVE_LOCK).display()
@@ -527,19 +197,22 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     state.remove(state::SLIRP_SOCKET)?;
     let log_path = state.file(state::LOG_FILE);
     let log = state.open_log(state::LOG_FILE, MAX_LOG)?;
-    let spawned = spawn_own(
-        supervisor::ENTRY,
-        |ready_fd| supervisor::Args::new(state, settings, ready_fd).to_args(),
-        |cmd| {
-            cmd.stderr(log).current_dir("/");
-        },
-        || {
-            nix::unistd::setsid()
-                .map(drop)
-                .map_err(std::io::Error::from)
-        },
-        START_TIMEOUT,
-    );
+    // SAFETY: setsid is async-signal-safe and allocates nothing.
+    let spawned = unsafe {
+        spawn_own(
+            supervisor::ENTRY,
+            |ready_fd| supervisor::Args::new(state, settings, ready_fd).to_args(),
+            |cmd| {
+                cmd.stderr(log).current_dir("/");
+            },
+            || {
+                nix::unistd::setsid()
+                    .map(drop)
+                    .map_err(std::io::Error::from)
+            },
+            START_TIMEOUT,
+        )
+    };
     let failure = match spawned {
         Ok(mut child) => match InfraInfo::load(state) {
             Some(info) if info.is_alive() => {
@@ -559,7 +232,7 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
     }
     let _ = forget_infra_files(state);
     Err(
-        Error::new(code::INFRA_START, format!("starting the infra: {failure}")).with_details(
+        Error::new(Kind::InfraStart, format!("starting the infra: {failure}")).with_details(
             format!("{}:\n{}", log_path.display(), sys::tail(&log_path, 10)),
         ),
     )
@@ -569,14 +242,20 @@ pub fn start(state: &StateDir, _lock: &StateLock, settings: &Settings) -> Result
 /// of the write end of a pipe (its `--ready-fd`), runs `child_setup`
 /// between fork and exec, and waits until the child closes the pipe: "ok"
 /// means ready, anything else says why not (the child is then killed).
-pub fn spawn_own(
+///
+/// # Safety
+///
+/// `child_setup` runs in the forked child of a possibly multi-threaded
+/// process: it must only make async-signal-safe calls (no allocation, no
+/// locks), as `CommandExt::pre_exec` requires.
+pub unsafe fn spawn_own(
     entry: &str,
     args: impl FnOnce(i32) -> Vec<OsString>,
     configure: impl FnOnce(&mut Command),
     mut child_setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
     timeout: Duration,
 ) -> Result<std::process::Child> {
-    let fail = |why: String| Error::new(code::INFRA_START, why);
+    let fail = |why: String| Error::new(Kind::InfraStart, why);
     let exe = std::env::current_exe().map_err(|e| fail(format!("finding our own binary: {e}")))?;
     let (ready_r, ready_w) = sys::pipe()?;
     let ready_fd = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
@@ -596,8 +275,8 @@ pub fn spawn_own(
         }
     }
     configure(&mut cmd);
-    // SAFETY: runs between fork and exec; child_setup and fcntl must be, and
-    // are, async-signal-safe.
+    // SAFETY: runs between fork and exec; fcntl is async-signal-safe, and
+    // so is child_setup, by this function's contract.
     unsafe {
         cmd.pre_exec(move || {
             child_setup()?;

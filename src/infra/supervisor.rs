@@ -5,7 +5,7 @@
 
 use super::outbound::{self, Running};
 use super::{control, sandbox, InfraInfo, PortDriver, Settings};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::ports::{self, builtin::Builtin, client_addr, Driver};
 use crate::procfs::{self, ProcessId};
 use crate::state::{self, StateDir};
@@ -168,7 +168,7 @@ impl Supervisor {
         let ns = |kind: &str| procfs::ns_inode(format!("/proc/{}/ns/{kind}", sandbox_id.pid));
         let (Some(netns), Some(mntns)) = (ns("net"), ns("mnt")) else {
             return Err(Error::new(
-                code::INFRA_START,
+                Kind::InfraStart,
                 "the sandbox vanished after start",
             ));
         };
@@ -483,18 +483,23 @@ impl Supervisor {
 /// mount namespaces; it dies with us.
 fn spawn_sandbox(state: &StateDir, settings: &Settings) -> Result<(Child, ProcessId)> {
     let parent = nix::unistd::getpid();
-    let child = super::spawn_own(
-        sandbox::ENTRY,
-        |ready_fd| sandbox::Args::new(state, settings, ready_fd).to_args(),
-        |_| {},
-        move || {
-            sys::die_with_parent(parent)?;
-            let flags = nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS;
-            nix::sched::unshare(flags).map_err(std::io::Error::from)
-        },
-        SANDBOX_TIMEOUT,
-    )?;
+    // SAFETY: prctl, getppid and unshare are async-signal-safe and
+    // allocate nothing.
+    let child = unsafe {
+        super::spawn_own(
+            sandbox::ENTRY,
+            |ready_fd| sandbox::Args::new(state, settings, ready_fd).to_args(),
+            |_| {},
+            move || {
+                sys::die_with_parent(parent)?;
+                let flags =
+                    nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS;
+                nix::sched::unshare(flags).map_err(std::io::Error::from)
+            },
+            SANDBOX_TIMEOUT,
+        )
+    }?;
     let id = ProcessId::of(child.id() as i32)
-        .ok_or_else(|| Error::new(code::INFRA_START, "the sandbox exited during setup"))?;
+        .ok_or_else(|| Error::new(Kind::InfraStart, "the sandbox exited during setup"))?;
     Ok((child, id))
 }

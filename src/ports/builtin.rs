@@ -7,7 +7,7 @@
 use super::client_addr::Kept;
 use super::forwarder::{Forwarder, Limits, Listening};
 use super::{Driver, PortMapping, Protocol};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::net::{TcpListener, UdpSocket};
 use std::os::fd::OwnedFd;
 
@@ -21,7 +21,7 @@ impl Builtin {
     pub fn new(infra_netns: OwnedFd, limits: Limits, infra_ipv6: bool) -> Result<Self> {
         let forwarder = Forwarder::start(infra_netns, limits, infra_ipv6).map_err(|e| {
             Error::new(
-                code::INFRA_START,
+                Kind::InfraStart,
                 format!("starting the port forwarder in the infra's netns: {e}"),
             )
         })?;
@@ -59,7 +59,7 @@ impl Driver for Builtin {
         if !self.forwarder.add(key, opened) {
             // Never a success for ports nobody serves.
             return Err(Error::new(
-                code::INTERNAL,
+                Kind::Internal,
                 "the infra's port forwarder has stopped (see infra.log); \
                  the ports cannot be published until the infra is restarted",
             ));
@@ -89,8 +89,6 @@ pub fn bind_error(m: &PortMapping, e: std::io::Error) -> Error {
         Some(libc::EADDRNOTAVAIL) => " (no such local address)",
         _ => "",
     };
-    Error::new(
-        code::HOST_PORT,
-        format!("cannot publish host port {}: {e}{hint}", m.describe()),
-    )
+    let msg = format!("cannot publish host port {}: {e}{hint}", m.describe());
+    Error::new(Kind::HostPort, msg).with_source(e)
 }

@@ -10,7 +10,7 @@ pub mod forwarder;
 pub mod slirp;
 
 use crate::cni::gojson;
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -94,7 +94,7 @@ pub fn from_runtime_config(rc: &Map<String, Value>) -> Result<Vec<PortMapping>> 
 /// already lands on inside the infra (code 107, naming `holder`).
 pub fn shared_port(m: &PortMapping, holder: &str) -> Error {
     Error::new(
-        code::HOST_PORT,
+        Kind::HostPort,
         format!(
             "{}: port {} is already published by {holder}; inside the infra both would reach the same address, so one (protocol, host port) serves one container",
             m.describe(),
@@ -264,7 +264,7 @@ mod tests {
             ),
         ] {
             let e = from_runtime_config(&rc(v)).unwrap_err();
-            assert_eq!(e.code, 7);
+            assert_eq!(e.code(), 7);
             assert!(
                 e.msg.contains(culprit) && e.msg.contains("portMappings[0]"),
                 "{}",

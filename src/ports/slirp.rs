@@ -2,7 +2,7 @@
 //! socket. slirp4netns's API takes IPv4 host addresses only.
 
 use super::{Driver, PortMapping, Protocol, INFRA_ADDR};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -56,7 +56,7 @@ impl Slirp {
             .and_then(Value::as_str)
             .unwrap_or("no id in the answer");
         Err(Error::new(
-            code::HOST_PORT,
+            Kind::HostPort,
             format!(
                 "cannot publish host port {} through slirp4netns: {desc}{}",
                 m.describe(),
@@ -138,8 +138,7 @@ fn why_unavailable(m: &PortMapping) -> String {
 /// One request, one answer: slirp4netns closes after each.
 fn call(api_socket: &Path, req: &Value) -> Result<Value> {
     let what = || format!("slirp4netns API {}", api_socket.display());
-    let mut conn =
-        UnixStream::connect(api_socket).map_err(|e| Error::internal(format!("{}: {e}", what())))?;
+    let mut conn = UnixStream::connect(api_socket).map_err(|e| Error::from(e).context(what()))?;
     conn.set_read_timeout(Some(API_TIMEOUT))?;
     conn.write_all(req.to_string().as_bytes())?;
     conn.shutdown(std::net::Shutdown::Write)?;

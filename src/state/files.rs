@@ -3,7 +3,7 @@
 //! JSON files read with their format checked and written atomically.
 
 use super::{dir_flags, io_error, FORMAT_KEY, FORMAT_VERSION};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::sys;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -96,7 +96,7 @@ fn check_format(value: &Value, path: &Path) -> Result<()> {
         return Ok(());
     }
     Err(Error::new(
-        code::NEWER_STATE,
+        Kind::NewerState,
         format!(
             "{} was written by a newer rootless-cni (state format {version}; this binary reads up to {FORMAT_VERSION}): \
              left as it is; run the newer binary (check which one the runtime's CNI_PATH finds), \
@@ -190,8 +190,8 @@ mod tests {
         assert!(check_format(&serde_json::json!({FORMAT_KEY: FORMAT_VERSION}), path).is_ok());
         let newer = serde_json::json!({FORMAT_KEY: FORMAT_VERSION + 1});
         assert_eq!(
-            check_format(&newer, path).unwrap_err().code,
-            code::NEWER_STATE
+            check_format(&newer, path).unwrap_err().kind,
+            Kind::NewerState
         );
     }
 }

@@ -4,7 +4,7 @@
 
 use super::attachment::escape;
 use super::{io_error, StateDir, FIRST_CHAIN_LOCK_FILE, LOCK_FILE, LOCK_TIMEOUT, WARM_DIR};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::sys;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg, OFlag};
@@ -100,7 +100,7 @@ impl StateDir {
                 }
                 Err((_, Errno::EWOULDBLOCK | Errno::EINTR)) => {
                     return Err(Error::new(
-                        code::TRY_AGAIN_LATER,
+                        Kind::TryAgainLater,
                         format!(
                             "lock {} still held after {}s by another call; try again later (lockTimeout)",
                             self.file(name).display(),

@@ -49,7 +49,7 @@ pub use attachment::{Attachment, AttachmentKey, AttachmentState};
 pub use files::{dir_in, Durability};
 pub use lock::StateLock;
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::sys;
 use files::{ensure_dir_at, read_json_at, remove_at, remove_tree_at, write_json_at};
 use nix::errno::Errno;
@@ -200,7 +200,7 @@ impl StateDir {
     fn open_error(&self, name: &str, e: Errno) -> Error {
         match e {
             Errno::ELOOP | Errno::ENOTDIR => Error::new(
-                code::UNSAFE_STATE_DIR,
+                Kind::UnsafeStateDir,
                 format!(
                     "state dir {} is not safe to use: {name} in it is a symlink or not what we made; \
                      it was not followed (remove it if you put it there)",

@@ -2,7 +2,7 @@
 //! other user can reach it or replace anything above it.
 
 use super::{dir_flags, io_error, DEFAULT_DIR_NAME, ROOT_STATE_DIR};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::sys;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -79,7 +79,7 @@ fn unsafe_ancestor(st: &FileStat, me: u32) -> Option<String> {
 pub(super) fn open_checked(path: &Path, create: bool) -> Result<Option<(PathBuf, OwnedFd)>> {
     let unsafe_dir = |why: String| {
         Error::new(
-            code::UNSAFE_STATE_DIR,
+            Kind::UnsafeStateDir,
             format!("state dir {} is not safe to use: {why}", path.display()),
         )
     };
@@ -99,9 +99,7 @@ pub(super) fn open_checked(path: &Path, create: bool) -> Result<Option<(PathBuf,
     };
     let me = nix::unistd::geteuid().as_raw();
     let walk = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let root = nix::fcntl::open("/", walk, Mode::empty()).map_err(|e| io_error(e, "opening /"))?;
-    // SAFETY: open just returned this fd; nothing else owns it.
-    let mut dir = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(root) };
+    let mut dir = sys::open(Path::new("/"), walk).map_err(|e| io_error(e, "opening /"))?;
     let mut walked = PathBuf::from("/");
     let mut components = parent.components().skip(1).peekable();
     loop {

@@ -4,7 +4,7 @@
 use super::files::{read_value_at, remove_at, temp_name, temp_path, write_json_at};
 use super::{dir_flags, io_error, ATTACHMENTS_DIR};
 use super::{Attachment, AttachmentKey, AttachmentState, Durability, StateDir, StateLock};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::sys;
 use nix::errno::Errno;
 use nix::unistd::UnlinkatFlags;
@@ -114,7 +114,7 @@ impl StateDir {
                 Ok(Some(a)) => out.push(a),
                 Ok(None) => {}
                 // Not ours to skip: a caller would take it for absent.
-                Err(e) if e.code == code::NEWER_STATE => return Err(e),
+                Err(e) if e.kind == Kind::NewerState => return Err(e),
                 Err(e) => log::warn!("skipping unreadable record {}: {e}", path.display()),
             }
         }

@@ -11,7 +11,7 @@
 pub mod pasta;
 pub mod slirp4netns;
 
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::procfs::ProcessId;
 use crate::sys;
 use serde::{Deserialize, Serialize};
@@ -79,7 +79,7 @@ fn spawn(mut cmd: Command, keep: [RawFd; 2], what: &str, missing: &str) -> Resul
     }
     cmd.spawn().map_err(|e| {
         Error::new(
-            code::INFRA_START,
+            Kind::InfraStart,
             format!("starting {what}: {e} ({missing})"),
         )
     })
@@ -91,7 +91,7 @@ fn not_ready(mut child: Child, what: &str, hint: &str) -> Error {
     let _ = child.kill();
     let status = child.wait().ok();
     Error::new(
-        code::INFRA_START,
+        Kind::InfraStart,
         format!(
             "{what} did not become ready ({}{hint})",
             status.map_or("still running".into(), |s| s.to_string())

@@ -25,7 +25,7 @@
 use super::{
     Options, Running, ADDRESS, ADDRESS6, DNS, DNS6, GATEWAY, GATEWAY6, PREFIX, READY_TIMEOUT, TAP,
 };
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::procfs::ProcessId;
 use crate::sys;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -89,7 +89,7 @@ fn args(opts: &Options, netns_fd: i32, pid_fd: i32) -> Vec<String> {
 
 /// Starts pasta and waits until tap0 is configured.
 pub fn start(opts: &Options) -> Result<Running> {
-    let fail = |why: String| Error::new(code::INFRA_START, why);
+    let fail = |why: String| Error::new(Kind::InfraStart, why);
     let netns = std::fs::File::open(format!("/proc/{}/ns/net", opts.sandbox_pid))
         .map_err(|e| fail(format!("opening the sandbox's netns for pasta: {e}")))?;
     let netns = OwnedFd::from(netns);

@@ -2,7 +2,7 @@
 //! defaults, set by `--configure`, are the addresses of `super`.
 
 use super::{Options, Running, READY_TIMEOUT, TAP};
-use crate::error::{code, Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::procfs::ProcessId;
 use crate::sys;
 use std::os::fd::AsRawFd;
@@ -40,7 +40,7 @@ pub fn start(opts: &Options) -> Result<Running> {
         return Err(super::not_ready(child, "slirp4netns", ""));
     }
     let id = ProcessId::of(child.id() as i32)
-        .ok_or_else(|| Error::new(code::INFRA_START, "slirp4netns exited right after start"))?;
+        .ok_or_else(|| Error::new(Kind::InfraStart, "slirp4netns exited right after start"))?;
     Ok(Running {
         child,
         id,
