@@ -67,6 +67,8 @@ mod opts;
 mod procs;
 #[path = "rootless/report.rs"]
 mod report;
+#[path = "rootless/rounds.rs"]
+mod rounds;
 #[path = "rootless/stats.rs"]
 mod stats;
 #[path = "rootless/trace.rs"]

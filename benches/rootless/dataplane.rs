@@ -4,9 +4,10 @@
 use crate::cleanup;
 use crate::driver::{state_dir_path, Attached, Cx};
 use crate::iperf::{
-    alternate, client_args, container_server, in_container, iperf_client, iperf_server, IPERF_PORT,
+    client_args, container_server, in_container, iperf_client, iperf_server, IPERF_PORT,
 };
 use crate::netconf::{conflist, stdin_conf, Chain, NetOpts};
+use crate::rounds::alternate;
 use crate::stats::{gbits_runs, ratio_runs};
 use crate::Res;
 use lab::free_tcp_port;

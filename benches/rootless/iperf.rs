@@ -1,5 +1,5 @@
-//! iperf3 servers and clients, and running A and B alternately: shared by
-//! the data plane, outbound and ports phases.
+//! iperf3 servers and clients, shared by the data plane, outbound and ports
+//! phases.
 
 use crate::driver::Cx;
 use crate::procs::Background;
@@ -92,23 +92,4 @@ pub(crate) fn container_server(cx: &Cx, c: &Container, what: &str) -> Res<Backgr
     .map(|s| s.to_string())
     .collect();
     iperf_server(in_container(cx, c, &argv), what)
-}
-
-/// Alternates `a` and `b` for `rounds` rounds; the medians.
-pub(crate) fn alternate(
-    rounds: usize,
-    mut a: impl FnMut() -> Res<f64>,
-    mut b: impl FnMut() -> Res<f64>,
-) -> Res<(Vec<f64>, Vec<f64>)> {
-    let (mut va, mut vb) = (Vec::new(), Vec::new());
-    for i in 0..rounds {
-        if i % 2 == 0 {
-            va.push(a()?);
-            vb.push(b()?);
-        } else {
-            vb.push(b()?);
-            va.push(a()?);
-        }
-    }
-    Ok((va, vb))
 }

@@ -11,6 +11,7 @@ use crate::driver::{self, Attached, Cx};
 use crate::footprint::vm_rss_kib;
 use crate::iperf::{self, IPERF_PORT};
 use crate::netconf::{conflist, stdin_conf, Chain, NetOpts};
+use crate::rounds;
 use crate::stats::{self, median, mib, ms, ratio};
 use crate::Res;
 use lab::Container;
@@ -63,7 +64,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
             drop(a);
             Ok(took)
         };
-        let (cold_s, cold_p) = iperf::alternate(rounds, || cold("slirp4netns"), || cold("pasta"))?;
+        let (cold_s, cold_p) = rounds::alternate(rounds, || cold("slirp4netns"), || cold("pasta"))?;
         rows.push((
             "cold ADD (infra started), slirp4netns".into(),
             ms(median(&cold_s)),
@@ -106,7 +107,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
                     what,
                 )
             };
-            let (bs, bp) = iperf::alternate(
+            let (bs, bp) = rounds::alternate(
                 rounds,
                 || client(&s, "slirp4netns client"),
                 || client(&p, "pasta client"),
@@ -149,7 +150,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
             c.args(&iperf::client_args("127.0.0.1", hp, secs)[1..]);
             iperf::iperf_client(c, what)
         };
-        let (bs, bp) = iperf::alternate(
+        let (bs, bp) = rounds::alternate(
             rounds,
             || host_client(ps, "published port client, slirp4netns infra"),
             || host_client(pp, "published port client, pasta infra"),
@@ -183,7 +184,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
         let span = Duration::from_secs(secs.into());
         let (lost_s, lost_p) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let (cs, cp) = with_host_listener(|target| {
-            iperf::alternate(
+            rounds::alternate(
                 rounds,
                 || connections_per_second(&s.c, target, span, &lost_s),
                 || connections_per_second(&p.c, target, span, &lost_p),

@@ -3,7 +3,6 @@
 
 use super::client::Outcome;
 use crate::footprint::proc_kib;
-use crate::Res;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::AsRawFd;
@@ -96,23 +95,6 @@ pub(super) fn pipe_sizes(p: &Peak) -> String {
         .map(|(size, count)| format!("{count} × {}", kib(*size)))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Runs `run(i)` for each of `k` contenders, `rounds` times, the order
-/// rotating from round to round; each contender's results.
-pub(super) fn alternate_n(
-    rounds: usize,
-    k: usize,
-    mut run: impl FnMut(usize) -> Res<f64>,
-) -> Res<Vec<Vec<f64>>> {
-    let mut out = vec![Vec::new(); k];
-    for r in 0..rounds {
-        for j in 0..k {
-            let i = (r + j) % k;
-            out[i].push(run(i)?);
-        }
-    }
-    Ok(out)
 }
 
 /// TcpExt ListenOverflows of the host's network namespace (all of it:

@@ -2,11 +2,11 @@
 //! pasta, and short connections per second.
 
 use super::client::{self};
-use super::measure::alternate_n;
 use super::peers::{pasta_iperf, peer_lab, rootlesskit_iperf};
 use super::{Line, Plan};
 use crate::cleanup;
 use crate::iperf::{client_args, iperf_client};
+use crate::rounds::alternate_n;
 use crate::stats::{gbits, gbits_runs, median, ratio_runs};
 use crate::Res;
 use lab::free_tcp_port;
