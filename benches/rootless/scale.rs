@@ -33,16 +33,7 @@ pub(crate) fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
                     .map(|i| (format!("bench-scale-{i}"), cx.lab.container()))
                     .collect();
                 progress!("scale: ADD of {} attachments", new.len());
-                let out = worker(
-                    cx,
-                    json!({
-                        "task": "many", "verb": "ADD",
-                        "concurrency": cx.plan.scale_concurrency,
-                        "bin": cx.bin, "cni_path": cx.lab.cni_path(), "conf": conf,
-                        "ids": new.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
-                        "netns": new.iter().map(|n| n.1.netns()).collect::<Vec<_>>(),
-                    }),
-                );
+                let out = many(cx, "ADD", &conf, &new);
                 live.extend(new);
                 let out = out?;
                 progress!(
@@ -81,16 +72,7 @@ pub(crate) fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
     })();
     // DEL everything, even after a failure.
     progress!("scale: DEL of {} attachments", live.len());
-    let del = worker(
-        cx,
-        json!({
-            "task": "many", "verb": "DEL",
-            "concurrency": cx.plan.scale_concurrency,
-            "bin": cx.bin, "cni_path": cx.lab.cni_path(), "conf": conf,
-            "ids": live.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
-            "netns": live.iter().map(|n| n.1.netns()).collect::<Vec<_>>(),
-        }),
-    );
+    let del = many(cx, "DEL", &conf, &live);
     for (_, c) in &live {
         cx.lab.kill_container(c);
     }
@@ -127,6 +109,21 @@ pub(crate) fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
         );
     }
     Ok(())
+}
+
+/// `verb` of every (id, container) of `attachments` through rootless-cni,
+/// `scale_concurrency` at a time (the worker's task `many`).
+fn many(cx: &Cx, verb: &str, conf: &Value, attachments: &[(String, Container)]) -> Res<Value> {
+    worker(
+        cx,
+        json!({
+            "task": "many", "verb": verb,
+            "concurrency": cx.plan.scale_concurrency,
+            "bin": cx.bin, "cni_path": cx.lab.cni_path(), "conf": conf,
+            "ids": attachments.iter().map(|n| n.0.clone()).collect::<Vec<_>>(),
+            "netns": attachments.iter().map(|n| n.1.netns()).collect::<Vec<_>>(),
+        }),
+    )
 }
 
 /// (binary, calls, ms) rows.

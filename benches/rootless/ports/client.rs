@@ -170,6 +170,27 @@ pub(super) struct Outcome {
 }
 
 impl Outcome {
+    /// Counts a failure; the first one is described by `what`.
+    fn count_failure(&mut self, f: Fail, what: impl FnOnce() -> String) {
+        *self.failed.entry(f).or_default() += 1;
+        self.first_failure.get_or_insert_with(what);
+    }
+
+    /// Counts connection `i` if it has settled: a success (`succeeded`,
+    /// `start` to now) or a failure. Whether it is still going.
+    fn settle(&mut self, i: usize, st: &St, succeeded: bool, start: Instant) -> bool {
+        if succeeded {
+            self.ok += 1;
+            self.ok_at.push(start.elapsed());
+            return false;
+        }
+        if let St::Failed(f) = *st {
+            self.count_failure(f, || format!("connection {i}: {f:?}"));
+            return false;
+        }
+        true
+    }
+
     pub fn failures(&self) -> usize {
         self.failed.values().sum()
     }
@@ -247,9 +268,7 @@ impl Held {
                         inflight.push(i);
                     }
                     Err(e) => {
-                        *out.failed.entry(fail_of(&e)).or_default() += 1;
-                        out.first_failure
-                            .get_or_insert_with(|| format!("connect {attempted}: {e}"));
+                        out.count_failure(fail_of(&e), || format!("connect {attempted}: {e}"));
                     }
                 }
             }
@@ -264,20 +283,7 @@ impl Held {
                 if c.busy() && (over || c.since.elapsed() >= each) {
                     c.st = St::Failed(Fail::Timeout);
                 }
-                match c.st {
-                    St::Ready => {
-                        out.ok += 1;
-                        out.ok_at.push(start.elapsed());
-                        false
-                    }
-                    St::Failed(f) => {
-                        *out.failed.entry(f).or_default() += 1;
-                        out.first_failure
-                            .get_or_insert_with(|| format!("connection {i}: {f:?}"));
-                        false
-                    }
-                    _ => true,
-                }
+                out.settle(i, &c.st, matches!(c.st, St::Ready), start)
             });
         }
         // Connections never started (the bound passed) count as timed out.
@@ -330,20 +336,7 @@ impl Held {
                 if c.busy() && c.since.elapsed() >= each {
                     c.st = St::Failed(Fail::Timeout);
                 }
-                match c.st {
-                    St::Ready | St::Closed => {
-                        out.ok += 1;
-                        out.ok_at.push(start.elapsed());
-                        false
-                    }
-                    St::Failed(f) => {
-                        *out.failed.entry(f).or_default() += 1;
-                        out.first_failure
-                            .get_or_insert_with(|| format!("connection {i}: {f:?}"));
-                        false
-                    }
-                    _ => true,
-                }
+                out.settle(i, &c.st, matches!(c.st, St::Ready | St::Closed), start)
             });
         }
         out.wall = start.elapsed();
@@ -397,9 +390,7 @@ pub(super) fn short(addr: SocketAddr, concurrency: usize, secs: f64) -> io::Resu
                     *slot = Some(c);
                 }
                 Err(e) => {
-                    *out.failed.entry(fail_of(&e)).or_default() += 1;
-                    out.first_failure
-                        .get_or_insert_with(|| format!("connect: {e}"));
+                    out.count_failure(fail_of(&e), || format!("connect: {e}"));
                 }
             }
         }
@@ -427,9 +418,7 @@ pub(super) fn short(addr: SocketAddr, concurrency: usize, secs: f64) -> io::Resu
                     *slot = None;
                 }
                 St::Failed(f) => {
-                    *out.failed.entry(f).or_default() += 1;
-                    out.first_failure
-                        .get_or_insert_with(|| format!("a short connection: {f:?}"));
+                    out.count_failure(f, || format!("a short connection: {f:?}"));
                     *slot = None;
                 }
                 _ => {}
