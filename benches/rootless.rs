@@ -12,7 +12,7 @@
 //! 6. footprint: VmRSS of the infra's processes, binary size;
 //! 7. published ports at scale: 10,000 held connections, throughput beside
 //!    rootlesskit's and pasta's port forwarding, connections per second,
-//!    the slirp4netns driver under 500 connections (benches/rootless/ports.rs).
+//!    the slirp4netns driver under 500 connections (benches/rootless/ports/).
 //!
 //! Every figure is a median; every comparison is a ratio of medians
 //! measured in the same run with A and B alternating.
