@@ -7,11 +7,14 @@
 //! connection from a container to the host, and to `status` showing the
 //! way out up again).
 
-use super::driver::{self, Attached, Cx};
-use super::{
-    conflist, median, mib, ms, ratio, stdin_conf, vm_rss_kib, Chain, Container, NetOpts, Res,
-    IPERF_PORT,
-};
+use crate::driver::{self, Attached, Cx};
+use crate::footprint::vm_rss_kib;
+use crate::iperf::{self, IPERF_PORT};
+use crate::netconf::{conflist, stdin_conf, Chain, NetOpts};
+use crate::rounds;
+use crate::stats::{self, median, mib, ms, ratio};
+use crate::Res;
+use lab::Container;
 use serde_json::{json, Value};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -61,7 +64,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
             drop(a);
             Ok(took)
         };
-        let (cold_s, cold_p) = driver::alternate(rounds, || cold("slirp4netns"), || cold("pasta"))?;
+        let (cold_s, cold_p) = rounds::alternate(rounds, || cold("slirp4netns"), || cold("pasta"))?;
         rows.push((
             "cold ADD (infra started), slirp4netns".into(),
             ms(median(&cold_s)),
@@ -86,7 +89,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
             &port.to_string(),
             "--forceflush",
         ]);
-        let _srv = driver::iperf_server(host_srv, "iperf3 server on the host's 127.0.0.1")?;
+        let _srv = iperf::iperf_server(host_srv, "iperf3 server on the host's 127.0.0.1")?;
         let mut attached = Vec::new();
         for mtu in [1500, 65520] {
             let [s, p] = ENGINES.map(|e| {
@@ -99,27 +102,27 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
             let (s, p) = (s?, p?);
             progress!("outbound: container → host, MTU {mtu}, slirp4netns vs pasta");
             let client = |a: &Attached, what: &str| {
-                driver::iperf_client(
-                    driver::in_container(cx, &a.c, &driver::client_args("10.0.2.2", port, secs)),
+                iperf::iperf_client(
+                    iperf::in_container(cx, &a.c, &iperf::client_args("10.0.2.2", port, secs)),
                     what,
                 )
             };
-            let (bs, bp) = driver::alternate(
+            let (bs, bp) = rounds::alternate(
                 rounds,
                 || client(&s, "slirp4netns client"),
                 || client(&p, "pasta client"),
             )?;
             rows.push((
                 format!("container → host (10.0.2.2), MTU {mtu}, slirp4netns"),
-                driver::gbits_runs(&bs),
+                stats::gbits_runs(&bs),
             ));
             rows.push((
                 format!("container → host (10.0.2.2), MTU {mtu}, pasta"),
-                driver::gbits_runs(&bp),
+                stats::gbits_runs(&bp),
             ));
             rows.push((
                 format!("ratio pasta / slirp4netns, MTU {mtu}"),
-                driver::ratio_runs(&bp, &bs).1,
+                stats::ratio_runs(&bp, &bs).1,
             ));
             attached.push((s, p));
         }
@@ -137,28 +140,28 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
             )
         };
         let (pub_s, pub_p) = (published("slirp4netns", ps)?, published("pasta", pp)?);
-        let _srv_s = driver::container_server(cx, &pub_s.c, "iperf3 server, slirp4netns infra")?;
-        let _srv_p = driver::container_server(cx, &pub_p.c, "iperf3 server, pasta infra")?;
+        let _srv_s = iperf::container_server(cx, &pub_s.c, "iperf3 server, slirp4netns infra")?;
+        let _srv_p = iperf::container_server(cx, &pub_p.c, "iperf3 server, pasta infra")?;
         progress!(
             "outbound: host → container through a published port, slirp4netns vs pasta infra"
         );
         let host_client = |hp: u16, what: &str| {
             let mut c = std::process::Command::new("iperf3");
-            c.args(&driver::client_args("127.0.0.1", hp, secs)[1..]);
-            driver::iperf_client(c, what)
+            c.args(&iperf::client_args("127.0.0.1", hp, secs)[1..]);
+            iperf::iperf_client(c, what)
         };
-        let (bs, bp) = driver::alternate(
+        let (bs, bp) = rounds::alternate(
             rounds,
             || host_client(ps, "published port client, slirp4netns infra"),
             || host_client(pp, "published port client, pasta infra"),
         )?;
         rows.push((
             "host → container through a published port (builtin), slirp4netns infra".into(),
-            driver::gbits_runs(&bs),
+            stats::gbits_runs(&bs),
         ));
         rows.push((
             "host → container through a published port (builtin), pasta infra".into(),
-            driver::gbits_runs(&bp),
+            stats::gbits_runs(&bp),
         ));
         drop((_srv_s, _srv_p, pub_s, pub_p));
 
@@ -181,7 +184,7 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
         let span = Duration::from_secs(secs.into());
         let (lost_s, lost_p) = (AtomicUsize::new(0), AtomicUsize::new(0));
         let (cs, cp) = with_host_listener(|target| {
-            driver::alternate(
+            rounds::alternate(
                 rounds,
                 || connections_per_second(&s.c, target, span, &lost_s),
                 || connections_per_second(&p.c, target, span, &lost_p),
@@ -199,13 +202,13 @@ pub fn phase(cx: &mut Cx, section: &'static str) -> Res<()> {
         }
         rows.push((
             "ratio pasta / slirp4netns, connections per second".into(),
-            driver::ratio_runs(&cp, &cs).1,
+            stats::ratio_runs(&cp, &cs).1,
         ));
 
         // Connections held at once, opened one after another.
         let want = cx.plan.outbound_held;
         // The held sockets are this process's fds.
-        super::ports::raise_nofile();
+        crate::ports::raise_nofile();
         progress!(
             "outbound: {want} container → host connections held at once, slirp4netns vs pasta"
         );

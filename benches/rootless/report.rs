@@ -1,0 +1,266 @@
+//! The report: rows of figures and targets, details, and the markdown file.
+
+use crate::opts::Opts;
+use crate::procs::{first_line, relative};
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::thread;
+
+pub(crate) struct Row {
+    pub(crate) section: &'static str,
+    pub(crate) measure: String,
+    pub(crate) result: String,
+    pub(crate) target: Option<String>,
+    pub(crate) met: Option<bool>,
+}
+
+#[derive(Default)]
+pub(crate) struct Report {
+    pub(crate) rows: Vec<Row>,
+    /// Extra tables and notes, markdown.
+    pub(crate) details: Vec<String>,
+    pub(crate) errors: Vec<String>,
+    /// The 1-minute load average before → after each phase.
+    pub(crate) loads: Vec<String>,
+}
+
+impl Report {
+    pub(crate) fn fig(
+        &mut self,
+        section: &'static str,
+        measure: impl Into<String>,
+        result: String,
+    ) {
+        self.rows.push(Row {
+            section,
+            measure: measure.into(),
+            result,
+            target: None,
+            met: None,
+        });
+    }
+
+    pub(crate) fn target(
+        &mut self,
+        section: &'static str,
+        measure: impl Into<String>,
+        result: String,
+        target: &str,
+        met: bool,
+    ) {
+        self.rows.push(Row {
+            section,
+            measure: measure.into(),
+            result,
+            target: Some(target.to_string()),
+            met: Some(met),
+        });
+    }
+
+    pub(crate) fn error(&mut self, section: &'static str, e: String) {
+        progress!("{section}: FAILED: {e}");
+        self.errors.push(format!("{section}: {e}"));
+        self.rows.push(Row {
+            section,
+            measure: "error".into(),
+            result: e.lines().next().unwrap_or("").chars().take(200).collect(),
+            target: None,
+            met: Some(false),
+        });
+    }
+
+    /// Sections in order, rows within one as measured.
+    pub(crate) fn sorted(&self) -> Vec<&Row> {
+        let mut rows: Vec<&Row> = self.rows.iter().collect();
+        rows.sort_by_key(|r| r.section);
+        rows
+    }
+
+    pub(crate) fn table(&self) -> String {
+        let mut s = String::from("| | measure | result | target | |\n|---|---|---|---|---|\n");
+        let mut last = "";
+        for r in self.sorted() {
+            let section = if r.section == last { "" } else { r.section };
+            last = r.section;
+            let met = match r.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "",
+            };
+            let _ = writeln!(
+                s,
+                "| {section} | {} | {} | {} | {met} |",
+                r.measure,
+                r.result,
+                r.target.as_deref().unwrap_or("")
+            );
+        }
+        s
+    }
+}
+
+pub(crate) fn machine() -> Vec<(String, String)> {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_else(|| "?".into());
+    let nproc = thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kib: u64 = m.lines().next()?.split_whitespace().nth(1)?.parse().ok()?;
+            Some(format!("{:.1} GiB", kib as f64 / 1024.0 / 1024.0))
+        })
+        .unwrap_or_default();
+    let os = fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|o| {
+            o.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_default();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let plugins = first_line(
+        "dpkg-query",
+        &["-W", "-f=${Version}", "containernetworking-plugins"],
+    );
+    vec![
+        ("CPU".into(), format!("{nproc} × {model} (nproc {nproc})")),
+        ("memory".into(), mem),
+        ("kernel".into(), kernel),
+        ("OS".into(), os),
+        (
+            "slirp4netns".into(),
+            first_line("slirp4netns", &["--version"]),
+        ),
+        ("iperf3".into(), first_line("iperf3", &["--version"])),
+        (
+            "reference plugins".into(),
+            format!("containernetworking-plugins {plugins}"),
+        ),
+        ("iptables".into(), first_line("iptables", &["--version"])),
+    ]
+}
+
+pub(crate) fn markdown(opts: &Opts, report: &Report) -> String {
+    let date = first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let commit = first_line(
+        "git",
+        &[
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ],
+    );
+    let mut md = String::from("# Benchmarks\n\n");
+    let _ = writeln!(
+        md,
+        "Generated by `{}` on {date} (commit {commit}{}{}). \
+         Every figure is a median over repeated runs; every comparison is a ratio of \
+         medians measured in the same run with A and B alternating. Re-run to \
+         update; this file is overwritten.\n",
+        opts.command,
+        if opts.quick {
+            "; **quick mode: a few iterations each, figures not meaningful**"
+        } else {
+            ""
+        },
+        opts.only.as_ref().map_or(String::new(), |o| format!(
+            "; **only the phases {}**",
+            o.join(", ")
+        ))
+    );
+    md.push_str("## Machine\n\n| | |\n|---|---|\n");
+    for (k, v) in machine() {
+        let _ = writeln!(md, "| {k} | {v} |");
+    }
+    let _ = writeln!(
+        md,
+        "| build | {} profile: {} |",
+        if cfg!(debug_assertions) {
+            "dev"
+        } else {
+            "release"
+        },
+        relative(Path::new(env!("CARGO_BIN_EXE_rootless-cni")))
+    );
+    let _ = writeln!(
+        md,
+        "| load average (1 min) before → after each phase | {} |",
+        report.loads.join("; ")
+    );
+    md.push_str("\n## Results\n\n");
+    md.push_str(&report.table());
+    md.push_str("\n## Targets\n\n");
+    for r in report.sorted().into_iter().filter(|r| r.target.is_some()) {
+        let _ = writeln!(
+            md,
+            "- {} {} — {}: {} (target {})",
+            if r.met == Some(true) {
+                "✅ met"
+            } else {
+                "❌ **missed**"
+            },
+            r.section,
+            r.measure,
+            r.result,
+            r.target.as_deref().unwrap_or("")
+        );
+    }
+    for e in &report.errors {
+        let _ = writeln!(md, "- ❌ **error** {e}");
+    }
+    md.push_str("\n## Details\n\n");
+    for d in &report.details {
+        md.push_str(d);
+        md.push('\n');
+    }
+    md.push_str(METHOD);
+    md
+}
+
+pub(crate) const METHOD: &str = "## How it is measured\n\n\
+The lab is the integration tests' (the lab crate, lab/): an unprivileged uid in its own user and \
+mount namespace, containers are `unshare --net sleep infinity` holders, rootless-cni is \
+called directly as a plugin with the CNI environment and the config of \
+conf-examples/rootless.conflist (subnet widened to 10.89.0.0/16, `allowHostLoopback` on). \
+Timed calls are spawned by a worker process inside the session (the bench binary itself), \
+so getting into the session (setpriv + nsenter) is not in the figures; a call is timed from \
+before fork to after exit.\n\n\
+1. **Warm overhead**: the infra is kept running by another attachment. A = rootless-cni ADD \
+then DEL; B = the same inner plugins exec'd by the worker with `setns` into the sandbox's \
+mount and network namespaces (libcni semantics: ADD in order with prevResult, DEL in reverse \
+with the result), `CNI_NETNS=/proc/PID/ns/net` of the container's holder. A and B alternate \
+(ABBA), on the same container netns. The inner plugins' own run time varies by tens of ms \
+from call to call, so A−B of the medians is noise-limited; the same calls are also traced \
+(perf) and rootless-cni's overhead computed from the time outside and between the inner \
+plugins, which that noise does not touch. (b') repeats (b) with the state dir on a tmpfs \
+(mounted in the session), as `XDG_RUNTIME_DIR` is on a real machine; the lab's own \
+`XDG_RUNTIME_DIR` is on /tmp (ext4 here), where the records' fsync costs.\n\
+2. **Cold start**: each iteration is a cold ADD (no infra: it starts one), a warm ADD, DEL \
+of the warm one, DEL of the cold one (the last DEL stops the infra). The breakdown comes from \
+`perf record` of the sched_process_fork/exec/exit tracepoints during phases 1 and 2.\n\
+3. **Scale**: attachments are added 4 at a time through rootless-cni; at each level the warm \
+test (full chain) runs on one more container.\n\
+4. **Parallelism**: 32 ADDs released together by a barrier vs. the same 32 one after the \
+other, rounds alternating which goes first; DEL of all after each.\n\
+5. **Data plane**: iperf3, TCP, one stream, `-t` seconds per run, runs alternating. The \
+root-owned bridge lives in three throwaway namespaces (`ip netns add`), veths at MTU 65520 \
+like the infra's bridge. container → host: iperf3 server on the host's 127.0.0.1, client in \
+a container to 10.0.2.2 (two infras at once, by `stateDir`). host → container: iperf3 server \
+in a container on port 5201, published on 127.0.0.1:hostPort by `runtimeConfig.portMappings`, \
+client on the host; one infra per port driver.\n\
+6. **Footprint**: VmRSS from /proc/PID/status; binary size of the release build.\n\n\
+The machine may be shared: other work on it shows in the figures (most in the data plane, \
+where a run takes both cores); the 1-minute load average before and after each phase is in \
+the machine table.\n";
