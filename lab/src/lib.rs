@@ -42,6 +42,7 @@ pub mod net;
 pub mod outbound;
 pub mod plugins;
 pub mod podman;
+pub mod port_forwarder;
 pub mod ports;
 mod prereq;
 mod process;
