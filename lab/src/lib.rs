@@ -30,6 +30,7 @@
 //! debug build for the tests, the release build for the bench).
 
 pub mod calls;
+pub mod client_address;
 mod cni;
 mod container;
 pub mod containerd;
