@@ -8,9 +8,9 @@
 
 use lab::client_address::{
     assert_closed_port_ends_at_once, assert_first_datagram_answered,
-    assert_loopback_clients_at_once, assert_seen, client_addresses, cnitool, have_python3,
-    host_netns, kept_cases, mappings, peer_echo, restart_slirp4netns, stop, HOST_V4, HOST_V6,
-    INFRA, PORT_DUAL, PORT_V4,
+    assert_loopback_clients_at_once, assert_seen, client_addresses, cnitool, host_netns,
+    kept_cases, mappings, peer_echo, restart_slirp4netns, stop, HOST_V4, HOST_V6, INFRA, PORT_DUAL,
+    PORT_V4,
 };
 use lab::{example_conflist, outer, Container, Lab};
 use serde_json::{json, Value};
@@ -20,7 +20,7 @@ use std::time::Instant;
 /// `mappings()` with the peer-echo server; `check` runs with the host
 /// namespace; then DEL, and nothing may be left.
 fn with_published_server(name: &str, net: &str, conf: Value, check: impl FnOnce(&Lab, &Container)) {
-    if !have_python3() {
+    if !lab::have_python3("the peer-echo server") {
         return;
     }
     let Some(lab) = Lab::new(lab::binary!(), name) else {

@@ -3,8 +3,8 @@
 //! the README.
 
 use lab::client_address::{
-    assert_seen, client_addresses, cnitool, have_python3, host_netns, peer_echo, stop, HOST_V4,
-    PORT_V4, SERVER_PORT,
+    assert_seen, client_addresses, cnitool, host_netns, peer_echo, stop, HOST_V4, PORT_V4,
+    SERVER_PORT,
 };
 use lab::{example_conflist, outer, Lab};
 use serde_json::json;
@@ -20,7 +20,7 @@ fn slirp4netns_driver_client_addresses() {
         {"hostPort": PORT_V4, "containerPort": SERVER_PORT, "protocol": "tcp"},
         {"hostPort": PORT_V4, "containerPort": SERVER_PORT, "protocol": "udp"},
     ]);
-    if !have_python3() {
+    if !lab::have_python3("the peer-echo server") {
         return;
     }
     let Some(lab) = Lab::new(lab::binary!(), "client_addr_slirp") else {

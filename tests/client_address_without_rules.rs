@@ -4,8 +4,8 @@
 //! the infra's address, and `status`, `doctor` and infra.log say why.
 
 use lab::client_address::{
-    assert_seen, client_addresses, cnitool, have_python3, host_netns, mappings, peer_echo, stop,
-    HOST_V4, INFRA, PORT_DUAL, PORT_V4,
+    assert_seen, client_addresses, cnitool, host_netns, mappings, peer_echo, stop, HOST_V4, INFRA,
+    PORT_DUAL, PORT_V4,
 };
 use lab::{example_conflist, Container, Lab, Server};
 use serde_json::json;
@@ -67,7 +67,7 @@ fn add_with_iptables_restore(
 /// `status` and `doctor`.
 #[test]
 fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
-    if !have_python3() {
+    if !lab::have_python3("the peer-echo server") {
         return;
     }
     let Some(lab) = Lab::new(lab::binary!(), "client_addr_none") else {
@@ -137,7 +137,7 @@ fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
 /// (every client the infra's address) and `status` says why.
 #[test]
 fn builtin_driver_with_a_hanging_rule_command_starts_without_it() {
-    if !have_python3() {
+    if !lab::have_python3("the peer-echo server") {
         return;
     }
     let Some(lab) = Lab::new(lab::binary!(), "client_addr_hang") else {

@@ -50,10 +50,7 @@ fn orphan_inner_plugin_is_waited_for(name: &str, verb: &str) {
         assert!(Instant::now() < deadline, "the inner ADD never started");
         thread::sleep(Duration::from_millis(10));
     }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(add.pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    lab::sigkill(add.pid);
     let killed = add.wait(Duration::from_secs(10));
     assert!(killed.status.is_none(), "the ADD was not killed: {killed}");
 

@@ -104,10 +104,7 @@ fn crash_infra(lab: &Lab) {
         .map(|p| p as u32)
         .collect();
     for &pid in &pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        lab::sigkill(pid);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while pids.iter().any(|&p| lab.is_running(p)) {

@@ -5,7 +5,7 @@
 //! its limit.
 
 use lab::port_forwarder::{
-    add, cpu_ticks, del, echo, echo_server, echoing, have_python3, lab_with, open_fds, open_many,
+    add, cpu_ticks, del, echo, echo_server, echoing, lab_with, open_fds, open_many,
     raise_own_fd_limit, supervisor_pid,
 };
 use lab::Lab;
@@ -44,7 +44,7 @@ fn lower_fd_limit(lab: &Lab, sup: u32, n: usize) {
 fn stalled_readers_holding_every_pipe_leave_the_others_echoing() {
     const HELD: usize = 60;
     const STALLED: usize = 40;
-    if !have_python3() {
+    if !lab::have_python3("the echo server") {
         return;
     }
     let Some(lab) = lab_with(lab::binary!(), "fwd_stalled", json!({})) else {
@@ -135,7 +135,7 @@ fn stalled_readers_holding_every_pipe_leave_the_others_echoing() {
 
 #[test]
 fn flood_with_a_small_fd_limit_leaves_control_working() {
-    if !have_python3() {
+    if !lab::have_python3("the echo server") {
         return;
     }
     let Some(lab) = lab_with(lab::binary!(), "fwd_flood", json!({})) else {

@@ -6,8 +6,8 @@
 //! working.
 
 use lab::port_forwarder::{
-    add, del, echo, echo_server, echoing, have_python3, lab_with, listen_backlog, open_fds,
-    open_many, proc_status, raise_own_fd_limit, refused, supervisor_pid,
+    add, del, echo, echo_server, echoing, lab_with, listen_backlog, open_fds, open_many,
+    proc_status, raise_own_fd_limit, refused, supervisor_pid,
 };
 use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 #[test]
 fn many_connections_few_threads_and_the_limit_refuses_new_ones() {
     const N: usize = 2000;
-    if !have_python3() {
+    if !lab::have_python3("the echo server") {
         return;
     }
     let Some(lab) = lab_with(

@@ -5,8 +5,8 @@
 
 use lab::ports::{
     add, add_raw, assert_echoes, assert_port_free, assert_serves, at, cni_error, del, free_port,
-    have_python3, httpd, lab_for, mapping, plugin_add, stop_all, tcp, udp, udp_echo_server,
-    HOST_PORT_CODE, LOCALHOST,
+    httpd, lab_for, mapping, plugin_add, stop_all, tcp, udp, udp_echo_server, HOST_PORT_CODE,
+    LOCALHOST,
 };
 use lab::NET;
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
@@ -183,7 +183,7 @@ fn one_port_one_container(driver: &str) {
     // The other protocol on the same port is another forward: allowed, and
     // each container gets its own traffic.
     let mut servers = vec![web];
-    if have_python3() {
+    if lab::have_python3("the UDP tests") {
         add(&lab, &c2, &[mapping("udp", p, 53, Some("127.0.0.1"))]);
         servers.push(udp_echo_server(&lab, &c2, 53, "container 2: "));
         assert_echoes(at(LOCALHOST, p), "container 2: ", "UDP to container 2");

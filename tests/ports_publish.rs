@@ -6,9 +6,8 @@
 
 use lab::net::http_get;
 use lab::ports::{
-    add, assert_echoes, assert_port_free, assert_serves, at, cni_error, del, free_port,
-    have_python3, httpd, lab_for, mapping, plugin_add, status_ports, stop_all, tcp, udp,
-    udp_echo_server, LOCALHOST,
+    add, assert_echoes, assert_port_free, assert_serves, at, cni_error, del, free_port, httpd,
+    lab_for, mapping, plugin_add, status_ports, stop_all, tcp, udp, udp_echo_server, LOCALHOST,
 };
 use lab::{host_global_ipv4, result_ipv4, NET};
 use std::net::{IpAddr, Ipv6Addr};
@@ -23,7 +22,7 @@ fn publish_tcp_udp_and_free_on_del(driver: &str) {
         return;
     };
     let t0 = Instant::now();
-    let with_udp = have_python3();
+    let with_udp = lab::have_python3("the UDP tests");
     let (c1, c2) = (lab.container(), lab.container());
     let (p_web, p_alt, p_udp, p_web2) = (free_port(), free_port(), free_port(), free_port());
 

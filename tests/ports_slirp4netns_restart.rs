@@ -5,8 +5,8 @@
 use lab::net::http_get;
 use lab::ports::{
     add, assert_echoes, assert_port_free, assert_serves, at, conf, del, eventually, free_port,
-    have_python3, httpd, lab_for, lab_process, slirp_pid, stop_all, tcp, udp, udp_echo_server,
-    udp_roundtrip, LOCALHOST,
+    httpd, lab_for, lab_process, slirp_pid, stop_all, tcp, udp, udp_echo_server, udp_roundtrip,
+    LOCALHOST,
 };
 use lab::{HostServer, SLIRP_HOST};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ fn slirp_restart(driver: &str) {
         return;
     };
     let t0 = Instant::now();
-    let with_udp = have_python3();
+    let with_udp = lab::have_python3("the UDP tests");
     let host = HostServer::start("127.0.0.1");
     assert_eq!(conf(driver)["plugins"][0]["allowHostLoopback"], true);
     let c = lab.container();

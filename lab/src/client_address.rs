@@ -10,7 +10,6 @@ use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -136,19 +135,6 @@ pub fn mappings() -> Value {
         m("udp", PORT_DUAL, "::"),
         {"hostPort": PORT_CLOSED, "containerPort": SERVER_PORT + 1, "protocol": "tcp", "hostIP": "::"},
     ])
-}
-
-/// Whether python3 is there for the server; with CI=true it must be.
-pub fn have_python3() -> bool {
-    let found = Path::new("/usr/bin/python3").exists();
-    assert!(
-        found || !crate::in_ci(),
-        "python3 (/usr/bin/python3) is needed for the peer-echo server (CI=true)"
-    );
-    if !found {
-        eprintln!("no /usr/bin/python3: skipped");
-    }
-    found
 }
 
 /// Starts the peer-echo server in `c` and waits until it listens (TCP and

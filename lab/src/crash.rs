@@ -276,10 +276,7 @@ pub fn crash_loop(binary: &Path, name: &str, verb: &str, iterations: usize, seed
         }
         match victim {
             Victim::Plugin => {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(running.pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                crate::sigkill(running.pid);
             }
             Victim::Group | Victim::WithInner => running.kill_group(),
         }

@@ -90,10 +90,7 @@ pub struct Server(pub u32);
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0 as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        crate::sigkill(self.0);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Path::new(&format!("/proc/{}", self.0)).exists() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
@@ -141,16 +138,6 @@ pub fn echo_server(lab: &Lab, c: &Container) -> Server {
         assert!(Instant::now() < deadline, "the echo server does not listen");
         thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Whether python3 is there for the echo server; with CI=true it must be.
-pub fn have_python3() -> bool {
-    let found = Path::new("/usr/bin/python3").exists();
-    assert!(
-        found || !crate::in_ci(),
-        "python3 (/usr/bin/python3) is needed (CI=true)"
-    );
-    found
 }
 
 /// The running infra's supervisor, as `status` names it.

@@ -288,19 +288,6 @@ pub fn udp_echo_server(lab: &Lab, c: &Container, port: u16, prefix: &str) -> Ser
     )
 }
 
-/// Whether the lab can run the UDP echo server; with CI=true it must.
-pub fn have_python3() -> bool {
-    let found = Path::new("/usr/bin/python3").exists();
-    if !found {
-        assert!(
-            !crate::in_ci(),
-            "python3 (/usr/bin/python3) is needed for the UDP tests (CI=true)"
-        );
-        eprintln!("no /usr/bin/python3: UDP checks skipped");
-    }
-    found
-}
-
 // ---------------------------------------------------------------------------
 // Clients on the host
 

@@ -81,10 +81,7 @@ impl Drop for Place {
         if let Some(uid) = self.uid {
             // Nothing should run, but nothing may outlive the test either.
             for pid in pids_of_uid(uid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                lab::sigkill(pid);
             }
         }
         let _ = fs::remove_dir_all(&self.dir);
