@@ -7,14 +7,152 @@
 //! client falls back to IPv4 where the container has no IPv6.
 
 use lab::client_address::{
-    assert_closed_port_ends_at_once, assert_first_datagram_answered,
-    assert_loopback_clients_at_once, assert_seen, client_addresses, cnitool, host_netns,
-    kept_cases, mappings, peer_echo, restart_slirp4netns, stop, HOST_V4, HOST_V6, INFRA, PORT_DUAL,
-    PORT_V4,
+    assert_seen, client_addresses, cnitool, host_netns, in_host, ip, mappings, peer_echo, seen,
+    stop, tcp_open, udp_ask, HOST_V4, HOST_V6, INFRA, OVERLAP_V4, OVERLAP_V6, PORT_CLOSED,
+    PORT_DUAL, PORT_V4,
 };
 use lab::{example_conflist, outer, Container, Lab};
 use serde_json::{json, Value};
-use std::time::Instant;
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Every client kind on both ports, with what the container must see when
+/// the infra keeps client addresses (`v6_inside`: the container is reached
+/// over IPv6 too).
+fn kept_cases(v6_inside: bool) -> Vec<(&'static str, &'static str, u16, &'static str)> {
+    let (lo6, global6) = if v6_inside {
+        ("fd00::2", HOST_V6)
+    } else {
+        ("10.0.2.2", INFRA)
+    };
+    let mut cases = Vec::new();
+    for proto in ["tcp", "udp"] {
+        cases.extend([
+            (proto, "127.0.0.1", PORT_V4, "10.0.2.2"),
+            (proto, "127.0.0.53", PORT_V4, "10.0.2.2"),
+            (proto, HOST_V4, PORT_V4, HOST_V4),
+            // A dual-stack listener's IPv4 clients are IPv4 ones.
+            (proto, "127.0.0.1", PORT_DUAL, "10.0.2.2"),
+            (proto, HOST_V4, PORT_DUAL, HOST_V4),
+            (proto, "::1", PORT_DUAL, lo6),
+            (proto, HOST_V6, PORT_DUAL, global6),
+            (proto, OVERLAP_V4, PORT_V4, INFRA),
+            (proto, OVERLAP_V6, PORT_DUAL, INFRA),
+        ]);
+    }
+    cases
+}
+
+/// A UDP client's first datagram is answered (one try, 3 s): nothing is
+/// lost on the way, even when the forwarder changes its dial.
+fn assert_first_datagram_answered(host: &Container, to: &str, port: u16, want: &str) {
+    let to = SocketAddr::new(ip(to), port);
+    let got = in_host(host, move || -> Result<String, String> {
+        let sock = UdpSocket::bind(SocketAddr::new(to.ip(), 0)).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(3)))
+            .map_err(|e| e.to_string())?;
+        sock.send_to(b"first", to).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 512];
+        let (n, _) = sock
+            .recv_from(&mut buf)
+            .map_err(|e| format!("no answer: {e}"))?;
+        seen(&String::from_utf8_lossy(&buf[..n])).map(|(a, _)| a)
+    });
+    assert_eq!(got, Ok(want.to_string()), "the first datagram to {to}");
+}
+
+/// A connection to a port whose container has no server ends at once (the
+/// container's reset reaches the forwarder, which passes the end on), for
+/// an IPv4 and an IPv6 loopback client.
+fn assert_closed_port_ends_at_once(host: &Container) {
+    for to in ["127.0.0.1", "::1"] {
+        let to = SocketAddr::new(ip(to), PORT_CLOSED);
+        let took = in_host(host, move || -> Result<Duration, String> {
+            let t = Instant::now();
+            let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                .map_err(|e| format!("connect: {e}"))?;
+            conn.set_read_timeout(Some(Duration::from_secs(4)))
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 16];
+            match conn.read(&mut buf) {
+                Ok(0) => Ok(t.elapsed()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(t.elapsed()),
+                Ok(n) => Err(format!("{n} bytes from nowhere")),
+                Err(e) => Err(format!("read: {e}")),
+            }
+        });
+        let took = took.unwrap_or_else(|e| panic!("closed port via {to}: {e}"));
+        eprintln!("[timing] closed container port via {to}: ended after {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "closed port via {to}: {took:?}"
+        );
+    }
+}
+
+/// Several loopback clients at once, TCP and UDP: each is 10.0.2.2 to the
+/// container, on a port of its own.
+fn assert_loopback_clients_at_once(host: &Container, n: usize) {
+    let (tcp, udp) = in_host(host, move || {
+        let to = SocketAddr::new(ip("127.0.0.1"), PORT_V4);
+        let conns: Vec<(TcpStream, String, u16)> = (0..n)
+            .map(|i| tcp_open(to).unwrap_or_else(|e| panic!("loopback TCP client {i}: {e}")))
+            .collect();
+        let tcp: Vec<(String, u16)> = conns.iter().map(|(_, a, p)| (a.clone(), *p)).collect();
+        // All open together, and still answering: each end reads our EOF.
+        for (mut conn, _, _) in conns {
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+            let mut rest = Vec::new();
+            conn.read_to_end(&mut rest)
+                .expect("the server closes after our EOF");
+        }
+        let socks: Vec<UdpSocket> = (0..n)
+            .map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let udp: Vec<(String, u16)> = socks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| udp_ask(s, to).unwrap_or_else(|e| panic!("loopback UDP client {i}: {e}")))
+            .collect();
+        (tcp, udp)
+    });
+    for (proto, seen) in [("tcp", tcp), ("udp", udp)] {
+        assert!(
+            seen.iter().all(|(a, _)| a == "10.0.2.2"),
+            "{proto}: loopback clients at once: {seen:?}"
+        );
+        let ports: BTreeSet<u16> = seen.iter().map(|(_, p)| *p).collect();
+        assert_eq!(ports.len(), n, "{proto}: {n} clients, ports seen: {seen:?}");
+    }
+}
+
+/// Kills slirp4netns and waits for the supervisor to restart it.
+fn restart_slirp4netns(lab: &Lab) {
+    let pid = |lab: &Lab| lab.status()["infra"]["slirp4netns"]["pid"].as_u64();
+    let old = pid(lab).unwrap_or_else(|| panic!("no slirp4netns: {}", lab.status()));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap_or_else(|e| panic!("killing slirp4netns {old}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(new) = pid(lab).filter(|p| *p != old) {
+            if lab.is_running(new as u32) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slirp4netns was not restarted: {}",
+            lab.status()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
 
 /// One lab: the network `conf` (named `net`), one container publishing
 /// `mappings()` with the peer-echo server; `check` runs with the host

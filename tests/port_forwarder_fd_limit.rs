@@ -5,8 +5,8 @@
 //! its limit.
 
 use lab::port_forwarder::{
-    add, cpu_ticks, del, echo, echo_server, echoing, lab_with, open_fds, open_many,
-    raise_own_fd_limit, supervisor_pid,
+    add, del, echo, echo_server, echoing, lab_with, open_fds, open_many, raise_own_fd_limit,
+    supervisor_pid,
 };
 use lab::Lab;
 use serde_json::json;
@@ -14,6 +14,15 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
 
 /// Sets the supervisor's RLIMIT_NOFILE to `n`, and waits for the
 /// forwarder to follow.

@@ -6,13 +6,34 @@
 //! working.
 
 use lab::port_forwarder::{
-    add, del, echo, echo_server, echoing, lab_with, listen_backlog, open_fds, open_many,
-    proc_status, raise_own_fd_limit, refused, supervisor_pid,
+    add, del, echo, echo_server, echoing, lab_with, open_fds, open_many, raise_own_fd_limit,
+    refused, supervisor_pid,
 };
 use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
+
+/// A field of /proc/PID/status, as a number (kB for VmRSS).
+fn proc_status(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The backlog of the TCP listener on 127.0.0.1:`port` here (`ss` shows
+/// it as a listener's Send-Q).
+fn listen_backlog(port: u16) -> Option<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().nth(2)?.parse().ok()
+}
 
 #[test]
 fn many_connections_few_threads_and_the_limit_refuses_new_ones() {

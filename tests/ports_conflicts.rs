@@ -5,12 +5,14 @@
 
 use lab::ports::{
     add, add_raw, assert_echoes, assert_port_free, assert_serves, at, cni_error, del, free_port,
-    httpd, lab_for, mapping, plugin_add, stop_all, tcp, udp, udp_echo_server, HOST_PORT_CODE,
-    LOCALHOST,
+    httpd, lab_for, mapping, plugin_add, stop_all, tcp, udp, udp_echo_server, LOCALHOST,
 };
 use lab::NET;
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::time::Instant;
+
+/// The error code of a host port that cannot be had.
+const HOST_PORT_CODE: u64 = 107;
 
 // ---------------------------------------------------------------------------
 // 4: a host port in use

@@ -4,12 +4,35 @@
 
 use lab::net::http_get;
 use lab::ports::{
-    add, assert_echoes, assert_port_free, assert_serves, at, conf, del, eventually, free_port,
-    httpd, lab_for, lab_process, slirp_pid, stop_all, tcp, udp, udp_echo_server, udp_roundtrip,
-    LOCALHOST,
+    add, assert_echoes, assert_port_free, assert_serves, at, conf, del, free_port, httpd, lab_for,
+    lab_process, stop_all, tcp, udp, udp_echo_server, udp_roundtrip, LOCALHOST,
 };
-use lab::{HostServer, SLIRP_HOST};
+use lab::{HostServer, Lab, SLIRP_HOST};
+use std::thread;
 use std::time::{Duration, Instant};
+
+fn slirp_pid(lab: &Lab) -> Option<u32> {
+    lab.status()["infra"]["slirp4netns"]["pid"]
+        .as_u64()
+        .map(|p| p as u32)
+}
+
+/// Polls `f` every 50 ms until it is Ok or `limit` has passed; the time it took.
+fn eventually<T>(
+    limit: Duration,
+    mut f: impl FnMut() -> Result<T, String>,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(_) => return Ok(start.elapsed()),
+            Err(e) if start.elapsed() >= limit => {
+                return Err(format!("still failing after {limit:?}: {e}"))
+            }
+            Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------
 // 5: slirp4netns killed: the supervisor restarts it and re-applies forwards

@@ -147,25 +147,6 @@ pub fn supervisor_pid(lab: &Lab) -> u32 {
         .expect("status names the supervisor") as u32
 }
 
-/// A field of /proc/PID/status, as a number (kB for VmRSS).
-pub fn proc_status(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// utime + stime of `pid`, in clock ticks.
-pub fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
 /// How many fds `pid` has open.
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -248,15 +229,4 @@ pub fn open_many(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, Vec<String>) {
         failed.extend(f);
     }
     (ok, failed)
-}
-
-/// The backlog of the TCP listener on 127.0.0.1:`port` here (`ss` shows
-/// it as a listener's Send-Q).
-pub fn listen_backlog(port: u16) -> Option<u64> {
-    let out = std::process::Command::new("ss")
-        .args(["-Hltn", &format!("sport = :{port}")])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace().nth(2)?.parse().ok()
 }

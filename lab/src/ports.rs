@@ -15,8 +15,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The error code of a host port that cannot be had.
-pub const HOST_PORT_CODE: u64 = 107;
 pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// A UDP echo server: answers every datagram with a prefix and the datagram.
@@ -162,12 +160,6 @@ pub fn status_ports(lab: &Lab) -> Vec<String> {
         .flat_map(|a| a["ports"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| p.as_str().map(str::to_string))
         .collect()
-}
-
-pub fn slirp_pid(lab: &Lab) -> Option<u32> {
-    lab.status()["infra"]["slirp4netns"]["pid"]
-        .as_u64()
-        .map(|p| p as u32)
 }
 
 // ---------------------------------------------------------------------------
@@ -326,23 +318,6 @@ pub fn assert_echoes(addr: SocketAddr, prefix: &str, what: &str) {
     match udp_roundtrip(addr, &payload) {
         Ok(got) => assert_eq!(got, format!("{prefix}{payload}"), "{what}: UDP {addr}"),
         Err(e) => panic!("{what}: {e}\n{}", ss(addr.port())),
-    }
-}
-
-/// Polls `f` every 50 ms until it is Ok or `limit` has passed; the time it took.
-pub fn eventually<T>(
-    limit: Duration,
-    mut f: impl FnMut() -> Result<T, String>,
-) -> Result<Duration, String> {
-    let start = Instant::now();
-    loop {
-        match f() {
-            Ok(_) => return Ok(start.elapsed()),
-            Err(e) if start.elapsed() >= limit => {
-                return Err(format!("still failing after {limit:?}: {e}"))
-            }
-            Err(_) => thread::sleep(Duration::from_millis(50)),
-        }
     }
 }
 
