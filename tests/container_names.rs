@@ -133,14 +133,6 @@ fn infra_pid(lab: &Lab, which: &str) -> u32 {
         .unwrap_or_else(|| panic!("no {which} pid in status: {status}")) as u32
 }
 
-fn sigkill(pid: u32) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap_or_else(|e| panic!("killing {pid}: {e}"));
-}
-
 /// Waits until `pid` is no longer a live process (a zombie counts as gone).
 fn wait_dead(lab: &Lab, pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -249,7 +241,7 @@ fn killed_infra_takes_its_dnsmasq_with_it() {
         let dns = dnsmasqs(&lab);
         assert_eq!(dns.len(), 1, "one dnsmasq for the network");
         let pid = infra_pid(&lab, victim);
-        sigkill(pid);
+        lab::sigkill(pid);
         wait_dead(&lab, pid);
         if noticed_by_gc {
             let gc = lab.cli(&["gc"]);
@@ -278,7 +270,7 @@ fn names_resolve_in_the_infra_after_a_killed_one() {
     add(&lab, &a, "alpha");
     let old = dnsmasqs(&lab);
     let supervisor = infra_pid(&lab, "supervisor");
-    sigkill(supervisor);
+    lab::sigkill(supervisor);
     wait_dead(&lab, supervisor);
 
     // alpha's attachment was lost with the infra; its DEL forgets it.

@@ -44,10 +44,7 @@ fn dead_infra_cleanup_spares_a_stranger_in_reused_namespaces() {
     // The infra crashes (OOM killer, say): every recorded process SIGKILLed.
     for p in ["supervisor", "sandbox", "slirp4netns"] {
         if let Some(pid) = info[p]["pid"].as_u64() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            lab::sigkill(pid as u32);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -260,10 +260,7 @@ impl Drop for RootPod<'_> {
                 .filter(ours)
                 .collect();
             for p in left {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(p as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                lab::sigkill(p);
             }
         }
         let _ = self.holder.kill();

@@ -63,10 +63,7 @@ fn kill_add_mid_chain(lab: &Lab, marks: &Path, id: &str, c: &Container, stdin: &
         assert!(Instant::now() < deadline, "the ADD never reached slowadd");
         thread::sleep(Duration::from_millis(10));
     }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(add.pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    lab::sigkill(add.pid);
     let out = add.wait(Duration::from_secs(10));
     assert!(out.status.is_none(), "the ADD was not killed: {out}");
     let port = stdin["runtimeConfig"]["portMappings"][0]["hostPort"]
@@ -114,10 +111,7 @@ fn httpd(lab: &Lab, c: &Container, body: &str) -> u32 {
 /// Kills the server by pid and waits until it is gone (a process of the
 /// lab uid counts as a leftover).
 fn stop(pid: u32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    lab::sigkill(pid);
     let deadline = Instant::now() + Duration::from_secs(5);
     while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));

@@ -30,9 +30,11 @@
 //! debug build for the tests, the release build for the bench).
 
 pub mod calls;
+pub mod client_address;
 mod cni;
 mod container;
 pub mod containerd;
+pub mod crash;
 pub mod gocni;
 pub mod host_tools;
 pub mod hosts;
@@ -41,6 +43,8 @@ pub mod net;
 pub mod outbound;
 pub mod plugins;
 pub mod podman;
+pub mod port_forwarder;
+pub mod ports;
 mod prereq;
 mod process;
 pub mod rng;
@@ -58,7 +62,7 @@ pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
 pub use leaks::Snapshot;
 pub use net::{free_tcp_port, host_global_ipv4, http_get, HostServer, Server};
 pub use plugins::{install_plugin, one_plugin_delegate_stdin, write_as_user, SLOWADD};
-pub use prereq::{cnitool_path, find_in_path, in_ci};
+pub use prereq::{cnitool_path, find_in_path, have_python3, in_ci};
 pub use process::{
     children_of, descendants, kill_processes_of, parent_of, pids_of_uid, retry, run_command,
     sigkill, start_time, Out, Spawned,

@@ -14,6 +14,21 @@ const LAB_TOOLS: &[&str] = &[
     "findmnt",
 ];
 
+/// Whether /usr/bin/python3 is there for `needed_for` (a small server the
+/// test runs inside a container); with CI=true it must be, else the test
+/// (or that part of it) is skipped.
+pub fn have_python3(needed_for: &str) -> bool {
+    let found = Path::new("/usr/bin/python3").exists();
+    assert!(
+        found || !in_ci(),
+        "python3 (/usr/bin/python3) is needed for {needed_for} (CI=true)"
+    );
+    if !found {
+        eprintln!("no /usr/bin/python3: {needed_for} skipped");
+    }
+    found
+}
+
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     LAB_PATH
         .split(':')
