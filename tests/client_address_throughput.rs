@@ -4,7 +4,7 @@
 
 use lab::client_address::client_addresses;
 use lab::{Lab, Server};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::thread;
 use std::time::Duration;
 
@@ -48,16 +48,8 @@ fn throughput_with_and_without_client_addresses() {
         }
         lab.cnitool_env(&env, "add", lab::NET, &c.netns())
             .add_result("ADD for iperf3");
-        let out = lab.in_netns(
-            &c,
-            &[
-                "sh",
-                "-c",
-                "iperf3 -s -p 5201 </dev/null >/dev/null 2>&1 & echo $!",
-            ],
-        );
         servers.push(Server {
-            pid: out.stdout.trim().parse().expect("iperf3's pid"),
+            pid: lab.start_in_netns(&c, &["iperf3", "-s", "-p", "5201"], "iperf3 -s"),
         });
         ports.push(port);
         containers.push(c);
@@ -68,15 +60,7 @@ fn throughput_with_and_without_client_addresses() {
     let mut figures: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..3 {
         for (i, port) in ports.iter().enumerate() {
-            let out = std::process::Command::new("iperf3")
-                .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", "4", "-J"])
-                .output()
-                .expect("iperf3 -c");
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-            let bps = v["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or(0.0);
-            figures[i].push(bps / 1e9);
+            figures[i].push(lab::iperf3_gbits(*port, 4));
         }
     }
     eprintln!(

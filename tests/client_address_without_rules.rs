@@ -60,6 +60,40 @@ fn add_with_iptables_restore(
     (host, c, server)
 }
 
+/// A lab named `name` whose ADD ran with `script` as `iptables-restore`
+/// (see `add_with_iptables_restore`), checked to have started without the
+/// rules, `status` saying why (`why`); the lab, host netns, container,
+/// server and when it began. None when a prerequisite is missing.
+fn started_without_rules(
+    name: &str,
+    script: &str,
+    what: &str,
+    why: &str,
+) -> Option<(Lab, Container, Container, Server, Instant)> {
+    if !lab::have_python3("the peer-echo server") {
+        return None;
+    }
+    let lab = Lab::new(lab::binary!(), name)?;
+    let t0 = Instant::now();
+    lab.write_netconf(lab::NET, &example_conflist());
+    let (host, c, server) = add_with_iptables_restore(&lab, script, what);
+    let status = client_addresses(&lab);
+    assert_eq!(status["kept"], false, "{status}");
+    assert!(
+        status["error"].as_str().unwrap_or_default().contains(why),
+        "status does not say why: {status}"
+    );
+    Some((lab, host, c, server, t0))
+}
+
+/// The DEL through cnitool from the host netns, then nothing is left.
+fn del_and_stop(lab: &Lab, host: &Container, c: &Container, server: Server) {
+    let del = cnitool(lab, host, "del", lab::NET, c, &json!([]));
+    assert!(del.ok(), "DEL: {del}");
+    stop(lab, server);
+    lab.assert_no_infra("after DEL");
+}
+
 /// When the infra cannot route replies to clients' addresses (here an
 /// `iptables-restore` that fails as one without the CONNMARK target would:
 /// a kernel without it is not at hand), ports work as before, every client
@@ -67,29 +101,14 @@ fn add_with_iptables_restore(
 /// `status` and `doctor`.
 #[test]
 fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
-    if !lab::have_python3("the peer-echo server") {
-        return;
-    }
-    let Some(lab) = Lab::new(lab::binary!(), "client_addr_none") else {
-        return;
-    };
-    let t0 = Instant::now();
-    lab.write_netconf(lab::NET, &example_conflist());
-    let (host, c, server) = add_with_iptables_restore(
-        &lab,
+    let Some((lab, host, c, server, t0)) = started_without_rules(
+        "client_addr_none",
         "#!/bin/sh\necho \"iptables-restore: Couldn't load target \\`CONNMARK' (injected by the test)\" >&2\nexit 2\n",
         "a failing iptables-restore",
-    );
-
-    let status = client_addresses(&lab);
-    assert_eq!(status["kept"], false, "{status}");
-    assert!(
-        status["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("injected by the test"),
-        "status does not say why: {status}"
-    );
+        "injected by the test",
+    ) else {
+        return;
+    };
     let text = lab.cli(&["status"]);
     assert!(text.stdout.contains("NOT kept"), "status: {text}");
     let log = std::fs::read_to_string(lab.state_dir().join("infra.log")).unwrap_or_default();
@@ -124,10 +143,7 @@ fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
             ("tcp", "::1", PORT_DUAL, INFRA),
         ],
     );
-    let del = cnitool(&lab, &host, "del", lab::NET, &c, &json!([]));
-    assert!(del.ok(), "DEL: {del}");
-    stop(&lab, server);
-    lab.assert_no_infra("after DEL");
+    del_and_stop(&lab, &host, &c, server);
     eprintln!("[timing] client_addr_none: {:?}", t0.elapsed());
 }
 
@@ -137,28 +153,14 @@ fn builtin_driver_without_the_rules_says_so_and_still_forwards() {
 /// (every client the infra's address) and `status` says why.
 #[test]
 fn builtin_driver_with_a_hanging_rule_command_starts_without_it() {
-    if !lab::have_python3("the peer-echo server") {
-        return;
-    }
-    let Some(lab) = Lab::new(lab::binary!(), "client_addr_hang") else {
-        return;
-    };
-    let t0 = Instant::now();
-    lab.write_netconf(lab::NET, &example_conflist());
-    let (host, c, server) = add_with_iptables_restore(
-        &lab,
+    let Some((lab, host, c, server, t0)) = started_without_rules(
+        "client_addr_hang",
         "#!/bin/sh\nexec sleep 60\n",
         "a hanging iptables-restore",
-    );
-    let status = client_addresses(&lab);
-    assert_eq!(status["kept"], false, "{status}");
-    assert!(
-        status["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("still running"),
-        "status does not say why: {status}"
-    );
+        "still running",
+    ) else {
+        return;
+    };
     assert_seen(
         &host,
         "with a hanging rule command",
@@ -167,9 +169,6 @@ fn builtin_driver_with_a_hanging_rule_command_starts_without_it() {
             ("udp", HOST_V4, PORT_V4, INFRA),
         ],
     );
-    let del = cnitool(&lab, &host, "del", lab::NET, &c, &json!([]));
-    assert!(del.ok(), "DEL: {del}");
-    stop(&lab, server);
-    lab.assert_no_infra("after DEL");
+    del_and_stop(&lab, &host, &c, server);
     eprintln!("[timing] client_addr_hang: {:?}", t0.elapsed());
 }

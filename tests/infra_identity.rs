@@ -36,6 +36,17 @@ fn pid_of(info: &Value, what: &str) -> u32 {
         .unwrap_or_else(|| panic!("no {what} pid in infra.json: {info}")) as u32
 }
 
+/// A new container attached beside the others: in the infra recorded
+/// `before`, still the only one.
+fn attach_beside(lab: &Lab, before: &Value) -> Container {
+    let c = lab.container();
+    lab.attach(&c);
+    let supervisors = lab::supervisors(lab);
+    assert_eq!(supervisors.len(), 1, "supervisors: {supervisors:?}");
+    assert_eq!(infra_json(lab)["supervisor"], before["supervisor"]);
+    c
+}
+
 /// A call from a new PID namespace of the session's user namespace (with
 /// its own /proc, as rootlesskit `--pidns` or a container gives it): the
 /// infra's PIDs are not visible from there. It is refused with code 105
@@ -96,15 +107,7 @@ fn a_call_from_another_pid_namespace_is_refused_and_forgets_nothing() {
     assert_eq!(infra_json(&lab)["supervisor"], before["supervisor"]);
 
     // Back in the infra's PID namespace all is as it was: one infra.
-    let c2 = lab.container();
-    lab.attach(&c2);
-    assert_eq!(
-        lab.processes_with_arg("__supervise").len(),
-        1,
-        "supervisors: {:?}",
-        lab.processes_with_arg("__supervise")
-    );
-    assert_eq!(infra_json(&lab)["supervisor"], before["supervisor"]);
+    let c2 = attach_beside(&lab, &before);
     lab.assert_ping(&c2, GATEWAY, "container -> gateway");
     lab.detach(&c);
     lab.detach(&c2);
@@ -129,7 +132,7 @@ fn an_unreadable_infra_json_never_starts_a_second_infra() {
     let c2 = lab.container();
     let add = lab.cnitool("add", NET, &c2.netns());
     eprintln!("ADD with a garbled infra.json: {add}");
-    let supervisors = lab.processes_with_arg("__supervise");
+    let supervisors = lab::supervisors(&lab);
     assert_eq!(
         supervisors.len(),
         1,
@@ -431,11 +434,7 @@ fn an_unreadable_infra_json_is_no_licence_for_another_pid_namespace() {
             );
         }
     }
-    let c2 = lab.container();
-    lab.attach(&c2);
-    let supervisors = lab.processes_with_arg("__supervise");
-    assert_eq!(supervisors.len(), 1, "supervisors: {supervisors:?}");
-    assert_eq!(infra_json(&lab)["supervisor"], before["supervisor"]);
+    let c2 = attach_beside(&lab, &before);
     lab.detach(&c);
     lab.detach(&c2);
     lab.assert_no_infra("after the last DEL");

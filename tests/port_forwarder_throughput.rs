@@ -3,7 +3,7 @@
 
 use lab::port_forwarder::{del, lab_with, Server};
 use lab::NET;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::thread;
 use std::time::Duration;
 
@@ -24,26 +24,11 @@ fn one_stream_throughput() {
     .to_string();
     let out = lab.cnitool_env(&[("CAP_ARGS", &cap)], "add", NET, &c.netns());
     assert!(out.ok(), "ADD: {out}");
-    let out = lab.in_netns(
-        &c,
-        &[
-            "sh",
-            "-c",
-            "iperf3 -s -p 5201 </dev/null >/dev/null 2>&1 & echo $!",
-        ],
-    );
-    let server = Server(out.stdout.trim().parse().expect("iperf3's pid"));
+    let server = Server(lab.start_in_netns(&c, &["iperf3", "-s", "-p", "5201"], "iperf3 -s"));
     thread::sleep(Duration::from_millis(500));
     for _ in 0..3 {
-        let out = std::process::Command::new("iperf3")
-            .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", "5", "-J"])
-            .output()
-            .expect("iperf3 -c");
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        let bps = v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0);
-        eprintln!("[throughput] one stream: {:.2} Gbit/s", bps / 1e9);
+        let gbits = lab::iperf3_gbits(port, 5);
+        eprintln!("[throughput] one stream: {gbits:.2} Gbit/s");
     }
     del(&lab, &c);
     drop(server);

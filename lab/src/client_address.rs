@@ -139,29 +139,9 @@ pub fn mappings() -> Value {
 /// Starts the peer-echo server in `c` and waits until it listens (TCP and
 /// UDP) on SERVER_PORT.
 pub fn peer_echo(lab: &Lab, c: &Container) -> Server {
-    let script = lab.dir.join("peer-echo.py");
-    if !script.exists() {
-        lab.write_file("peer-echo.py", PEER_ECHO);
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644))
-            .expect("chmod peer-echo.py");
-    }
-    let script = script.display().to_string();
+    let script = lab.script("peer-echo.py", PEER_ECHO);
     let port = SERVER_PORT.to_string();
-    let out = lab.in_netns(
-        c,
-        &[
-            "sh",
-            "-c",
-            r#""$@" </dev/null >/dev/null 2>&1 & echo $!"#,
-            "sh",
-            "python3",
-            &script,
-            &port,
-        ],
-    );
-    assert!(out.ok(), "starting the peer-echo server: {out}");
-    let pid: u32 = out.stdout.trim().parse().expect("the server's pid");
+    let pid = lab.start_in_netns(c, &["python3", &script, &port], "the peer-echo server");
     let server = Server { pid };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(bound(pid, "tcp", "0A") && bound(pid, "udp", "07")) {

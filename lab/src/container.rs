@@ -93,6 +93,37 @@ impl Lab {
         run_command(cmd, what, None, COMMAND_TIMEOUT)
     }
 
+    /// Starts `argv` in a container's netns in the background (stdio on
+    /// /dev/null) and gives its pid; `what` names it in a failure.
+    pub fn start_in_netns(&self, c: &Container, argv: &[&str], what: &str) -> u32 {
+        let mut sh = vec![
+            "sh",
+            "-c",
+            r#""$@" </dev/null >/dev/null 2>&1 & echo $!"#,
+            "sh",
+        ];
+        sh.extend_from_slice(argv);
+        let out = self.in_netns(c, &sh);
+        assert!(out.ok(), "starting {what}: {out}");
+        out.stdout
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the pid of {what}: {out}"))
+    }
+
+    /// `<lab>/name` holding `source`, written once and readable by the lab
+    /// user, for a script the lab runs; its path.
+    pub fn script(&self, name: &str, source: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.join(name);
+        if !path.exists() {
+            self.write_file(name, source);
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
+                .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+        }
+        path.display().to_string()
+    }
+
     /// The command `in_netns` runs, for a process the caller starts and
     /// watches itself.
     pub fn in_netns_command(&self, c: &Container, argv: &[&str]) -> Command {

@@ -60,7 +60,7 @@ pub use cni::{
 pub use container::Container;
 pub use hosts::{Host, RuntimeDir, USED_HOST_DIRS};
 pub use leaks::Snapshot;
-pub use net::{free_tcp_port, host_global_ipv4, http_get, HostServer, Server};
+pub use net::{free_tcp_port, host_global_ipv4, http_get, iperf3_gbits, HostServer, Server};
 pub use plugins::{install_plugin, one_plugin_delegate_stdin, write_as_user, SLOWADD};
 pub use prereq::{cnitool_path, find_in_path, have_python3, in_ci};
 pub use process::{

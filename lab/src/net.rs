@@ -187,3 +187,18 @@ pub fn http_get(addr: SocketAddr) -> Result<String, String> {
         _ => Err(format!("{addr}: not a 200 answer: {answer:?}")),
     }
 }
+
+/// One iperf3 stream of `secs` seconds from the host to 127.0.0.1:`port`:
+/// what the server received, in Gbit/s (0 when iperf3 reports nothing).
+pub fn iperf3_gbits(port: u16, secs: u32) -> f64 {
+    let out = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-t", &secs.to_string(), "-J"])
+        .output()
+        .expect("iperf3 -c");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}

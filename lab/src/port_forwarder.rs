@@ -100,29 +100,9 @@ impl Drop for Server {
 
 /// The echo server in `c`, listening on ECHO_PORT.
 pub fn echo_server(lab: &Lab, c: &Container) -> Server {
-    let script = lab.dir.join("tcp-echo.py");
-    if !script.exists() {
-        lab.write_file("tcp-echo.py", TCP_ECHO);
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644))
-            .expect("chmod tcp-echo.py");
-    }
-    let script = script.display().to_string();
+    let script = lab.script("tcp-echo.py", TCP_ECHO);
     let port = ECHO_PORT.to_string();
-    let out = lab.in_netns(
-        c,
-        &[
-            "sh",
-            "-c",
-            r#""$@" </dev/null >/dev/null 2>&1 & echo $!"#,
-            "sh",
-            "python3",
-            &script,
-            &port,
-        ],
-    );
-    assert!(out.ok(), "starting the echo server: {out}");
-    let pid: u32 = out.stdout.trim().parse().expect("the echo server's pid");
+    let pid = lab.start_in_netns(c, &["python3", &script, &port], "the echo server");
     let server = Server(pid);
     // Listening: /proc/PID/net/tcp has the port in state LISTEN (0A).
     let want = format!(":{:04X}", ECHO_PORT);

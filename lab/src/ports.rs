@@ -262,14 +262,7 @@ pub fn httpd(lab: &Lab, c: &Container, port: u16, body: &str) -> Server {
 
 /// The python3 UDP echo server on `port` in `c`, answering `prefix` + data.
 pub fn udp_echo_server(lab: &Lab, c: &Container, port: u16, prefix: &str) -> Server {
-    let script = lab.dir.join("udp-echo.py");
-    if !script.exists() {
-        lab.write_file("udp-echo.py", UDP_ECHO);
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644))
-            .expect("chmod udp-echo.py");
-    }
-    let script = script.display().to_string();
+    let script = lab.script("udp-echo.py", UDP_ECHO);
     let port_arg = port.to_string();
     start_server(
         lab,
