@@ -196,20 +196,7 @@ pub fn lab_process(lab: &Lab, pid: u32) -> bool {
 /// Starts `argv` in the background inside `c`'s netns, as the lab user, and
 /// waits until it listens on `proto` port `port` there.
 pub fn start_server(lab: &Lab, c: &Container, proto: &str, port: u16, argv: &[&str]) -> Server {
-    let mut sh = vec![
-        "sh",
-        "-c",
-        r#""$@" </dev/null >/dev/null 2>&1 & echo $!"#,
-        "sh",
-    ];
-    sh.extend_from_slice(argv);
-    let out = lab.in_netns(c, &sh);
-    assert!(out.ok(), "starting {argv:?} in {}: {out}", c.netns());
-    let pid: u32 = out
-        .stdout
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no pid from starting {argv:?}: {out}"));
+    let pid = lab.start_in_netns(c, argv, &format!("{argv:?} in {}", c.netns()));
     let server = Server { pid };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !listening(pid, proto, port) {
