@@ -108,7 +108,7 @@ fn host_loopback_reachable_when_allowed(engine: &str) {
     assert!(got.ok(), "{engine}: container -> host loopback: {got}");
     assert_eq!(got.stdout, HostServer::BODY, "{got}");
     assert!(server.connections() >= 1);
-    if outbound::have_python3() {
+    if lab::have_python3("the UDP checks") {
         let got = retry(Duration::from_secs(5), || {
             outbound::udp_exchange(&lab, &c, SLIRP_HOST, echo.port, "udp-hello")
         });
@@ -169,7 +169,7 @@ fn host_loopback_unreachable_when_not_allowed(engine: &str) {
         0,
         "the loopback server was connected to"
     );
-    let python = outbound::have_python3();
+    let python = lab::have_python3("the UDP checks");
     if python {
         let got = outbound::udp_exchange(&lab, &c, SLIRP_HOST, echo.port, "udp-hello");
         assert!(

@@ -37,7 +37,7 @@ fn probe(lab: &Lab, c: &lab::Container, host: &str, port: u16, kind: &str) -> St
 #[test]
 fn pasta_dns_forwarder_address_carries_only_dns() {
     let test = "pasta_dns_only";
-    if !outbound::available(PASTA, test) || !outbound::have_python3() {
+    if !outbound::available(PASTA, test) || !lab::have_python3("the UDP checks") {
         return;
     }
     let Some(lab) = Lab::new(lab::binary!(), test) else {

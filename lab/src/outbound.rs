@@ -118,11 +118,3 @@ pub fn udp_exchange(
     let port = port.to_string();
     lab.in_netns(c, &["python3", "-c", script, ip, &port, payload])
 }
-
-/// python3 for `udp_exchange`: scripts/deps installs it; missing, the UDP
-/// checks are a failure under CI and skipped otherwise.
-pub fn have_python3() -> bool {
-    let have = find_in_path("python3").is_some();
-    assert!(have || !in_ci(), "the UDP checks need python3");
-    have
-}
