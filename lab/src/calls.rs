@@ -188,12 +188,14 @@ pub fn run(lab: &Lab, call: &Call, timeout: Duration) -> Out {
 
 /// Live `__supervise` processes of the lab uid: the number of infras. A
 /// child the supervisor forked (the sandbox, the way out, a setup command)
-/// carries its command line until its exec, and is not another infra.
+/// carries its command line until its exec, and is not another infra; nor
+/// is one that is gone by the time its parent is read (such a child can
+/// exec, run and be reaped between the two looks at /proc).
 pub fn supervisors(lab: &Lab) -> Vec<String> {
     let found = lab.pids_with_arg(SUPERVISE);
     found
         .iter()
-        .filter(|&&p| !crate::process::parent_of(p).is_some_and(|pp| found.contains(&pp)))
+        .filter(|&&p| crate::process::parent_of(p).is_some_and(|pp| !found.contains(&pp)))
         .map(|&p| crate::process::describe_process(p))
         .collect()
 }
