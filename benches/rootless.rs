@@ -76,7 +76,7 @@ mod trace;
 #[path = "rootless/worker.rs"]
 mod worker;
 
-// The phases, in the order they run.
+// The phases (driver.rs runs them in the order of Opts::PHASES).
 #[path = "rootless/cold.rs"]
 mod cold;
 #[path = "rootless/dataplane.rs"]
